@@ -1,0 +1,1 @@
+"""scepd-agent: enroll, renew and check in over mTLS. Not implemented yet: see issue #6."""

@@ -1,0 +1,102 @@
+"""Assembly: open the store, load the CA, build the services, and the aiohttp app factory.
+
+The factory only assembles; every acquired resource is released by cleanup_ctx.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+
+from . import pki
+from .authority import CertificateAuthority
+from .challenges import ChallengeService
+from .clock import Clock, SystemClock
+from .config import Config, parse_duration
+from .enrollment import EnrollmentService
+from .policy import profile_named
+from .scep.service import ScepService, ScepSettings
+from .scep.transport import ScepHandler, add_routes
+from .store import SqlStore
+
+import datetime as dt
+
+
+@dataclass
+class Services:
+    config: Config
+    clock: Clock
+    store: SqlStore
+    ca_material: pki.CaMaterial
+    authority: CertificateAuthority
+    challenges: ChallengeService
+    enrollment: EnrollmentService
+    scep: ScepService
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+def passphrase_for(config: Config) -> bytes | None:
+    env = config.ca.key_passphrase_env
+    value = os.environ.get(env) if env else None
+    return value.encode() if value else None
+
+
+async def open_services(config: Config, clock: Clock | None = None) -> Services:
+    clock = clock or SystemClock()
+    material = pki.load(config.state_dir, passphrase_for(config))
+    store = await SqlStore.open(config.database_url)
+    try:
+        authority = CertificateAuthority(material, config.base_url)
+        challenges = ChallengeService(store, clock, config.scep.static_challenge,
+                                      config.scep.challenge_required)
+        enrollment = EnrollmentService(authority, store, clock, parse_duration(config.ca.default_validity))
+        skew = config.scep.max_clock_skew
+        scep = ScepService(material, enrollment, challenges, profile_named(config.scep.profile), clock,
+                           ScepSettings(legacy_algorithms=config.scep.legacy_algorithms,
+                                        getcacert_chain=config.scep.getcacert_chain,
+                                        max_clock_skew=dt.timedelta(seconds=skew) if skew else None))
+    except Exception:
+        await store.close()
+        raise
+    return Services(config, clock, store, material, authority, challenges, enrollment, scep)
+
+
+SERVICES = web.AppKey("services", Services)
+
+
+def create_app(services: Services, close_services: bool = False) -> web.Application:
+    app = web.Application(client_max_size=max(services.config.scep.max_body_bytes, 1024))
+    app[SERVICES] = services
+    add_routes(app, ScepHandler(services.scep, services.config.scep.max_body_bytes))
+    ca_id = services.authority.ca_id
+    ca_der = services.ca_material.cert.public_bytes(serialization.Encoding.DER)
+
+    async def ca_cert(request: web.Request) -> web.Response:
+        if request.match_info["ca_id"] != ca_id:
+            raise web.HTTPNotFound(text="unknown CA\n")
+        return web.Response(body=ca_der, content_type="application/pkix-cert")
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(_request: web.Request) -> web.Response:
+        try:
+            await services.store.ping()
+        except Exception:
+            return web.Response(status=503, text="store unreachable\n")
+        return web.Response(text="ready\n")
+
+    app.router.add_get("/ca/{ca_id}.crt", ca_cert)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+
+    if close_services:
+        async def _lifetime(_app: web.Application):
+            yield
+            await services.close()
+        app.cleanup_ctx.append(_lifetime)
+    return app

@@ -1,0 +1,355 @@
+"""The `scepd` command line. Every command calls the same services the server uses."""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from . import __version__, config as config_mod, pki
+from .clock import SystemClock
+from .config import ConfigError, parse_duration
+
+STATE_DIR = click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+                         envvar="SCEPD_STATE_DIR", default="scepd-data", show_default=True,
+                         help="Directory holding the CA, configuration and database.")
+
+
+def _fail(message: str) -> None:
+    click.echo(f"scepd: {message}", err=True)
+    sys.exit(1)
+
+
+def _load_config(state_dir: Path) -> config_mod.Config:
+    try:
+        return config_mod.load(state_dir)
+    except (ConfigError, ValueError) as exc:
+        _fail(str(exc))
+        raise  # unreachable
+
+
+def _setup_logging(cfg: config_mod.Config, verbose: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    if cfg.server.log_format == "json":
+        class _Json(logging.Formatter):
+            def format(self, record: logging.LogRecord) -> str:
+                return json.dumps({"time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc)
+                                   .isoformat(), "level": record.levelname, "logger": record.name,
+                                   "message": record.getMessage()})
+        handler.setFormatter(_Json())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+@click.group()
+@click.version_option(__version__, prog_name="scepd")
+def main() -> None:
+    """scepd: certificate enrollment server (SCEP) with its own CA."""
+
+
+# --- init -------------------------------------------------------------------------------------
+
+
+def _init(state_dir: Path, cn: str, org: str | None, http: str | None, import_cert: Path | None,
+          import_key: Path | None, import_chain: Path | None, import_passphrase_env: str | None) -> pki.CaMaterial:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(state_dir, 0o700)
+    cfg_path = state_dir / config_mod.CONFIG_NAME
+    if not cfg_path.exists():
+        cfg_path.write_text(config_mod.render_default(http or "127.0.0.1:8080"))
+    cfg = _load_config(state_dir)
+    from .app import passphrase_for
+    passphrase = passphrase_for(cfg)
+    if import_cert or import_key or import_chain:
+        if not (import_cert and import_key and import_chain):
+            _fail("--import-ca-cert, --import-ca-key and --import-chain go together")
+        import_pass = os.environ.get(import_passphrase_env or "", "").encode() or None
+        material = pki.import_ca(state_dir, import_cert.read_bytes(), import_key.read_bytes(),
+                                 import_chain.read_bytes(), import_pass, passphrase)
+    else:
+        material = pki.create(state_dir, SystemClock(), cn=cn, org=org, passphrase=passphrase)
+
+    async def _db() -> None:
+        from .store import SqlStore
+        store = await SqlStore.open(cfg.database_url)
+        await store.close()
+    asyncio.run(_db())
+    return material
+
+
+@main.command()
+@STATE_DIR
+@click.option("--cn", default="scepd", show_default=True, help="Base name of the CA subjects.")
+@click.option("--org", default=None, help="Organization (O=) of the CA subjects.")
+@click.option("--http", default=None, help="Listen address written to the config (host:port).")
+@click.option("--import-ca-cert", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--import-ca-key", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@click.option("--import-chain", type=click.Path(dir_okay=False, exists=True, path_type=Path),
+              help="PEM chain of the imported CA up to and including the root.")
+@click.option("--import-key-passphrase-env", default=None,
+              help="Environment variable holding the imported key's passphrase.")
+def init(state_dir, cn, org, http, import_ca_cert, import_ca_key, import_chain, import_key_passphrase_env):
+    """Create a two-tier CA (or import one) in STATE_DIR."""
+    try:
+        material = _init(state_dir, cn, org, http, import_ca_cert, import_ca_key, import_chain,
+                         import_key_passphrase_env)
+    except pki.PkiError as exc:
+        _fail(str(exc))
+        return
+    d = pki.ca_dir(state_dir)
+    click.echo(f"CA ready in {d}")
+    click.echo(f"  issuing CA: {material.cert.subject.rfc4514_string()}")
+    click.echo(f"  root:       {material.root.subject.rfc4514_string()}")
+    click.echo(f"  root SHA-256 fingerprint: {_fingerprint(material.root)}")
+    if (d / "root.key").exists():
+        click.echo(f"Move {d / 'root.key'} offline (it is only needed to sign a new issuing CA).")
+
+
+def _fingerprint(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
+
+
+# --- serve ------------------------------------------------------------------------------------
+
+
+@main.command()
+@STATE_DIR
+@click.option("--http", default=None, help="host:port for SCEP over HTTP (default from config).")
+@click.option("--demo-challenge/--no-demo-challenge", default=True, show_default=True,
+              help="Print a fresh one-time challenge (valid 1 hour) at start.")
+@click.option("-v", "--verbose", is_flag=True)
+def serve(state_dir, http, demo_challenge, verbose):
+    """Serve SCEP; initialises a CA first if STATE_DIR has none."""
+    if not pki.exists(state_dir):
+        try:
+            _init(state_dir, "scepd", None, http, None, None, None, None)
+        except pki.PkiError as exc:
+            _fail(str(exc))
+        click.echo(f"initialised a new CA in {pki.ca_dir(state_dir)}")
+    cfg = _load_config(state_dir)
+    if http:
+        cfg.server.http = http
+    _setup_logging(cfg, verbose)
+    try:
+        asyncio.run(_serve(cfg, demo_challenge))
+    except pki.PkiError as exc:
+        _fail(str(exc))
+    except OSError as exc:
+        _fail(f"cannot listen on {cfg.server.http}: {exc.strerror or exc}")
+
+
+def _split_hostport(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise click.BadParameter(f"expected host:port, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+async def _serve(cfg: config_mod.Config, demo_challenge: bool) -> None:
+    from aiohttp import web
+    from .app import create_app, open_services
+
+    services = await open_services(cfg)
+    app = create_app(services, close_services=True)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    host, port = _split_hostport(cfg.server.http)
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    actual_port = site._server.sockets[0].getsockname()[1] if site._server else port  # type: ignore[union-attr]
+    base = cfg.server.base_url.rstrip("/") or f"http://{host}:{actual_port}"
+    if not cfg.server.base_url and actual_port != port:
+        pass  # CRL/AIA URLs use the configured address; set server.base_url for port 0
+    click.echo(f"scepd {__version__} listening on http://{host}:{actual_port}")
+    click.echo(f"SCEP URL: {base}/scep")
+    click.echo(f"CA certificates: {base}/scep?operation=GetCACert")
+    click.echo(f"Root CA SHA-256 fingerprint: {_fingerprint(services.ca_material.root)}")
+    if cfg.scep.static_challenge:
+        click.echo("Static challenge password: configured (SCEPD_SCEP_STATIC_CHALLENGE)")
+    if demo_challenge:
+        secret = await services.challenges.create(dt.timedelta(hours=1), actor="serve")
+        click.echo(f"One-time challenge password (valid 1 hour): {secret}")
+    sys.stdout.flush()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger("scepd").info("shutting down")
+    await runner.cleanup()
+
+
+# --- ca ---------------------------------------------------------------------------------------
+
+
+@main.group()
+def ca() -> None:
+    """Show CA certificates."""
+
+
+def _material_certs(state_dir: Path) -> tuple[x509.Certificate, list[x509.Certificate]]:
+    d = pki.ca_dir(state_dir)
+    try:
+        root = x509.load_pem_x509_certificate((d / "root.pem").read_bytes())
+        chain = x509.load_pem_x509_certificates((d / "chain.pem").read_bytes())
+    except FileNotFoundError:
+        _fail(f"no CA in {state_dir}; run `scepd init --state-dir {state_dir}`")
+        raise
+    return root, chain
+
+
+@ca.command()
+@STATE_DIR
+def root(state_dir):
+    """Print the trust anchor (root CA) PEM."""
+    click.echo(pki.pem(_material_certs(state_dir)[0]), nl=False)
+
+
+@ca.command()
+@STATE_DIR
+def chain(state_dir):
+    """Print the issuing CA followed by the root, PEM."""
+    click.echo(pki.pem(*_material_certs(state_dir)[1]), nl=False)
+
+
+# --- challenges -------------------------------------------------------------------------------
+
+
+@main.group()
+def challenge() -> None:
+    """One-time challenge passwords (enrollment tokens)."""
+
+
+@challenge.command("create")
+@STATE_DIR
+@click.option("--ttl", default="1h", show_default=True, help="Lifetime, e.g. 30m, 1h, 7d.")
+@click.option("--cn", "cn_pattern", default=None, help="Shell pattern the requested CN must match.")
+def challenge_create(state_dir, ttl, cn_pattern):
+    """Print one new one-time challenge password (and nothing else)."""
+    try:
+        lifetime = parse_duration(ttl)
+    except ConfigError as exc:
+        _fail(str(exc))
+    cfg = _load_config(state_dir)
+
+    async def _run() -> str:
+        from .challenges import ChallengeService
+        from .store import SqlStore
+        store = await SqlStore.open(cfg.database_url)
+        try:
+            return await ChallengeService(store, SystemClock()).create(lifetime, cn_pattern)
+        finally:
+            await store.close()
+    if not pki.exists(state_dir):
+        _fail(f"no CA in {state_dir}; run `scepd init --state-dir {state_dir}`")
+    click.echo(asyncio.run(_run()))
+
+
+# --- certificates -----------------------------------------------------------------------------
+
+
+@main.group()
+def certs() -> None:
+    """The inventory of issued certificates."""
+
+
+def _cert_json(rec, now: dt.datetime) -> dict:
+    return {"serial": rec.serial, "subject": rec.subject, "sans": list(rec.sans),
+            "not_before": rec.not_before.isoformat(), "not_after": rec.not_after.isoformat(),
+            "state": rec.state(now), "profile": rec.profile, "protocol": rec.protocol,
+            "transaction_id": rec.transaction_id, "requester": rec.requester, "ca_id": rec.ca_id,
+            "issued_at": rec.issued_at.isoformat(), "revoked_at": rec.revoked_at.isoformat()
+            if rec.revoked_at else None, "revocation_reason": rec.revocation_reason}
+
+
+async def _with_store(cfg, fn):
+    from .store import SqlStore
+    store = await SqlStore.open(cfg.database_url)
+    try:
+        return await fn(store)
+    finally:
+        await store.close()
+
+
+@certs.command("list")
+@STATE_DIR
+@click.option("--json", "as_json", is_flag=True, help="One JSON array.")
+@click.option("--expiring-within", default=None, help="Only valid certificates expiring within, e.g. 30d.")
+@click.option("--limit", default=1000, show_default=True)
+def certs_list(state_dir, as_json, expiring_within, limit):
+    """List issued certificates, soonest expiry first."""
+    now = SystemClock().now()
+    before = None
+    if expiring_within:
+        try:
+            before = now + parse_duration(expiring_within)
+        except ConfigError as exc:
+            _fail(str(exc))
+    cfg = _load_config(state_dir)
+    records = asyncio.run(_with_store(cfg, lambda s: s.list_certificates(expiring_before=before, limit=limit)))
+    if as_json:
+        click.echo(json.dumps([_cert_json(r, now) for r in records], indent=2))
+        return
+    click.echo(f"{'SERIAL':34} {'STATE':8} {'NOT AFTER':20} {'PROTO':5} SUBJECT")
+    for r in records:
+        click.echo(f"{r.serial:34} {r.state(now):8} {r.not_after:%Y-%m-%d %H:%M:%SZ} {r.protocol:5} {r.subject}")
+
+
+@certs.command("show")
+@STATE_DIR
+@click.argument("serial")
+@click.option("--pem", "as_pem", is_flag=True, help="Print the certificate PEM only.")
+def certs_show(state_dir, serial, as_pem):
+    """Show one certificate (serial in hex, as `certs list` prints it)."""
+    from .store import StoreNotFound
+    cfg = _load_config(state_dir)
+    key = serial.lower().removeprefix("0x").replace(":", "").lstrip("0") or "0"
+    try:
+        rec = asyncio.run(_with_store(cfg, lambda s: s.get_certificate(key)))
+    except StoreNotFound:
+        _fail(f"no certificate with serial {serial}")
+        return
+    if as_pem:
+        cert = x509.load_der_x509_certificate(rec.der)
+        click.echo(cert.public_bytes(serialization.Encoding.PEM).decode(), nl=False)
+        return
+    out = _cert_json(rec, SystemClock().now())
+    out["pem"] = x509.load_der_x509_certificate(rec.der).public_bytes(serialization.Encoding.PEM).decode()
+    click.echo(json.dumps(out, indent=2))
+
+
+@main.group()
+def audit() -> None:
+    """The append-only audit trail."""
+
+
+@audit.command("list")
+@STATE_DIR
+@click.option("--limit", default=50, show_default=True)
+def audit_list(state_dir, limit):
+    """Newest audit records first, one JSON object a line."""
+    cfg = _load_config(state_dir)
+    for rec in asyncio.run(_with_store(cfg, lambda s: s.list_audit(limit))):
+        click.echo(json.dumps({"id": rec.id, "at": rec.at.isoformat(), "event": rec.event,
+                               "subject": rec.subject, "serial": rec.serial, "actor": rec.actor,
+                               "details": rec.details}, sort_keys=True))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,172 @@
+"""Configuration: DIR/scepd.toml, then SCEPD_<SECTION>_<KEY> environment overrides.
+
+Every key below can be overridden from the environment, e.g. SCEPD_SCEP_STATIC_CHALLENGE or
+SCEPD_SCEP_LEGACY_ALGORITHMS=1. Unknown keys in the file are an error (typos must not silently
+weaken security).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CONFIG_NAME = "scepd.toml"
+
+
+@dataclass
+class ServerConfig:
+    http: str = "127.0.0.1:8080"
+    #: The URL clients use to reach this server; CRL distribution point and AIA URLs are built
+    #: from it. Empty: derived from `http`.
+    base_url: str = ""
+    log_format: str = "text"
+
+
+@dataclass
+class CAConfig:
+    default_validity: str = "90d"
+    #: Name of an environment variable holding the passphrase of the CA keys ("" = unencrypted).
+    key_passphrase_env: str = "SCEPD_CA_KEY_PASSPHRASE"
+
+
+@dataclass
+class ScepConfig:
+    #: A shared challenge password; empty = none (one-time challenges only).
+    static_challenge: str = ""
+    #: Accept single DES and MD5 (forbidden by RFC 8894 §2.9). Off by default.
+    legacy_algorithms: bool = False
+    #: Require a challenge for initial enrollment.
+    challenge_required: bool = True
+    #: GetCACert answers with the chain (issuing CA first, then root) as a degenerate PKCS#7
+    #: (RFC 8894 §4.2.1.2: "the CA has an intermediate"), so clients that verify the CertRep
+    #: signer against GetCACert (certmonger) find a trust anchor. false: the issuing CA alone, DER.
+    getcacert_chain: bool = True
+    profile: str = "device"
+    max_body_bytes: int = 256 * 1024
+    #: Maximum |signingTime - now| in seconds; 0 disables the check (devices without NTP).
+    max_clock_skew: int = 0
+
+
+@dataclass
+class DatabaseConfig:
+    #: SQLAlchemy async URL; empty = SQLite file DIR/scepd.db.
+    url: str = ""
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    ca: CAConfig = field(default_factory=CAConfig)
+    scep: ScepConfig = field(default_factory=ScepConfig)
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    state_dir: Path = Path(".")
+
+    @property
+    def base_url(self) -> str:
+        return (self.server.base_url or f"http://{self.server.http}").rstrip("/")
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite+aiosqlite:///{self.state_dir / 'scepd.db'}"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+_SECTIONS = {"server": ServerConfig, "ca": CAConfig, "scep": ScepConfig, "database": DatabaseConfig}
+
+
+def _coerce(kind: type, raw: object, where: str) -> object:
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{where}: expected a boolean, got {raw!r}")
+    if kind is int:
+        try:
+            return int(raw)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {raw!r}") from None
+    return str(raw)
+
+
+def load(state_dir: Path, environ: dict[str, str] | None = None) -> Config:
+    environ = dict(os.environ if environ is None else environ)
+    data: dict = {}
+    path = state_dir / CONFIG_NAME
+    if path.exists():
+        data = tomllib.loads(path.read_text())
+    cfg = Config(state_dir=state_dir)
+    for section, cls in _SECTIONS.items():
+        target = getattr(cfg, section)
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        kinds = {name: {"bool": bool, "int": int, "str": str}[t if isinstance(t, str) else t.__name__]
+                 for name, t in types.items()}
+        for key, raw in (data.get(section) or {}).items():
+            if key not in kinds:
+                raise ConfigError(f"{path}: unknown key [{section}] {key}")
+            setattr(target, key, _coerce(kinds[key], raw, f"[{section}] {key}"))
+        for key, kind in kinds.items():
+            env = f"SCEPD_{section.upper()}_{key.upper()}"
+            if env in environ:
+                setattr(target, key, _coerce(kind, environ[env], env))
+    unknown = set(data) - set(_SECTIONS)
+    if unknown:
+        raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}")
+    return cfg
+
+
+def render_default(http: str = "127.0.0.1:8080") -> str:
+    """The config file `scepd init` writes: every key, commented."""
+    return f"""# scepd configuration. Every key can be overridden by SCEPD_<SECTION>_<KEY>.
+
+[server]
+http = "{http}"
+# URL clients reach this server at; CRL and AIA URLs in certificates are built from it.
+base_url = ""
+# "text" or "json" (one JSON object a line)
+log_format = "text"
+
+[ca]
+default_validity = "90d"
+# environment variable holding the CA key passphrase (keys are encrypted when it is set at init)
+key_passphrase_env = "SCEPD_CA_KEY_PASSPHRASE"
+
+[scep]
+# shared challenge password; empty = none (use `scepd challenge create` one-time challenges)
+static_challenge = ""
+# accept single DES and MD5, which RFC 8894 forbids; only for old devices
+legacy_algorithms = false
+challenge_required = true
+# GetCACert returns issuing CA + root (PKCS#7); false = issuing CA only (DER)
+getcacert_chain = true
+profile = "device"
+max_body_bytes = {256 * 1024}
+# maximum signingTime skew in seconds; 0 = not checked
+max_clock_skew = 0
+
+[database]
+# empty = SQLite file in the state directory; e.g. postgresql+asyncpg://user@host/db
+url = ""
+"""
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """'90d', '1h', '30m', '45s', '2w'; a bare number is seconds."""
+    m = _DURATION.match(text or "")
+    if not m:
+        raise ConfigError(f"not a duration: {text!r} (use e.g. 90d, 12h, 30m)")
+    n, unit = int(m.group(1)), m.group(2) or "s"
+    return dt.timedelta(seconds=n * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit])

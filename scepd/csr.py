@@ -1,0 +1,108 @@
+"""PKCS#10 decoding into plain facts. Shared by SCEP and ACME; policy never sees DER."""
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import AttributeOID, NameOID
+
+from .errors import BadMessageCheck, MalformedRequest
+
+
+@dataclass(frozen=True)
+class SubjectAltName:
+    kind: str  # "dns" | "ip" | "email" | "uri"
+    value: str
+
+    def __str__(self) -> str:
+        return f"{self.kind.upper()}:{self.value}"
+
+
+@dataclass(frozen=True)
+class CsrFacts:
+    public_key: object
+    spki_der: bytes
+    common_name: str | None
+    subject_rfc4514: str
+    sans: tuple[SubjectAltName, ...]
+    #: Extension types requested other than SAN (informational; never copied into certificates).
+    other_extensions: tuple[str, ...]
+    challenge_password: str | None
+
+    @property
+    def spki_sha256(self) -> str:
+        return hashlib.sha256(self.spki_der).hexdigest()
+
+
+def _sans_of(ext: x509.SubjectAlternativeName) -> tuple[SubjectAltName, ...]:
+    out: list[SubjectAltName] = []
+    for gn in ext:
+        if isinstance(gn, x509.DNSName):
+            out.append(SubjectAltName("dns", gn.value))
+        elif isinstance(gn, x509.IPAddress):
+            out.append(SubjectAltName("ip", str(gn.value)))
+        elif isinstance(gn, x509.RFC822Name):
+            out.append(SubjectAltName("email", gn.value))
+        elif isinstance(gn, x509.UniformResourceIdentifier):
+            out.append(SubjectAltName("uri", gn.value))
+        else:
+            out.append(SubjectAltName("other", type(gn).__name__))
+    return tuple(out)
+
+
+def decode_csr(csr_der: bytes, verify_signature: bool = True) -> CsrFacts:
+    try:
+        csr = x509.load_der_x509_csr(csr_der)
+    except ValueError:
+        raise MalformedRequest("the request content is not a PKCS#10 certificate request") from None
+    try:
+        public_key = csr.public_key()
+    except (ValueError, Exception):
+        raise MalformedRequest("the CSR public key cannot be read") from None
+    if verify_signature:
+        try:
+            ok = csr.is_signature_valid
+        except Exception:
+            ok = False
+        if not ok:
+            raise BadMessageCheck("the CSR signature does not verify")
+    try:
+        cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        cn = cns[0].value if cns else None
+        subject = csr.subject.rfc4514_string()
+    except ValueError:
+        raise MalformedRequest("the CSR subject cannot be decoded") from None
+    sans: tuple[SubjectAltName, ...] = ()
+    others: list[str] = []
+    try:
+        for ext in csr.extensions:
+            if isinstance(ext.value, x509.SubjectAlternativeName):
+                sans = _sans_of(ext.value)
+            else:
+                others.append(ext.oid.dotted_string)
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        raise MalformedRequest("the CSR extension request cannot be decoded") from None
+    challenge = None
+    try:
+        attr = csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD)
+        challenge = attr.value.decode("utf-8", "replace") if isinstance(attr.value, bytes) else str(attr.value)
+    except x509.AttributeNotFound:
+        pass
+    except ValueError:
+        raise MalformedRequest("the CSR attributes cannot be decoded") from None
+    spki = public_key.public_bytes(serialization.Encoding.DER,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+    return CsrFacts(public_key=public_key, spki_der=spki, common_name=cn if isinstance(cn, str) else None,
+                    subject_rfc4514=subject, sans=sans, other_extensions=tuple(others),
+                    challenge_password=challenge)
+
+
+def is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+        return True
+    except ValueError:
+        return False

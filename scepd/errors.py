@@ -1,0 +1,122 @@
+"""One error hierarchy and one table.
+
+Every failure anywhere in scepd is a ScepdError subclass. ERROR_TABLE maps each class to the
+SCEP failInfo it is answered with inside a signed CertRep, the ACME problem type, and the HTTP
+status used when no signed reply can be built. Messages are written for the client: they never
+carry internal text (paths, exception reprs, stack traces).
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class FailInfo(enum.IntEnum):
+    """RFC 8894 §3.2.1.4.5 failInfo values."""
+
+    BAD_ALG = 0
+    BAD_MESSAGE_CHECK = 1
+    BAD_REQUEST = 2
+    BAD_TIME = 3
+    BAD_CERT_ID = 4
+
+
+class ScepdError(Exception):
+    """Base of every failure a client may be told about. `detail` is safe to send."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail)
+        self.detail = detail
+
+
+class MalformedRequest(ScepdError):
+    """The bytes cannot be decoded (not base64, not DER, missing required parts)."""
+
+
+class UnverifiableMessage(ScepdError):
+    """The message's signature or digest does not verify; nothing in it can be trusted."""
+
+
+class NotForUs(ScepdError):
+    """The envelope is encrypted to no certificate we hold, or cannot be decrypted."""
+
+
+class PayloadTooLarge(ScepdError):
+    """The request body is over the configured cap."""
+
+
+class UnsupportedOperation(ScepdError):
+    """An HTTP-level operation we do not know."""
+
+
+class ForbiddenAlgorithm(ScepdError):
+    """A cipher or digest outside the allowed set (single DES and MD5 without the legacy switch)."""
+
+
+class BadMessageCheck(ScepdError):
+    """An inner integrity check failed, e.g. the CSR's self-signature."""
+
+
+class BadRequest(ScepdError):
+    """The request is well formed but refused: wrong challenge, policy violation."""
+
+
+class ChallengeRejected(BadRequest):
+    """The challenge password is missing, wrong, expired or already used."""
+
+
+class PolicyViolation(BadRequest):
+    """The requested certificate is not one our policy issues."""
+
+
+class UnsupportedMessageType(BadRequest):
+    """A SCEP messageType this server does not handle."""
+
+
+class BadTime(ScepdError):
+    """signingTime is too far from our clock."""
+
+
+class BadCertId(ScepdError):
+    """The certificate named by the request does not exist here."""
+
+
+class NotFound(ScepdError):
+    """A named object (certificate, challenge) does not exist."""
+
+
+@dataclass(frozen=True)
+class ErrorMapping:
+    fail_info: FailInfo
+    acme_type: str
+    http_status: int
+
+
+_ACME = "urn:ietf:params:acme:error:"
+
+#: The one table. Order does not matter: lookup walks the class's MRO.
+ERROR_TABLE: dict[type[ScepdError], ErrorMapping] = {
+    ScepdError: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "serverInternal", 500),
+    MalformedRequest: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "malformed", 400),
+    UnverifiableMessage: ErrorMapping(FailInfo.BAD_MESSAGE_CHECK, _ACME + "malformed", 400),
+    NotForUs: ErrorMapping(FailInfo.BAD_MESSAGE_CHECK, _ACME + "malformed", 400),
+    PayloadTooLarge: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "malformed", 413),
+    UnsupportedOperation: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "malformed", 400),
+    ForbiddenAlgorithm: ErrorMapping(FailInfo.BAD_ALG, _ACME + "badSignatureAlgorithm", 400),
+    BadMessageCheck: ErrorMapping(FailInfo.BAD_MESSAGE_CHECK, _ACME + "badCSR", 400),
+    BadRequest: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "malformed", 400),
+    ChallengeRejected: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "unauthorized", 403),
+    PolicyViolation: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "rejectedIdentifier", 400),
+    UnsupportedMessageType: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "malformed", 400),
+    BadTime: ErrorMapping(FailInfo.BAD_TIME, _ACME + "malformed", 400),
+    BadCertId: ErrorMapping(FailInfo.BAD_CERT_ID, _ACME + "malformed", 404),
+    NotFound: ErrorMapping(FailInfo.BAD_CERT_ID, _ACME + "malformed", 404),
+}
+
+
+def mapping_for(error: ScepdError | type[ScepdError]) -> ErrorMapping:
+    cls = error if isinstance(error, type) else type(error)
+    for klass in cls.__mro__:
+        if klass in ERROR_TABLE:
+            return ERROR_TABLE[klass]  # type: ignore[index]
+    raise KeyError(cls)

@@ -1,0 +1,240 @@
+"""CA material on disk: create a two-tier PKI, import one, load it.
+
+Layout of DIR/ca/:
+  root.pem         the trust anchor (what `scepd ca root` prints)
+  root.key         the root's private key: move it offline after `scepd init`
+  ca.pem, ca.key   the online issuing intermediate (RSA for SCEP) and its key
+  chain.pem        ca.pem followed by root.pem
+Keys are written 0600, optionally encrypted with a passphrase.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+from .clock import Clock
+
+
+class PkiError(Exception):
+    """A CA file is missing, unreadable or unsuitable; the message is for the operator."""
+
+
+@dataclass(frozen=True)
+class CaMaterial:
+    cert: x509.Certificate
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+    root: x509.Certificate
+    #: Certificates between `cert` and `root`, exclusive (empty for the usual two tiers).
+    intermediates: tuple[x509.Certificate, ...] = ()
+
+    @property
+    def ca_id(self) -> str:
+        return ca_id_of(self.cert)
+
+    @property
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        """Issuing CA first, root last (root omitted if the issuing CA is the root)."""
+        certs = (self.cert, *self.intermediates)
+        return certs if self.cert == self.root else (*certs, self.root)
+
+    @property
+    def cert_der(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.DER)
+
+
+def ca_id_of(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()[:16]
+
+
+def ca_dir(state_dir: Path) -> Path:
+    return state_dir / "ca"
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Create a file readable by its owner only; never widen permissions of an existing file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _key_pem(key, passphrase: bytes | None) -> bytes:
+    enc = (serialization.BestAvailableEncryption(passphrase) if passphrase
+           else serialization.NoEncryption())
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
+
+
+def _pem(*certs: x509.Certificate) -> bytes:
+    return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def _name(cn: str, org: str | None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    if org:
+        attrs.insert(0, x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+    return x509.Name(attrs)
+
+
+def exists(state_dir: Path) -> bool:
+    return (ca_dir(state_dir) / "ca.pem").exists()
+
+
+def create(state_dir: Path, clock: Clock, cn: str = "scepd", org: str | None = None,
+           passphrase: bytes | None = None, root_bits: int = 4096, ca_bits: int = 2048) -> CaMaterial:
+    """A new root (RSA-4096, 20 years) and online RSA-2048 intermediate (5 years)."""
+    d = ca_dir(state_dir)
+    if exists(state_dir):
+        raise PkiError(f"a CA already exists in {d}; refusing to overwrite it")
+    now = clock.now().replace(microsecond=0)
+    root_key = rsa.generate_private_key(public_exponent=65537, key_size=root_bits)
+    root_name = _name(f"{cn} Root CA", org)
+    root_ski = x509.SubjectKeyIdentifier.from_public_key(root_key.public_key())
+    root = (
+        x509.CertificateBuilder()
+        .subject_name(root_name).issuer_name(root_name)
+        .public_key(root_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=365 * 20 + 5))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(root_ski, critical=False)
+        .sign(root_key, hashes.SHA256())
+    )
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=ca_bits)
+    ca_cert = issue_intermediate(root, root_key, ca_key.public_key(), _name(f"{cn} Issuing CA", org),
+                                 now, dt.timedelta(days=365 * 5 + 1))
+    material = CaMaterial(cert=ca_cert, key=ca_key, root=root)
+    write_private(d / "root.key", _key_pem(root_key, passphrase))
+    _write_material(d, material, passphrase)
+    return material
+
+
+def issue_intermediate(root: x509.Certificate, root_key, public_key, name: x509.Name,
+                       now: dt.datetime, lifetime: dt.timedelta) -> x509.Certificate:
+    """An issuing CA: keyUsage lets it sign certificates/CRLs and, for SCEP, sign CertReps and
+    decrypt requests (digitalSignature, keyEncipherment)."""
+    is_rsa = isinstance(public_key, rsa.RSAPublicKey)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(root.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(min(now + lifetime, root.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                     key_encipherment=is_rsa, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=True, crl_sign=True,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(root.public_key()),
+                       critical=False)
+        .sign(root_key, hashes.SHA256())
+    )
+
+
+def _write_material(d: Path, m: CaMaterial, passphrase: bytes | None) -> None:
+    write_public(d / "root.pem", _pem(m.root))
+    write_public(d / "ca.pem", _pem(m.cert))
+    write_public(d / "chain.pem", _pem(*m.chain))
+    write_private(d / "ca.key", _key_pem(m.key, passphrase))
+
+
+def import_ca(state_dir: Path, cert_pem: bytes, key_pem: bytes, chain_pem: bytes,
+              import_passphrase: bytes | None, passphrase: bytes | None) -> CaMaterial:
+    """Bring-your-own: an issuing CA certificate + key and the chain up to the root."""
+    if exists(state_dir):
+        raise PkiError(f"a CA already exists in {ca_dir(state_dir)}; refusing to overwrite it")
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        chain = x509.load_pem_x509_certificates(chain_pem)
+    except ValueError:
+        raise PkiError("the CA certificate or chain is not PEM X.509") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, import_passphrase)
+    except (ValueError, TypeError):
+        raise PkiError("the CA key cannot be read (wrong passphrase or not a PEM private key)") from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise PkiError("the issuing CA key must be RSA: SCEP clients encrypt requests to the CA "
+                       "with RSA key transport (an EC CA needs a separate RSA RA)")
+    if key.public_key().public_numbers() != cert.public_key().public_numbers():
+        raise PkiError("the CA key does not match the CA certificate")
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        bc = None
+    if bc is None or not bc.ca:
+        raise PkiError("the imported certificate is not a CA (basicConstraints CA:TRUE missing)")
+    roots = [c for c in chain if c.issuer == c.subject]
+    if not roots:
+        raise PkiError("the chain must end in a self-signed root certificate")
+    root = roots[-1]
+    intermediates = tuple(c for c in chain if c is not root and c != cert)
+    m = CaMaterial(cert=cert, key=key, root=root, intermediates=intermediates)
+    _verify_chain(m)
+    _write_material(ca_dir(state_dir), m, passphrase)
+    if intermediates:
+        write_public(ca_dir(state_dir) / "intermediates.pem", _pem(*intermediates))
+    return m
+
+
+def _verify_chain(m: CaMaterial) -> None:
+    certs = list(m.chain)
+    for child, parent in zip(certs, certs[1:]):
+        try:
+            child.verify_directly_issued_by(parent)
+        except (ValueError, TypeError, Exception) as exc:  # InvalidSignature and friends
+            raise PkiError(f"chain does not verify: {child.subject.rfc4514_string()} is not "
+                           f"issued by {parent.subject.rfc4514_string()} ({type(exc).__name__})") from None
+
+
+def load(state_dir: Path, passphrase: bytes | None) -> CaMaterial:
+    d = ca_dir(state_dir)
+    try:
+        cert = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
+        root = x509.load_pem_x509_certificate((d / "root.pem").read_bytes())
+        inter_path = d / "intermediates.pem"
+        intermediates = tuple(x509.load_pem_x509_certificates(inter_path.read_bytes())) \
+            if inter_path.exists() else ()
+        key_bytes = (d / "ca.key").read_bytes()
+    except FileNotFoundError as exc:
+        raise PkiError(f"missing CA file {exc.filename}; run `scepd init`") from None
+    if (d / "ca.key").stat().st_mode & 0o077:
+        raise PkiError(f"{d / 'ca.key'} is readable by group or others; chmod 600 it")
+    try:
+        key = serialization.load_pem_private_key(key_bytes, passphrase)
+    except TypeError:
+        raise PkiError("the CA key is encrypted: set the passphrase environment variable "
+                       "(ca.key_passphrase_env)") from None
+    except ValueError:
+        raise PkiError("the CA key cannot be decrypted or parsed (wrong passphrase?)") from None
+    return CaMaterial(cert=cert, key=key, root=root, intermediates=intermediates)
+
+
+def pem(*certs: x509.Certificate) -> str:
+    return _pem(*certs).decode()

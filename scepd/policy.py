@@ -1,0 +1,113 @@
+"""Issuance policy: turns requested facts into an approved IssuanceRequest, or refuses.
+
+An ordered pipeline (validate key -> validate names -> build): nothing is copied from a CSR
+wholesale. Only the CN and allowed SAN types survive; profile decides KU/EKU and lifetime.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import re
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
+
+from .csr import CsrFacts, SubjectAltName, is_ip
+from .errors import PolicyViolation
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    extended_key_usages: tuple[ObjectIdentifier, ...]
+    validity: dt.timedelta = dt.timedelta(days=90)
+
+
+PROFILES: dict[str, Profile] = {
+    "agent": Profile("agent", (ExtendedKeyUsageOID.CLIENT_AUTH,)),
+    "server": Profile("server", (ExtendedKeyUsageOID.SERVER_AUTH,)),
+    "device": Profile("device", (ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH)),
+}
+
+
+@dataclass(frozen=True)
+class IssuanceRequest:
+    """What the CA signs. Built only by policy."""
+
+    public_key: object
+    common_name: str | None
+    sans: tuple[SubjectAltName, ...]
+    profile: Profile
+    not_before: dt.datetime
+    not_after: dt.datetime
+
+
+ALLOWED_SAN_KINDS = frozenset({"dns", "ip", "email", "uri"})
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+MAX_CN = 64
+
+
+def check_key(public_key: object) -> None:
+    if isinstance(public_key, rsa.RSAPublicKey):
+        if public_key.key_size < 2048:
+            raise PolicyViolation(f"RSA key of {public_key.key_size} bits refused: at least 2048 required")
+        if public_key.key_size > 8192:
+            raise PolicyViolation("RSA keys over 8192 bits are refused")
+        return
+    if isinstance(public_key, ec.EllipticCurvePublicKey):
+        if isinstance(public_key.curve, (ec.SECP256R1, ec.SECP384R1)):
+            return
+        raise PolicyViolation(f"EC curve {public_key.curve.name} refused: use P-256 or P-384")
+    raise PolicyViolation("key type refused: use RSA (>= 2048 bits) or EC P-256/P-384")
+
+
+def valid_dns_name(name: str, allow_wildcard: bool = False) -> bool:
+    if allow_wildcard and name.startswith("*."):
+        name = name[2:]
+    if not name or len(name) > 253 or name.endswith("."):
+        return False
+    return all(_DNS_LABEL.match(label) for label in name.split("."))
+
+
+def check_names(common_name: str | None, sans: tuple[SubjectAltName, ...]) -> None:
+    if not common_name and not sans:
+        raise PolicyViolation("the request names no subject: a CN or a subjectAltName is required")
+    if common_name is not None:
+        if len(common_name) > MAX_CN:
+            raise PolicyViolation(f"CN longer than {MAX_CN} characters")
+        if any(ord(ch) < 0x20 for ch in common_name):
+            raise PolicyViolation("CN contains control characters")
+    for san in sans:
+        if san.kind not in ALLOWED_SAN_KINDS:
+            raise PolicyViolation(f"subjectAltName type {san.value} is not allowed")
+        if san.kind == "dns" and not valid_dns_name(san.value):
+            raise PolicyViolation(f"invalid DNS name {san.value!r}")
+        if san.kind == "ip" and not is_ip(san.value):
+            raise PolicyViolation(f"invalid IP address {san.value!r}")
+
+
+def cn_matches(pattern: str | None, common_name: str | None) -> bool:
+    """Challenge/token binding: a shell-style pattern the CN must match (None = any)."""
+    if not pattern:
+        return True
+    return common_name is not None and fnmatch.fnmatchcase(common_name, pattern)
+
+
+def approve(facts: CsrFacts, profile: Profile, now: dt.datetime,
+            validity: dt.timedelta | None = None, ca_not_after: dt.datetime | None = None) -> IssuanceRequest:
+    check_key(facts.public_key)
+    check_names(facts.common_name, facts.sans)
+    start = now.replace(microsecond=0) - dt.timedelta(minutes=5)  # tolerate clients' clock skew
+    end = now.replace(microsecond=0) + (validity or profile.validity)
+    if ca_not_after is not None and end > ca_not_after:
+        end = ca_not_after
+    return IssuanceRequest(public_key=facts.public_key, common_name=facts.common_name,
+                           sans=facts.sans, profile=profile, not_before=start, not_after=end)
+
+
+def profile_named(name: str) -> Profile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise PolicyViolation(f"unknown profile {name!r}") from None

@@ -1,0 +1,115 @@
+"""SCEP over HTTP (RFC 8894 §4): every HTTP detail lives here, the service sees bytes.
+
+Paths: /scep, /scep/<anything>, /cgi-bin/pkiclient.exe, /certsrv/mscep/mscep.dll, each also
+with /pkiclient.exe appended (Cisco IOS appends it). GET and POST for PKIOperation; POST with
+any or no Content-Type; the body is capped (413). GET `message=` is decoded tolerantly.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import re
+import time
+from urllib.parse import unquote_to_bytes
+
+from aiohttp import web
+
+from ..errors import MalformedRequest, PayloadTooLarge, ScepdError, UnsupportedOperation, mapping_for
+from .service import HTTP_ERRORS, ScepService
+
+log = logging.getLogger("scepd.scep.http")
+
+PATHS = ("/scep", "/cgi-bin/pkiclient.exe", "/certsrv/mscep/mscep.dll")
+_B64_JUNK = re.compile(rb"[\s]")
+
+
+def _raw_query(query_string: str) -> dict[str, bytes]:
+    """Parameters with percent-escapes decoded but '+' kept (base64 needs it); names lower-cased;
+    the first occurrence wins."""
+    params: dict[str, bytes] = {}
+    for part in query_string.split("&"):
+        if not part:
+            continue
+        name, _, value = part.partition("=")
+        key = unquote_to_bytes(name).decode("latin-1").strip().lower()
+        params.setdefault(key, unquote_to_bytes(value))
+    return params
+
+
+def decode_get_message(value: bytes) -> bytes:
+    """base64 as real clients send it: standard or URL-safe alphabet, newlines, missing padding,
+    and '+' that an intermediary turned into a space."""
+    text = value.strip().replace(b" ", b"+")
+    text = _B64_JUNK.sub(b"", text).replace(b"-", b"+").replace(b"_", b"/").rstrip(b"=")
+    if not text:
+        raise MalformedRequest("PKIOperation over GET needs a message parameter")
+    text += b"=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise MalformedRequest("the message parameter is not base64") from None
+
+
+def _error_response(err: ScepdError) -> web.Response:
+    status = 413 if isinstance(err, PayloadTooLarge) else 400
+    return web.Response(status=status, text=err.detail.splitlines()[0] + "\n", content_type="text/plain")
+
+
+class ScepHandler:
+    def __init__(self, service: ScepService, max_body_bytes: int, observer=None):
+        self.service = service
+        self.max_body_bytes = max_body_bytes
+        self.observer = observer  # callable(operation, outcome|None, seconds) for metrics
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        started = time.monotonic()
+        params = _raw_query(request.query_string)
+        operation = params.get("operation", b"").decode("latin-1")
+        op = operation.lower()
+        outcome = None
+        try:
+            if op == "getcacaps":
+                return web.Response(text=self.service.capabilities(), content_type="text/plain")
+            if op == "getcacert":
+                body, ctype = self.service.ca_certs()
+                return web.Response(body=body, content_type=ctype)
+            if op == "pkioperation":
+                if request.method == "POST":
+                    message = await self._read_body(request)
+                elif request.method in ("GET", "HEAD"):
+                    message = decode_get_message(params.get("message", b""))
+                else:
+                    raise UnsupportedOperation("PKIOperation takes GET or POST")
+                remote = request.remote or "?"
+                reply, outcome = await self.service.pki_operation(message, requester=f"scep:{remote}")
+                return web.Response(body=reply, content_type="application/x-pki-message")
+            if not operation:
+                raise UnsupportedOperation("missing operation parameter")
+            raise UnsupportedOperation(f"unknown operation {operation[:40]!r}")
+        except HTTP_ERRORS + (PayloadTooLarge, UnsupportedOperation) as err:
+            log.info("SCEP %s refused with HTTP %s: %s", operation[:40], mapping_for(err).http_status,
+                     err.detail)
+            return _error_response(err)
+        finally:
+            if self.observer is not None:
+                self.observer(op or "unknown", outcome, time.monotonic() - started)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        if request.content_length is not None and request.content_length > self.max_body_bytes:
+            raise PayloadTooLarge(f"request body over {self.max_body_bytes} bytes")
+        body = await request.content.read(self.max_body_bytes + 1)
+        if len(body) > self.max_body_bytes:
+            raise PayloadTooLarge(f"request body over {self.max_body_bytes} bytes")
+        if not body:
+            raise MalformedRequest("PKIOperation over POST needs a body")
+        return body
+
+
+def add_routes(app: web.Application, handler: ScepHandler) -> None:
+    for base in PATHS:
+        for path in (base, base + "/pkiclient.exe"):
+            app.router.add_route("GET", path, handler)
+            app.router.add_route("POST", path, handler)
+    app.router.add_route("GET", "/scep/{tail:.+}", handler)
+    app.router.add_route("POST", "/scep/{tail:.+}", handler)

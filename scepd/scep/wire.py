@@ -1,0 +1,590 @@
+"""SCEP wire format (RFC 8894): PKIMessage decoding and CertRep / certs-only encoding.
+
+Pure functions from bytes to frozen dataclasses and back; keys, clock values and randomness are
+passed in. Nothing here knows about HTTP, policy or storage. Errors are the typed ScepdErrors:
+MalformedRequest / UnverifiableMessage / NotForUs (answered with HTTP 400 by the transport).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import hmac
+import os
+from dataclasses import dataclass
+
+from asn1crypto import cms, core
+from asn1crypto import x509 as asn1_x509
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
+from cryptography.hazmat.primitives import hashes, padding as sym_padding, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from ..errors import MalformedRequest, NotForUs, UnverifiableMessage
+from . import der
+
+# --- vocabulary -----------------------------------------------------------------------------
+
+
+class MessageType(enum.IntEnum):
+    CERT_REP = 3
+    RENEWAL_REQ = 17
+    PKCS_REQ = 19
+    CERT_POLL = 20  # GetCertInitial
+    GET_CERT = 21
+    GET_CRL = 22
+
+
+class PkiStatus(enum.IntEnum):
+    SUCCESS = 0
+    FAILURE = 2
+    PENDING = 3
+
+
+OID_DATA = "1.2.840.113549.1.7.1"
+OID_SIGNED_DATA = "1.2.840.113549.1.7.2"
+OID_ENVELOPED_DATA = "1.2.840.113549.1.7.3"
+OID_CONTENT_TYPE = "1.2.840.113549.1.9.3"
+OID_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
+OID_SIGNING_TIME = "1.2.840.113549.1.9.5"
+OID_RSA = "1.2.840.113549.1.1.1"
+OID_MESSAGE_TYPE = "2.16.840.1.113733.1.9.2"
+OID_PKI_STATUS = "2.16.840.1.113733.1.9.3"
+OID_FAIL_INFO = "2.16.840.1.113733.1.9.4"
+OID_SENDER_NONCE = "2.16.840.1.113733.1.9.5"
+OID_RECIPIENT_NONCE = "2.16.840.1.113733.1.9.6"
+OID_TRANSACTION_ID = "2.16.840.1.113733.1.9.7"
+OID_FAIL_INFO_TEXT = "1.3.6.1.5.5.7.24.1"
+
+#: digest name -> (OID, cryptography hash class)
+DIGESTS: dict[str, tuple[str, type[hashes.HashAlgorithm]]] = {
+    "md5": ("1.2.840.113549.2.5", hashes.MD5),
+    "sha1": ("1.3.14.3.2.26", hashes.SHA1),
+    "sha224": ("2.16.840.1.101.3.4.2.4", hashes.SHA224),
+    "sha256": ("2.16.840.1.101.3.4.2.1", hashes.SHA256),
+    "sha384": ("2.16.840.1.101.3.4.2.2", hashes.SHA384),
+    "sha512": ("2.16.840.1.101.3.4.2.3", hashes.SHA512),
+}
+_DIGEST_BY_OID = {oid: name for name, (oid, _) in DIGESTS.items()}
+#: signature OIDs that imply a digest (some clients put these in SignerInfo.signatureAlgorithm)
+_SIG_OIDS = {
+    OID_RSA: ("rsa", None),
+    "1.2.840.113549.1.1.4": ("rsa", "md5"),
+    "1.2.840.113549.1.1.5": ("rsa", "sha1"),
+    "1.2.840.113549.1.1.14": ("rsa", "sha224"),
+    "1.2.840.113549.1.1.11": ("rsa", "sha256"),
+    "1.2.840.113549.1.1.12": ("rsa", "sha384"),
+    "1.2.840.113549.1.1.13": ("rsa", "sha512"),
+    "1.2.840.10045.2.1": ("ecdsa", None),
+    "1.2.840.10045.4.1": ("ecdsa", "sha1"),
+    "1.2.840.10045.4.3.2": ("ecdsa", "sha256"),
+    "1.2.840.10045.4.3.3": ("ecdsa", "sha384"),
+    "1.2.840.10045.4.3.4": ("ecdsa", "sha512"),
+}
+
+#: content cipher name -> (OID, key bytes, block bytes)
+CIPHERS: dict[str, tuple[str, int, int]] = {
+    "des-cbc": ("1.3.14.3.2.7", 8, 8),
+    "des-ede3-cbc": ("1.2.840.113549.3.7", 24, 8),
+    "aes-128-cbc": ("2.16.840.1.101.3.4.1.2", 16, 16),
+    "aes-192-cbc": ("2.16.840.1.101.3.4.1.22", 24, 16),
+    "aes-256-cbc": ("2.16.840.1.101.3.4.1.42", 32, 16),
+}
+_CIPHER_BY_OID = {oid: name for name, (oid, _, _) in CIPHERS.items()}
+LEGACY_CIPHERS = frozenset({"des-cbc"})
+LEGACY_DIGESTS = frozenset({"md5"})
+
+
+# --- decoded forms --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The pkcsPKIEnvelope, still encrypted."""
+
+    enveloped_der: bytes
+    cipher: str  # a CIPHERS name, or "unknown:<oid>"
+
+
+@dataclass(frozen=True)
+class PkiMessage:
+    message_type: int
+    transaction_id: str
+    sender_nonce: bytes
+    signer_cert: x509.Certificate
+    signer_cert_der: bytes
+    digest: str  # a DIGESTS name
+    signing_time: dt.datetime | None
+    envelope: Envelope | None
+
+    @property
+    def signer_is_self_signed(self) -> bool:
+        return self.signer_cert.issuer == self.signer_cert.subject
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """A certificate + RSA key that requests may be encrypted to (the CA, or the RA)."""
+
+    cert: x509.Certificate
+    key: rsa.RSAPrivateKey
+
+
+@dataclass(frozen=True)
+class IssuerAndSerial:
+    issuer_der: bytes
+    serial: int
+
+
+@dataclass(frozen=True)
+class IssuerAndSubject:
+    issuer_der: bytes
+    subject_der: bytes
+
+
+# --- tolerant specs -------------------------------------------------------------------------
+
+
+class _EncryptedContentInfo(core.Sequence):
+    """As cms.EncryptedContentInfo, but keeps encryptedContent raw: clients send it BER-constructed."""
+
+    _fields = [
+        ("content_type", cms.ContentType),
+        ("content_encryption_algorithm", cms.EncryptionAlgorithm),
+        ("encrypted_content", core.Any, {"optional": True}),
+    ]
+
+
+class _EnvelopedData(core.Sequence):
+    _fields = [
+        ("version", cms.CMSVersion),
+        ("originator_info", cms.OriginatorInfo, {"implicit": 0, "optional": True}),
+        ("recipient_infos", cms.RecipientInfos),
+        ("encrypted_content_info", _EncryptedContentInfo),
+        ("unprotected_attrs", cms.CMSAttributes, {"implicit": 1, "optional": True}),
+    ]
+
+
+class _EnvelopeContentInfo(core.Sequence):
+    _fields = [("content_type", cms.ContentType), ("content", _EnvelopedData, {"explicit": 0})]
+
+
+class _IssuerAndSubject(core.Sequence):
+    _fields = [("issuer", asn1_x509.Name), ("subject", asn1_x509.Name)]
+
+
+# --- decoding -------------------------------------------------------------------------------
+
+
+def _printable(value: core.Asn1Value) -> str:
+    native = value.native
+    if isinstance(native, bytes):
+        native = native.decode("ascii", "replace")
+    if not isinstance(native, str):
+        raise ValueError("not a string")
+    return native
+
+
+def _attr(attrs: dict[str, list], oid: str, what: str) -> core.Asn1Value:
+    values = attrs.get(oid)
+    if not values:
+        raise MalformedRequest(f"the SCEP message has no {what} attribute")
+    return values[0]
+
+
+def _signed_attrs_to_verify(si: cms.SignerInfo) -> bytes:
+    """The signed attributes as the signer signed them: the received contents under a SET tag."""
+    raw = si["signed_attrs"]
+    return der.tlv(0x31, raw.contents)
+
+
+def _find_signer(sd: cms.SignedData, si: cms.SignerInfo) -> tuple[x509.Certificate, bytes]:
+    sid = si["sid"]
+    candidates = [c.chosen for c in sd["certificates"] if c.name == "certificate"] \
+        if sd["certificates"].native is not None else []
+    for cand in candidates:
+        if sid.name == "issuer_and_serial_number":
+            ias = sid.chosen
+            if cand.serial_number == ias["serial_number"].native and \
+                    cand.issuer.dump() == ias["issuer"].dump():
+                break
+        elif sid.name == "subject_key_identifier":
+            if cand.key_identifier == sid.chosen.native:
+                break
+    else:
+        if len(candidates) == 1:  # tolerate a sloppy sid when there is only one candidate
+            cand = candidates[0]
+        else:
+            raise MalformedRequest("the SCEP message does not carry its signer's certificate")
+    cert_der = cand.dump()
+    try:
+        return x509.load_der_x509_certificate(cert_der), cert_der
+    except ValueError:
+        raise MalformedRequest("the signer certificate cannot be parsed") from None
+
+
+def _verify_signature(cert: x509.Certificate, si: cms.SignerInfo, digest: str, data: bytes) -> None:
+    sig_oid = si["signature_algorithm"]["algorithm"].dotted
+    kind, implied = _SIG_OIDS.get(sig_oid, (None, None))
+    if kind is None:
+        raise UnverifiableMessage(f"unsupported signature algorithm {sig_oid}")
+    hash_cls = DIGESTS[implied or digest][1]
+    signature = si["signature"].native
+    key = cert.public_key()
+    try:
+        if kind == "rsa" and isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, data, padding.PKCS1v15(), hash_cls())
+        elif kind == "ecdsa" and isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, data, ec.ECDSA(hash_cls()))
+        else:
+            raise UnverifiableMessage("the signer key does not match the signature algorithm")
+    except InvalidSignature:
+        raise UnverifiableMessage("the SCEP message signature does not verify") from None
+
+
+def decode_pki_message(message_der: bytes) -> PkiMessage:
+    """Parse and verify the outer SignedData. The envelope is left encrypted (open_envelope)."""
+    try:
+        ci = cms.ContentInfo.load(message_der)
+        if ci["content_type"].dotted != OID_SIGNED_DATA:
+            raise MalformedRequest("the SCEP message is not a CMS SignedData")
+        sd = ci["content"]
+        signer_infos = list(sd["signer_infos"])
+        if not signer_infos:
+            raise MalformedRequest("the SCEP message has no signer")
+        si = signer_infos[0]
+        encap = sd["encap_content_info"]
+        content = encap["content"].native if encap["content"].native is not None else b""
+        if not isinstance(content, bytes):
+            content = bytes(encap["content"])
+        if si["signed_attrs"].native is None:
+            raise MalformedRequest("the SCEP message has no signed attributes")
+        attrs: dict[str, list] = {}
+        for a in si["signed_attrs"]:
+            attrs.setdefault(a["type"].dotted, list(a["values"]))
+        digest_oid = si["digest_algorithm"]["algorithm"].dotted
+        digest = _DIGEST_BY_OID.get(digest_oid)
+        if digest is None:
+            raise UnverifiableMessage(f"unsupported digest algorithm {digest_oid}")
+        signer_cert, signer_der = _find_signer(sd, si)
+        # messageDigest binds the content to the signed attributes
+        md_value = _attr(attrs, OID_MESSAGE_DIGEST, "messageDigest")
+        expected = md_value.native if isinstance(md_value.native, bytes) else \
+            core.OctetString.load(md_value.dump()).native
+        h = hashes.Hash(DIGESTS[digest][1]())
+        h.update(content)
+        if not hmac.compare_digest(h.finalize(), expected or b""):
+            raise UnverifiableMessage("the SCEP message digest does not match its content")
+        _verify_signature(signer_cert, si, digest, _signed_attrs_to_verify(si))
+        message_type_text = _printable(core.PrintableString.load(
+            _attr(attrs, OID_MESSAGE_TYPE, "messageType").dump()))
+        transaction_id = _printable(core.PrintableString.load(
+            _attr(attrs, OID_TRANSACTION_ID, "transactionID").dump()))
+        nonce = core.OctetString.load(_attr(attrs, OID_SENDER_NONCE, "senderNonce").dump()).native
+        signing_time = None
+        if attrs.get(OID_SIGNING_TIME):
+            t = attrs[OID_SIGNING_TIME][0]
+            try:
+                signing_time = cms.Time.load(t.dump()).native
+            except (ValueError, TypeError):
+                signing_time = None
+        envelope = None
+        if content:
+            env_ci = _EnvelopeContentInfo.load(content)
+            if env_ci["content_type"].dotted != OID_ENVELOPED_DATA:
+                raise MalformedRequest("the pkcsPKIEnvelope is not a CMS EnvelopedData")
+            env = env_ci["content"]
+            alg = env["encrypted_content_info"]["content_encryption_algorithm"]["algorithm"].dotted
+            envelope = Envelope(enveloped_der=env.untag().dump(),
+                                cipher=_CIPHER_BY_OID.get(alg, f"unknown:{alg}"))
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise MalformedRequest(f"the SCEP message is not valid CMS ({type(exc).__name__})") from None
+    try:
+        message_type = int(message_type_text)
+    except ValueError:
+        raise MalformedRequest("messageType is not a number") from None
+    if not transaction_id or len(transaction_id) > 255:
+        raise MalformedRequest("transactionID is empty or too long")
+    if not isinstance(nonce, bytes) or len(nonce) != 16:
+        raise MalformedRequest("senderNonce must be 16 octets")
+    return PkiMessage(message_type=message_type, transaction_id=transaction_id, sender_nonce=nonce,
+                      signer_cert=signer_cert, signer_cert_der=signer_der, digest=digest,
+                      signing_time=signing_time, envelope=envelope)
+
+
+def _decrypt_content(cipher: str, key: bytes, iv: bytes, ciphertext: bytes) -> bytes:
+    oid, key_len, block = CIPHERS[cipher]
+    if len(key) != key_len or len(iv) != block or len(ciphertext) % block:
+        raise ValueError("key, IV or ciphertext length")
+    if cipher == "des-cbc":
+        algo = TripleDES(key * 3)  # EDE with K1=K2=K3 is single DES
+    elif cipher == "des-ede3-cbc":
+        algo = TripleDES(key)
+    else:
+        algo = algorithms.AES(key)
+    dec = Cipher(algo, modes.CBC(iv)).decryptor()
+    padded = dec.update(ciphertext) + dec.finalize()
+    unpadder = sym_padding.PKCS7(block * 8).unpadder()
+    return unpadder.update(padded) + unpadder.finalize()
+
+
+def open_envelope(envelope: Envelope, recipients: list[Recipient]) -> bytes:
+    """Decrypt the pkcsPKIEnvelope with whichever of our certificates it is addressed to."""
+    if envelope.cipher not in CIPHERS:
+        raise NotForUs(f"unsupported content encryption algorithm {envelope.cipher[8:]}")
+    try:
+        env = _EnvelopedData.load(envelope.enveloped_der)
+        eci = env["encrypted_content_info"]
+        iv = eci["content_encryption_algorithm"]["parameters"].native
+        raw = eci["encrypted_content"]
+        if raw.contents is None:
+            raise NotForUs("the envelope has no encrypted content")
+        ciphertext = der.string_octets(raw._header + raw.contents + raw._trailer)
+        rinfos = [ri.chosen for ri in env["recipient_infos"] if ri.name == "ktri"]
+    except (ValueError, TypeError, KeyError) as exc:
+        raise MalformedRequest(f"the pkcsPKIEnvelope is not valid CMS ({type(exc).__name__})") from None
+    for ours in recipients:
+        ours_issuer = ours.cert.issuer.public_bytes()
+        ours_ski = _ski(ours.cert)
+        for ri in rinfos:
+            rid = ri["rid"]
+            if rid.name == "issuer_and_serial_number":
+                match = rid.chosen["serial_number"].native == ours.cert.serial_number and \
+                    rid.chosen["issuer"].dump() == ours_issuer
+            else:
+                match = ours_ski is not None and rid.chosen.native == ours_ski
+            if not match:
+                continue
+            try:
+                cek = ours.key.decrypt(ri["encrypted_key"].native, padding.PKCS1v15())
+                return _decrypt_content(envelope.cipher, cek, bytes(iv or b""), ciphertext)
+            except (ValueError, TypeError):
+                raise NotForUs("the pkcsPKIEnvelope cannot be decrypted") from None
+    raise NotForUs("the pkcsPKIEnvelope is not encrypted to this server's certificate")
+
+
+def _ski(cert: x509.Certificate) -> bytes | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        return None
+
+
+def decode_issuer_and_serial(data: bytes) -> IssuerAndSerial:
+    try:
+        ias = cms.IssuerAndSerialNumber.load(data)
+        return IssuerAndSerial(issuer_der=ias["issuer"].dump(), serial=ias["serial_number"].native)
+    except (ValueError, TypeError, KeyError):
+        raise MalformedRequest("the message content is not an IssuerAndSerialNumber") from None
+
+
+def decode_issuer_and_subject(data: bytes) -> IssuerAndSubject:
+    try:
+        ias = _IssuerAndSubject.load(data)
+        return IssuerAndSubject(issuer_der=ias["issuer"].dump(), subject_der=ias["subject"].dump())
+    except (ValueError, TypeError, KeyError):
+        raise MalformedRequest("the message content is not an IssuerAndSubject") from None
+
+
+# --- encoding -------------------------------------------------------------------------------
+
+
+def certs_only(certs_der: list[bytes]) -> bytes:
+    """A degenerate certificates-only SignedData, certificates in exactly the given order."""
+    signed_data = der.seq(
+        der.integer(1),
+        der.set_of(),
+        der.seq(der.oid(OID_DATA)),
+        der.tlv(0xA0, b"".join(certs_der)),
+        der.set_of(),
+    )
+    return der.seq(der.oid(OID_SIGNED_DATA), der.explicit(0, signed_data))
+
+
+def _encrypt_content(cipher: str, plaintext: bytes, random: bytes) -> tuple[bytes, bytes, bytes]:
+    """(key, iv, ciphertext); `random` supplies key+iv bytes (injected for determinism in tests)."""
+    _oid, key_len, block = CIPHERS[cipher]
+    key, iv = random[:key_len], random[key_len:key_len + block]
+    if cipher == "des-cbc":
+        algo = TripleDES(key * 3)
+    elif cipher == "des-ede3-cbc":
+        algo = TripleDES(key)
+    else:
+        algo = algorithms.AES(key)
+    padder = sym_padding.PKCS7(block * 8).padder()
+    padded = padder.update(plaintext) + padder.finalize()
+    enc = Cipher(algo, modes.CBC(iv)).encryptor()
+    return key, iv, enc.update(padded) + enc.finalize()
+
+
+def envelope_to(recipient: x509.Certificate, plaintext: bytes, cipher: str,
+                random: bytes | None = None) -> bytes:
+    """ContentInfo(EnvelopedData) of `plaintext` for `recipient` (RSA key transport, PKCS#1 v1.5)."""
+    key = recipient.public_key()
+    if not isinstance(key, rsa.RSAPublicKey):
+        raise ValueError("the recipient key is not RSA")
+    _oid, key_len, block = CIPHERS[cipher]
+    cek, iv, ciphertext = _encrypt_content(cipher, plaintext, random or os.urandom(key_len + block))
+    ktri = der.seq(
+        der.integer(0),
+        der.seq(recipient.issuer.public_bytes(), der.integer(recipient.serial_number)),
+        der.algorithm(OID_RSA, der.null()),
+        der.octet_string(key.encrypt(cek, padding.PKCS1v15())),
+    )
+    eci = der.seq(der.oid(OID_DATA), der.algorithm(CIPHERS[cipher][0], der.octet_string(iv)),
+                  der.tlv(0x80, ciphertext))
+    enveloped = der.seq(der.integer(0), der.set_of(ktri), eci)
+    return der.seq(der.oid(OID_ENVELOPED_DATA), der.explicit(0, enveloped))
+
+
+def _attribute(oid: str, value: bytes) -> bytes:
+    return der.seq(der.oid(oid), der.set_of(value))
+
+
+@dataclass(frozen=True)
+class CertRep:
+    transaction_id: str
+    recipient_nonce: bytes
+    sender_nonce: bytes
+    status: PkiStatus
+    fail_info: int | None = None
+    fail_info_text: str | None = None
+    #: ContentInfo(EnvelopedData) for SUCCESS replies
+    envelope_der: bytes | None = None
+
+
+def encode_cert_rep(rep: CertRep, signer_cert: x509.Certificate, signer_key, digest: str,
+                    signing_time: dt.datetime, extra_certs: tuple[x509.Certificate, ...] = ()) -> bytes:
+    """The signed CertRep. Signature is rsaEncryption with `digest` (the client's own digest);
+    for PENDING/FAILURE the encapsulated content is an empty OCTET STRING (certmonger refuses
+    an absent eContent)."""
+    digest_oid, hash_cls = DIGESTS[digest]
+    content = rep.envelope_der or b""
+    h = hashes.Hash(hash_cls())
+    h.update(content)
+    attrs = [
+        _attribute(OID_CONTENT_TYPE, der.oid(OID_DATA)),
+        _attribute(OID_SIGNING_TIME, der.utc_time(signing_time)),
+        _attribute(OID_MESSAGE_DIGEST, der.octet_string(h.finalize())),
+        _attribute(OID_MESSAGE_TYPE, der.printable(str(int(MessageType.CERT_REP)))),
+        _attribute(OID_PKI_STATUS, der.printable(str(int(rep.status)))),
+        _attribute(OID_TRANSACTION_ID, der.printable(rep.transaction_id)),
+        _attribute(OID_RECIPIENT_NONCE, der.octet_string(rep.recipient_nonce)),
+        _attribute(OID_SENDER_NONCE, der.octet_string(rep.sender_nonce)),
+    ]
+    if rep.status == PkiStatus.FAILURE:
+        attrs.append(_attribute(OID_FAIL_INFO, der.printable(str(int(rep.fail_info or 0)))))
+        if rep.fail_info_text:
+            attrs.append(_attribute(OID_FAIL_INFO_TEXT, der.utf8(rep.fail_info_text[:200])))
+    signed_attrs_set = der.set_of(*attrs)
+    if isinstance(signer_key, rsa.RSAPrivateKey):
+        signature = signer_key.sign(signed_attrs_set, padding.PKCS1v15(), hash_cls())
+        sig_alg = der.algorithm(OID_RSA, der.null())
+    else:
+        signature = signer_key.sign(signed_attrs_set, ec.ECDSA(hash_cls()))
+        sig_alg = der.algorithm({"sha1": "1.2.840.10045.4.1", "sha256": "1.2.840.10045.4.3.2",
+                                 "sha384": "1.2.840.10045.4.3.3", "sha512": "1.2.840.10045.4.3.4"
+                                 }.get(digest, "1.2.840.10045.4.3.2"))
+    digest_alg = der.algorithm(digest_oid, der.null())
+    signer_info = der.seq(
+        der.integer(1),
+        der.seq(signer_cert.issuer.public_bytes(), der.integer(signer_cert.serial_number)),
+        digest_alg,
+        der.tlv(0xA0, signed_attrs_set[len(der.length(len(signed_attrs_set))) + 1:]),
+        sig_alg,
+        der.octet_string(signature),
+    )
+    certs = b"".join(c.public_bytes(serialization.Encoding.DER) for c in (signer_cert, *extra_certs))
+    signed_data = der.seq(
+        der.integer(1),
+        der.set_of(digest_alg),
+        der.seq(der.oid(OID_DATA), der.explicit(0, der.octet_string(content))),
+        der.tlv(0xA0, certs),
+        der.set_of(signer_info),
+    )
+    return der.seq(der.oid(OID_SIGNED_DATA), der.explicit(0, signed_data))
+
+
+# --- client side (used by tests, the agent and benchmarks) -----------------------------------
+
+
+def encode_pki_message(*, message_type: int, transaction_id: str, sender_nonce: bytes,
+                       message_data: bytes, recipient: x509.Certificate, cipher: str,
+                       signer_cert: x509.Certificate, signer_key, digest: str,
+                       signing_time: dt.datetime | None = None) -> bytes:
+    """A client PKIMessage (PKCSReq, RenewalReq, CertPoll, GetCert, GetCRL)."""
+    envelope = envelope_to(recipient, message_data, cipher)
+    digest_oid, hash_cls = DIGESTS[digest]
+    h = hashes.Hash(hash_cls())
+    h.update(envelope)
+    attrs = [
+        _attribute(OID_CONTENT_TYPE, der.oid(OID_DATA)),
+        _attribute(OID_MESSAGE_DIGEST, der.octet_string(h.finalize())),
+        _attribute(OID_MESSAGE_TYPE, der.printable(str(int(message_type)))),
+        _attribute(OID_TRANSACTION_ID, der.printable(transaction_id)),
+        _attribute(OID_SENDER_NONCE, der.octet_string(sender_nonce)),
+    ]
+    if signing_time is not None:
+        attrs.append(_attribute(OID_SIGNING_TIME, der.utc_time(signing_time)))
+    signed_attrs_set = der.set_of(*attrs)
+    if isinstance(signer_key, rsa.RSAPrivateKey):
+        signature = signer_key.sign(signed_attrs_set, padding.PKCS1v15(), hash_cls())
+        sig_alg = der.algorithm(OID_RSA, der.null())
+    else:
+        signature = signer_key.sign(signed_attrs_set, ec.ECDSA(hash_cls()))
+        sig_alg = der.algorithm("1.2.840.10045.4.3.2")
+    digest_alg = der.algorithm(digest_oid, der.null())
+    signer_info = der.seq(
+        der.integer(1),
+        der.seq(signer_cert.issuer.public_bytes(), der.integer(signer_cert.serial_number)),
+        digest_alg,
+        der.tlv(0xA0, signed_attrs_set[len(der.length(len(signed_attrs_set))) + 1:]),
+        sig_alg,
+        der.octet_string(signature),
+    )
+    signed_data = der.seq(
+        der.integer(1), der.set_of(digest_alg),
+        der.seq(der.oid(OID_DATA), der.explicit(0, der.octet_string(envelope))),
+        der.tlv(0xA0, signer_cert.public_bytes(serialization.Encoding.DER)),
+        der.set_of(signer_info),
+    )
+    return der.seq(der.oid(OID_SIGNED_DATA), der.explicit(0, signed_data))
+
+
+@dataclass(frozen=True)
+class DecodedCertRep:
+    status: PkiStatus
+    transaction_id: str
+    sender_nonce: bytes
+    recipient_nonce: bytes
+    fail_info: int | None
+    fail_info_text: str | None
+    signer_cert: x509.Certificate
+    envelope: Envelope | None
+    digest: str
+
+
+def decode_cert_rep(rep_der: bytes) -> DecodedCertRep:
+    """Client-side decoding of a CertRep (signature verified against the embedded signer)."""
+    msg = decode_pki_message(rep_der)
+    ci = cms.ContentInfo.load(rep_der)
+    attrs = {a["type"].dotted: list(a["values"]) for a in ci["content"]["signer_infos"][0]["signed_attrs"]}
+    status = PkiStatus(int(_printable(core.PrintableString.load(attrs[OID_PKI_STATUS][0].dump()))))
+    fail_info = None
+    if OID_FAIL_INFO in attrs:
+        fail_info = int(_printable(core.PrintableString.load(attrs[OID_FAIL_INFO][0].dump())))
+    text = None
+    if OID_FAIL_INFO_TEXT in attrs:
+        text = core.UTF8String.load(attrs[OID_FAIL_INFO_TEXT][0].dump()).native
+    rnonce = core.OctetString.load(attrs[OID_RECIPIENT_NONCE][0].dump()).native
+    return DecodedCertRep(status=status, transaction_id=msg.transaction_id, sender_nonce=msg.sender_nonce,
+                          recipient_nonce=rnonce, fail_info=fail_info, fail_info_text=text,
+                          signer_cert=msg.signer_cert, envelope=msg.envelope, digest=msg.digest)
+
+
+def certs_from_certs_only(p7_der: bytes) -> list[x509.Certificate]:
+    """Certificates of a degenerate SignedData, in wire order."""
+    ci = cms.ContentInfo.load(p7_der)
+    certs = ci["content"]["certificates"]
+    return [x509.load_der_x509_certificate(c.chosen.dump()) for c in certs]

@@ -1,0 +1,260 @@
+"""SQLAlchemy 2 Core (async) store for SQLite (aiosqlite, default) and PostgreSQL (asyncpg).
+
+Every write goes through `transaction()`: one database transaction, committed before the caller
+answers its client. Timestamps are stored as naive UTC and returned aware.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+from typing import AsyncIterator
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from .records import AuditRecord, CertificateRecord, ChallengeRecord
+
+
+class StoreNotFound(LookupError):
+    pass
+
+
+class Conflict(Exception):
+    """A uniqueness constraint refused the write (e.g. a serial number already used)."""
+
+
+metadata = sa.MetaData()
+
+schema_version = sa.Table(
+    "schema_version", metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("applied_at", sa.DateTime, nullable=False),
+)
+
+certificates = sa.Table(
+    "certificates", metadata,
+    sa.Column("serial", sa.String(64), primary_key=True),  # unique index: no serial is ever reused
+    sa.Column("ca_id", sa.String(32), nullable=False),
+    sa.Column("subject", sa.Text, nullable=False),
+    sa.Column("sans", sa.Text, nullable=False),  # JSON list
+    sa.Column("not_before", sa.DateTime, nullable=False),
+    sa.Column("not_after", sa.DateTime, nullable=False),
+    sa.Column("profile", sa.String(64), nullable=False),
+    sa.Column("protocol", sa.String(16), nullable=False),
+    sa.Column("transaction_id", sa.String(255)),
+    sa.Column("requester", sa.Text),
+    sa.Column("spki_sha256", sa.String(64), nullable=False),
+    sa.Column("der", sa.LargeBinary, nullable=False),
+    sa.Column("issued_at", sa.DateTime, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False, server_default="valid"),
+    sa.Column("revoked_at", sa.DateTime),
+    sa.Column("revocation_reason", sa.String(32)),
+    sa.Index("ix_certificates_not_after", "not_after"),
+    sa.Index("ix_certificates_txn", "transaction_id", "spki_sha256"),
+    sa.Index("ix_certificates_subject", "subject"),
+)
+
+challenges = sa.Table(
+    "challenges", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("secret_sha256", sa.String(64), nullable=False, unique=True),
+    sa.Column("cn_pattern", sa.Text),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("expires_at", sa.DateTime, nullable=False),
+    sa.Column("used_at", sa.DateTime),
+    sa.Column("used_by_serial", sa.String(64)),
+)
+
+audit = sa.Table(
+    "audit", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.DateTime, nullable=False),
+    sa.Column("event", sa.String(64), nullable=False),
+    sa.Column("subject", sa.Text),
+    sa.Column("serial", sa.String(64)),
+    sa.Column("actor", sa.Text),
+    sa.Column("details", sa.Text, nullable=False),  # JSON object
+    sa.Index("ix_audit_at", "at"),
+)
+
+#: Migrations: (version, tables created). New versions append; never edit an applied one.
+MIGRATIONS: list[tuple[int, list[sa.Table]]] = [
+    (1, [certificates, challenges, audit]),
+]
+
+
+def _naive(t: dt.datetime | None) -> dt.datetime | None:
+    if t is None:
+        return None
+    if t.tzinfo is None:
+        raise ValueError("naive datetime given to the store")
+    return t.astimezone(dt.timezone.utc).replace(tzinfo=None)
+
+
+def _aware(t: dt.datetime | None) -> dt.datetime | None:
+    return None if t is None else t.replace(tzinfo=dt.timezone.utc)
+
+
+def _cert_row(r: CertificateRecord) -> dict:
+    return dict(serial=r.serial, ca_id=r.ca_id, subject=r.subject, sans=json.dumps(list(r.sans)),
+                not_before=_naive(r.not_before), not_after=_naive(r.not_after), profile=r.profile,
+                protocol=r.protocol, transaction_id=r.transaction_id, requester=r.requester,
+                spki_sha256=r.spki_sha256, der=r.der, issued_at=_naive(r.issued_at), status=r.status,
+                revoked_at=_naive(r.revoked_at), revocation_reason=r.revocation_reason)
+
+
+def _cert_record(row) -> CertificateRecord:
+    m = row._mapping
+    return CertificateRecord(
+        serial=m["serial"], ca_id=m["ca_id"], subject=m["subject"], sans=tuple(json.loads(m["sans"])),
+        not_before=_aware(m["not_before"]), not_after=_aware(m["not_after"]), profile=m["profile"],
+        protocol=m["protocol"], transaction_id=m["transaction_id"], requester=m["requester"],
+        spki_sha256=m["spki_sha256"], der=bytes(m["der"]), issued_at=_aware(m["issued_at"]),
+        status=m["status"], revoked_at=_aware(m["revoked_at"]), revocation_reason=m["revocation_reason"])
+
+
+def _challenge_record(row) -> ChallengeRecord:
+    m = row._mapping
+    return ChallengeRecord(id=m["id"], secret_sha256=m["secret_sha256"], cn_pattern=m["cn_pattern"],
+                           created_at=_aware(m["created_at"]), expires_at=_aware(m["expires_at"]),
+                           used_at=_aware(m["used_at"]), used_by_serial=m["used_by_serial"])
+
+
+class Transaction:
+    """The writes of one unit of work; all or nothing."""
+
+    def __init__(self, conn: AsyncConnection):
+        self._conn = conn
+
+    async def insert_certificate(self, rec: CertificateRecord) -> None:
+        try:
+            async with self._conn.begin_nested():
+                await self._conn.execute(certificates.insert().values(**_cert_row(rec)))
+        except IntegrityError:
+            raise Conflict(f"serial {rec.serial} already exists") from None
+
+    async def consume_challenge(self, challenge_id: int, now: dt.datetime, serial: str) -> bool:
+        """Mark a one-time challenge used; False if someone else got there first."""
+        result = await self._conn.execute(
+            challenges.update()
+            .where(challenges.c.id == challenge_id, challenges.c.used_at.is_(None),
+                   challenges.c.expires_at > _naive(now))
+            .values(used_at=_naive(now), used_by_serial=serial))
+        return result.rowcount == 1
+
+    async def insert_challenge(self, secret_sha256: str, cn_pattern: str | None, now: dt.datetime,
+                               expires_at: dt.datetime) -> int:
+        result = await self._conn.execute(challenges.insert().values(
+            secret_sha256=secret_sha256, cn_pattern=cn_pattern, created_at=_naive(now),
+            expires_at=_naive(expires_at)))
+        return int(result.inserted_primary_key[0])
+
+    async def audit(self, rec: AuditRecord) -> None:
+        await self._conn.execute(audit.insert().values(
+            at=_naive(rec.at), event=rec.event, subject=rec.subject, serial=rec.serial,
+            actor=rec.actor, details=json.dumps(rec.details, sort_keys=True, default=str)))
+
+
+class SqlStore:
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+        self._is_sqlite = engine.dialect.name == "sqlite"
+        # SQLite has one writer at a time; serialising writers in-process turns lock contention
+        # into a queue instead of "database is locked" errors. PostgreSQL needs no such lock.
+        self._write_lock = asyncio.Lock() if self._is_sqlite else contextlib.nullcontext()
+
+    @classmethod
+    async def open(cls, url: str) -> "SqlStore":
+        kwargs: dict = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
+        engine = create_async_engine(url, **kwargs)
+        if engine.dialect.name == "sqlite":
+            @event.listens_for(engine.sync_engine, "connect")
+            def _pragmas(dbapi_conn, _record):  # pragma: no cover - exercised by every test
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=FULL")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.close()
+        store = cls(engine)
+        await store.migrate()
+        return store
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    async def migrate(self) -> None:
+        async with self._write_lock:
+            async with self.engine.begin() as conn:
+                await conn.run_sync(lambda c: schema_version.create(c, checkfirst=True))
+                done = {r[0] for r in await conn.execute(sa.select(schema_version.c.version))}
+                for version, tables in MIGRATIONS:
+                    if version in done:
+                        continue
+                    for table in tables:
+                        await conn.run_sync(lambda c, t=table: t.create(c, checkfirst=True))
+                    try:
+                        await conn.execute(schema_version.insert().values(
+                            version=version,
+                            applied_at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)))
+                    except IntegrityError:  # another replica migrated concurrently
+                        pass
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Transaction]:
+        async with self._write_lock:
+            async with self.engine.begin() as conn:
+                yield Transaction(conn)
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
+    # --- reads --------------------------------------------------------------------------------
+
+    async def get_certificate(self, serial: str) -> CertificateRecord:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(certificates).where(
+                certificates.c.serial == serial))).first()
+        if row is None:
+            raise StoreNotFound(serial)
+        return _cert_record(row)
+
+    async def find_certificate_for_transaction(self, transaction_id: str,
+                                               spki_sha256: str) -> CertificateRecord | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(certificates).where(
+                certificates.c.transaction_id == transaction_id,
+                certificates.c.spki_sha256 == spki_sha256).order_by(
+                certificates.c.issued_at.desc()).limit(1))).first()
+        return None if row is None else _cert_record(row)
+
+    async def list_certificates(self, expiring_before: dt.datetime | None = None,
+                                limit: int = 1000, offset: int = 0) -> list[CertificateRecord]:
+        q = sa.select(certificates).order_by(certificates.c.not_after, certificates.c.serial)
+        if expiring_before is not None:
+            q = q.where(certificates.c.not_after <= _naive(expiring_before),
+                        certificates.c.status == "valid")
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(q.limit(limit).offset(offset))).all()
+        return [_cert_record(r) for r in rows]
+
+    async def find_challenge(self, secret_sha256: str) -> ChallengeRecord | None:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(challenges).where(
+                challenges.c.secret_sha256 == secret_sha256))).first()
+        return None if row is None else _challenge_record(row)
+
+    async def list_audit(self, limit: int = 100) -> list[AuditRecord]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(sa.select(audit).order_by(audit.c.id.desc()).limit(limit))).all()
+        return [AuditRecord(id=r.id, at=_aware(r.at), event=r.event, subject=r.subject,
+                            serial=r.serial, actor=r.actor, details=json.loads(r.details)) for r in rows]
