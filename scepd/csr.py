@@ -5,8 +5,11 @@ import hashlib
 import ipaddress
 from dataclasses import dataclass
 
+from asn1crypto import csr as asn1_csr
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import AttributeOID, NameOID
 
 from .errors import BadMessageCheck, MalformedRequest
@@ -53,16 +56,62 @@ def _sans_of(ext: x509.SubjectAlternativeName) -> tuple[SubjectAltName, ...]:
     return tuple(out)
 
 
-def decode_csr(csr_der: bytes, verify_signature: bool = True) -> CsrFacts:
+def _verify_raw_signature(req: asn1_csr.CertificationRequest) -> bool:
+    """Signature check over the CertificationRequestInfo bytes exactly as received."""
     try:
-        csr = x509.load_der_x509_csr(csr_der)
+        key = serialization.load_der_public_key(req["certification_request_info"]["subject_pk_info"].dump())
+        algo = req["signature_algorithm"]
+        hash_name = algo.hash_algo
+        hash_cls = {"sha1": hashes.SHA1, "sha224": hashes.SHA224, "sha256": hashes.SHA256,
+                    "sha384": hashes.SHA384, "sha512": hashes.SHA512}[hash_name]
+        tbs = req["certification_request_info"].dump()
+        sig = req["signature"].native
+        if isinstance(key, rsa.RSAPublicKey) and algo.signature_algo == "rsassa_pkcs1v15":
+            key.verify(sig, tbs, padding.PKCS1v15(), hash_cls())
+        elif isinstance(key, ec.EllipticCurvePublicKey) and algo.signature_algo == "ecdsa":
+            key.verify(sig, tbs, ec.ECDSA(hash_cls()))
+        else:
+            return False
+        return True
+    except (InvalidSignature, ValueError, KeyError, TypeError):
+        return False
+
+
+def _load_tolerant(csr_der: bytes) -> tuple[x509.CertificateSigningRequest, bool | None]:
+    """cryptography parses strict DER only. strongSwan's pki sends its attributes SET OF unsorted
+    (extensionRequest before challengePassword): verify the signature over the received bytes,
+    then re-encode the attributes canonically so the facts can be read.
+    Returns (csr, signature_ok or None when cryptography should check it)."""
+    try:
+        return x509.load_der_x509_csr(csr_der), None
     except ValueError:
+        pass
+    try:
+        req = asn1_csr.CertificationRequest.load(csr_der)
+        ok = _verify_raw_signature(req)
+        info = req["certification_request_info"]
+        attrs = asn1_csr.CRIAttributes(list(info["attributes"]))
+        canonical = asn1_csr.CertificationRequest({
+            "certification_request_info": asn1_csr.CertificationRequestInfo({
+                "version": info["version"], "subject": info["subject"],
+                "subject_pk_info": info["subject_pk_info"], "attributes": attrs}),
+            "signature_algorithm": req["signature_algorithm"], "signature": req["signature"],
+        }).dump(force=True)
+        return x509.load_der_x509_csr(canonical), ok
+    except (ValueError, TypeError, KeyError):
         raise MalformedRequest("the request content is not a PKCS#10 certificate request") from None
+
+
+def decode_csr(csr_der: bytes, verify_signature: bool = True) -> CsrFacts:
+    csr, raw_signature_ok = _load_tolerant(csr_der)
     try:
         public_key = csr.public_key()
     except (ValueError, Exception):
         raise MalformedRequest("the CSR public key cannot be read") from None
-    if verify_signature:
+    if verify_signature and raw_signature_ok is not None:
+        if not raw_signature_ok:
+            raise BadMessageCheck("the CSR signature does not verify")
+    elif verify_signature:
         try:
             ok = csr.is_signature_valid
         except Exception:

@@ -32,7 +32,12 @@ log = logging.getLogger("scepd.scep")
 #: Errors answered with HTTP 400: nothing in the message can be trusted or answered.
 HTTP_ERRORS = (MalformedRequest, UnverifiableMessage, NotForUs)
 
-CAPABILITIES = ("POSTPKIOperation", "SHA-1", "SHA-256", "SHA-512", "AES", "DES3", "SCEPStandard")
+#: RFC 8894 §3.5.2 keywords, exact spelling (sscep compares case-sensitively). "SHA-384" is not an
+#: RFC keyword but we do verify and sign SHA-384, and strongSwan pki 5.9 (Debian 12) needs it:
+#: its caps enum is 0,1,2,... yet tested as bit flags, so its AES check really tests bit 3,
+#: which only "SHA-384" sets. Without it `pki --scep` refuses AES against any server.
+CAPABILITIES = ("POSTPKIOperation", "SHA-1", "SHA-256", "SHA-384", "SHA-512", "AES", "DES3",
+                "SCEPStandard")
 
 
 @dataclass(frozen=True)
