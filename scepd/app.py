@@ -17,6 +17,7 @@ from .clock import Clock, SystemClock
 from .config import Config, parse_duration
 from .enrollment import EnrollmentService
 from .policy import profile_named
+from .scep import wire
 from .scep.service import ScepService, ScepSettings
 from .scep.transport import ScepHandler, add_routes
 from .store import SqlStore
@@ -54,11 +55,14 @@ async def open_services(config: Config, clock: Clock | None = None) -> Services:
         challenges = ChallengeService(store, clock, config.scep.static_challenge,
                                       config.scep.challenge_required)
         enrollment = EnrollmentService(authority, store, clock, parse_duration(config.ca.default_validity))
+        ra = pki.load_ra(config.state_dir, passphrase_for(config))
         skew = config.scep.max_clock_skew
         scep = ScepService(material, enrollment, challenges, profile_named(config.scep.profile), clock,
                            ScepSettings(legacy_algorithms=config.scep.legacy_algorithms,
                                         getcacert_chain=config.scep.getcacert_chain,
-                                        max_clock_skew=dt.timedelta(seconds=skew) if skew else None))
+                                        advertise_post=config.scep.advertise_post,
+                                        max_clock_skew=dt.timedelta(seconds=skew) if skew else None),
+                           ra=wire.Recipient(*ra) if ra else None)
     except Exception:
         await store.close()
         raise

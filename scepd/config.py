@@ -45,6 +45,8 @@ class ScepConfig:
     #: (RFC 8894 §4.2.1.2: "the CA has an intermediate"), so clients that verify the CertRep
     #: signer against GetCACert (certmonger) find a trust anchor. false: the issuing CA alone, DER.
     getcacert_chain: bool = True
+    #: Advertise POSTPKIOperation and SCEPStandard (false: clients use GET, as with old NDES).
+    advertise_post: bool = True
     profile: str = "device"
     max_body_bytes: int = 256 * 1024
     #: Maximum |signingTime - now| in seconds; 0 disables the check (devices without NTP).
@@ -149,6 +151,8 @@ legacy_algorithms = false
 challenge_required = true
 # GetCACert returns issuing CA + root (PKCS#7); false = issuing CA only (DER)
 getcacert_chain = true
+# advertise POSTPKIOperation/SCEPStandard; false makes clients use GET
+advertise_post = true
 profile = "device"
 max_body_bytes = {256 * 1024}
 # maximum signingTime skew in seconds; 0 = not checked

@@ -238,3 +238,20 @@ def load(state_dir: Path, passphrase: bytes | None) -> CaMaterial:
 
 def pem(*certs: x509.Certificate) -> str:
     return _pem(*certs).decode()
+
+
+def load_ra(state_dir: Path, passphrase: bytes | None) -> tuple[x509.Certificate, rsa.RSAPrivateKey] | None:
+    """An optional SCEP RA (DIR/ca/ra.pem + ra.key): it decrypts requests and signs CertReps."""
+    d = ca_dir(state_dir)
+    if not (d / "ra.pem").exists():
+        return None
+    cert = x509.load_pem_x509_certificate((d / "ra.pem").read_bytes())
+    try:
+        key = serialization.load_pem_private_key((d / "ra.key").read_bytes(), passphrase)
+    except FileNotFoundError:
+        raise PkiError(f"{d / 'ra.pem'} exists but {d / 'ra.key'} does not") from None
+    except (TypeError, ValueError):
+        raise PkiError("the RA key cannot be read (passphrase?)") from None
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise PkiError("the RA key must be RSA")
+    return cert, key

@@ -44,6 +44,8 @@ CAPABILITIES = ("POSTPKIOperation", "SHA-1", "SHA-256", "SHA-384", "SHA-512", "A
 class ScepSettings:
     legacy_algorithms: bool = False
     getcacert_chain: bool = True
+    #: false: omit POSTPKIOperation and SCEPStandard, so clients fall back to GET (old NDES style)
+    advertise_post: bool = True
     max_clock_skew: dt.timedelta | None = None
 
 
@@ -75,12 +77,16 @@ class ScepService:
             raise ValueError("SCEP needs an RSA CA or an RSA RA to decrypt requests")
         signer = ra or ca_recipient
         self.signer_cert, self.signer_key = signer.cert, signer.key
+        # an RA signer's path runs through the issuing CA: carry it so clients can build it
+        self._reply_extra_certs = (ca.cert, *ca.intermediates) if ra else ca.intermediates
         self._ca_certs_reply = self._build_ca_certs()
 
     # --- GetCACaps / GetCACert --------------------------------------------------------------
 
     def capabilities(self) -> str:
-        return "".join(cap + "\r\n" for cap in CAPABILITIES)
+        caps = CAPABILITIES if self.settings.advertise_post else tuple(
+            c for c in CAPABILITIES if c not in ("POSTPKIOperation", "SCEPStandard"))
+        return "".join(cap + "\r\n" for cap in caps)
 
     def _build_ca_certs(self) -> tuple[bytes, str]:
         der = serialization.Encoding.DER
@@ -161,4 +167,5 @@ class ScepService:
                                                     wire.PkiStatus.SUCCESS, serial=issued.record.serial)
 
     def _sign(self, rep: wire.CertRep, digest: str) -> bytes:
-        return wire.encode_cert_rep(rep, self.signer_cert, self.signer_key, digest, self.clock.now())
+        return wire.encode_cert_rep(rep, self.signer_cert, self.signer_key, digest, self.clock.now(),
+                                    self._reply_extra_certs)

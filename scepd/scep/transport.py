@@ -62,7 +62,7 @@ class ScepHandler:
         self.max_body_bytes = max_body_bytes
         self.observer = observer  # callable(operation, outcome|None, seconds) for metrics
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         params = _raw_query(request.query_string)
         operation = params.get("operation", b"").decode("latin-1")
@@ -109,7 +109,7 @@ class ScepHandler:
 def add_routes(app: web.Application, handler: ScepHandler) -> None:
     for base in PATHS:
         for path in (base, base + "/pkiclient.exe"):
-            app.router.add_route("GET", path, handler)
-            app.router.add_route("POST", path, handler)
-    app.router.add_route("GET", "/scep/{tail:.+}", handler)
-    app.router.add_route("POST", "/scep/{tail:.+}", handler)
+            app.router.add_route("GET", path, handler.handle)
+            app.router.add_route("POST", path, handler.handle)
+    app.router.add_route("GET", "/scep/{tail:.+}", handler.handle)
+    app.router.add_route("POST", "/scep/{tail:.+}", handler.handle)

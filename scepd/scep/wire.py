@@ -298,8 +298,8 @@ def decode_pki_message(message_der: bytes) -> PkiMessage:
             alg = env["encrypted_content_info"]["content_encryption_algorithm"]["algorithm"].dotted
             envelope = Envelope(enveloped_der=env.untag().dump(),
                                 cipher=_CIPHER_BY_OID.get(alg, f"unknown:{alg}"))
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-        raise MalformedRequest(f"the SCEP message is not valid CMS ({type(exc).__name__})") from None
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise MalformedRequest("the SCEP message is not a valid CMS SignedData") from None
     try:
         message_type = int(message_type_text)
     except ValueError:
@@ -342,8 +342,8 @@ def open_envelope(envelope: Envelope, recipients: list[Recipient]) -> bytes:
             raise NotForUs("the envelope has no encrypted content")
         ciphertext = der.string_octets(raw._header + raw.contents + raw._trailer)
         rinfos = [ri.chosen for ri in env["recipient_infos"] if ri.name == "ktri"]
-    except (ValueError, TypeError, KeyError) as exc:
-        raise MalformedRequest(f"the pkcsPKIEnvelope is not valid CMS ({type(exc).__name__})") from None
+    except (ValueError, TypeError, KeyError):
+        raise MalformedRequest("the pkcsPKIEnvelope is not a valid CMS EnvelopedData") from None
     for ours in recipients:
         ours_issuer = ours.cert.issuer.public_bytes()
         ours_ski = _ski(ours.cert)

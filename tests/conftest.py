@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from scepd import config as config_mod, pki
+from scepd.app import create_app, open_services
+from scepd.clock import FixedClock
+
+from .helpers import VECTORS
+
+NOW = dt.datetime(2026, 11, 23, 12, 0, tzinfo=dt.timezone.utc)
+
+
+@pytest.fixture(scope="session")
+def vectors() -> Path:
+    if not (VECTORS / "README.md").exists():
+        pytest.fail(f"SCEP vectors not found at {VECTORS}: the shared/ folder must sit beside the repo")
+    return VECTORS
+
+
+@pytest.fixture(scope="session")
+def ca_template(tmp_path_factory) -> Path:
+    """A CA created once (RSA keys are slow); each test copies it."""
+    d = tmp_path_factory.mktemp("ca-template")
+    pki.create(d, FixedClock(NOW - dt.timedelta(days=1)), cn="Test", org="scepd-tests", root_bits=2048)
+    return d
+
+
+@pytest.fixture
+def state_dir(tmp_path, ca_template) -> Path:
+    import shutil
+    d = tmp_path / "state"
+    shutil.copytree(ca_template, d)
+    (d / config_mod.CONFIG_NAME).write_text(config_mod.render_default())
+    return d
+
+
+@pytest.fixture
+def clock() -> FixedClock:
+    return FixedClock(NOW)
+
+
+@pytest.fixture
+async def make_services(state_dir, clock):
+    opened = []
+
+    async def _make(env: dict[str, str] | None = None, directory: Path | None = None):
+        cfg = config_mod.load(directory or state_dir, environ=env or {})
+        services = await open_services(cfg, clock)
+        opened.append(services)
+        return services
+    yield _make
+    for s in opened:
+        await s.close()
+
+
+@pytest.fixture
+async def services(make_services):
+    return await make_services({"SCEPD_SCEP_STATIC_CHALLENGE": "static-secret"})
+
+
+@pytest.fixture
+async def client(aiohttp_client, services):
+    return await aiohttp_client(create_app(services))
