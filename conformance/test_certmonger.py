@@ -1,0 +1,46 @@
+"""certmonger 0.79 (Debian): the daemon on a private D-Bus session bus, GET + AES-256."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .conftest import require, run
+
+SCRIPT = """set -u
+getcert add-scep-ca -s -c T -u '{url}' || exit 3
+for i in $(seq 1 80); do getcert list-cas -s -c T | grep -q thumbprint && break; sleep 0.25; done
+getcert request -s -c T -I r1 -f {dir}/cert.pem -k {dir}/key.pem -L '{challenge}' -N 'CN={cn}' \
+  -D {cn}.example.test -w --wait-timeout 60 -v
+getcert list -s -i r1
+"""
+
+
+def run_certmonger(server, work: Path, cn: str, challenge: str):
+    require("certmonger")
+    require("getcert")
+    require("/usr/lib/certmonger/scep-submit")
+    require("dbus-run-session")
+    for sub in ("home/.config", "req", "cas", "lca", "tmp"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    (work / "inner.sh").write_text(SCRIPT.format(url=server.url, dir=work, challenge=challenge, cn=cn))
+    env = {**os.environ, "HOME": str(work / "home"), "XDG_CONFIG_HOME": str(work / "home/.config"),
+           "CERTMONGER_REQUESTS_DIR": str(work / "req"), "CERTMONGER_CAS_DIR": str(work / "cas"),
+           "CERTMONGER_LOCAL_CA_DIR": str(work / "lca"), "CERTMONGER_TMPDIR": str(work / "tmp")}
+    return run(["dbus-run-session", "--", "certmonger", "-s", "-n", "-c", f"bash {work}/inner.sh"],
+               timeout=150, env=env, cwd=work)
+
+
+def test_certmonger_enrolls_over_get_with_aes(server, tmp_path):
+    out = run_certmonger(server, tmp_path, "cm-host1", server.new_challenge())
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "status: MONITORING" in out.stdout, out.stdout + out.stderr
+    cert = server.verify(tmp_path / "cert.pem", tmp_path / "key.pem")
+    assert cert.subject.rfc4514_string() == "CN=cm-host1"
+    records = server.scepd("certs", "show", format(cert.serial_number, "x"))
+    assert '"protocol": "scep"' in records
+
+
+def test_certmonger_wrong_challenge_is_rejected(server, tmp_path):
+    out = run_certmonger(server, tmp_path, "cm-bad", "not-the-challenge")
+    assert "status: MONITORING" not in out.stdout
+    assert not (tmp_path / "cert.pem").exists()
