@@ -17,6 +17,7 @@ from .clock import Clock, SystemClock
 from .config import Config, parse_duration
 from .enrollment import EnrollmentService
 from .policy import profile_named
+from .revocation import RevocationService
 from .scep import wire
 from .scep.service import ScepService, ScepSettings
 from .scep.transport import ScepHandler, add_routes
@@ -35,6 +36,7 @@ class Services:
     challenges: ChallengeService
     enrollment: EnrollmentService
     scep: ScepService
+    revocation: RevocationService
 
     async def close(self) -> None:
         await self.store.close()
@@ -66,7 +68,8 @@ async def open_services(config: Config, clock: Clock | None = None) -> Services:
     except Exception:
         await store.close()
         raise
-    return Services(config, clock, store, material, authority, challenges, enrollment, scep)
+    return Services(config, clock, store, material, authority, challenges, enrollment, scep,
+                    RevocationService(store, clock))
 
 
 SERVICES = web.AppKey("services", Services)
@@ -84,6 +87,22 @@ def create_app(services: Services, close_services: bool = False) -> web.Applicat
             raise web.HTTPNotFound(text="unknown CA\n")
         return web.Response(body=ca_der, content_type="application/pkix-cert")
 
+    app.router.add_get("/ca/{ca_id}.crt", ca_cert)
+
+    _common_routes(app, services)
+    if close_services:
+        _close_on_cleanup(app, services)
+    return app
+
+
+def _close_on_cleanup(app: web.Application, services: Services) -> None:
+    async def _lifetime(_app: web.Application):
+        yield
+        await services.close()
+    app.cleanup_ctx.append(_lifetime)
+
+
+def _common_routes(app: web.Application, services: Services) -> None:
     async def healthz(_request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -94,13 +113,39 @@ def create_app(services: Services, close_services: bool = False) -> web.Applicat
             return web.Response(status=503, text="store unreachable\n")
         return web.Response(text="ready\n")
 
-    app.router.add_get("/ca/{ca_id}.crt", ca_cert)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
 
-    if close_services:
-        async def _lifetime(_app: web.Application):
-            yield
-            await services.close()
-        app.cleanup_ctx.append(_lifetime)
+
+#: Packages that serve on the HTTPS listener (ACME, admin API) append a callable(app, services).
+HTTPS_ROUTES: list = []
+#: Packages that serve on the mTLS listener (agent API) append a callable(app, services).
+MTLS_ROUTES: list = []
+
+
+def create_https_app(services: Services) -> web.Application:
+    """The HTTPS listener: ACME (acme/) and the admin API mount here."""
+    app = web.Application(client_max_size=256 * 1024)
+    app[SERVICES] = services
+    _common_routes(app, services)
+    for add in HTTPS_ROUTES:
+        add(app, services)
+    return app
+
+
+def create_mtls_app(services: Services) -> web.Application:
+    """The mutual-TLS listener: every request carries a client certificate from our CA that is
+    in the inventory and not revoked (see scepd.tls for the rule)."""
+    from .tls import mtls_gate
+
+    app = web.Application(client_max_size=64 * 1024, middlewares=[mtls_gate(services.store)])
+    app[SERVICES] = services
+
+    async def whoami(request: web.Request) -> web.Response:
+        peer = request["peer"]
+        return web.json_response({"serial": peer.serial, "subject": peer.subject})
+
+    app.router.add_get("/api/v1/whoami", whoami)
+    for add in MTLS_ROUTES:
+        add(app, services)
     return app

@@ -127,11 +127,13 @@ def _fingerprint(cert: x509.Certificate) -> str:
 @main.command()
 @STATE_DIR
 @click.option("--http", default=None, help="host:port for SCEP over HTTP (default from config).")
+@click.option("--https", default=None, help="host:port for the HTTPS listener (ACME, admin API).")
+@click.option("--mtls", default=None, help="host:port for the mutual-TLS agent listener.")
 @click.option("--demo-challenge/--no-demo-challenge", default=True, show_default=True,
               help="Print a fresh one-time challenge (valid 1 hour) at start.")
 @click.option("-v", "--verbose", is_flag=True)
-def serve(state_dir, http, demo_challenge, verbose):
-    """Serve SCEP; initialises a CA first if STATE_DIR has none."""
+def serve(state_dir, http, https, mtls, demo_challenge, verbose):
+    """Serve SCEP (and HTTPS/mTLS when asked); initialises a CA first if STATE_DIR has none."""
     if not pki.exists(state_dir):
         try:
             _init(state_dir, "scepd", None, http, None, None, None, None)
@@ -139,15 +141,16 @@ def serve(state_dir, http, demo_challenge, verbose):
             _fail(str(exc))
         click.echo(f"initialised a new CA in {pki.ca_dir(state_dir)}")
     cfg = _load_config(state_dir)
-    if http:
-        cfg.server.http = http
+    for key, value in (("http", http), ("https", https), ("mtls", mtls)):
+        if value:
+            setattr(cfg.server, key, value)
     _setup_logging(cfg, verbose)
     try:
         asyncio.run(_serve(cfg, demo_challenge))
     except pki.PkiError as exc:
         _fail(str(exc))
     except OSError as exc:
-        _fail(f"cannot listen on {cfg.server.http}: {exc.strerror or exc}")
+        _fail(f"cannot listen: {exc.strerror or exc}")
 
 
 def _split_hostport(text: str) -> tuple[str, int]:
@@ -157,42 +160,87 @@ def _split_hostport(text: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-async def _serve(cfg: config_mod.Config, demo_challenge: bool) -> None:
+async def _start_site(app, hostport: str, ssl_context=None):
     from aiohttp import web
-    from .app import create_app, open_services
-
-    services = await open_services(cfg)
-    app = create_app(services, close_services=True)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    host, port = _split_hostport(cfg.server.http)
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    host, port = _split_hostport(hostport)
+    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
     try:
         await site.start()
     except OSError:
         await runner.cleanup()
         raise
-    actual_port = site._server.sockets[0].getsockname()[1] if site._server else port  # type: ignore[union-attr]
-    base = cfg.server.base_url.rstrip("/") or f"http://{host}:{actual_port}"
-    if not cfg.server.base_url and actual_port != port:
-        pass  # CRL/AIA URLs use the configured address; set server.base_url for port 0
-    click.echo(f"scepd {__version__} listening on http://{host}:{actual_port}")
-    click.echo(f"SCEP URL: {base}/scep")
-    click.echo(f"CA certificates: {base}/scep?operation=GetCACert")
-    click.echo(f"Root CA SHA-256 fingerprint: {_fingerprint(services.ca_material.root)}")
-    if cfg.scep.static_challenge:
-        click.echo("Static challenge password: configured (SCEPD_SCEP_STATIC_CHALLENGE)")
-    if demo_challenge:
-        secret = await services.challenges.create(dt.timedelta(hours=1), actor="serve")
-        click.echo(f"One-time challenge password (valid 1 hour): {secret}")
-    sys.stdout.flush()
+    actual = site._server.sockets[0].getsockname()[1] if site._server else port  # type: ignore[union-attr]
+    return runner, host, actual
+
+
+async def _renew_server_cert(server_cert, stop: asyncio.Event) -> None:
+    log = logging.getLogger("scepd.tls")
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=3600)
+        except asyncio.TimeoutError:
+            pass
+        if stop.is_set():
+            return
+        try:
+            await server_cert.ensure()
+        except Exception:  # keep serving with the current certificate; try again next hour
+            log.exception("server certificate renewal failed")
+
+
+async def _serve(cfg: config_mod.Config, demo_challenge: bool) -> None:
+    from .app import create_app, create_https_app, create_mtls_app, open_services
+    from .tls import ServerCertificate, names_for
+
+    services = await open_services(cfg)
+    runners = []
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    logging.getLogger("scepd").info("shutting down")
-    await runner.cleanup()
+    tasks = []
+    try:
+        runner, host, port = await _start_site(create_app(services), cfg.server.http)
+        runners.append(runner)
+        base = cfg.server.base_url.rstrip("/") or f"http://{host}:{port}"
+        click.echo(f"scepd {__version__} listening on http://{host}:{port}")
+        click.echo(f"SCEP URL: {base}/scep")
+        click.echo(f"CA certificates: {base}/scep?operation=GetCACert")
+        if cfg.server.https or cfg.server.mtls:
+            tls_host = _split_hostport(cfg.server.https or cfg.server.mtls)[0]
+            extra = tuple(n.strip() for n in cfg.server.tls_names.split(",") if n.strip())
+            server_cert = ServerCertificate(cfg.state_dir / "tls", services.enrollment,
+                                            services.ca_material, names_for(tls_host, extra))
+            await server_cert.ensure()
+            tasks.append(asyncio.create_task(_renew_server_cert(server_cert, stop)))
+            if cfg.server.https:
+                runner, h, p = await _start_site(create_https_app(services), cfg.server.https,
+                                                 server_cert.context(client_auth=False))
+                runners.append(runner)
+                click.echo(f"HTTPS (ACME, admin API): https://{h}:{p}/")
+            if cfg.server.mtls:
+                runner, h, p = await _start_site(create_mtls_app(services), cfg.server.mtls,
+                                                 server_cert.context(client_auth=True))
+                runners.append(runner)
+                click.echo(f"mTLS agent API: https://{h}:{p}/api/v1/")
+        click.echo(f"Root CA SHA-256 fingerprint: {_fingerprint(services.ca_material.root)}")
+        if cfg.scep.static_challenge:
+            click.echo("Static challenge password: configured (SCEPD_SCEP_STATIC_CHALLENGE)")
+        if demo_challenge:
+            secret = await services.challenges.create(dt.timedelta(hours=1), actor="serve")
+            click.echo(f"One-time challenge password (valid 1 hour): {secret}")
+        sys.stdout.flush()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        logging.getLogger("scepd").info("shutting down")
+    finally:
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        for runner in reversed(runners):
+            await runner.cleanup()
+        await services.close()
 
 
 # --- ca ---------------------------------------------------------------------------------------
@@ -332,6 +380,35 @@ def certs_show(state_dir, serial, as_pem):
     out = _cert_json(rec, SystemClock().now())
     out["pem"] = x509.load_der_x509_certificate(rec.der).public_bytes(serialization.Encoding.PEM).decode()
     click.echo(json.dumps(out, indent=2))
+
+
+@certs.command("revoke")
+@STATE_DIR
+@click.argument("serial")
+@click.option("--reason", default="unspecified", show_default=True,
+              help="RFC 5280 reason: unspecified, keyCompromise, caCompromise, affiliationChanged, "
+                   "superseded, cessationOfOperation, privilegeWithdrawn.")
+def certs_revoke(state_dir, serial, reason):
+    """Revoke a certificate (recorded before this returns)."""
+    from .errors import ScepdError
+    from .revocation import RevocationReason, RevocationService
+    from .store import SqlStore
+    cfg = _load_config(state_dir)
+    key = serial.lower().removeprefix("0x").replace(":", "").lstrip("0") or "0"
+
+    async def _run():
+        store = await SqlStore.open(cfg.database_url)
+        try:
+            return await RevocationService(store, SystemClock()).revoke(
+                key, RevocationReason.parse(reason), actor="cli")
+        finally:
+            await store.close()
+    try:
+        rec = asyncio.run(_run())
+    except ScepdError as exc:
+        _fail(exc.detail)
+        return
+    click.echo(f"revoked {rec.serial} ({rec.subject}) reason={rec.revocation_reason}")
 
 
 @main.group()

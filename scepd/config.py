@@ -23,6 +23,12 @@ class ServerConfig:
     #: The URL clients use to reach this server; CRL distribution point and AIA URLs are built
     #: from it. Empty: derived from `http`.
     base_url: str = ""
+    #: host:port of the HTTPS listener (ACME, admin API); empty = off
+    https: str = ""
+    #: host:port of the mutual-TLS listener for agents; empty = off
+    mtls: str = ""
+    #: extra DNS names / IPs for the server's own TLS certificate, comma separated
+    tls_names: str = ""
     log_format: str = "text"
 
 
@@ -135,6 +141,12 @@ def render_default(http: str = "127.0.0.1:8080") -> str:
 http = "{http}"
 # URL clients reach this server at; CRL and AIA URLs in certificates are built from it.
 base_url = ""
+# HTTPS listener for ACME and the admin API, e.g. "127.0.0.1:8443"; empty = off
+https = ""
+# mutual-TLS listener for agents, e.g. "127.0.0.1:8444"; empty = off
+mtls = ""
+# extra names for the server's own TLS certificate (comma separated)
+tls_names = ""
 # "text" or "json" (one JSON object a line)
 log_format = "text"
 

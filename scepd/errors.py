@@ -81,6 +81,10 @@ class BadCertId(ScepdError):
     """The certificate named by the request does not exist here."""
 
 
+class AlreadyRevoked(BadRequest):
+    """The certificate is already revoked."""
+
+
 class NotFound(ScepdError):
     """A named object (certificate, challenge) does not exist."""
 
@@ -108,6 +112,7 @@ ERROR_TABLE: dict[type[ScepdError], ErrorMapping] = {
     ChallengeRejected: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "unauthorized", 403),
     PolicyViolation: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "rejectedIdentifier", 400),
     UnsupportedMessageType: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "malformed", 400),
+    AlreadyRevoked: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "alreadyRevoked", 400),
     BadTime: ErrorMapping(FailInfo.BAD_TIME, _ACME + "malformed", 400),
     BadCertId: ErrorMapping(FailInfo.BAD_CERT_ID, _ACME + "malformed", 404),
     NotFound: ErrorMapping(FailInfo.BAD_CERT_ID, _ACME + "malformed", 404),

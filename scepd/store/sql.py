@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -31,6 +31,7 @@ metadata = sa.MetaData()
 
 schema_version = sa.Table(
     "schema_version", metadata,
+    sa.Column("component", sa.String(32), primary_key=True),
     sa.Column("version", sa.Integer, primary_key=True),
     sa.Column("applied_at", sa.DateTime, nullable=False),
 )
@@ -56,6 +57,7 @@ certificates = sa.Table(
     sa.Index("ix_certificates_not_after", "not_after"),
     sa.Index("ix_certificates_txn", "transaction_id", "spki_sha256"),
     sa.Index("ix_certificates_subject", "subject"),
+    sa.Index("ix_certificates_revoked", "ca_id", "status"),
 )
 
 challenges = sa.Table(
@@ -81,10 +83,22 @@ audit = sa.Table(
     sa.Index("ix_audit_at", "at"),
 )
 
-#: Migrations: (version, tables created). New versions append; never edit an applied one.
-MIGRATIONS: list[tuple[int, list[sa.Table]]] = [
-    (1, [certificates, challenges, audit]),
-]
+#: A migration step: a list of tables to create, or a callable(sync_connection) for DDL changes.
+Step = list[sa.Table] | Callable[[sa.Connection], None]
+
+#: Migrations per component: (version, step). New versions append; never edit an applied one.
+#: Other packages (acme/, the agent inventory) register their own component with
+#: `register_migrations`, keeping their tables in their own modules.
+MIGRATIONS: dict[str, list[tuple[int, Step]]] = {
+    "core": [(1, [certificates, challenges, audit])],
+}
+
+
+def register_migrations(component: str, steps: list[tuple[int, Step]]) -> None:
+    existing = MIGRATIONS.setdefault(component, [])
+    known = {v for v, _ in existing}
+    existing.extend((v, st) for v, st in steps if v not in known)
+    existing.sort(key=lambda item: item[0])
 
 
 def _naive(t: dt.datetime | None) -> dt.datetime | None:
@@ -153,6 +167,20 @@ class Transaction:
             expires_at=_naive(expires_at)))
         return int(result.inserted_primary_key[0])
 
+    async def revoke_certificate(self, serial: str, reason: str, at: dt.datetime) -> bool:
+        """Mark a certificate revoked; False if it was already revoked. StoreNotFound if unknown."""
+        result = await self._conn.execute(
+            certificates.update()
+            .where(certificates.c.serial == serial, certificates.c.status != "revoked")
+            .values(status="revoked", revoked_at=_naive(at), revocation_reason=reason))
+        if result.rowcount == 1:
+            return True
+        exists = (await self._conn.execute(sa.select(certificates.c.serial).where(
+            certificates.c.serial == serial))).first()
+        if exists is None:
+            raise StoreNotFound(serial)
+        return False
+
     async def audit(self, rec: AuditRecord) -> None:
         await self._conn.execute(audit.insert().values(
             at=_naive(rec.at), event=rec.event, subject=rec.subject, serial=rec.serial,
@@ -195,18 +223,24 @@ class SqlStore:
         async with self._write_lock:
             async with self.engine.begin() as conn:
                 await conn.run_sync(lambda c: schema_version.create(c, checkfirst=True))
-                done = {r[0] for r in await conn.execute(sa.select(schema_version.c.version))}
-                for version, tables in MIGRATIONS:
-                    if version in done:
-                        continue
-                    for table in tables:
-                        await conn.run_sync(lambda c, t=table: t.create(c, checkfirst=True))
-                    try:
-                        await conn.execute(schema_version.insert().values(
-                            version=version,
-                            applied_at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)))
-                    except IntegrityError:  # another replica migrated concurrently
-                        pass
+                done = {(r[0], r[1]) for r in await conn.execute(
+                    sa.select(schema_version.c.component, schema_version.c.version))}
+                for component, steps in MIGRATIONS.items():
+                    for version, step in steps:
+                        if (component, version) in done:
+                            continue
+                        if callable(step):
+                            await conn.run_sync(step)
+                        else:
+                            for table in step:
+                                await conn.run_sync(lambda c, t=table: t.create(c, checkfirst=True))
+                        try:
+                            async with conn.begin_nested():
+                                await conn.execute(schema_version.insert().values(
+                                    component=component, version=version,
+                                    applied_at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)))
+                        except IntegrityError:  # another replica migrated concurrently
+                            pass
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
@@ -245,6 +279,14 @@ class SqlStore:
                         certificates.c.status == "valid")
         async with self.engine.connect() as conn:
             rows = (await conn.execute(q.limit(limit).offset(offset))).all()
+        return [_cert_record(r) for r in rows]
+
+    async def list_revoked(self, ca_id: str) -> list[CertificateRecord]:
+        """Revoked certificates of one issuing CA (for CRLs), by revocation time."""
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(sa.select(certificates).where(
+                certificates.c.ca_id == ca_id, certificates.c.status == "revoked").order_by(
+                certificates.c.revoked_at))).all()
         return [_cert_record(r) for r in rows]
 
     async def find_challenge(self, secret_sha256: str) -> ChallengeRecord | None:
