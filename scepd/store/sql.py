@@ -144,6 +144,11 @@ class Transaction:
     def __init__(self, conn: AsyncConnection):
         self._conn = conn
 
+    @property
+    def connection(self) -> AsyncConnection:
+        """For components with their own tables (acme/, agents): same transaction, same commit."""
+        return self._conn
+
     async def insert_certificate(self, rec: CertificateRecord) -> None:
         try:
             async with self._conn.begin_nested():
