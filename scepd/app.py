@@ -16,7 +16,10 @@ from .challenges import ChallengeService
 from .clock import Clock, SystemClock
 from .config import Config, parse_duration
 from .enrollment import EnrollmentService
+from .external_check import ExternalCheck
 from .policy import profile_named
+from .renewal import RenewalPolicy, RenewalSettings
+from cryptography.hazmat.primitives.asymmetric import rsa
 from .revocation import RevocationService
 from .scep import wire
 from .scep.service import ScepService, ScepSettings
@@ -56,15 +59,28 @@ async def open_services(config: Config, clock: Clock | None = None) -> Services:
         authority = CertificateAuthority(material, config.base_url)
         challenges = ChallengeService(store, clock, config.scep.static_challenge,
                                       config.scep.challenge_required)
-        enrollment = EnrollmentService(authority, store, clock, parse_duration(config.ca.default_validity))
+        sc = config.scep
+        enrollment = EnrollmentService(authority, store, clock, parse_duration(config.ca.default_validity),
+                                       duplicate_subjects=sc.duplicate_subjects)
         ra = pki.load_ra(config.state_dir, passphrase_for(config))
+        previous = pki.load_previous(config.state_dir, passphrase_for(config))
+        renewal = RenewalPolicy(store, [material.cert] + [c for c, _ in previous],
+                                RenewalSettings(grace=parse_duration(sc.renewal_grace),
+                                                allow_same_key=sc.renewal_same_key))
+        next_ca = pki.load_next(config.state_dir)
         skew = config.scep.max_clock_skew
         scep = ScepService(material, enrollment, challenges, profile_named(config.scep.profile), clock,
                            ScepSettings(legacy_algorithms=config.scep.legacy_algorithms,
                                         getcacert_chain=config.scep.getcacert_chain,
                                         advertise_post=config.scep.advertise_post,
-                                        max_clock_skew=dt.timedelta(seconds=skew) if skew else None),
-                           ra=wire.Recipient(*ra) if ra else None)
+                                        max_clock_skew=dt.timedelta(seconds=skew) if skew else None,
+                                        require_approval=sc.require_approval),
+                           ra=wire.Recipient(*ra) if ra else None, renewal=renewal,
+                           external_check=ExternalCheck(sc.csr_check_command, sc.csr_check_url,
+                                                        sc.csr_check_timeout),
+                           next_ca=(next_ca,) if next_ca else (),
+                           previous_recipients=tuple(wire.Recipient(c, k) for c, k in previous
+                                                     if isinstance(k, rsa.RSAPrivateKey)))
     except Exception:
         await store.close()
         raise

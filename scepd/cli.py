@@ -63,7 +63,8 @@ def main() -> None:
 
 
 def _init(state_dir: Path, cn: str, org: str | None, http: str | None, import_cert: Path | None,
-          import_key: Path | None, import_chain: Path | None, import_passphrase_env: str | None) -> pki.CaMaterial:
+          import_key: Path | None, import_chain: Path | None, import_passphrase_env: str | None,
+          ra: bool = False, ca_key_type: str = "rsa") -> pki.CaMaterial:
     state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(state_dir, 0o700)
     cfg_path = state_dir / config_mod.CONFIG_NAME
@@ -79,7 +80,13 @@ def _init(state_dir: Path, cn: str, org: str | None, http: str | None, import_ce
         material = pki.import_ca(state_dir, import_cert.read_bytes(), import_key.read_bytes(),
                                  import_chain.read_bytes(), import_pass, passphrase)
     else:
-        material = pki.create(state_dir, SystemClock(), cn=cn, org=org, passphrase=passphrase)
+        material = pki.create(state_dir, SystemClock(), cn=cn, org=org, passphrase=passphrase,
+                              ca_key_type=ca_key_type)
+    if ra:
+        pki.create_ra(state_dir, material, SystemClock(), passphrase, cn=f"{cn} SCEP RA", org=org)
+    elif not isinstance(material.key, __import__("cryptography.hazmat.primitives.asymmetric.rsa",
+                                                 fromlist=["rsa"]).RSAPrivateKey):
+        _fail("an EC issuing CA cannot decrypt SCEP requests: add --ra")
 
     async def _db() -> None:
         from .store import SqlStore
@@ -100,11 +107,17 @@ def _init(state_dir: Path, cn: str, org: str | None, http: str | None, import_ce
               help="PEM chain of the imported CA up to and including the root.")
 @click.option("--import-key-passphrase-env", default=None,
               help="Environment variable holding the imported key's passphrase.")
-def init(state_dir, cn, org, http, import_ca_cert, import_ca_key, import_chain, import_key_passphrase_env):
+@click.option("--ra", is_flag=True, help="Also create a separate RSA SCEP RA certificate and key.")
+@click.option("--ca-key-type", type=click.Choice(["rsa", "ec"]), default="rsa", show_default=True,
+              help="Issuing CA key (ec needs --ra: SCEP decryption is RSA).")
+def init(state_dir, cn, org, http, import_ca_cert, import_ca_key, import_chain, import_key_passphrase_env,
+         ra, ca_key_type):
     """Create a two-tier CA (or import one) in STATE_DIR."""
+    if ca_key_type == "ec" and not ra:
+        _fail("--ca-key-type ec needs --ra: SCEP clients encrypt requests with RSA key transport")
     try:
         material = _init(state_dir, cn, org, http, import_ca_cert, import_ca_key, import_chain,
-                         import_key_passphrase_env)
+                         import_key_passphrase_env, ra, ca_key_type)
     except pki.PkiError as exc:
         _fail(str(exc))
         return
@@ -276,6 +289,58 @@ def chain(state_dir):
     click.echo(pki.pem(*_material_certs(state_dir)[1]), nl=False)
 
 
+@ca.command()
+@STATE_DIR
+@click.option("--root-key", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="The root CA key (default DIR/ca/root.key; bring it back from offline storage).")
+@click.option("--root-passphrase-env", default=None, help="Environment variable with the root key passphrase.")
+def rollover(state_dir, root_key, root_passphrase_env):
+    """Create the next issuing CA under the same root; GetNextCACert publishes it."""
+    from .app import passphrase_for
+    cfg = _load_config(state_dir)
+    key_path = root_key or pki.ca_dir(state_dir) / "root.key"
+    if not key_path.exists():
+        _fail(f"{key_path} not found: pass --root-key with the offline root key")
+    root_pass = os.environ.get(root_passphrase_env or "", "").encode() or passphrase_for(cfg)
+    try:
+        cert = pki.rollover(state_dir, SystemClock(), key_path.read_bytes(), root_pass, passphrase_for(cfg))
+    except pki.PkiError as exc:
+        _fail(str(exc))
+        return
+    _audit(cfg, "ca.rollover", {"next_ca": cert.subject.rfc4514_string(),
+                                "next_ca_id": pki.ca_id_of(cert)})
+    click.echo(f"next CA ready: {cert.subject.rfc4514_string()} (id {pki.ca_id_of(cert)}); "
+               "published by GetNextCACert; restart the server, then `scepd ca activate-next` to switch")
+
+
+@ca.command("activate-next")
+@STATE_DIR
+def activate_next(state_dir):
+    """Switch issuance to the next CA (restart the server afterwards)."""
+    cfg = _load_config(state_dir)
+    try:
+        cert = pki.activate_next(state_dir)
+    except pki.PkiError as exc:
+        _fail(str(exc))
+        return
+    _audit(cfg, "ca.activated", {"ca": cert.subject.rfc4514_string(), "ca_id": pki.ca_id_of(cert)})
+    click.echo(f"issuing CA is now {cert.subject.rfc4514_string()} (id {pki.ca_id_of(cert)}); "
+               "the previous CA still decrypts and authorizes renewals")
+
+
+def _audit(cfg, event: str, details: dict) -> None:
+    from .store import AuditRecord, SqlStore
+
+    async def _run():
+        store = await SqlStore.open(cfg.database_url)
+        try:
+            async with store.transaction() as tx:
+                await tx.audit(AuditRecord(at=SystemClock().now(), event=event, actor="cli", details=details))
+        finally:
+            await store.close()
+    asyncio.run(_run())
+
+
 # --- challenges -------------------------------------------------------------------------------
 
 
@@ -409,6 +474,70 @@ def certs_revoke(state_dir, serial, reason):
         _fail(exc.detail)
         return
     click.echo(f"revoked {rec.serial} ({rec.subject}) reason={rec.revocation_reason}")
+
+
+@main.group()
+def pending() -> None:
+    """Requests waiting for approval (scep.require_approval)."""
+
+
+async def _with_enrollment(cfg, fn):
+    from .app import open_services
+    services = await open_services(cfg)
+    try:
+        return await fn(services)
+    finally:
+        await services.close()
+
+
+@pending.command("list")
+@STATE_DIR
+@click.option("--all", "show_all", is_flag=True, help="Include decided requests.")
+@click.option("--json", "as_json", is_flag=True)
+def pending_list(state_dir, show_all, as_json):
+    """List pending requests."""
+    cfg = _load_config(state_dir)
+    rows = asyncio.run(_with_store(cfg, lambda s: s.list_pending(None if show_all else "pending")))
+    items = [{"id": r.id, "status": r.status, "subject": r.subject, "transaction_id": r.transaction_id,
+              "protocol": r.protocol, "requester": r.requester, "created_at": r.created_at.isoformat(),
+              "renewal_of": r.renewal_of, "serial": r.serial, "reason": r.reason} for r in rows]
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+        return
+    click.echo(f"{'ID':>5} {'STATUS':9} {'CREATED':20} SUBJECT")
+    for r in rows:
+        click.echo(f"{r.id:>5} {r.status:9} {r.created_at:%Y-%m-%d %H:%M:%SZ} {r.subject}")
+
+
+@pending.command("approve")
+@STATE_DIR
+@click.argument("pending_id", type=int)
+def pending_approve(state_dir, pending_id):
+    """Issue the certificate of a pending request; the client gets it at its next poll."""
+    from .errors import ScepdError
+    cfg = _load_config(state_dir)
+    try:
+        issued = asyncio.run(_with_enrollment(cfg, lambda s: s.enrollment.approve_pending(pending_id, "cli")))
+    except ScepdError as exc:
+        _fail(exc.detail)
+        return
+    click.echo(f"approved {pending_id}: issued serial {issued.record.serial} ({issued.record.subject})")
+
+
+@pending.command("reject")
+@STATE_DIR
+@click.argument("pending_id", type=int)
+@click.option("--reason", required=True, help="Shown to the client in failInfoText.")
+def pending_reject(state_dir, pending_id, reason):
+    """Reject a pending request."""
+    from .errors import ScepdError
+    cfg = _load_config(state_dir)
+    try:
+        asyncio.run(_with_enrollment(cfg, lambda s: s.enrollment.reject_pending(pending_id, reason, "cli")))
+    except ScepdError as exc:
+        _fail(exc.detail)
+        return
+    click.echo(f"rejected {pending_id}")
 
 
 @main.group()

@@ -57,6 +57,19 @@ class ScepConfig:
     max_body_bytes: int = 256 * 1024
     #: Maximum |signingTime - now| in seconds; 0 disables the check (devices without NTP).
     max_clock_skew: int = 0
+    #: Initial enrollments answer PENDING until `scepd pending approve` (renewals never wait).
+    require_approval: bool = False
+    #: How long after expiry a certificate may still authorize its own renewal ("0" = not at all).
+    renewal_grace: str = "0"
+    #: Allow renewal with the same key (micromdm scepclient does that); default: new key required.
+    renewal_same_key: bool = False
+    #: allow | revoke (the renewed certificate is revoked as superseded) | refuse (a second valid
+    #: certificate for the same subject is refused)
+    duplicate_subjects: str = "allow"
+    #: External CSR check: an executable (JSON on stdin, exit 0 = allow) and/or a webhook URL.
+    csr_check_command: str = ""
+    csr_check_url: str = ""
+    csr_check_timeout: int = 10
 
 
 @dataclass
@@ -169,6 +182,18 @@ profile = "device"
 max_body_bytes = {256 * 1024}
 # maximum signingTime skew in seconds; 0 = not checked
 max_clock_skew = 0
+# initial enrollments wait for `scepd pending approve` (renewals never wait)
+require_approval = false
+# how long after expiry a certificate may still authorize its renewal ("0", "7d", ...)
+renewal_grace = "0"
+# allow renewal with the same key (micromdm scepclient renews that way)
+renewal_same_key = false
+# allow | revoke (renewed certificate revoked as superseded) | refuse (one valid cert per subject)
+duplicate_subjects = "allow"
+# external CSR check: executable (JSON on stdin; exit 0 allows) and/or webhook URL
+csr_check_command = ""
+csr_check_url = ""
+csr_check_timeout = 10
 
 [database]
 # empty = SQLite file in the state directory; e.g. postgresql+asyncpg://user@host/db

@@ -17,9 +17,13 @@ from .authority import CertificateAuthority, random_serial
 from .challenges import ChallengeGrant
 from .clock import Clock
 from .csr import CsrFacts
-from .errors import ChallengeRejected
-from .policy import IssuanceRequest, Profile, approve
-from .store import AuditRecord, CertificateRecord, Conflict, SqlStore
+from .csr import decode_csr
+from .errors import ChallengeRejected, NotFound, PolicyViolation, RequestRejected
+from .policy import IssuanceRequest, Profile, approve, profile_named
+from .store import AuditRecord, CertificateRecord, Conflict, PendingRecord, SqlStore, StoreNotFound
+
+#: duplicate-subject policies: keep both | revoke the renewed certificate | refuse a second one
+DUPLICATE_POLICIES = ("allow", "revoke", "refuse")
 
 log = logging.getLogger("scepd.enrollment")
 
@@ -37,11 +41,14 @@ class Issued:
 
 class EnrollmentService:
     def __init__(self, ca: CertificateAuthority, store: SqlStore, clock: Clock,
-                 validity: dt.timedelta | None = None):
+                 validity: dt.timedelta | None = None, duplicate_subjects: str = "allow"):
+        if duplicate_subjects not in DUPLICATE_POLICIES:
+            raise ValueError(f"duplicate_subjects must be one of {DUPLICATE_POLICIES}")
         self.ca = ca
         self.store = store
         self.clock = clock
         self.validity = validity
+        self.duplicate_subjects = duplicate_subjects
 
     async def previous_answer(self, transaction_id: str, facts: CsrFacts) -> Issued | None:
         """A certificate already issued for this transaction and key (a resent request)."""
@@ -55,8 +62,19 @@ class EnrollmentService:
                        self.ca.material.cert.not_valid_after_utc)
 
     async def issue(self, request: IssuanceRequest, grant: ChallengeGrant, *, protocol: str,
-                    transaction_id: str | None, requester: str | None, spki_sha256: str) -> Issued:
+                    transaction_id: str | None, requester: str | None, spki_sha256: str,
+                    renewal_of: str | None = None, pending_id: int | None = None,
+                    decided_by: str | None = None) -> Issued:
+        """Sign and store. `renewal_of`: the serial this renews (revoked as superseded when the
+        duplicate policy is "revoke"); `pending_id`: the pending request this answers."""
         now = self.clock.now()
+        if self.duplicate_subjects == "refuse" and request.common_name:
+            subject = f"CN={request.common_name}"  # as the inventory renders the subjects we issue
+            clash = [r for r in await self.store.find_valid_by_subject(subject, now) if r.serial != renewal_of]
+            if clash:
+                raise PolicyViolation(f"a valid certificate for {subject} already exists "
+                                      f"(serial {clash[0].serial})")
+        supersede = renewal_of if self.duplicate_subjects == "revoke" else None
         for _attempt in range(5):
             serial = random_serial()
             cert = self.ca.issue(request, serial)
@@ -73,11 +91,26 @@ class EnrollmentService:
                             not await tx.consume_challenge(grant.one_time_id, now, rec.serial):
                         raise ChallengeRejected("the challenge password is invalid, expired or already used")
                     await tx.insert_certificate(rec)
-                    await tx.audit(AuditRecord(at=now, event="certificate.issued", subject=rec.subject,
+                    if pending_id is not None and not await tx.decide_pending(
+                            pending_id, "issued", now, decided_by or "admin", serial=rec.serial):
+                        raise RequestRejected("the pending request was already decided")
+                    if supersede:
+                        try:
+                            if await tx.revoke_certificate(supersede, "superseded", now):
+                                await tx.audit(AuditRecord(at=now, event="certificate.revoked",
+                                                           serial=supersede, actor="renewal",
+                                                           details={"reason": "superseded",
+                                                                    "replaced_by": rec.serial}))
+                        except StoreNotFound:
+                            pass  # renewed a certificate that predates the inventory
+                    event = "certificate.renewed" if renewal_of else "certificate.issued"
+                    await tx.audit(AuditRecord(at=now, event=event, subject=rec.subject,
                                                serial=rec.serial, actor=requester,
                                                details={"protocol": protocol, "profile": rec.profile,
                                                         "transaction_id": transaction_id,
                                                         "challenge": grant.kind,
+                                                        "renewal_of": renewal_of,
+                                                        "pending_id": pending_id,
                                                         "not_after": rec.not_after.isoformat(),
                                                         "sha256": hashlib.sha256(der).hexdigest()}))
             except Conflict:
@@ -87,3 +120,55 @@ class EnrollmentService:
                      protocol, transaction_id)
             return Issued(cert, rec)
         raise RuntimeError("could not draw an unused serial number")
+
+    # --- manual approval ----------------------------------------------------------------------
+
+    async def create_pending(self, request: IssuanceRequest, grant: ChallengeGrant, *, protocol: str,
+                             transaction_id: str, requester: str | None, spki_sha256: str,
+                             signer_spki_sha256: str, csr_der: bytes,
+                             renewal_of: str | None = None) -> PendingRecord:
+        """Record a request for an administrator; the one-time challenge is spent now, so it
+        cannot be used twice while the request waits."""
+        now = self.clock.now()
+        subject = f"CN={request.common_name}" if request.common_name else ""
+        rec = PendingRecord(id=0, transaction_id=transaction_id, spki_sha256=spki_sha256,
+                            signer_spki_sha256=signer_spki_sha256, csr_der=csr_der, subject=subject,
+                            profile=request.profile.name, protocol=protocol, requester=requester,
+                            created_at=now, renewal_of=renewal_of)
+        async with self.store.transaction() as tx:
+            if grant.one_time_id is not None and \
+                    not await tx.consume_challenge(grant.one_time_id, now, f"pending:{transaction_id}"[:64]):
+                raise ChallengeRejected("the challenge password is invalid, expired or already used")
+            pending_id = await tx.insert_pending(rec)
+            await tx.audit(AuditRecord(at=now, event="request.pending", subject=subject, actor=requester,
+                                       details={"pending_id": pending_id, "transaction_id": transaction_id,
+                                                "protocol": protocol, "challenge": grant.kind}))
+        log.info("pending id=%s subject=%s txn=%s", pending_id, subject, transaction_id)
+        return await self.store.get_pending(pending_id)
+
+    async def approve_pending(self, pending_id: int, actor: str) -> Issued:
+        try:
+            pending = await self.store.get_pending(pending_id)
+        except StoreNotFound:
+            raise NotFound(f"no pending request {pending_id}") from None
+        if pending.status != "pending":
+            raise RequestRejected(f"request {pending_id} is already {pending.status}")
+        facts = decode_csr(pending.csr_der)
+        request = self.approve(facts, profile_named(pending.profile))
+        return await self.issue(request, ChallengeGrant("approved"), protocol=pending.protocol,
+                                transaction_id=pending.transaction_id, requester=pending.requester,
+                                spki_sha256=pending.spki_sha256, renewal_of=pending.renewal_of,
+                                pending_id=pending.id, decided_by=actor)
+
+    async def reject_pending(self, pending_id: int, reason: str, actor: str) -> PendingRecord:
+        now = self.clock.now()
+        async with self.store.transaction() as tx:
+            try:
+                pending = await self.store.get_pending(pending_id)
+            except StoreNotFound:
+                raise NotFound(f"no pending request {pending_id}") from None
+            if not await tx.decide_pending(pending_id, "rejected", now, actor, reason=reason):
+                raise RequestRejected(f"request {pending_id} is already {pending.status}")
+            await tx.audit(AuditRecord(at=now, event="request.rejected", subject=pending.subject,
+                                       actor=actor, details={"pending_id": pending_id, "reason": reason}))
+        return await self.store.get_pending(pending_id)

@@ -69,6 +69,22 @@ class PolicyViolation(BadRequest):
     """The requested certificate is not one our policy issues."""
 
 
+class RenewalRefused(BadRequest):
+    """A request signed by a certificate that may not authorize a renewal."""
+
+
+class RequestRejected(BadRequest):
+    """An administrator rejected a pending request."""
+
+
+class UnknownTransaction(BadRequest):
+    """A poll for a transaction this server never saw."""
+
+
+class ExternalCheckDenied(BadRequest):
+    """The external CSR check (executable or webhook) denied or failed."""
+
+
 class UnsupportedMessageType(BadRequest):
     """A SCEP messageType this server does not handle."""
 
@@ -111,6 +127,10 @@ ERROR_TABLE: dict[type[ScepdError], ErrorMapping] = {
     BadRequest: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "malformed", 400),
     ChallengeRejected: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "unauthorized", 403),
     PolicyViolation: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "rejectedIdentifier", 400),
+    RenewalRefused: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "unauthorized", 403),
+    RequestRejected: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "rejectedIdentifier", 403),
+    UnknownTransaction: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "malformed", 404),
+    ExternalCheckDenied: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "unauthorized", 403),
     UnsupportedMessageType: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "malformed", 400),
     AlreadyRevoked: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "alreadyRevoked", 400),
     BadTime: ErrorMapping(FailInfo.BAD_TIME, _ACME + "malformed", 400),

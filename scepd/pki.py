@@ -101,7 +101,8 @@ def exists(state_dir: Path) -> bool:
 
 
 def create(state_dir: Path, clock: Clock, cn: str = "scepd", org: str | None = None,
-           passphrase: bytes | None = None, root_bits: int = 4096, ca_bits: int = 2048) -> CaMaterial:
+           passphrase: bytes | None = None, root_bits: int = 4096, ca_bits: int = 2048,
+           ca_key_type: str = "rsa") -> CaMaterial:
     """A new root (RSA-4096, 20 years) and online RSA-2048 intermediate (5 years)."""
     d = ca_dir(state_dir)
     if exists(state_dir):
@@ -125,7 +126,8 @@ def create(state_dir: Path, clock: Clock, cn: str = "scepd", org: str | None = N
         .add_extension(root_ski, critical=False)
         .sign(root_key, hashes.SHA256())
     )
-    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=ca_bits)
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=ca_bits) if ca_key_type == "rsa" \
+        else ec.generate_private_key(ec.SECP256R1())
     ca_cert = issue_intermediate(root, root_key, ca_key.public_key(), _name(f"{cn} Issuing CA", org),
                                  now, dt.timedelta(days=365 * 5 + 1))
     material = CaMaterial(cert=ca_cert, key=ca_key, root=root)
@@ -240,6 +242,36 @@ def pem(*certs: x509.Certificate) -> str:
     return _pem(*certs).decode()
 
 
+def create_ra(state_dir: Path, ca: CaMaterial, clock: Clock, passphrase: bytes | None,
+              cn: str = "scepd SCEP RA", org: str | None = None) -> x509.Certificate:
+    """A separate RSA RA (CA:FALSE; digitalSignature + keyEncipherment), issued by the issuing
+    CA: it decrypts requests and signs CertReps, so the issuing CA may be EC."""
+    d = ca_dir(state_dir)
+    if (d / "ra.pem").exists():
+        raise PkiError(f"an RA already exists in {d}")
+    now = clock.now().replace(microsecond=0)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn, org)).issuer_name(ca.cert.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(min(now + dt.timedelta(days=365 * 2), ca.cert.not_valid_after_utc))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False,
+                                     key_encipherment=True, data_encipherment=False,
+                                     key_agreement=False, key_cert_sign=False, crl_sign=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.cert.public_key()),  # type: ignore[arg-type]
+                       critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    write_public(d / "ra.pem", _pem(cert))
+    write_private(d / "ra.key", _key_pem(key, passphrase))
+    return cert
+
+
 def load_ra(state_dir: Path, passphrase: bytes | None) -> tuple[x509.Certificate, rsa.RSAPrivateKey] | None:
     """An optional SCEP RA (DIR/ca/ra.pem + ra.key): it decrypts requests and signs CertReps."""
     d = ca_dir(state_dir)
@@ -255,3 +287,80 @@ def load_ra(state_dir: Path, passphrase: bytes | None) -> tuple[x509.Certificate
     if not isinstance(key, rsa.RSAPrivateKey):
         raise PkiError("the RA key must be RSA")
     return cert, key
+
+
+# --- CA rollover --------------------------------------------------------------------------------
+
+
+def next_dir(state_dir: Path) -> Path:
+    return ca_dir(state_dir) / "next"
+
+
+def previous_dir(state_dir: Path) -> Path:
+    return ca_dir(state_dir) / "previous"
+
+
+def rollover(state_dir: Path, clock: Clock, root_key_pem: bytes, root_passphrase: bytes | None,
+             passphrase: bytes | None, cn: str | None = None) -> x509.Certificate:
+    """Create the next issuing CA under the same root (needs the root key, brought back online
+    for the occasion). It is published by GetNextCACert until `activate_next`."""
+    current = load(state_dir, passphrase)
+    if (next_dir(state_dir) / "ca.pem").exists():
+        raise PkiError(f"a next CA already exists in {next_dir(state_dir)}; activate it first")
+    try:
+        root_key = serialization.load_pem_private_key(root_key_pem, root_passphrase)
+    except (TypeError, ValueError):
+        raise PkiError("the root key cannot be read (wrong passphrase?)") from None
+    if root_key.public_key().public_numbers() != current.root.public_key().public_numbers():
+        raise PkiError("that key is not the root CA's key")
+    new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048) \
+        if isinstance(current.key, rsa.RSAPrivateKey) else ec.generate_private_key(ec.SECP256R1())
+    name = current.cert.subject
+    if cn:
+        name = x509.Name([a if a.oid != NameOID.COMMON_NAME else x509.NameAttribute(NameOID.COMMON_NAME, cn)
+                          for a in current.cert.subject])
+    cert = issue_intermediate(current.root, root_key, new_key.public_key(), name,
+                              clock.now().replace(microsecond=0), dt.timedelta(days=365 * 5 + 1))
+    d = next_dir(state_dir)
+    write_public(d / "ca.pem", _pem(cert))
+    write_private(d / "ca.key", _key_pem(new_key, passphrase))
+    return cert
+
+
+def load_next(state_dir: Path) -> x509.Certificate | None:
+    path = next_dir(state_dir) / "ca.pem"
+    return x509.load_pem_x509_certificate(path.read_bytes()) if path.exists() else None
+
+
+def activate_next(state_dir: Path) -> x509.Certificate:
+    """Switch issuing to the next CA; the current one moves to previous/<ca-id>/ and keeps
+    decrypting requests and authorizing renewals of the certificates it issued."""
+    d = ca_dir(state_dir)
+    nxt = load_next(state_dir)
+    if nxt is None:
+        raise PkiError("no next CA: run `scepd ca rollover` first")
+    current = x509.load_pem_x509_certificate((d / "ca.pem").read_bytes())
+    old = previous_dir(state_dir) / ca_id_of(current)
+    old.mkdir(parents=True, exist_ok=True)
+    os.replace(d / "ca.pem", old / "ca.pem")
+    os.replace(d / "ca.key", old / "ca.key")
+    os.replace(next_dir(state_dir) / "ca.pem", d / "ca.pem")
+    os.replace(next_dir(state_dir) / "ca.key", d / "ca.key")
+    root = x509.load_pem_x509_certificate((d / "root.pem").read_bytes())
+    write_public(d / "chain.pem", _pem(nxt, root))
+    return nxt
+
+
+def load_previous(state_dir: Path, passphrase: bytes | None) -> list[tuple[x509.Certificate, object]]:
+    out = []
+    base = previous_dir(state_dir)
+    if not base.exists():
+        return out
+    for sub in sorted(base.iterdir()):
+        try:
+            cert = x509.load_pem_x509_certificate((sub / "ca.pem").read_bytes())
+            key = serialization.load_pem_private_key((sub / "ca.key").read_bytes(), passphrase)
+        except (FileNotFoundError, TypeError, ValueError):
+            raise PkiError(f"previous CA in {sub} cannot be loaded") from None
+        out.append((cert, key))
+    return out

@@ -47,7 +47,7 @@ async def test_getcacaps_exact_keywords_crlf(client):
     body = await resp.text()
     assert body.endswith("\r\n") and "\n" not in body.replace("\r\n", "")
     assert body.split("\r\n")[:-1] == ["POSTPKIOperation", "SHA-1", "SHA-256", "SHA-384", "SHA-512",
-                                      "AES", "DES3", "SCEPStandard"]
+                                      "AES", "DES3", "SCEPStandard", "Renewal", "GetNextCACert"]
 
 
 async def test_getcacaps_without_post(aiohttp_client, make_services):

@@ -17,12 +17,19 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from ..challenges import ChallengeService
+import hashlib
+from typing import Awaitable, Callable
+
+from ..challenges import ChallengeGrant, ChallengeService
 from ..clock import Clock
 from ..csr import decode_csr
 from ..enrollment import EnrollmentService
-from ..errors import (BadTime, ForbiddenAlgorithm, MalformedRequest, NotForUs, ScepdError,
+from ..errors import (BadCertId, BadRequest, BadTime, ForbiddenAlgorithm, MalformedRequest, NotForUs,
+                      RenewalRefused, RequestRejected, ScepdError, UnknownTransaction,
                       UnsupportedMessageType, UnverifiableMessage, mapping_for)
+from ..external_check import CheckRequest, ExternalCheck
+from ..renewal import RenewalPolicy, RenewalSettings
+from ..store import StoreNotFound
 from ..pki import CaMaterial
 from ..policy import Profile
 from . import wire
@@ -37,7 +44,7 @@ HTTP_ERRORS = (MalformedRequest, UnverifiableMessage, NotForUs)
 #: its caps enum is 0,1,2,... yet tested as bit flags, so its AES check really tests bit 3,
 #: which only "SHA-384" sets. Without it `pki --scep` refuses AES against any server.
 CAPABILITIES = ("POSTPKIOperation", "SHA-1", "SHA-256", "SHA-384", "SHA-512", "AES", "DES3",
-                "SCEPStandard")
+                "SCEPStandard", "Renewal", "GetNextCACert")
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,8 @@ class ScepSettings:
     #: false: omit POSTPKIOperation and SCEPStandard, so clients fall back to GET (old NDES style)
     advertise_post: bool = True
     max_clock_skew: dt.timedelta | None = None
+    #: initial enrollments wait for `scepd pending approve` (renewals never do)
+    require_approval: bool = False
 
 
 @dataclass(frozen=True)
@@ -63,8 +72,16 @@ class ScepOutcome:
 class ScepService:
     def __init__(self, ca: CaMaterial, enrollment: EnrollmentService, challenges: ChallengeService,
                  profile: Profile, clock: Clock, settings: ScepSettings,
-                 ra: wire.Recipient | None = None):
+                 ra: wire.Recipient | None = None, renewal: RenewalPolicy | None = None,
+                 external_check: ExternalCheck | None = None,
+                 crl_provider: Callable[[], Awaitable[bytes]] | None = None,
+                 next_ca: tuple[x509.Certificate, ...] = (),
+                 previous_recipients: tuple[wire.Recipient, ...] = ()):
         self.ca = ca
+        self.renewal = renewal or RenewalPolicy(enrollment.store, [ca.cert], RenewalSettings())
+        self.external_check = external_check or ExternalCheck()
+        self.crl_provider = crl_provider
+        self.next_ca = next_ca
         self.enrollment = enrollment
         self.challenges = challenges
         self.profile = profile
@@ -72,7 +89,8 @@ class ScepService:
         self.settings = settings
         self.ra = ra
         ca_recipient = wire.Recipient(ca.cert, ca.key) if isinstance(ca.key, rsa.RSAPrivateKey) else None
-        self.recipients = [r for r in (ra, ca_recipient) if r is not None]
+        # previous CAs still decrypt: clients that fetched GetCACert before a rollover
+        self.recipients = [r for r in (ra, ca_recipient) if r is not None] + list(previous_recipients)
         if not self.recipients:
             raise ValueError("SCEP needs an RSA CA or an RSA RA to decrypt requests")
         signer = ra or ca_recipient
@@ -100,6 +118,13 @@ class ScepService:
     def ca_certs(self) -> tuple[bytes, str]:
         return self._ca_certs_reply
 
+    def next_ca_certs(self) -> bytes | None:
+        """GetNextCACert body, or None when no rollover is prepared."""
+        if not self.next_ca:
+            return None
+        return wire.encode_next_ca_certs(list(self.next_ca), self.signer_cert, self.signer_key,
+                                         self.clock.now())
+
     # --- PKIOperation -----------------------------------------------------------------------
 
     async def pki_operation(self, message_der: bytes, requester: str | None = None
@@ -114,6 +139,12 @@ class ScepService:
             data = wire.open_envelope(msg.envelope, self.recipients)
             if msg.message_type in (wire.MessageType.PKCS_REQ, wire.MessageType.RENEWAL_REQ):
                 return await self._enroll(msg, data, digest, requester)
+            if msg.message_type == wire.MessageType.CERT_POLL:
+                return await self._poll(msg, data, digest)
+            if msg.message_type == wire.MessageType.GET_CERT:
+                return await self._get_cert(msg, data, digest)
+            if msg.message_type == wire.MessageType.GET_CRL:
+                return await self._get_crl(msg, data, digest)
             raise UnsupportedMessageType(f"messageType {msg.message_type} is not supported")
         except NotForUs:
             raise
@@ -151,21 +182,117 @@ class ScepService:
     async def _enroll(self, msg: wire.PkiMessage, csr_der: bytes, digest: str,
                       requester: str | None) -> tuple[bytes, ScepOutcome]:
         facts = decode_csr(csr_der)
+        # a resent request (lost reply, or a client that polls by resending: certmonger,
+        # micromdm scepclient) is the same transaction, answered from what we already decided
         issued = await self.enrollment.previous_answer(msg.transaction_id, facts)
-        if issued is None:
-            grant = await self.challenges.verify(facts.challenge_password, facts.common_name)
-            request = self.enrollment.approve(facts, self.profile)
-            issued = await self.enrollment.issue(
-                request, grant, protocol="scep", transaction_id=msg.transaction_id,
-                requester=requester, spki_sha256=facts.spki_sha256)
-        leaf = issued.cert.public_bytes(serialization.Encoding.DER)
+        if issued is not None:
+            return self._success(msg, issued.cert, digest)
+        for pending in await self.enrollment.store.find_pending(msg.transaction_id):
+            if pending.spki_sha256 == facts.spki_sha256:
+                return await self._answer_pending(msg, pending, digest)
+        renewal_of = None
+        if self.renewal.is_candidate(msg.signer_cert):
+            grant = await self.renewal.authorize(msg.signer_cert, facts, self.clock.now())
+            renewal_of = grant.old_serial
+            challenge_grant = ChallengeGrant("renewal")
+        elif msg.message_type == wire.MessageType.RENEWAL_REQ:
+            raise RenewalRefused("a RenewalReq must be signed by a certificate issued by this CA")
+        else:
+            challenge_grant = await self.challenges.verify(facts.challenge_password, facts.common_name)
+        request = self.enrollment.approve(facts, self.profile)
+        if self.external_check.enabled:
+            await self.external_check.check(CheckRequest(
+                csr_pem=_pem_csr(csr_der), challenge=facts.challenge_password,
+                transaction_id=msg.transaction_id, common_name=facts.common_name,
+                sans=tuple(str(s) for s in facts.sans), protocol="scep", renewal_of=renewal_of))
+        if self.settings.require_approval and renewal_of is None:
+            pending = await self.enrollment.create_pending(
+                request, challenge_grant, protocol="scep", transaction_id=msg.transaction_id,
+                requester=requester, spki_sha256=facts.spki_sha256,
+                signer_spki_sha256=_spki_sha256(msg.signer_cert), csr_der=csr_der)
+            return self._pending(msg, digest, pending.id)
+        issued = await self.enrollment.issue(
+            request, challenge_grant, protocol="scep", transaction_id=msg.transaction_id,
+            requester=requester, spki_sha256=facts.spki_sha256, renewal_of=renewal_of)
+        return self._success(msg, issued.cert, digest)
+
+    async def _answer_pending(self, msg: wire.PkiMessage, pending, digest: str) -> tuple[bytes, ScepOutcome]:
+        if pending.status == "pending":
+            return self._pending(msg, digest, pending.id)
+        if pending.status == "rejected":
+            raise RequestRejected(f"rejected by an administrator: {pending.reason or 'no reason given'}")
+        record = await self.enrollment.store.get_certificate(pending.serial)
+        return self._success(msg, x509.load_der_x509_certificate(record.der), digest)
+
+    async def _poll(self, msg: wire.PkiMessage, data: bytes, digest: str) -> tuple[bytes, ScepOutcome]:
+        """CertPoll/GetCertInitial: matched on transactionID plus a public key (the requested
+        key or the key that signed the original request), never on signer certificate bytes:
+        sscep resumes polling with a fresh self-signed signer."""
+        wire.decode_issuer_and_subject(data)  # must be well formed; the transaction decides
+        signer_spki = _spki_sha256(msg.signer_cert)
+        record = await self.enrollment.store.find_certificate_for_transaction(msg.transaction_id, signer_spki)
+        if record is not None:
+            return self._success(msg, x509.load_der_x509_certificate(record.der), digest)
+        for pending in await self.enrollment.store.find_pending(msg.transaction_id):
+            if signer_spki in (pending.spki_sha256, pending.signer_spki_sha256):
+                return await self._answer_pending(msg, pending, digest)
+        raise UnknownTransaction("no request with this transactionID and key is known here")
+
+    async def _get_cert(self, msg: wire.PkiMessage, data: bytes, digest: str) -> tuple[bytes, ScepOutcome]:
+        ias = wire.decode_issuer_and_serial(data)
+        try:
+            record = await self.enrollment.store.get_certificate(format(ias.serial, "x"))
+        except StoreNotFound:
+            raise BadCertId("no certificate with this issuer and serial number") from None
+        cert = x509.load_der_x509_certificate(record.der)
+        if cert.issuer.public_bytes() != ias.issuer_der:
+            raise BadCertId("no certificate with this issuer and serial number")
+        return self._success(msg, cert, digest)
+
+    async def _get_crl(self, msg: wire.PkiMessage, data: bytes, digest: str) -> tuple[bytes, ScepOutcome]:
+        """GetCRL: IssuerAndSerialNumber of a certificate we issued, or of the CA itself (sscep
+        without -O asks with the CA's own subject and serial)."""
+        ias = wire.decode_issuer_and_serial(data)
+        ours = {self.ca.cert.subject.public_bytes(), self.ca.cert.issuer.public_bytes()}
+        if ias.issuer_der not in ours:
+            raise BadCertId("this server publishes no CRL for that issuer")
+        if self.crl_provider is None:
+            raise BadRequest("no CRL is available")
+        crl_der = await self.crl_provider()
+        body = wire.certs_and_crls_only([], [crl_der])
+        envelope = wire.envelope_to(msg.signer_cert, body, msg.envelope.cipher)
+        return self._reply_success(msg, envelope, digest, None)
+
+    def _success(self, msg: wire.PkiMessage, cert: x509.Certificate, digest: str) -> tuple[bytes, ScepOutcome]:
+        leaf = cert.public_bytes(serialization.Encoding.DER)
         envelope = wire.envelope_to(msg.signer_cert, wire.certs_only([leaf]), msg.envelope.cipher)
+        return self._reply_success(msg, envelope, digest, format(cert.serial_number, "x"))
+
+    def _reply_success(self, msg, envelope: bytes, digest: str, serial: str | None) -> tuple[bytes, ScepOutcome]:
         rep = wire.CertRep(transaction_id=msg.transaction_id, recipient_nonce=msg.sender_nonce,
                            sender_nonce=os.urandom(16), status=wire.PkiStatus.SUCCESS,
                            envelope_der=envelope)
         return self._sign(rep, digest), ScepOutcome(msg.message_type, msg.transaction_id,
-                                                    wire.PkiStatus.SUCCESS, serial=issued.record.serial)
+                                                    wire.PkiStatus.SUCCESS, serial=serial)
+
+    def _pending(self, msg: wire.PkiMessage, digest: str, pending_id: int) -> tuple[bytes, ScepOutcome]:
+        rep = wire.CertRep(transaction_id=msg.transaction_id, recipient_nonce=msg.sender_nonce,
+                           sender_nonce=os.urandom(16), status=wire.PkiStatus.PENDING)
+        return self._sign(rep, digest), ScepOutcome(msg.message_type, msg.transaction_id,
+                                                    wire.PkiStatus.PENDING)
 
     def _sign(self, rep: wire.CertRep, digest: str) -> bytes:
         return wire.encode_cert_rep(rep, self.signer_cert, self.signer_key, digest, self.clock.now(),
                                     self._reply_extra_certs)
+
+
+def _spki_sha256(cert: x509.Certificate) -> str:
+    return hashlib.sha256(cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
+
+
+def _pem_csr(csr_der: bytes) -> str:
+    import base64
+    b64 = base64.b64encode(csr_der).decode()
+    return "-----BEGIN CERTIFICATE REQUEST-----\n" + "\n".join(
+        b64[i:i + 64] for i in range(0, len(b64), 64)) + "\n-----END CERTIFICATE REQUEST-----\n"

@@ -74,6 +74,12 @@ class ScepHandler:
             if op == "getcacert":
                 body, ctype = self.service.ca_certs()
                 return web.Response(body=body, content_type=ctype)
+            if op == "getnextcacert":
+                body = self.service.next_ca_certs()
+                if body is None:
+                    return web.Response(status=404, text="no next CA certificate is published\n",
+                                        content_type="text/plain")
+                return web.Response(body=body, content_type="application/x-x509-next-ca-cert")
             if op == "pkioperation":
                 if request.method == "POST":
                     message = await self._read_body(request)

@@ -588,3 +588,43 @@ def certs_from_certs_only(p7_der: bytes) -> list[x509.Certificate]:
     ci = cms.ContentInfo.load(p7_der)
     certs = ci["content"]["certificates"]
     return [x509.load_der_x509_certificate(c.chosen.dump()) for c in certs]
+
+
+def certs_and_crls_only(certs_der: list[bytes], crls_der: list[bytes]) -> bytes:
+    """A degenerate SignedData carrying CRLs (GetCRL replies), certificates in wire order."""
+    parts = [der.integer(1), der.set_of(), der.seq(der.oid(OID_DATA))]
+    if certs_der:
+        parts.append(der.tlv(0xA0, b"".join(certs_der)))
+    parts.append(der.tlv(0xA1, b"".join(crls_der)))
+    parts.append(der.set_of())
+    return der.seq(der.oid(OID_SIGNED_DATA), der.explicit(0, der.seq(*parts)))
+
+
+def encode_next_ca_certs(next_certs: list[x509.Certificate], signer_cert: x509.Certificate, signer_key,
+                         signing_time: dt.datetime, digest: str = "sha256") -> bytes:
+    """GetNextCACert (RFC 8894 §4.6): the new CA certificates in a SignedData signed by the
+    current CA key, so a client that trusts the current CA can trust its successor."""
+    digest_oid, hash_cls = DIGESTS[digest]
+    h = hashes.Hash(hash_cls())
+    h.update(b"")
+    attrs = der.set_of(
+        _attribute(OID_CONTENT_TYPE, der.oid(OID_DATA)),
+        _attribute(OID_SIGNING_TIME, der.utc_time(signing_time)),
+        _attribute(OID_MESSAGE_DIGEST, der.octet_string(h.finalize())),
+    )
+    signature = signer_key.sign(attrs, padding.PKCS1v15(), hash_cls()) \
+        if isinstance(signer_key, rsa.RSAPrivateKey) else signer_key.sign(attrs, ec.ECDSA(hash_cls()))
+    sig_alg = der.algorithm(OID_RSA, der.null()) if isinstance(signer_key, rsa.RSAPrivateKey) \
+        else der.algorithm("1.2.840.10045.4.3.2")
+    digest_alg = der.algorithm(digest_oid, der.null())
+    signer_info = der.seq(
+        der.integer(1),
+        der.seq(signer_cert.issuer.public_bytes(), der.integer(signer_cert.serial_number)),
+        digest_alg, der.tlv(0xA0, attrs[len(der.length(len(attrs))) + 1:]), sig_alg,
+        der.octet_string(signature))
+    signed_data = der.seq(
+        der.integer(1), der.set_of(digest_alg),
+        der.seq(der.oid(OID_DATA), der.explicit(0, der.octet_string(b""))),
+        der.tlv(0xA0, b"".join(c.public_bytes(serialization.Encoding.DER) for c in next_certs)),
+        der.set_of(signer_info))
+    return der.seq(der.oid(OID_SIGNED_DATA), der.explicit(0, signed_data))

@@ -50,3 +50,25 @@ class AuditRecord:
     actor: str | None = None
     details: dict = field(default_factory=dict)
     id: int | None = None
+
+
+@dataclass(frozen=True)
+class PendingRecord:
+    """A request waiting for an administrator (SCEP PENDING)."""
+
+    id: int
+    transaction_id: str
+    spki_sha256: str  # the requested key
+    signer_spki_sha256: str  # the key that signed the request (polls may be signed by either)
+    csr_der: bytes
+    subject: str
+    profile: str
+    protocol: str
+    requester: str | None
+    created_at: dt.datetime
+    status: str = "pending"  # pending | issued | rejected
+    renewal_of: str | None = None
+    decided_at: dt.datetime | None = None
+    decided_by: str | None = None
+    reason: str | None = None
+    serial: str | None = None

@@ -16,7 +16,7 @@ from sqlalchemy import event
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from .records import AuditRecord, CertificateRecord, ChallengeRecord
+from .records import AuditRecord, CertificateRecord, ChallengeRecord, PendingRecord
 
 
 class StoreNotFound(LookupError):
@@ -83,6 +83,28 @@ audit = sa.Table(
     sa.Index("ix_audit_at", "at"),
 )
 
+pending_requests = sa.Table(
+    "pending_requests", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("transaction_id", sa.String(255), nullable=False),
+    sa.Column("spki_sha256", sa.String(64), nullable=False),
+    sa.Column("signer_spki_sha256", sa.String(64), nullable=False),
+    sa.Column("csr_der", sa.LargeBinary, nullable=False),
+    sa.Column("subject", sa.Text, nullable=False),
+    sa.Column("profile", sa.String(64), nullable=False),
+    sa.Column("protocol", sa.String(16), nullable=False),
+    sa.Column("requester", sa.Text),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("renewal_of", sa.String(64)),
+    sa.Column("decided_at", sa.DateTime),
+    sa.Column("decided_by", sa.Text),
+    sa.Column("reason", sa.Text),
+    sa.Column("serial", sa.String(64)),
+    sa.UniqueConstraint("transaction_id", "spki_sha256", name="uq_pending_txn_key"),
+    sa.Index("ix_pending_status", "status"),
+)
+
 #: A migration step: a list of tables to create, or a callable(sync_connection) for DDL changes.
 Step = list[sa.Table] | Callable[[sa.Connection], None]
 
@@ -90,7 +112,7 @@ Step = list[sa.Table] | Callable[[sa.Connection], None]
 #: Other packages (acme/, the agent inventory) register their own component with
 #: `register_migrations`, keeping their tables in their own modules.
 MIGRATIONS: dict[str, list[tuple[int, Step]]] = {
-    "core": [(1, [certificates, challenges, audit])],
+    "core": [(1, [certificates, challenges, audit]), (2, [pending_requests])],
 }
 
 
@@ -129,6 +151,14 @@ def _cert_record(row) -> CertificateRecord:
         protocol=m["protocol"], transaction_id=m["transaction_id"], requester=m["requester"],
         spki_sha256=m["spki_sha256"], der=bytes(m["der"]), issued_at=_aware(m["issued_at"]),
         status=m["status"], revoked_at=_aware(m["revoked_at"]), revocation_reason=m["revocation_reason"])
+
+
+def _pending_record(row) -> PendingRecord:
+    m = dict(row._mapping)
+    for k in ("created_at", "decided_at"):
+        m[k] = _aware(m[k])
+    m["csr_der"] = bytes(m["csr_der"])
+    return PendingRecord(**m)
 
 
 def _challenge_record(row) -> ChallengeRecord:
@@ -185,6 +215,27 @@ class Transaction:
         if exists is None:
             raise StoreNotFound(serial)
         return False
+
+    async def insert_pending(self, rec: PendingRecord) -> int:
+        """Insert a pending request; Conflict if this transaction+key is already pending."""
+        values = {k: v for k, v in rec.__dict__.items() if k != "id"}
+        values["created_at"] = _naive(rec.created_at)
+        values["decided_at"] = _naive(rec.decided_at)
+        try:
+            async with self._conn.begin_nested():
+                result = await self._conn.execute(pending_requests.insert().values(**values))
+        except IntegrityError:
+            raise Conflict("this transaction is already pending") from None
+        return int(result.inserted_primary_key[0])
+
+    async def decide_pending(self, pending_id: int, status: str, at: dt.datetime, by: str,
+                             reason: str | None = None, serial: str | None = None) -> bool:
+        """Move a pending request to issued/rejected; False if it was no longer pending."""
+        result = await self._conn.execute(
+            pending_requests.update()
+            .where(pending_requests.c.id == pending_id, pending_requests.c.status == "pending")
+            .values(status=status, decided_at=_naive(at), decided_by=by, reason=reason, serial=serial))
+        return result.rowcount == 1
 
     async def audit(self, rec: AuditRecord) -> None:
         await self._conn.execute(audit.insert().values(
@@ -292,6 +343,46 @@ class SqlStore:
             rows = (await conn.execute(sa.select(certificates).where(
                 certificates.c.ca_id == ca_id, certificates.c.status == "revoked").order_by(
                 certificates.c.revoked_at))).all()
+        return [_cert_record(r) for r in rows]
+
+    async def find_pending(self, transaction_id: str) -> list[PendingRecord]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(sa.select(pending_requests).where(
+                pending_requests.c.transaction_id == transaction_id))).all()
+        return [_pending_record(r) for r in rows]
+
+    async def get_pending(self, pending_id: int) -> PendingRecord:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(sa.select(pending_requests).where(
+                pending_requests.c.id == pending_id))).first()
+        if row is None:
+            raise StoreNotFound(str(pending_id))
+        return _pending_record(row)
+
+    async def list_pending(self, status: str | None = "pending", limit: int = 1000) -> list[PendingRecord]:
+        q = sa.select(pending_requests).order_by(pending_requests.c.id).limit(limit)
+        if status:
+            q = q.where(pending_requests.c.status == status)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(q)).all()
+        return [_pending_record(r) for r in rows]
+
+    async def count_pending(self) -> int:
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(sa.select(sa.func.count()).select_from(pending_requests).where(
+                pending_requests.c.status == "pending"))).scalar_one())
+
+    async def find_valid_by_subject(self, subject: str, now: dt.datetime) -> list[CertificateRecord]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(sa.select(certificates).where(
+                certificates.c.subject == subject, certificates.c.status == "valid",
+                certificates.c.not_after > _naive(now)))).all()
+        return [_cert_record(r) for r in rows]
+
+    async def find_certificate_for_transaction_any_key(self, transaction_id: str) -> list[CertificateRecord]:
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(sa.select(certificates).where(
+                certificates.c.transaction_id == transaction_id))).all()
         return [_cert_record(r) for r in rows]
 
     async def find_challenge(self, secret_sha256: str) -> ChallengeRecord | None:
