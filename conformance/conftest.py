@@ -86,10 +86,12 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
-def start_server(tmp: Path, env: dict | None = None) -> Server:
+def start_server(tmp: Path, env: dict | None = None, port: int | None = None) -> Server:
+    """A `scepd serve` subprocess on 127.0.0.1 with its state in tmp/state (kept across restarts:
+    call again with the same tmp and port to restart the same server)."""
     state = tmp / "state"
-    port = free_port()
-    log = tmp / "server.log"
+    port = port or free_port()
+    log = tmp / f"server-{int(time.time() * 1000)}.log"
     full_env = {**os.environ, **(env or {}), "SCEPD_SERVER_HTTP": f"127.0.0.1:{port}"}
     proc = subprocess.Popen([sys.executable, "-m", "scepd", "serve", "--state-dir", str(state)],
                             stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=full_env,

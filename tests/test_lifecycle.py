@@ -410,3 +410,17 @@ async def test_external_check_webhook(aiohttp_client, aiohttp_server, make_servi
     assert (rep.status == wire.PkiStatus.SUCCESS) is ok
     if not ok:
         assert "boom" not in (rep.fail_info_text or "")
+
+
+async def test_same_key_renewal_with_same_transaction_id_is_not_a_resend(aiohttp_client, make_services):
+    """micromdm scepclient renews with the same key, hence the same transactionID."""
+    services = await make_services({"SCEPD_SCEP_STATIC_CHALLENGE": "static-secret",
+                                    "SCEPD_SCEP_RENEWAL_SAME_KEY": "1"})
+    client = await aiohttp_client(create_app(services))
+    key = rsa_key(0)
+    old = await _issued(client, key, transaction_id="SAME-TXN")
+    rep, _ = await _enroll(client, key, challenge=None, signer=(old, key), message_type=17,
+                           transaction_id="SAME-TXN")
+    assert rep.status == wire.PkiStatus.SUCCESS
+    new = reply_certs(rep, old, key)[0]
+    assert new.serial_number != old.serial_number

@@ -185,7 +185,9 @@ class ScepService:
         # a resent request (lost reply, or a client that polls by resending: certmonger,
         # micromdm scepclient) is the same transaction, answered from what we already decided
         issued = await self.enrollment.previous_answer(msg.transaction_id, facts)
-        if issued is not None:
+        # ...unless it is signed by that very certificate: then it is a same-key renewal
+        # (micromdm scepclient keeps key and transactionID when it renews)
+        if issued is not None and issued.cert != msg.signer_cert:
             return self._success(msg, issued.cert, digest)
         for pending in await self.enrollment.store.find_pending(msg.transaction_id):
             if pending.spki_sha256 == facts.spki_sha256:
