@@ -1,0 +1,106 @@
+"""SCEP enrollment throughput and latency against a real `scepd serve` on 127.0.0.1.
+
+    .venv/bin/python bench/scep_enroll.py [--requests 400] [--concurrency 8] [--max-seconds 120]
+
+Requests (CSR, throwaway signer, CMS envelope) are built before the clock starts, so the figures
+are the server's: decode, decrypt, verify, policy, sign, store (SQLite, synchronous=FULL), reply.
+Bounded in count and in time; listens and connects on loopback only.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from scepd.scep import wire  # noqa: E402
+from tests.helpers import make_csr, pkcs_req, self_signed  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=400)
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--max-seconds", type=float, default=120)
+    args = ap.parse_args()
+    state = Path(tempfile.mkdtemp(prefix="scepd-bench-"))
+    port = free_port()
+    env = {**os.environ, "SCEPD_SERVER_HTTP": f"127.0.0.1:{port}", "SCEPD_SCEP_STATIC_CHALLENGE": "bench"}
+    proc = subprocess.Popen([sys.executable, "-m", "scepd", "serve", "--state-dir", str(state),
+                             "--no-demo-challenge"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if line.startswith("Root CA") or not line:
+                break
+        url = f"http://127.0.0.1:{port}/scep"
+        async with aiohttp.ClientSession() as session:
+            async with session.get(url + "?operation=GetCACert") as resp:
+                ca = wire.certs_from_certs_only(await resp.read())[0]
+            print(f"building {args.requests} requests ...", flush=True)
+            keys = [rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(16)]
+            messages = []
+            for i in range(args.requests):
+                key = keys[i % len(keys)]
+                der, _, _ = pkcs_req(ca, key, make_csr(key, f"bench-{i}", "bench"),
+                                     signer=(self_signed(key), key))
+                messages.append(der)
+            latencies: list[float] = []
+            failures = 0
+            queue: asyncio.Queue[bytes] = asyncio.Queue()
+            for m in messages:
+                queue.put_nowait(m)
+            stop_at = time.monotonic() + args.max_seconds
+
+            async def worker() -> None:
+                nonlocal failures
+                while not queue.empty() and time.monotonic() < stop_at:
+                    msg = queue.get_nowait()
+                    t0 = time.perf_counter()
+                    async with session.post(url + "?operation=PKIOperation", data=msg) as resp:
+                        body = await resp.read()
+                    latencies.append(time.perf_counter() - t0)
+                    if resp.status != 200 or wire.decode_cert_rep(body).status != wire.PkiStatus.SUCCESS:
+                        failures += 1
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+            elapsed = time.perf_counter() - started
+        done = len(latencies)
+        q = statistics.quantiles(latencies, n=100) if done >= 2 else [0.0] * 99
+        print(f"enrollments: {done} in {elapsed:.2f}s with concurrency {args.concurrency} "
+              f"-> {done / elapsed:.1f}/s; failures {failures}")
+        print(f"latency ms: p50 {q[49] * 1000:.1f}  p95 {q[94] * 1000:.1f}  p99 {q[98] * 1000:.1f}  "
+              f"max {max(latencies) * 1000:.1f}")
+        out = subprocess.run([sys.executable, "-m", "scepd", "certs", "list", "--json", "--state-dir",
+                              str(state), "--limit", "100000"], capture_output=True, text=True, env=env)
+        stored = len(re.findall(r'"serial"', out.stdout))
+        print(f"certificates in the store: {stored} (expected {done - failures})")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
