@@ -65,3 +65,29 @@ async def services(make_services):
 @pytest.fixture
 async def client(aiohttp_client, services):
     return await aiohttp_client(create_app(services))
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    import os
+
+    from . import pg
+    if not pg.available():
+        if os.environ.get("SCEPD_REQUIRE_CLIENTS") == "1":
+            pytest.fail("PostgreSQL is not installed but SCEPD_REQUIRE_CLIENTS=1")
+        pytest.skip("PostgreSQL (Debian postgresql) not installed")
+    cluster = pg.PostgresCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+_db_counter = iter(range(1, 10_000))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """Every store contract test runs on both backends."""
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'contract.db'}"
+    cluster = request.getfixturevalue("postgres_cluster")
+    return cluster.create_database(f"scepd_test_{next(_db_counter)}")

@@ -260,14 +260,24 @@ class SqlStore:
             kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
         engine = create_async_engine(url, **kwargs)
         if engine.dialect.name == "sqlite":
+            # pysqlite's own transaction handling is broken for SAVEPOINTs (a savepoint opened
+            # as the first statement commits on RELEASE). SQLAlchemy's documented fix: driver in
+            # autocommit, and we emit BEGIN ourselves -- BEGIN IMMEDIATE for write transactions,
+            # so a writer takes the lock up front instead of failing to upgrade later.
             @event.listens_for(engine.sync_engine, "connect")
             def _pragmas(dbapi_conn, _record):  # pragma: no cover - exercised by every test
+                dbapi_conn.isolation_level = None
                 cur = dbapi_conn.cursor()
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA synchronous=FULL")
                 cur.execute("PRAGMA busy_timeout=30000")
                 cur.execute("PRAGMA foreign_keys=ON")
                 cur.close()
+
+            @event.listens_for(engine.sync_engine, "begin")
+            def _begin(conn):  # pragma: no cover - exercised by every test
+                immediate = conn.get_execution_options().get("sqlite_immediate")
+                conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
         store = cls(engine)
         await store.migrate()
         return store
@@ -276,33 +286,37 @@ class SqlStore:
         await self.engine.dispose()
 
     async def migrate(self) -> None:
-        async with self._write_lock:
-            async with self.engine.begin() as conn:
-                await conn.run_sync(lambda c: schema_version.create(c, checkfirst=True))
-                done = {(r[0], r[1]) for r in await conn.execute(
-                    sa.select(schema_version.c.component, schema_version.c.version))}
-                for component, steps in MIGRATIONS.items():
-                    for version, step in steps:
-                        if (component, version) in done:
-                            continue
-                        if callable(step):
-                            await conn.run_sync(step)
-                        else:
-                            for table in step:
-                                await conn.run_sync(lambda c, t=table: t.create(c, checkfirst=True))
-                        try:
-                            async with conn.begin_nested():
-                                await conn.execute(schema_version.insert().values(
-                                    component=component, version=version,
-                                    applied_at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)))
-                        except IntegrityError:  # another replica migrated concurrently
-                            pass
+        """Apply every registered migration not yet recorded, in one transaction."""
+        async with self.transaction() as tx:
+            conn = tx.connection
+            await conn.run_sync(lambda c: schema_version.create(c, checkfirst=True))
+            done = {(r[0], r[1]) for r in await conn.execute(
+                sa.select(schema_version.c.component, schema_version.c.version))}
+            for component, steps in MIGRATIONS.items():
+                for version, step in steps:
+                    if (component, version) in done:
+                        continue
+                    if callable(step):
+                        await conn.run_sync(step)
+                    else:
+                        for table in step:
+                            await conn.run_sync(lambda c, t=table: t.create(c, checkfirst=True))
+                    try:
+                        async with conn.begin_nested():
+                            await conn.execute(schema_version.insert().values(
+                                component=component, version=version,
+                                applied_at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)))
+                    except IntegrityError:  # another replica migrated concurrently
+                        pass
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
         async with self._write_lock:
-            async with self.engine.begin() as conn:
-                yield Transaction(conn)
+            async with self.engine.connect() as conn:
+                if self._is_sqlite:
+                    conn = await conn.execution_options(sqlite_immediate=True)
+                async with conn.begin():
+                    yield Transaction(conn)
 
     async def ping(self) -> None:
         async with self.engine.connect() as conn:

@@ -1,0 +1,144 @@
+"""One contract for every store backend: SQLite (default) and a real PostgreSQL 15."""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+import pytest
+
+from scepd import config as config_mod
+from scepd.app import create_app, open_services
+from scepd.store import AuditRecord, CertificateRecord, Conflict, PendingRecord, SqlStore, StoreNotFound
+
+from .conftest import NOW
+from .helpers import make_csr, pkcs_req, rsa_key, self_signed
+
+
+def cert(serial: str, **kw) -> CertificateRecord:
+    base = dict(serial=serial, ca_id="ca1", subject=f"CN={serial}", sans=("DNS:x.example",),
+                not_before=NOW, not_after=NOW + dt.timedelta(days=90), profile="device", protocol="scep",
+                transaction_id=f"txn-{serial}", requester="test", spki_sha256="ab" * 32,
+                der=b"\x30\x00", issued_at=NOW)
+    base.update(kw)
+    return CertificateRecord(**base)
+
+
+@pytest.fixture
+async def store(database_url):
+    s = await SqlStore.open(database_url)
+    yield s
+    await s.close()
+
+
+async def test_migrations_are_idempotent(database_url):
+    for _ in range(2):
+        s = await SqlStore.open(database_url)
+        await s.close()
+
+
+async def test_certificate_round_trip_and_unique_serial(store):
+    async with store.transaction() as tx:
+        await tx.insert_certificate(cert("a1"))
+    got = await store.get_certificate("a1")
+    assert got == cert("a1")
+    assert got.not_after.tzinfo is not None
+    with pytest.raises(Conflict):
+        async with store.transaction() as tx:
+            await tx.insert_certificate(cert("a1", subject="CN=other"))
+    assert (await store.get_certificate("a1")).subject == "CN=a1"
+    with pytest.raises(StoreNotFound):
+        await store.get_certificate("nope")
+
+
+async def test_failed_transaction_leaves_nothing(store):
+    with pytest.raises(RuntimeError):
+        async with store.transaction() as tx:
+            await tx.insert_certificate(cert("b1"))
+            await tx.audit(AuditRecord(at=NOW, event="certificate.issued", serial="b1"))
+            raise RuntimeError("crash between steps")
+    assert await store.list_certificates() == []
+    assert await store.list_audit() == []
+
+
+async def test_listing_expiry_and_transaction_lookup(store):
+    async with store.transaction() as tx:
+        await tx.insert_certificate(cert("c1", not_after=NOW + dt.timedelta(days=5)))
+        await tx.insert_certificate(cert("c2", not_after=NOW + dt.timedelta(days=50)))
+    soon = await store.list_certificates(expiring_before=NOW + dt.timedelta(days=30))
+    assert [r.serial for r in soon] == ["c1"]
+    found = await store.find_certificate_for_transaction("txn-c2", "ab" * 32)
+    assert found.serial == "c2"
+    assert await store.find_certificate_for_transaction("txn-c2", "cd" * 32) is None
+
+
+async def test_revocation(store):
+    async with store.transaction() as tx:
+        await tx.insert_certificate(cert("d1"))
+    async with store.transaction() as tx:
+        assert await tx.revoke_certificate("d1", "keyCompromise", NOW) is True
+    async with store.transaction() as tx:
+        assert await tx.revoke_certificate("d1", "superseded", NOW) is False
+    with pytest.raises(StoreNotFound):
+        async with store.transaction() as tx:
+            await tx.revoke_certificate("zz", "superseded", NOW)
+    rec = await store.get_certificate("d1")
+    assert rec.status == "revoked" and rec.revocation_reason == "keyCompromise"
+    assert [r.serial for r in await store.list_revoked("ca1")] == ["d1"]
+
+
+async def test_challenge_consumed_once_under_concurrency(store):
+    async with store.transaction() as tx:
+        cid = await tx.insert_challenge("ff" * 32, None, NOW, NOW + dt.timedelta(hours=1))
+
+    async def consume(i: int) -> bool:
+        async with store.transaction() as tx:
+            return await tx.consume_challenge(cid, NOW, f"s{i}")
+    results = await asyncio.gather(*(consume(i) for i in range(10)))
+    assert results.count(True) == 1
+    rec = await store.find_challenge("ff" * 32)
+    assert rec.used_at is not None
+
+
+async def test_pending_lifecycle(store):
+    p = PendingRecord(id=0, transaction_id="t1", spki_sha256="aa", signer_spki_sha256="bb",
+                      csr_der=b"csr", subject="CN=p", profile="device", protocol="scep",
+                      requester=None, created_at=NOW)
+    async with store.transaction() as tx:
+        pid = await tx.insert_pending(p)
+    with pytest.raises(Conflict):
+        async with store.transaction() as tx:
+            await tx.insert_pending(p)
+    assert [r.id for r in await store.list_pending()] == [pid]
+    async with store.transaction() as tx:
+        assert await tx.decide_pending(pid, "rejected", NOW, "admin", reason="no") is True
+        assert await tx.decide_pending(pid, "issued", NOW, "admin") is False
+    assert (await store.get_pending(pid)).status == "rejected"
+    assert await store.count_pending() == 0
+
+
+async def test_two_replicas_share_one_database(database_url, state_dir, clock, aiohttp_client):
+    """Two server processes on one database: a one-time challenge raced across both still
+    yields exactly one certificate, and both see every certificate."""
+    env = {"SCEPD_DATABASE_URL": database_url}
+    a = await open_services(config_mod.load(state_dir, environ=env), clock)
+    b = await open_services(config_mod.load(state_dir, environ=env), clock)
+    try:
+        ca, cb = await aiohttp_client(create_app(a)), await aiohttp_client(create_app(b))
+        secret = await a.challenges.create(dt.timedelta(hours=1))
+        msgs = []
+        for i in range(10):
+            key = rsa_key(i % 4)
+            der, _, _ = pkcs_req(a.ca_material.cert, key, make_csr(key, f"rep-{i}", secret),
+                                 signer=(self_signed(key), key))
+            msgs.append(der)
+        from scepd.scep import wire
+
+        async def send(client, m):
+            resp = await client.post("/scep?operation=PKIOperation", data=m)
+            return wire.decode_cert_rep(await resp.read()).status
+        statuses = await asyncio.gather(*(send(ca if i % 2 else cb, m) for i, m in enumerate(msgs)))
+        assert statuses.count(wire.PkiStatus.SUCCESS) == 1
+        assert len(await a.store.list_certificates()) == len(await b.store.list_certificates()) == 1
+    finally:
+        await a.close()
+        await b.close()
