@@ -5,6 +5,7 @@ transaction before the caller gets it back, so nothing is ever handed out that i
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import logging
@@ -50,13 +51,6 @@ class EnrollmentService:
         self.validity = validity
         self.duplicate_subjects = duplicate_subjects
 
-    async def previous_answer(self, transaction_id: str, facts: CsrFacts) -> Issued | None:
-        """A certificate already issued for this transaction and key (a resent request)."""
-        rec = await self.store.find_certificate_for_transaction(transaction_id, facts.spki_sha256)
-        if rec is None:
-            return None
-        return Issued(x509.load_der_x509_certificate(rec.der), rec, reused=True)
-
     def approve(self, facts: CsrFacts, profile: Profile) -> IssuanceRequest:
         return approve(facts, profile, self.clock.now(), self.validity,
                        self.ca.material.cert.not_valid_after_utc)
@@ -77,7 +71,7 @@ class EnrollmentService:
         supersede = renewal_of if self.duplicate_subjects == "revoke" else None
         for _attempt in range(5):
             serial = random_serial()
-            cert = self.ca.issue(request, serial)
+            cert = await asyncio.to_thread(self.ca.issue, request, serial)
             der = cert.public_bytes(serialization.Encoding.DER)
             rec = CertificateRecord(
                 serial=serial_hex(serial), ca_id=self.ca.ca_id,

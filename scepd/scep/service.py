@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+import asyncio
 import hashlib
 from typing import Awaitable, Callable
 
@@ -129,14 +130,16 @@ class ScepService:
 
     async def pki_operation(self, message_der: bytes, requester: str | None = None
                             ) -> tuple[bytes, ScepOutcome]:
-        msg = wire.decode_pki_message(message_der)  # raises HTTP_ERRORS
+        # RSA and CMS work runs in worker threads (pyca/cryptography releases the GIL), so the
+        # event loop keeps serving and a second core is used.
+        msg = await asyncio.to_thread(wire.decode_pki_message, message_der)  # raises HTTP_ERRORS
         digest = msg.digest if self._digest_allowed(msg.digest) else "sha256"
         try:
             self._check_algorithms(msg)
             self._check_time(msg)
             if msg.envelope is None:
                 raise MalformedRequest("the message has no pkcsPKIEnvelope")
-            data = wire.open_envelope(msg.envelope, self.recipients)
+            data = await asyncio.to_thread(wire.open_envelope, msg.envelope, self.recipients)
             if msg.message_type in (wire.MessageType.PKCS_REQ, wire.MessageType.RENEWAL_REQ):
                 return await self._enroll(msg, data, digest, requester)
             if msg.message_type == wire.MessageType.CERT_POLL:
@@ -184,12 +187,16 @@ class ScepService:
         facts = decode_csr(csr_der)
         # a resent request (lost reply, or a client that polls by resending: certmonger,
         # micromdm scepclient) is the same transaction, answered from what we already decided
-        issued = await self.enrollment.previous_answer(msg.transaction_id, facts)
         # ...unless it is signed by that very certificate: then it is a same-key renewal
         # (micromdm scepclient keeps key and transactionID when it renews)
-        if issued is not None and issued.cert != msg.signer_cert:
-            return self._success(msg, issued.cert, digest)
-        for pending in await self.enrollment.store.find_pending(msg.transaction_id):
+        certs, pendings = await self.enrollment.store.find_transaction(msg.transaction_id)
+        for record in sorted(certs, key=lambda r: r.issued_at, reverse=True):
+            if record.spki_sha256 == facts.spki_sha256:
+                cert = x509.load_der_x509_certificate(record.der)
+                if cert != msg.signer_cert:
+                    return await asyncio.to_thread(self._success, msg, cert, digest)
+                break
+        for pending in pendings:
             if pending.spki_sha256 == facts.spki_sha256:
                 return await self._answer_pending(msg, pending, digest)
         renewal_of = None
@@ -216,7 +223,7 @@ class ScepService:
         issued = await self.enrollment.issue(
             request, challenge_grant, protocol="scep", transaction_id=msg.transaction_id,
             requester=requester, spki_sha256=facts.spki_sha256, renewal_of=renewal_of)
-        return self._success(msg, issued.cert, digest)
+        return await asyncio.to_thread(self._success, msg, issued.cert, digest)
 
     async def _answer_pending(self, msg: wire.PkiMessage, pending, digest: str) -> tuple[bytes, ScepOutcome]:
         if pending.status == "pending":
@@ -224,7 +231,7 @@ class ScepService:
         if pending.status == "rejected":
             raise RequestRejected(f"rejected by an administrator: {pending.reason or 'no reason given'}")
         record = await self.enrollment.store.get_certificate(pending.serial)
-        return self._success(msg, x509.load_der_x509_certificate(record.der), digest)
+        return await asyncio.to_thread(self._success, msg, x509.load_der_x509_certificate(record.der), digest)
 
     async def _poll(self, msg: wire.PkiMessage, data: bytes, digest: str) -> tuple[bytes, ScepOutcome]:
         """CertPoll/GetCertInitial: matched on transactionID plus a public key (the requested
@@ -234,7 +241,8 @@ class ScepService:
         signer_spki = _spki_sha256(msg.signer_cert)
         record = await self.enrollment.store.find_certificate_for_transaction(msg.transaction_id, signer_spki)
         if record is not None:
-            return self._success(msg, x509.load_der_x509_certificate(record.der), digest)
+            return await asyncio.to_thread(self._success, msg, x509.load_der_x509_certificate(record.der),
+                                           digest)
         for pending in await self.enrollment.store.find_pending(msg.transaction_id):
             if signer_spki in (pending.spki_sha256, pending.signer_spki_sha256):
                 return await self._answer_pending(msg, pending, digest)
@@ -249,7 +257,7 @@ class ScepService:
         cert = x509.load_der_x509_certificate(record.der)
         if cert.issuer.public_bytes() != ias.issuer_der:
             raise BadCertId("no certificate with this issuer and serial number")
-        return self._success(msg, cert, digest)
+        return await asyncio.to_thread(self._success, msg, cert, digest)
 
     async def _get_crl(self, msg: wire.PkiMessage, data: bytes, digest: str) -> tuple[bytes, ScepOutcome]:
         """GetCRL: IssuerAndSerialNumber of a certificate we issued, or of the CA itself (sscep

@@ -180,9 +180,10 @@ class Transaction:
         return self._conn
 
     async def insert_certificate(self, rec: CertificateRecord) -> None:
+        """Conflict (and the whole transaction is void) if the serial exists: callers retry
+        the unit of work, so no savepoint round trip is spent on the common path."""
         try:
-            async with self._conn.begin_nested():
-                await self._conn.execute(certificates.insert().values(**_cert_row(rec)))
+            await self._conn.execute(certificates.insert().values(**_cert_row(rec)))
         except IntegrityError:
             raise Conflict(f"serial {rec.serial} already exists") from None
 
@@ -359,6 +360,16 @@ class SqlStore:
                 certificates.c.revoked_at))).all()
         return [_cert_record(r) for r in rows]
 
+    async def find_transaction(self, transaction_id: str) -> tuple[list[CertificateRecord], list[PendingRecord]]:
+        """Everything known about a SCEP transaction, in one connection: the certificates
+        issued for it and its pending requests (both by indexed transaction id)."""
+        async with self.engine.connect() as conn:
+            certs = (await conn.execute(sa.select(certificates).where(
+                certificates.c.transaction_id == transaction_id))).all()
+            pend = (await conn.execute(sa.select(pending_requests).where(
+                pending_requests.c.transaction_id == transaction_id))).all()
+        return [_cert_record(r) for r in certs], [_pending_record(r) for r in pend]
+
     async def find_pending(self, transaction_id: str) -> list[PendingRecord]:
         async with self.engine.connect() as conn:
             rows = (await conn.execute(sa.select(pending_requests).where(
@@ -391,12 +402,6 @@ class SqlStore:
             rows = (await conn.execute(sa.select(certificates).where(
                 certificates.c.subject == subject, certificates.c.status == "valid",
                 certificates.c.not_after > _naive(now)))).all()
-        return [_cert_record(r) for r in rows]
-
-    async def find_certificate_for_transaction_any_key(self, transaction_id: str) -> list[CertificateRecord]:
-        async with self.engine.connect() as conn:
-            rows = (await conn.execute(sa.select(certificates).where(
-                certificates.c.transaction_id == transaction_id))).all()
         return [_cert_record(r) for r in rows]
 
     async def find_challenge(self, secret_sha256: str) -> ChallengeRecord | None:
