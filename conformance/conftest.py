@@ -89,6 +89,7 @@ class Server:
 def start_server(tmp: Path, env: dict | None = None, port: int | None = None) -> Server:
     """A `scepd serve` subprocess on 127.0.0.1 with its state in tmp/state (kept across restarts:
     call again with the same tmp and port to restart the same server)."""
+    tmp.mkdir(parents=True, exist_ok=True)
     state = tmp / "state"
     port = port or free_port()
     log = tmp / f"server-{int(time.time() * 1000)}.log"

@@ -44,3 +44,18 @@ def test_certmonger_wrong_challenge_is_rejected(server, tmp_path):
     out = run_certmonger(server, tmp_path, "cm-bad", "not-the-challenge")
     assert "status: MONITORING" not in out.stdout
     assert not (tmp_path / "cert.pem").exists()
+
+
+def test_certmonger_needs_the_root_in_getcacert(tmp_path):
+    """Why GetCACert serves the chain by default: with the issuing CA alone (the
+    getcacert_chain=false form), certmonger cannot verify our replies."""
+    from .conftest import start_server, stop_server
+    srv = start_server(tmp_path / "srv", {"SCEPD_SCEP_GETCACERT_CHAIN": "0"})
+    try:
+        work = tmp_path / "cm"
+        work.mkdir()
+        out = run_certmonger(srv, work, "cm-single", srv.new_challenge())
+        assert "status: MONITORING" not in out.stdout
+        assert "certificate verify error" in out.stdout + out.stderr
+    finally:
+        stop_server(srv)
