@@ -332,3 +332,34 @@ async def test_healthz_readyz_and_ca_download(client):
     resp = await client.get(f"/ca/{services.authority.ca_id}.crt")
     assert x509.load_der_x509_certificate(await resp.read()) == services.ca_material.cert
     assert (await client.get("/ca/0000.crt")).status == 404
+
+
+async def _raw_http(client, request: bytes) -> tuple[str, dict, bytes]:
+    import asyncio
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(request)
+    await writer.drain()
+    data = await asyncio.wait_for(reader.read(), timeout=30)  # HTTP/1.0: the server closes
+    writer.close()
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return lines[0], headers, body
+
+
+async def test_cisco_ios_http10_with_pkiclient_suffix(client):
+    """Cisco IOS: HTTP/1.0, no Host header, /pkiclient.exe appended to the configured path."""
+    status, headers, body = await _raw_http(
+        client, b"GET /cgi-bin/pkiclient.exe/pkiclient.exe?operation=GetCACert&message=CA HTTP/1.0\r\n\r\n")
+    assert status.endswith("200 OK")
+    assert headers["Content-Type"] == "application/x-x509-ca-ra-cert"
+    assert wire.certs_from_certs_only(body)[0] == client.server.app[SERVICES].ca_material.cert
+    key = rsa_key(0)
+    der, _, _ = pkcs_req(ca_of(client), key, make_csr(key, "ios-router", "static-secret"),
+                         cipher="des-ede3-cbc", digest="sha1")
+    message = quote(base64.b64encode(der).decode(), safe="")
+    status, headers, body = await _raw_http(
+        client, f"GET /cgi-bin/pkiclient.exe/pkiclient.exe?operation=PKIOperation&message={message} "
+                f"HTTP/1.0\r\n\r\n".encode())
+    assert status.endswith("200 OK")
+    assert wire.decode_cert_rep(body).status == wire.PkiStatus.SUCCESS
