@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
@@ -25,6 +26,13 @@ from .scep import wire
 from .scep.service import ScepService, ScepSettings
 from .scep.transport import ScepHandler, add_routes
 from .store import SqlStore
+from .ops import add_https_context, add_ops_routes, attach_ops
+from .admin_http import add_admin_routes
+
+if TYPE_CHECKING:
+    from .crl import CrlService
+    from .metrics import Metrics
+    from .ocsp import OcspResponder
 
 import datetime as dt
 
@@ -40,6 +48,9 @@ class Services:
     enrollment: EnrollmentService
     scep: ScepService
     revocation: RevocationService
+    crl: "CrlService | None" = None  # set by ops.attach_ops
+    ocsp: "OcspResponder | None" = None
+    metrics: "Metrics | None" = None
 
     async def close(self) -> None:
         await self.store.close()
@@ -84,8 +95,10 @@ async def open_services(config: Config, clock: Clock | None = None) -> Services:
     except Exception:
         await store.close()
         raise
-    return Services(config, clock, store, material, authority, challenges, enrollment, scep,
-                    RevocationService(store, clock))
+    services = Services(config, clock, store, material, authority, challenges, enrollment, scep,
+                        RevocationService(store, clock))
+    attach_ops(services, previous)
+    return services
 
 
 SERVICES = web.AppKey("services", Services)
@@ -94,7 +107,9 @@ SERVICES = web.AppKey("services", Services)
 def create_app(services: Services, close_services: bool = False) -> web.Application:
     app = web.Application(client_max_size=max(services.config.scep.max_body_bytes, 1024))
     app[SERVICES] = services
-    add_routes(app, ScepHandler(services.scep, services.config.scep.max_body_bytes))
+    add_routes(app, ScepHandler(services.scep, services.config.scep.max_body_bytes,
+                                observer=services.metrics.scep_observer if services.metrics else None))
+    add_ops_routes(app, services)
     ca_id = services.authority.ca_id
     ca_der = services.ca_material.cert.public_bytes(serialization.Encoding.DER)
 
@@ -127,14 +142,36 @@ def _common_routes(app: web.Application, services: Services) -> None:
             await services.store.ping()
         except Exception:
             return web.Response(status=503, text="store unreachable\n")
+        try:
+            await _ca_key_signs(services)
+        except Exception:
+            return web.Response(status=503, text="CA key unusable\n")
         return web.Response(text="ready\n")
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
 
 
+async def _ca_key_signs(services: Services) -> None:
+    """readyz: the issuing CA key signs, and the signature verifies with the CA certificate."""
+    import asyncio
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding
+
+    def _check() -> None:
+        key, cert, data = services.ca_material.key, services.ca_material.cert, b"scepd readyz"
+        if isinstance(key, rsa.RSAPrivateKey):
+            sig = key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+            cert.public_key().verify(sig, data, padding.PKCS1v15(), hashes.SHA256())  # type: ignore[call-arg]
+        else:
+            sig = key.sign(data, ec.ECDSA(hashes.SHA256()))
+            cert.public_key().verify(sig, data, ec.ECDSA(hashes.SHA256()))  # type: ignore[call-arg]
+    await asyncio.to_thread(_check)
+
+
 #: Packages that serve on the HTTPS listener (ACME, admin API) append a callable(app, services).
-HTTPS_ROUTES: list = []
+HTTPS_ROUTES: list = [add_admin_routes]  # the admin API (scepd/admin_http.py)
 #: Packages that serve on the mTLS listener (agent API) append a callable(app, services).
 MTLS_ROUTES: list = []
 
@@ -143,6 +180,7 @@ def create_https_app(services: Services) -> web.Application:
     """The HTTPS listener: ACME (acme/) and the admin API mount here."""
     app = web.Application(client_max_size=256 * 1024)
     app[SERVICES] = services
+    add_https_context(app, services)
     _common_routes(app, services)
     for add in HTTPS_ROUTES:
         add(app, services)

@@ -39,16 +39,10 @@ def _load_config(state_dir: Path) -> config_mod.Config:
 
 def _setup_logging(cfg: config_mod.Config, verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
+    from .logctx import ContextFilter, JsonFormatter, TextFormatter
     handler = logging.StreamHandler(sys.stderr)
-    if cfg.server.log_format == "json":
-        class _Json(logging.Formatter):
-            def format(self, record: logging.LogRecord) -> str:
-                return json.dumps({"time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc)
-                                   .isoformat(), "level": record.levelname, "logger": record.name,
-                                   "message": record.getMessage()})
-        handler.setFormatter(_Json())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(ContextFilter())  # request id and transaction id on every record
+    handler.setFormatter(JsonFormatter() if cfg.server.log_format == "json" else TextFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 

@@ -37,6 +37,8 @@ class CAConfig:
     default_validity: str = "90d"
     #: Name of an environment variable holding the passphrase of the CA keys ("" = unencrypted).
     key_passphrase_env: str = "SCEPD_CA_KEY_PASSPHRASE"
+    #: CRL validity (nextUpdate - thisUpdate); a new CRL is signed after half of it has passed.
+    crl_validity: str = "24h"
 
 
 @dataclass
@@ -167,6 +169,8 @@ log_format = "text"
 default_validity = "90d"
 # environment variable holding the CA key passphrase (keys are encrypted when it is set at init)
 key_passphrase_env = "SCEPD_CA_KEY_PASSPHRASE"
+# CRL validity (nextUpdate); a new CRL is published after half of it, and on every revocation
+crl_validity = "24h"
 
 [scep]
 # shared challenge password; empty = none (use `scepd challenge create` one-time challenges)

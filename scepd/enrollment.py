@@ -50,6 +50,8 @@ class EnrollmentService:
         self.clock = clock
         self.validity = validity
         self.duplicate_subjects = duplicate_subjects
+        #: sync callables(CertificateRecord) told after each committed issuance (metrics)
+        self.issued_listeners: list = []
 
     def approve(self, facts: CsrFacts, profile: Profile) -> IssuanceRequest:
         return approve(facts, profile, self.clock.now(), self.validity,
@@ -112,6 +114,8 @@ class EnrollmentService:
                 continue
             log.info("issued serial=%s subject=%s protocol=%s txn=%s", rec.serial, rec.subject,
                      protocol, transaction_id)
+            for listener in self.issued_listeners:
+                listener(rec)
             return Issued(cert, rec)
         raise RuntimeError("could not draw an unused serial number")
 

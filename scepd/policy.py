@@ -28,6 +28,9 @@ PROFILES: dict[str, Profile] = {
     "agent": Profile("agent", (ExtendedKeyUsageOID.CLIENT_AUTH,)),
     "server": Profile("server", (ExtendedKeyUsageOID.SERVER_AUTH,)),
     "device": Profile("device", (ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH)),
+    # admin API client certificates (`scepd admin issue-cert`); the inventory's profile tells
+    # an admin certificate from an agent's
+    "admin": Profile("admin", (ExtendedKeyUsageOID.CLIENT_AUTH,)),
 }
 
 

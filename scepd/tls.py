@@ -107,10 +107,11 @@ class ServerCertificate:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.load_cert_chain(self.cert_path, self.key_path)
-        if client_auth:
-            ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.load_verify_locations(cadata=pem(self.material.root, *self.material.intermediates,
-                                                 self.material.cert))
+        # mTLS requires a client certificate; the HTTPS listener asks for an optional one (admin
+        # API clients present theirs, ACME clients none). Either way it must chain to our root.
+        ctx.verify_mode = ssl.CERT_REQUIRED if client_auth else ssl.CERT_OPTIONAL
+        ctx.load_verify_locations(cadata=pem(self.material.root, *self.material.intermediates,
+                                             self.material.cert))
         self._contexts.append(ctx)
         return ctx
 

@@ -29,6 +29,7 @@ from ..errors import (BadCertId, BadRequest, BadTime, ForbiddenAlgorithm, Malfor
                       RenewalRefused, RequestRejected, ScepdError, UnknownTransaction,
                       UnsupportedMessageType, UnverifiableMessage, mapping_for)
 from ..external_check import CheckRequest, ExternalCheck
+from ..logctx import set_transaction_id
 from ..renewal import RenewalPolicy, RenewalSettings
 from ..store import StoreNotFound
 from ..pki import CaMaterial
@@ -133,6 +134,7 @@ class ScepService:
         # RSA and CMS work runs in worker threads (pyca/cryptography releases the GIL), so the
         # event loop keeps serving and a second core is used.
         msg = await asyncio.to_thread(wire.decode_pki_message, message_der)  # raises HTTP_ERRORS
+        set_transaction_id(msg.transaction_id)  # on every log line from here on
         digest = msg.digest if self._digest_allowed(msg.digest) else "sha256"
         try:
             self._check_algorithms(msg)

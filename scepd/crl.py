@@ -1,0 +1,209 @@
+"""CRLs (RFC 5280 §5): one per issuing CA, DER, regenerated when stale or when revocations change.
+
+The state of each CA's CRL (its number, validity and the DER last published) lives in the store,
+so the CRL number increments monotonically across restarts, processes and replicas. A CRL is
+current while it covers every revocation in the store and less than half of its validity has
+passed ("regenerated well before nextUpdate"). Revocations made by another process (the
+`scepd certs revoke` CLI, another replica) are noticed by a cheap indexed COUNT of revoked
+certificates on each request: revocation is one-way, so the count changes exactly when the set
+changes. Revoked certificates stay listed after they expire.
+"""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from .clock import Clock
+from .errors import NotFound
+from .revocation import RevocationReason
+from .store import CertificateRecord, SqlStore, register_migrations
+from .store.sql import _aware, _naive, certificates
+
+log = logging.getLogger("scepd.crl")
+
+_meta = sa.MetaData()
+
+crl_state = sa.Table(
+    "crl_state", _meta,
+    sa.Column("ca_id", sa.String(32), primary_key=True),
+    sa.Column("crl_number", sa.BigInteger, nullable=False),
+    sa.Column("this_update", sa.DateTime, nullable=False),
+    sa.Column("next_update", sa.DateTime, nullable=False),
+    sa.Column("revoked_count", sa.Integer, nullable=False),
+    sa.Column("der", sa.LargeBinary, nullable=False),
+)
+
+register_migrations("ops", [(1, [crl_state])])
+
+DEFAULT_VALIDITY = dt.timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class Signer:
+    """An issuing CA that publishes a CRL and answers OCSP for its certificates."""
+
+    cert: x509.Certificate
+    key: rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+    @property
+    def ca_id(self) -> str:
+        from .pki import ca_id_of
+        return ca_id_of(self.cert)
+
+
+@dataclass(frozen=True)
+class PublishedCrl:
+    ca_id: str
+    number: int
+    this_update: dt.datetime
+    next_update: dt.datetime
+    revoked_count: int
+    der: bytes
+
+    def current(self, now: dt.datetime, revoked_count: int) -> bool:
+        half = (self.next_update - self.this_update) / 2
+        return self.revoked_count == revoked_count and self.this_update <= now < self.this_update + half
+
+
+def _reason_flag(label: str | None) -> x509.ReasonFlags | None:
+    """The CRL entry reasonCode; absent for `unspecified` (RFC 5280 §5.3.1 SHOULD)."""
+    if not label:
+        return None
+    try:
+        reason = RevocationReason.parse(label)
+    except Exception:
+        return None
+    if reason is RevocationReason.UNSPECIFIED:
+        return None
+    return {
+        RevocationReason.KEY_COMPROMISE: x509.ReasonFlags.key_compromise,
+        RevocationReason.CA_COMPROMISE: x509.ReasonFlags.ca_compromise,
+        RevocationReason.AFFILIATION_CHANGED: x509.ReasonFlags.affiliation_changed,
+        RevocationReason.SUPERSEDED: x509.ReasonFlags.superseded,
+        RevocationReason.CESSATION_OF_OPERATION: x509.ReasonFlags.cessation_of_operation,
+        RevocationReason.CERTIFICATE_HOLD: x509.ReasonFlags.certificate_hold,
+        RevocationReason.REMOVE_FROM_CRL: x509.ReasonFlags.remove_from_crl,
+        RevocationReason.PRIVILEGE_WITHDRAWN: x509.ReasonFlags.privilege_withdrawn,
+        RevocationReason.AA_COMPROMISE: x509.ReasonFlags.aa_compromise,
+    }[reason]
+
+
+def authority_key_identifier(cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    try:
+        ski = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
+    except x509.ExtensionNotFound:
+        return x509.AuthorityKeyIdentifier.from_issuer_public_key(cert.public_key())  # type: ignore[arg-type]
+
+
+def build_crl(signer: Signer, revoked: list[CertificateRecord], number: int, this_update: dt.datetime,
+              next_update: dt.datetime) -> bytes:
+    """Sign one CRL (v2, SHA-256): CRL number, AKI, one entry per revoked certificate."""
+    builder = (x509.CertificateRevocationListBuilder()
+               .issuer_name(signer.cert.subject)
+               .last_update(this_update)
+               .next_update(next_update)
+               .add_extension(x509.CRLNumber(number), critical=False)
+               .add_extension(authority_key_identifier(signer.cert), critical=False))
+    for rec in revoked:
+        entry = (x509.RevokedCertificateBuilder().serial_number(int(rec.serial, 16))
+                 .revocation_date(rec.revoked_at or this_update))
+        flag = _reason_flag(rec.revocation_reason)
+        if flag is not None:
+            entry = entry.add_extension(x509.CRLReason(flag), critical=False)
+        builder = builder.add_revoked_certificate(entry.build())
+    return builder.sign(signer.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
+
+
+def _published(row) -> PublishedCrl:
+    m = row._mapping
+    return PublishedCrl(ca_id=m["ca_id"], number=int(m["crl_number"]), this_update=_aware(m["this_update"]),
+                        next_update=_aware(m["next_update"]), revoked_count=int(m["revoked_count"]),
+                        der=bytes(m["der"]))
+
+
+class CrlService:
+    """`current_der()` is what HTTP (/crl/<ca-id>.crl) and SCEP GetCRL serve."""
+
+    def __init__(self, store: SqlStore, clock: Clock, signers: list[Signer],
+                 validity: dt.timedelta = DEFAULT_VALIDITY):
+        if not signers:
+            raise ValueError("a CRL service needs at least one issuing CA")
+        if validity <= dt.timedelta(0):
+            raise ValueError("CRL validity must be positive")
+        self.store = store
+        self.clock = clock
+        self.signers = {s.ca_id: s for s in signers}
+        self.default_ca_id = signers[0].ca_id
+        self.validity = validity
+        self._cache: dict[str, PublishedCrl] = {}
+        self._lock = asyncio.Lock()
+        #: called with (PublishedCrl) after each newly signed CRL (metrics)
+        self.listeners: list = []
+
+    async def revoked_count(self, ca_id: str) -> int:
+        """Indexed (ca_id, status) COUNT: the cheap "did revocations change?" check."""
+        async with self.store.engine.connect() as conn:
+            return int((await conn.execute(sa.select(sa.func.count()).select_from(certificates).where(
+                certificates.c.ca_id == ca_id, certificates.c.status == "revoked"))).scalar_one())
+
+    async def current(self, ca_id: str | None = None) -> PublishedCrl:
+        ca_id = ca_id or self.default_ca_id
+        if ca_id not in self.signers:
+            raise NotFound("no CRL for that CA")
+        now = self.clock.now()
+        count = await self.revoked_count(ca_id)
+        cached = self._cache.get(ca_id)
+        if cached is not None and cached.current(now, count):
+            return cached
+        async with self._lock:
+            return await self._refresh(ca_id)
+
+    async def current_der(self, ca_id: str | None = None) -> bytes:
+        return (await self.current(ca_id)).der
+
+    async def on_revocation(self, rec: CertificateRecord, _reason) -> None:
+        """RevocationService listener: publish a CRL with the new entry now."""
+        if rec.ca_id in self.signers:
+            await self.current(rec.ca_id)
+
+    async def _refresh(self, ca_id: str) -> PublishedCrl:
+        signer = self.signers[ca_id]
+        async with self.store.transaction() as tx:
+            conn = tx.connection
+            row = (await conn.execute(sa.select(crl_state).where(crl_state.c.ca_id == ca_id)
+                                      .with_for_update())).first()
+            previous = _published(row) if row is not None else None
+            revoked_rows = (await conn.execute(sa.select(certificates).where(
+                certificates.c.ca_id == ca_id, certificates.c.status == "revoked").order_by(
+                certificates.c.revoked_at))).all()
+            from .store.sql import _cert_record
+            revoked = [_cert_record(r) for r in revoked_rows]
+            now = self.clock.now()
+            if previous is not None and previous.current(now, len(revoked)):
+                self._cache[ca_id] = previous  # another process or replica published it already
+                return previous
+            number = (previous.number if previous else 0) + 1
+            this_update = now.replace(microsecond=0)
+            next_update = this_update + self.validity
+            der = await asyncio.to_thread(build_crl, signer, revoked, number, this_update, next_update)
+            values = dict(crl_number=number, this_update=_naive(this_update),
+                          next_update=_naive(next_update), revoked_count=len(revoked), der=der)
+            if previous is None:
+                await conn.execute(crl_state.insert().values(ca_id=ca_id, **values))
+            else:
+                await conn.execute(crl_state.update().where(crl_state.c.ca_id == ca_id).values(**values))
+        published = PublishedCrl(ca_id, number, this_update, next_update, len(revoked), der)
+        self._cache[ca_id] = published
+        log.info("CRL published ca=%s number=%s entries=%s next_update=%s", ca_id, number,
+                 len(revoked), next_update.isoformat())
+        for listener in self.listeners:
+            listener(published)
+        return published

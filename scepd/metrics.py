@@ -1,0 +1,127 @@
+"""Prometheus metrics: one CollectorRegistry per Services (tests build many apps).
+
+Counters and histograms are process-local and updated as things happen; gauges that describe
+the inventory (active, expiring within 30/7/1 days, pending approvals) are computed at scrape
+time with indexed COUNT queries. Other components report through the small API below:
+`acme_problem(type)`, `scep_observer(...)`, `issued(record)`, `revoked(reason)`; gauges for
+tables they own are filled by scrape hooks (`add_scrape_hook(async fn(metrics))`).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from typing import Awaitable, Callable
+
+import sqlalchemy as sa
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .clock import Clock
+from .errors import FailInfo
+from .store import CertificateRecord, SqlStore
+from .store.sql import _naive, certificates
+
+log = logging.getLogger("scepd.metrics")
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+EXPIRY_WINDOWS = (30, 7, 1)
+
+_FAIL_INFO_NAMES = {int(f): name for f, name in (
+    (FailInfo.BAD_ALG, "badAlg"), (FailInfo.BAD_MESSAGE_CHECK, "badMessageCheck"),
+    (FailInfo.BAD_REQUEST, "badRequest"), (FailInfo.BAD_TIME, "badTime"),
+    (FailInfo.BAD_CERT_ID, "badCertId"))}
+
+_SCEP_OPERATIONS = {"getcacaps", "getcacert", "pkioperation", "getnextcacert"}
+
+
+class Metrics:
+    def __init__(self, store: SqlStore, clock: Clock):
+        self.store = store
+        self.clock = clock
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.issued_total = Counter("scepd_certificates_issued", "Certificates issued",
+                                    ["protocol", "profile"], registry=r)
+        self.revoked_total = Counter("scepd_certificates_revoked", "Certificates revoked", ["reason"],
+                                     registry=r)
+        self.active = Gauge("scepd_certificates_active", "Valid (not revoked, not expired) certificates",
+                            registry=r)
+        self.expiring = Gauge("scepd_certificates_expiring", "Valid certificates expiring within N days",
+                              ["within_days"], registry=r)
+        self.request_seconds = Histogram("scepd_http_request_duration_seconds", "HTTP request latency",
+                                         ["endpoint", "method"], registry=r)
+        self.scep_seconds = Histogram("scepd_scep_operation_duration_seconds", "SCEP operation latency",
+                                      ["operation"], registry=r)
+        self.scep_failures = Counter("scepd_scep_failures", "SCEP CertRep FAILURE replies by failInfo",
+                                     ["fail_info"], registry=r)
+        self.scep_refused = Counter("scepd_scep_refused", "SCEP requests refused with HTTP 4xx",
+                                    ["operation"], registry=r)
+        self.acme_problems = Counter("scepd_acme_problems", "ACME problem documents by type", ["type"],
+                                     registry=r)
+        self.pending = Gauge("scepd_pending_approvals", "Requests waiting for approval", registry=r)
+        self.agents_seen = Gauge("scepd_agents_seen", "Agents seen within a window", ["within"],
+                                 registry=r)
+        self.ocsp_responses = Counter("scepd_ocsp_responses", "OCSP responses by status", ["status"],
+                                      registry=r)
+        self.crl_number = Gauge("scepd_crl_number", "Number of the newest CRL", ["ca_id"], registry=r)
+        self.crl_next_update = Gauge("scepd_crl_next_update_timestamp_seconds",
+                                     "nextUpdate of the newest CRL", ["ca_id"], registry=r)
+        for within in ("1h", "24h"):
+            self.agents_seen.labels(within=within).set(0)
+        self._hooks: list[Callable[["Metrics"], Awaitable[None]]] = []
+
+    # --- the API other components call ------------------------------------------------------
+
+    def issued(self, record: CertificateRecord) -> None:
+        self.issued_total.labels(protocol=record.protocol, profile=record.profile).inc()
+
+    async def on_revocation(self, record: CertificateRecord, reason) -> None:
+        self.revoked(reason.label)
+
+    def revoked(self, reason: str) -> None:
+        self.revoked_total.labels(reason=reason).inc()
+
+    def acme_problem(self, problem_type: str) -> None:
+        self.acme_problems.labels(type=problem_type.rsplit(":", 1)[-1]).inc()
+
+    def scep_observer(self, operation: str, outcome, seconds: float) -> None:
+        """ScepHandler's observer(operation, outcome|None, seconds)."""
+        op = operation if operation in _SCEP_OPERATIONS else "other"
+        self.scep_seconds.labels(operation=op).observe(seconds)
+        if outcome is not None and outcome.fail_info is not None:
+            self.scep_failures.labels(fail_info=_FAIL_INFO_NAMES.get(outcome.fail_info, "other")).inc()
+
+    def observe_request(self, endpoint: str, method: str, seconds: float) -> None:
+        self.request_seconds.labels(endpoint=endpoint, method=method).observe(seconds)
+
+    def crl_published(self, published) -> None:
+        self.crl_number.labels(ca_id=published.ca_id).set(published.number)
+        self.crl_next_update.labels(ca_id=published.ca_id).set(published.next_update.timestamp())
+
+    def add_scrape_hook(self, hook: Callable[["Metrics"], Awaitable[None]]) -> None:
+        self._hooks.append(hook)
+
+    # --- scrape ---------------------------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        now = self.clock.now()
+        valid = sa.and_(certificates.c.status == "valid", certificates.c.not_after > _naive(now))
+        count = sa.select(sa.func.count()).select_from(certificates)
+        async with self.store.engine.connect() as conn:
+            self.active.set((await conn.execute(count.where(valid))).scalar_one())
+            for days in EXPIRY_WINDOWS:
+                soon = certificates.c.not_after <= _naive(now + dt.timedelta(days=days))
+                self.expiring.labels(within_days=str(days)).set(
+                    (await conn.execute(count.where(valid, soon))).scalar_one())
+        count_pending = getattr(self.store, "count_pending", None)
+        if count_pending is not None:
+            self.pending.set(await count_pending())
+        for hook in self._hooks:
+            try:
+                await hook(self)
+            except Exception:  # a broken hook must not break the scrape
+                log.exception("metrics scrape hook failed")
+
+    async def render(self) -> bytes:
+        await self.refresh()
+        return generate_latest(self.registry)

@@ -1,0 +1,116 @@
+"""Assembly of the operations services (CRL, OCSP, metrics) onto Services, and their HTTP routes.
+
+Kept out of app.py so the shared factory only gains two calls. The HTTP handlers are thin:
+bytes in, service call, bytes out.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+
+from aiohttp import web
+
+from .config import ConfigError, parse_duration
+from .crl import CrlService, Signer
+from .errors import NotFound
+from .logctx import new_request_id, request_id, transaction_id
+from .metrics import CONTENT_TYPE, Metrics
+from .ocsp import MAX_REQUEST_BYTES, OcspResponder
+
+
+def attach_ops(services, previous: list[tuple[object, object]] = ()) -> None:
+    """Build services.crl / .ocsp / .metrics and hook them to revocation and issuance."""
+    material = services.ca_material
+    signers = [Signer(material.cert, material.key)] + [Signer(c, k) for c, k in previous]  # type: ignore[arg-type]
+    validity = getattr(services.config.ca, "crl_validity", "24h")
+    try:
+        crl_validity = parse_duration(validity)
+    except ConfigError:
+        raise
+    services.metrics = Metrics(services.store, services.clock)
+    services.crl = CrlService(services.store, services.clock, signers, crl_validity)
+    services.ocsp = OcspResponder(services.store, services.clock, signers)
+    services.crl.listeners.append(services.metrics.crl_published)
+    services.revocation.listeners.append(services.crl.on_revocation)
+    services.revocation.listeners.append(services.metrics.on_revocation)
+    listeners = getattr(services.enrollment, "issued_listeners", None)
+    if listeners is not None:
+        listeners.append(services.metrics.issued)
+    if getattr(services.scep, "crl_provider", "absent") is None:
+        services.scep.crl_provider = services.crl.current_der  # SCEP GetCRL
+
+
+def context_middleware(metrics: Metrics | None):
+    """Request id + transaction id context for logs, and latency by route for metrics."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler):
+        rid = request_id.set(new_request_id())
+        tid = transaction_id.set(None)
+        started = time.monotonic()
+        try:
+            return await handler(request)
+        finally:
+            if metrics is not None:
+                info = request.match_info
+                resource = info.route.resource if info is not None and info.route else None
+                endpoint = resource.canonical if resource is not None else "unmatched"
+                metrics.observe_request(endpoint, request.method, time.monotonic() - started)
+            transaction_id.reset(tid)
+            request_id.reset(rid)
+
+    return middleware
+
+
+def add_ops_routes(app: web.Application, services) -> None:
+    """Plain-HTTP routes: /crl/<ca-id>.crl, /ocsp (GET and POST), /metrics."""
+    app.middlewares.append(context_middleware(services.metrics))
+    crl: CrlService = services.crl
+    responder: OcspResponder = services.ocsp
+    metrics: Metrics = services.metrics
+
+    async def get_crl(request: web.Request) -> web.Response:
+        try:
+            published = await crl.current(request.match_info["ca_id"])
+        except NotFound:
+            raise web.HTTPNotFound(text="unknown CA\n") from None
+        remaining = int((published.next_update - services.clock.now()).total_seconds())
+        headers = {"Cache-Control": f"public, max-age={max(0, min(remaining, 3600))}",
+                   "Last-Modified": published.this_update.strftime("%a, %d %b %Y %H:%M:%S GMT"),
+                   "Expires": published.next_update.strftime("%a, %d %b %Y %H:%M:%S GMT")}
+        return web.Response(body=published.der, content_type="application/pkix-crl", headers=headers)
+
+    async def _answer(der: bytes) -> web.Response:
+        answer = await responder.respond(der)
+        metrics.ocsp_responses.labels(status=answer.status).inc()
+        headers = {"Cache-Control": f"public, max-age={answer.max_age}, no-transform" if answer.max_age
+                   else "no-cache, no-store"}
+        return web.Response(body=answer.der, content_type="application/ocsp-response", headers=headers)
+
+    async def ocsp_post(request: web.Request) -> web.Response:
+        body = await request.content.read(MAX_REQUEST_BYTES + 1)
+        return await _answer(body if len(body) <= MAX_REQUEST_BYTES else b"")
+
+    async def ocsp_get(request: web.Request) -> web.Response:
+        text = request.match_info["request"].strip()
+        text = text.replace(" ", "+").replace("-", "+").replace("_", "/")
+        try:
+            der = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+        except (binascii.Error, ValueError):
+            der = b""
+        return await _answer(der)
+
+    async def get_metrics(_request: web.Request) -> web.Response:
+        body = await metrics.render()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    app.router.add_get("/crl/{ca_id}.crl", get_crl)
+    app.router.add_post("/ocsp", ocsp_post)
+    app.router.add_get("/ocsp/{request:.+}", ocsp_get)
+    app.router.add_get("/metrics", get_metrics)
+
+
+def add_https_context(app: web.Application, services) -> None:
+    """The HTTPS listener gets the same log context and latency metrics."""
+    app.middlewares.append(context_middleware(getattr(services, "metrics", None)))
