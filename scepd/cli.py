@@ -542,14 +542,32 @@ def audit() -> None:
 @audit.command("list")
 @STATE_DIR
 @click.option("--limit", default=50, show_default=True)
-def audit_list(state_dir, limit):
+@click.option("--event", default=None, help="Only this event (e.g. certificate.revoked; 'certificate.*' = prefix).")
+@click.option("--serial", default=None, help="Only records about this certificate serial (hex).")
+@click.option("--since", default=None, help="Only records at/after an ISO 8601 time or a duration ago (24h, 7d).")
+def audit_list(state_dir, limit, event, serial, since):
     """Newest audit records first, one JSON object a line."""
+    from .admin import normalize_serial
+    from .audit import audit_json, list_audit, parse_since
+    from .errors import ScepdError
     cfg = _load_config(state_dir)
-    for rec in asyncio.run(_with_store(cfg, lambda s: s.list_audit(limit))):
-        click.echo(json.dumps({"id": rec.id, "at": rec.at.isoformat(), "event": rec.event,
-                               "subject": rec.subject, "serial": rec.serial, "actor": rec.actor,
-                               "details": rec.details}, sort_keys=True))
+    try:
+        since_at = parse_since(since, SystemClock().now()) if since else None
+        key = normalize_serial(serial) if serial else None
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    except ScepdError as exc:
+        _fail(exc.detail)
+        return
+    records = asyncio.run(_with_store(cfg, lambda s: list_audit(s, event=event, serial=key, since=since_at,
+                                                                limit=limit)))
+    for rec in records:
+        click.echo(json.dumps(audit_json(rec), sort_keys=True))
 
+
+from .admin_cli import admin as _admin_group  # noqa: E402
+main.add_command(_admin_group)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

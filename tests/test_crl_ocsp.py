@@ -1,0 +1,270 @@
+"""CRLs and the OCSP responder through the real app factory, checked by cryptography and openssl."""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import os
+import subprocess
+from urllib.parse import quote
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding
+from cryptography.x509 import ocsp
+
+from scepd import config as config_mod
+from scepd.app import create_app, open_services
+from scepd.revocation import RevocationReason
+
+from .helpers import make_csr, rsa_key
+from .test_revocation_tls import _issue
+
+
+def _verify_signed_by(ca: x509.Certificate, signature: bytes, data: bytes) -> None:
+    ca.public_key().verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+
+
+async def _crl(client, services) -> x509.CertificateRevocationList:
+    resp = await client.get(f"/crl/{services.authority.ca_id}.crl")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"] == "application/pkix-crl"
+    return x509.load_der_x509_crl(await resp.read())
+
+
+def _number(crl: x509.CertificateRevocationList) -> int:
+    return crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+
+
+# --- CRL --------------------------------------------------------------------------------------
+
+async def test_crl_contents_and_url_matches_certificates(client, services):
+    good = await _issue(services, "crl-good", rsa_key(0))
+    bad = await _issue(services, "crl-bad", rsa_key(1))
+    other = await _issue(services, "crl-other", rsa_key(2))
+    # the URL we serve is the one in every certificate's CRL distribution point
+    cdp = good.cert.extensions.get_extension_for_class(x509.CRLDistributionPoints).value
+    assert cdp[0].full_name[0].value.endswith(f"/crl/{services.authority.ca_id}.crl")
+
+    empty = await _crl(client, services)
+    assert len(empty) == 0 and _number(empty) == 1
+    await services.revocation.revoke(bad.record.serial, RevocationReason.KEY_COMPROMISE, "test")
+    await services.revocation.revoke(other.record.serial, RevocationReason.UNSPECIFIED, "test")
+
+    crl = await _crl(client, services)
+    ca = services.ca_material.cert
+    assert crl.is_signature_valid(ca.public_key())
+    assert crl.issuer == ca.subject
+    assert _number(crl) == 3  # one new CRL per revocation, numbers only go up
+    assert crl.last_update_utc == services.clock.now()
+    assert crl.next_update_utc - crl.last_update_utc == dt.timedelta(hours=24)
+    aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    assert aki.key_identifier == ski.digest
+    entry = crl.get_revoked_certificate_by_serial_number(bad.cert.serial_number)
+    assert entry is not None and entry.revocation_date_utc == services.clock.now()
+    assert entry.extensions.get_extension_for_class(x509.CRLReason).value.reason == x509.ReasonFlags.key_compromise
+    unspecified = crl.get_revoked_certificate_by_serial_number(other.cert.serial_number)
+    assert unspecified is not None and len(unspecified.extensions) == 0  # RFC 5280: no reasonCode
+    assert crl.get_revoked_certificate_by_serial_number(good.cert.serial_number) is None
+    # SCEP GetCRL is served the same bytes
+    assert services.scep.crl_provider is not None
+    assert x509.load_der_x509_crl(await services.scep.crl_provider()) == crl
+
+
+async def test_crl_regenerated_before_next_update_and_number_persists(client, services, make_services):
+    first = await _crl(client, services)
+    assert _number(first) == 1
+    services.clock.advance(dt.timedelta(hours=11))
+    assert _number(await _crl(client, services)) == 1  # still fresh: the same CRL
+    services.clock.advance(dt.timedelta(hours=2))  # past half its validity: a new one
+    second = await _crl(client, services)
+    assert _number(second) == 2 and second.last_update_utc == services.clock.now()
+    assert second.next_update_utc > first.next_update_utc
+    # a second process on the same store continues the numbering
+    again = await make_services({"SCEPD_CA_CRL_VALIDITY": "2h"})
+    services.clock.advance(dt.timedelta(hours=13))
+    third = await again.crl.current()
+    assert third.number == 3 and third.next_update - third.this_update == dt.timedelta(hours=2)
+
+
+async def test_crl_notices_revocations_by_another_process(client, services, make_services):
+    issued = await _issue(services, "crl-cli", rsa_key(0))
+    assert _number(await _crl(client, services)) == 1
+    # `scepd certs revoke` runs in its own process: its RevocationService has no CRL listener
+    from scepd.revocation import RevocationService
+    await RevocationService(services.store, services.clock).revoke(
+        issued.record.serial, RevocationReason.SUPERSEDED, "cli")
+    crl = await _crl(client, services)
+    assert _number(crl) == 2
+    assert crl.get_revoked_certificate_by_serial_number(issued.cert.serial_number) is not None
+
+
+async def test_unknown_ca_crl_is_404(client):
+    assert (await client.get("/crl/0000000000000000.crl")).status == 404
+
+
+async def test_openssl_crl_check(client, services, tmp_path):
+    good = await _issue(services, "ossl-good", rsa_key(0))
+    bad = await _issue(services, "ossl-bad", rsa_key(1))
+    await services.revocation.revoke(bad.record.serial, RevocationReason.KEY_COMPROMISE, "test")
+    crl = await _crl(client, services)
+    pem = serialization.Encoding.PEM
+    (tmp_path / "crl.der").write_bytes(crl.public_bytes(serialization.Encoding.DER))
+    (tmp_path / "crl.pem").write_bytes(crl.public_bytes(pem))
+    (tmp_path / "root.pem").write_bytes(services.ca_material.root.public_bytes(pem))
+    (tmp_path / "ca.pem").write_bytes(services.ca_material.cert.public_bytes(pem))
+    (tmp_path / "good.pem").write_bytes(good.cert.public_bytes(pem))
+    (tmp_path / "bad.pem").write_bytes(bad.cert.public_bytes(pem))
+    out = subprocess.run(["openssl", "crl", "-inform", "DER", "-in", str(tmp_path / "crl.der"), "-noout",
+                          "-text"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "X509v3 CRL Number" in out.stdout and "Key Compromise" in out.stdout
+    assert format(bad.cert.serial_number, "X") in out.stdout.replace(":", "").upper()
+    at = str(int(services.clock.now().timestamp()) + 60)
+    base = ["openssl", "verify", "-attime", at, "-crl_check", "-CAfile", str(tmp_path / "root.pem"),
+            "-untrusted", str(tmp_path / "ca.pem"), "-CRLfile", str(tmp_path / "crl.pem")]
+    ok = subprocess.run(base + [str(tmp_path / "good.pem")], capture_output=True, text=True)
+    assert ok.returncode == 0 and ": OK" in ok.stdout, ok.stdout + ok.stderr
+    revoked = subprocess.run(base + [str(tmp_path / "bad.pem")], capture_output=True, text=True)
+    assert revoked.returncode != 0
+    assert "certificate revoked" in (revoked.stdout + revoked.stderr)
+
+
+# --- OCSP -------------------------------------------------------------------------------------
+
+def _request(cert, issuer, nonce: bytes | None = None, algorithm=hashes.SHA1()) -> bytes:
+    builder = ocsp.OCSPRequestBuilder().add_certificate(cert, issuer, algorithm)
+    if nonce is not None:
+        builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
+    return builder.build().public_bytes(serialization.Encoding.DER)
+
+
+async def _post(client, der: bytes) -> ocsp.OCSPResponse:
+    resp = await client.post("/ocsp", data=der, headers={"Content-Type": "application/ocsp-request"})
+    assert resp.status == 200
+    assert resp.headers["Content-Type"] == "application/ocsp-response"
+    return ocsp.load_der_ocsp_response(await resp.read())
+
+
+async def test_ocsp_good_revoked_unknown(client, services):
+    ca = services.ca_material.cert
+    good = await _issue(services, "ocsp-good", rsa_key(0))
+    bad = await _issue(services, "ocsp-bad", rsa_key(1))
+    await services.revocation.revoke(bad.record.serial, RevocationReason.KEY_COMPROMISE, "test")
+    aia = good.cert.extensions.get_extension_for_class(x509.AuthorityInformationAccess).value
+    assert any(d.access_location.value == services.authority.ocsp_url for d in aia)
+
+    nonce = os.urandom(16)
+    r = await _post(client, _request(good.cert, ca, nonce))
+    assert r.response_status == ocsp.OCSPResponseStatus.SUCCESSFUL
+    assert r.certificate_status == ocsp.OCSPCertStatus.GOOD
+    assert r.serial_number == good.cert.serial_number
+    assert r.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce == nonce
+    assert r.responder_key_hash == ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    _verify_signed_by(ca, r.signature, r.tbs_response_bytes)
+    assert r.next_update_utc - r.this_update_utc == dt.timedelta(hours=1)
+
+    r = await _post(client, _request(bad.cert, ca, algorithm=hashes.SHA256()))
+    assert r.certificate_status == ocsp.OCSPCertStatus.REVOKED
+    assert r.revocation_reason == x509.ReasonFlags.key_compromise
+    assert r.revocation_time_utc == services.clock.now()
+    _verify_signed_by(ca, r.signature, r.tbs_response_bytes)
+
+    unknown = ocsp.OCSPRequestBuilder().add_certificate_by_hash(
+        r.issuer_name_hash, r.issuer_key_hash, 12345678901234567890, hashes.SHA256()).build()
+    r = await _post(client, unknown.public_bytes(serialization.Encoding.DER))
+    assert r.certificate_status == ocsp.OCSPCertStatus.UNKNOWN
+
+
+async def test_ocsp_get_form(client, services):
+    ca = services.ca_material.cert
+    good = await _issue(services, "ocsp-get", rsa_key(0))
+    der = _request(good.cert, ca)
+    resp = await client.get("/ocsp/" + quote(base64.b64encode(der).decode(), safe=""))
+    assert resp.status == 200
+    assert "max-age=" in resp.headers["Cache-Control"]
+    r = ocsp.load_der_ocsp_response(await resp.read())
+    assert r.certificate_status == ocsp.OCSPCertStatus.GOOD
+
+
+async def test_ocsp_sees_revocation_by_another_process_at_once(client, services):
+    from scepd.revocation import RevocationService
+    ca = services.ca_material.cert
+    issued = await _issue(services, "ocsp-cli", rsa_key(0))
+    assert (await _post(client, _request(issued.cert, ca))).certificate_status == ocsp.OCSPCertStatus.GOOD
+    await RevocationService(services.store, services.clock).revoke(
+        issued.record.serial, RevocationReason.CESSATION_OF_OPERATION, "cli")
+    r = await _post(client, _request(issued.cert, ca))
+    assert r.certificate_status == ocsp.OCSPCertStatus.REVOKED
+    assert r.revocation_reason == x509.ReasonFlags.cessation_of_operation
+
+
+async def test_ocsp_foreign_issuer_is_unauthorized(client, services):
+    other = x509.load_der_x509_certificate((await _issue(services, "x", rsa_key(0))).record.der)
+    # ask about a certificate "issued by" the leaf itself: an issuer we do not serve
+    r = await _post(client, _request(other, other))
+    assert r.response_status == ocsp.OCSPResponseStatus.UNAUTHORIZED
+
+
+@pytest.mark.parametrize("body", [b"", b"\x30\x03\x02\x01\x01", b"not der at all", os.urandom(300),
+                                  b"\x30" + b"\x82\xff\xff" + b"\x00" * 20])
+async def test_ocsp_malformed_post_is_malformed_request_never_500(client, body):
+    resp = await client.post("/ocsp", data=body)
+    assert resp.status == 200
+    r = ocsp.load_der_ocsp_response(await resp.read())
+    assert r.response_status == ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+
+
+@pytest.mark.parametrize("tail", ["!!!", "AAAA", "%ZZ", "a" * 5000])
+async def test_ocsp_malformed_get_never_500(client, tail):
+    resp = await client.get("/ocsp/" + tail)
+    assert resp.status in (200, 400, 404)
+    if resp.status == 200:
+        r = ocsp.load_der_ocsp_response(await resp.read())
+        assert r.response_status == ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+
+
+async def test_ocsp_oversized_nonce_is_malformed(client, services):
+    ca = services.ca_material.cert
+    good = await _issue(services, "nonce", rsa_key(0))
+    r = await _post(client, _request(good.cert, ca, os.urandom(64)))
+    assert r.response_status == ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+
+
+async def test_previous_ca_after_rollover_keeps_crl_and_ocsp(state_dir, clock, aiohttp_client):
+    """Certificates of a previous issuing CA (after `ca activate-next`) still get CRL and OCSP."""
+    from scepd import pki
+    cfg = config_mod.load(state_dir, environ={})
+    services = await open_services(cfg, clock)
+    try:
+        old = await _issue(services, "before-rollover", rsa_key(0))
+        old_ca = services.ca_material.cert
+    finally:
+        await services.close()
+    pki.rollover(state_dir, clock, (state_dir / "ca" / "root.key").read_bytes(), None, None)
+    pki.activate_next(state_dir)
+    services = await open_services(cfg, clock)
+    try:
+        assert services.authority.ca_id != old.record.ca_id
+        await services.revocation.revoke(old.record.serial, RevocationReason.KEY_COMPROMISE, "test")
+        client = await aiohttp_client(create_app(services))
+        resp = await client.get(f"/crl/{old.record.ca_id}.crl")
+        assert resp.status == 200
+        crl = x509.load_der_x509_crl(await resp.read())
+        assert crl.issuer == old_ca.subject and crl.is_signature_valid(old_ca.public_key())
+        assert crl.get_revoked_certificate_by_serial_number(old.cert.serial_number) is not None
+        r = await _post(client, _request(old.cert, old_ca))
+        assert r.certificate_status == ocsp.OCSPCertStatus.REVOKED
+        _verify_signed_by(old_ca, r.signature, r.tbs_response_bytes)
+    finally:
+        await services.close()
+
+
+async def test_readyz_checks_ca_key(client, services):
+    assert (await client.get("/readyz")).status == 200
+    from dataclasses import replace
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    services.ca_material = replace(services.ca_material, key=rsa.generate_private_key(65537, 2048))
+    resp = await client.get("/readyz")
+    assert resp.status == 503 and "CA key" in await resp.text()
