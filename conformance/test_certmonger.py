@@ -38,6 +38,9 @@ def test_certmonger_enrolls_over_get_with_aes(server, tmp_path):
     assert cert.subject.rfc4514_string() == "CN=cm-host1"
     records = server.scepd("certs", "show", format(cert.serial_number, "x"))
     assert '"protocol": "scep"' in records
+    serial = format(cert.serial_number, "x")
+    [line] = [ln for ln in server.log_text().splitlines() if f"serial={serial}" in ln and "PKIOperation" in ln]
+    assert "PKIOperation GET type=19 status=SUCCESS" in line and "cipher=aes-256-cbc" in line
 
 
 def test_certmonger_wrong_challenge_is_rejected(server, tmp_path):
