@@ -355,17 +355,9 @@ def challenge_create(state_dir, ttl, cn_pattern):
         _fail(str(exc))
     cfg = _load_config(state_dir)
 
-    async def _run() -> str:
-        from .challenges import ChallengeService
-        from .store import SqlStore
-        store = await SqlStore.open(cfg.database_url)
-        try:
-            return await ChallengeService(store, SystemClock()).create(lifetime, cn_pattern)
-        finally:
-            await store.close()
     if not pki.exists(state_dir):
         _fail(f"no CA in {state_dir}; run `scepd init --state-dir {state_dir}`")
-    click.echo(asyncio.run(_run()))
+    click.echo(asyncio.run(_with_services(cfg, lambda sv: sv.challenges.create(lifetime, cn_pattern))))
 
 
 # --- certificates -----------------------------------------------------------------------------
@@ -383,6 +375,19 @@ def _cert_json(rec, now: dt.datetime) -> dict:
             "transaction_id": rec.transaction_id, "requester": rec.requester, "ca_id": rec.ca_id,
             "issued_at": rec.issued_at.isoformat(), "revoked_at": rec.revoked_at.isoformat()
             if rec.revoked_at else None, "revocation_reason": rec.revocation_reason}
+
+
+async def _with_services(cfg, fn):
+    """The same services the server runs (CLI and server share one service layer)."""
+    from .app import open_services
+    try:
+        services = await open_services(cfg)
+    except pki.PkiError as exc:
+        _fail(str(exc))
+    try:
+        return await fn(services)
+    finally:
+        await services.close()
 
 
 async def _with_store(cfg, fn):
@@ -450,18 +455,13 @@ def certs_show(state_dir, serial, as_pem):
 def certs_revoke(state_dir, serial, reason):
     """Revoke a certificate (recorded before this returns)."""
     from .errors import ScepdError
-    from .revocation import RevocationReason, RevocationService
-    from .store import SqlStore
+    from .revocation import RevocationReason
     cfg = _load_config(state_dir)
     key = serial.lower().removeprefix("0x").replace(":", "").lstrip("0") or "0"
 
     async def _run():
-        store = await SqlStore.open(cfg.database_url)
-        try:
-            return await RevocationService(store, SystemClock()).revoke(
-                key, RevocationReason.parse(reason), actor="cli")
-        finally:
-            await store.close()
+        return await _with_services(cfg, lambda sv: sv.revocation.revoke(
+            key, RevocationReason.parse(reason), actor="cli"))
     try:
         rec = asyncio.run(_run())
     except ScepdError as exc:
@@ -473,15 +473,6 @@ def certs_revoke(state_dir, serial, reason):
 @main.group()
 def pending() -> None:
     """Requests waiting for approval (scep.require_approval)."""
-
-
-async def _with_enrollment(cfg, fn):
-    from .app import open_services
-    services = await open_services(cfg)
-    try:
-        return await fn(services)
-    finally:
-        await services.close()
 
 
 @pending.command("list")
@@ -511,7 +502,7 @@ def pending_approve(state_dir, pending_id):
     from .errors import ScepdError
     cfg = _load_config(state_dir)
     try:
-        issued = asyncio.run(_with_enrollment(cfg, lambda s: s.enrollment.approve_pending(pending_id, "cli")))
+        issued = asyncio.run(_with_services(cfg, lambda s: s.enrollment.approve_pending(pending_id, "cli")))
     except ScepdError as exc:
         _fail(exc.detail)
         return
@@ -527,7 +518,7 @@ def pending_reject(state_dir, pending_id, reason):
     from .errors import ScepdError
     cfg = _load_config(state_dir)
     try:
-        asyncio.run(_with_enrollment(cfg, lambda s: s.enrollment.reject_pending(pending_id, reason, "cli")))
+        asyncio.run(_with_services(cfg, lambda s: s.enrollment.reject_pending(pending_id, reason, "cli")))
     except ScepdError as exc:
         _fail(exc.detail)
         return

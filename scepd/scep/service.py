@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 import asyncio
+import dataclasses
 import hashlib
 from typing import Awaitable, Callable
 
@@ -69,6 +70,8 @@ class ScepOutcome:
     status: wire.PkiStatus
     fail_info: int | None = None
     serial: str | None = None
+    cipher: str | None = None
+    digest: str | None = None
 
 
 class ScepService:
@@ -131,6 +134,11 @@ class ScepService:
 
     async def pki_operation(self, message_der: bytes, requester: str | None = None
                             ) -> tuple[bytes, ScepOutcome]:
+        reply, outcome, msg = await self._pki_operation(message_der, requester)
+        return reply, dataclasses.replace(outcome, cipher=msg.envelope.cipher if msg.envelope else None,
+                                          digest=msg.digest)
+
+    async def _pki_operation(self, message_der: bytes, requester: str | None):
         # RSA and CMS work runs in worker threads (pyca/cryptography releases the GIL), so the
         # event loop keeps serving and a second core is used.
         msg = await asyncio.to_thread(wire.decode_pki_message, message_der)  # raises HTTP_ERRORS
@@ -143,13 +151,13 @@ class ScepService:
                 raise MalformedRequest("the message has no pkcsPKIEnvelope")
             data = await asyncio.to_thread(wire.open_envelope, msg.envelope, self.recipients)
             if msg.message_type in (wire.MessageType.PKCS_REQ, wire.MessageType.RENEWAL_REQ):
-                return await self._enroll(msg, data, digest, requester)
+                return (*await self._enroll(msg, data, digest, requester), msg)
             if msg.message_type == wire.MessageType.CERT_POLL:
-                return await self._poll(msg, data, digest)
+                return (*await self._poll(msg, data, digest), msg)
             if msg.message_type == wire.MessageType.GET_CERT:
-                return await self._get_cert(msg, data, digest)
+                return (*await self._get_cert(msg, data, digest), msg)
             if msg.message_type == wire.MessageType.GET_CRL:
-                return await self._get_crl(msg, data, digest)
+                return (*await self._get_crl(msg, data, digest), msg)
             raise UnsupportedMessageType(f"messageType {msg.message_type} is not supported")
         except NotForUs:
             raise
@@ -161,7 +169,7 @@ class ScepService:
                                sender_nonce=os.urandom(16), status=wire.PkiStatus.FAILURE,
                                fail_info=int(fail_info), fail_info_text=err.detail)
             return self._sign(rep, digest), ScepOutcome(msg.message_type, msg.transaction_id,
-                                                        wire.PkiStatus.FAILURE, int(fail_info))
+                                                        wire.PkiStatus.FAILURE, int(fail_info)), msg
 
     def _digest_allowed(self, digest: str) -> bool:
         return digest not in wire.LEGACY_DIGESTS or self.settings.legacy_algorithms
@@ -271,7 +279,7 @@ class ScepService:
         if self.crl_provider is None:
             raise BadRequest("no CRL is available")
         crl_der = await self.crl_provider()
-        body = wire.certs_and_crls_only([], [crl_der])
+        body = wire.certs_only([], [crl_der])
         envelope = wire.envelope_to(msg.signer_cert, body, msg.envelope.cipher)
         return self._reply_success(msg, envelope, digest, None)
 

@@ -89,6 +89,9 @@ class ScepHandler:
                     raise UnsupportedOperation("PKIOperation takes GET or POST")
                 remote = request.remote or "?"
                 reply, outcome = await self.service.pki_operation(message, requester=f"scep:{remote}")
+                log.info("PKIOperation %s type=%s status=%s txn=%s cipher=%s digest=%s serial=%s",
+                         request.method, outcome.message_type, outcome.status.name, outcome.transaction_id,
+                         outcome.cipher, outcome.digest, outcome.serial or "-")
                 return web.Response(body=reply, content_type="application/x-pki-message")
             if not operation:
                 raise UnsupportedOperation("missing operation parameter")
