@@ -172,3 +172,28 @@ async def test_logs_carry_transaction_id_and_never_the_challenge(client, service
     pem = services.ca_material.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                  serialization.NoEncryption()).decode()
     assert pem.splitlines()[1] not in text
+
+
+async def test_append_only_and_crl_numbers_on_both_backends(database_url, services):
+    """SQLite and PostgreSQL: the audit triggers refuse UPDATE/DELETE; two CRL services on one
+    database (two replicas) never reuse a CRL number."""
+    from scepd.crl import CrlService, Signer
+    from scepd.store import AuditRecord, SqlStore
+    store = await SqlStore.open(database_url)
+    try:
+        async with store.transaction() as tx:
+            await tx.audit(AuditRecord(at=services.clock.now(), event="test.event"))
+        for statement in (audit_table.update().values(event="forged"), audit_table.delete()):
+            with pytest.raises(sa.exc.DBAPIError, match="append-only"):
+                async with store.transaction() as tx:
+                    await tx.connection.execute(statement)
+        signer = Signer(services.ca_material.cert, services.ca_material.key)
+        replicas = [CrlService(store, services.clock, [signer]) for _ in range(2)]
+        numbers = []
+        for i in range(4):
+            services.clock.advance(dt.timedelta(hours=13))
+            numbers.append((await replicas[i % 2].current()).number)
+        assert numbers == [1, 2, 3, 4]
+        assert (await replicas[0].current()).number == 4  # fresh: the other replica's CRL is reused
+    finally:
+        await store.close()
