@@ -7,6 +7,7 @@ notice them on its own.
 """
 from __future__ import annotations
 
+import json
 import re
 import urllib.request
 
@@ -19,7 +20,8 @@ from .conftest import free_port, require, run, start_server, stop_server
 @pytest.fixture(scope="module")
 def status_server(tmp_path_factory):
     https_port = free_port()
-    s = start_server(tmp_path_factory.mktemp("ocsp-crl"), {"SCEPD_SERVER_HTTPS": f"127.0.0.1:{https_port}"})
+    s = start_server(tmp_path_factory.mktemp("ocsp-crl"), {"SCEPD_SERVER_HTTPS": f"127.0.0.1:{https_port}",
+                                                           "SCEPD_SERVER_LOG_FORMAT": "json"})
     s.https_port = https_port  # type: ignore[attr-defined]
     # CLI commands see the same configuration as the server (base URL of CRL/OCSP in certificates)
     s.env["SCEPD_SERVER_HTTP"] = f"127.0.0.1:{s.port}"
@@ -118,3 +120,13 @@ def test_metrics_and_readyz(status_server):
         text = resp.read().decode()
     assert "scepd_certificates_active" in text and 'scepd_certificates_expiring{within_days="30"}' in text
     assert re.search(r'scepd_ocsp_responses_total\{status="revoked"\} [1-9]', text)
+
+
+def test_json_logs_carry_transaction_id_and_no_secrets(status_server, tmp_path):
+    challenge = status_server.new_challenge()
+    _cert, _serial = _enroll_with_pki(status_server, tmp_path, "logged-device")
+    lines = [line for line in status_server.log_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    scep = [r for r in records if r["logger"].startswith("scepd.scep") or "protocol=scep" in r["message"]]
+    assert scep and all(r.get("transaction_id") and r.get("request_id") for r in scep), scep
+    assert status_server.challenge not in status_server.log_text() and challenge not in status_server.log_text()
