@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import urllib.request
 
 import pytest
@@ -130,3 +131,22 @@ def test_json_logs_carry_transaction_id_and_no_secrets(status_server, tmp_path):
     scep = [r for r in records if r["logger"].startswith("scepd.scep") or "protocol=scep" in r["message"]]
     assert scep and all(r.get("transaction_id") and r.get("request_id") for r in scep), scep
     assert status_server.challenge not in status_server.log_text() and challenge not in status_server.log_text()
+
+
+@pytest.mark.skipif(shutil.which("sscep") is None, reason="sscep is not on PATH (not packaged for Debian)")
+def test_sscep_getcrl_matches_published_crl(status_server, tmp_path):
+    """sscep getcrl (SCEP GetCRL, messageType 22) gets the same CRL the CDP URL serves."""
+    sscep = shutil.which("sscep")
+    cert, serial = _enroll_with_pki(status_server, tmp_path, "getcrl-device")
+    status_server.scepd("certs", "revoke", serial, "--reason", "affiliationChanged")
+    out = run([sscep, "getca", "-u", status_server.url, "-c", tmp_path / "ca.crt"], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = run([sscep, "getcrl", "-u", status_server.url, "-c", tmp_path / "ca.crt-0", "-k",
+               tmp_path / "getcrl-device.key", "-l", cert, "-w", tmp_path / "crl.pem"], cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    crl = x509.load_pem_x509_crl((tmp_path / "crl.pem").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(int(serial, 16)) is not None
+    leaf = x509.load_pem_x509_certificate(cert.read_bytes())
+    url = leaf.extensions.get_extension_for_class(x509.CRLDistributionPoints).value[0].full_name[0].value
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        assert x509.load_der_x509_crl(resp.read()) == crl

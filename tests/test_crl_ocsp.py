@@ -268,3 +268,27 @@ async def test_readyz_checks_ca_key(client, services):
     services.ca_material = replace(services.ca_material, key=rsa.generate_private_key(65537, 2048))
     resp = await client.get("/readyz")
     assert resp.status == 503 and "CA key" in await resp.text()
+
+
+async def test_scep_getcrl_serves_the_published_crl(client, services):
+    """SCEP GetCRL (messageType 22) through the app answers with the same CRL as /crl/."""
+    from asn1crypto import cms
+
+    from scepd.scep import der, wire
+
+    from .helpers import pkcs_req
+    key = rsa_key(0)
+    issued = await _issue(services, "getcrl", key)
+    revoked = await _issue(services, "getcrl-revoked", rsa_key(1))
+    await services.revocation.revoke(revoked.record.serial, RevocationReason.AFFILIATION_CHANGED, "test")
+    ca = services.ca_material.cert
+    msg, _, _ = pkcs_req(ca, key, der.seq(ca.subject.public_bytes(), der.integer(issued.cert.serial_number)),
+                         message_type=22, signer=(issued.cert, key))
+    resp = await client.post("/scep?operation=PKIOperation", data=msg)
+    rep = wire.decode_cert_rep(await resp.read())
+    assert rep.status == wire.PkiStatus.SUCCESS
+    inner = wire.open_envelope(rep.envelope, [wire.Recipient(issued.cert, key)])
+    signed = cms.ContentInfo.load(inner)["content"]
+    crl = x509.load_der_x509_crl(signed["crls"][0].dump())
+    assert crl == await _crl(client, services)
+    assert crl.get_revoked_certificate_by_serial_number(revoked.cert.serial_number) is not None
