@@ -88,4 +88,6 @@ class CertificateAuthority:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName([_general_name(s.kind, s.value) for s in req.sans]),
                 critical=not req.common_name)  # RFC 5280 §4.2.1.6: critical when subject is empty
+        if req.profile.ocsp_no_check:
+            builder = builder.add_extension(x509.OCSPNoCheck(), critical=False)
         return builder.sign(self.material.key, hashes.SHA256())

@@ -39,6 +39,9 @@ class CAConfig:
     key_passphrase_env: str = "SCEPD_CA_KEY_PASSPHRASE"
     #: CRL validity (nextUpdate - thisUpdate); a new CRL is signed after half of it has passed.
     crl_validity: str = "24h"
+    #: Sign OCSP responses with a delegated responder certificate (EKU OCSPSigning, ocsp-nocheck,
+    #: issued and renewed by the server) instead of the issuing CA key.
+    ocsp_delegated: bool = False
 
 
 @dataclass
@@ -171,6 +174,8 @@ default_validity = "90d"
 key_passphrase_env = "SCEPD_CA_KEY_PASSPHRASE"
 # CRL validity (nextUpdate); a new CRL is published after half of it, and on every revocation
 crl_validity = "24h"
+# sign OCSP responses with a delegated responder certificate instead of the CA key
+ocsp_delegated = false
 
 [scep]
 # shared challenge password; empty = none (use `scepd challenge create` one-time challenges)

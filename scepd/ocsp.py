@@ -2,7 +2,9 @@
 
 Each request names one certificate by (hash algorithm, issuer name hash, issuer key hash,
 serial). We answer for every issuing CA we hold (the current one and previous ones after a
-rollover), signed by that CA itself (an authorized responder per RFC 6960 §4.2.2.2 case 1):
+rollover), signed by that CA itself (RFC 6960 §4.2.2.2 case 1) or, with `[ca] ocsp_delegated`,
+for the current CA by a delegated responder certificate (case 3: EKU id-kp-OCSPSigning,
+id-pkix-ocsp-nocheck, issued through the ordinary enrollment path, renewed at 2/3 of its life):
   good     the certificate is in our inventory and not revoked (an expired one is still "good":
            OCSP reports revocation, not validity)
   revoked  with revocationTime and reason (absent for unspecified)
@@ -19,6 +21,7 @@ import datetime as dt
 import hashlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -64,13 +67,82 @@ def _error(status: ocsp.OCSPResponseStatus, label: str) -> OcspAnswer:
         serialization.Encoding.DER), label)
 
 
+class DelegatedResponder:
+    """DIR/ocsp/responder.pem and responder.key (0600): an OCSP signing certificate of the
+    current issuing CA, issued on first use and renewed once two thirds of its life have passed."""
+
+    def __init__(self, directory: Path, enrollment):
+        self.directory = directory
+        self.enrollment = enrollment
+        self.cert_path = directory / "responder.pem"
+        self.key_path = directory / "responder.key"
+        self._current: tuple[x509.Certificate, object] | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def ca_id(self) -> str:
+        return self.enrollment.ca.ca_id
+
+    def _load(self) -> tuple[x509.Certificate, object] | None:
+        try:
+            cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+            key = serialization.load_pem_private_key(self.key_path.read_bytes(), None)
+        except (FileNotFoundError, ValueError, TypeError):
+            return None
+        return cert, key
+
+    def _due(self, pair, now: dt.datetime) -> bool:
+        if pair is None:
+            return True
+        cert = pair[0]
+        if cert.issuer != self.enrollment.ca.material.cert.subject:
+            return True
+        lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
+        return now >= cert.not_valid_before_utc + lifetime * 2 / 3
+
+    async def current(self) -> tuple[x509.Certificate, object]:
+        now = self.enrollment.clock.now()
+        if not self._due(self._current, now):
+            return self._current  # type: ignore[return-value]
+        async with self._lock:
+            pair = self._current if not self._due(self._current, now) else self._load()
+            if self._due(pair, now):
+                pair = await self._issue()
+            self._current = pair
+            return pair  # type: ignore[return-value]
+
+    async def _issue(self) -> tuple[x509.Certificate, object]:
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        from .challenges import ChallengeGrant
+        from .csr import CsrFacts
+        from .pki import write_private, write_public
+        from .policy import PROFILES
+        key = ec.generate_private_key(ec.SECP256R1())
+        spki = key.public_key().public_bytes(serialization.Encoding.DER,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+        facts = CsrFacts(public_key=key.public_key(), spki_der=spki, common_name="scepd OCSP responder",
+                         subject_rfc4514="", sans=(), other_extensions=(), challenge_password=None)
+        request = self.enrollment.approve(facts, PROFILES["ocsp"])
+        issued = await self.enrollment.issue(request, ChallengeGrant("internal"), protocol="internal",
+                                             transaction_id=None, requester="scepd:ocsp",
+                                             spki_sha256=hashlib.sha256(spki).hexdigest())
+        write_private(self.key_path, key.private_bytes(serialization.Encoding.PEM,
+                                                       serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+        write_public(self.cert_path, issued.cert.public_bytes(serialization.Encoding.PEM))
+        log.info("OCSP responder certificate issued: serial=%s", issued.record.serial)
+        return issued.cert, key
+
+
 class OcspResponder:
     def __init__(self, store: SqlStore, clock: Clock, signers: list[Signer],
-                 lifetime: dt.timedelta = RESPONSE_LIFETIME):
+                 lifetime: dt.timedelta = RESPONSE_LIFETIME, delegate: DelegatedResponder | None = None):
         self.store = store
         self.clock = clock
         self.signers = list(signers)
         self.lifetime = lifetime
+        self.delegate = delegate
         self._index: dict[tuple[str, bytes, bytes], Signer] = {}
         for signer in self.signers:
             for algorithm in _HASHES:
@@ -105,10 +177,14 @@ class OcspResponder:
             serial_number=serial, algorithm=_CRYPTO_HASHES[algorithm](), cert_status=status,
             this_update=now, next_update=now + self.lifetime, revocation_time=revoked_at,
             revocation_reason=reason)
-        builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, signer.cert)
+        responder_cert, responder_key = signer.cert, signer.key
+        if self.delegate is not None and self.delegate.ca_id == signer.ca_id:
+            responder_cert, responder_key = await self.delegate.current()
+            builder = builder.certificates([responder_cert])  # so clients can check the delegation
+        builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, responder_cert)
         if nonce is not None:
             builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
-        response = await asyncio.to_thread(builder.sign, signer.key, hashes.SHA256())
+        response = await asyncio.to_thread(builder.sign, responder_key, hashes.SHA256())
         label = {ocsp.OCSPCertStatus.GOOD: "good", ocsp.OCSPCertStatus.REVOKED: "revoked",
                  ocsp.OCSPCertStatus.UNKNOWN: "unknown"}[status]
         # a response carrying the client's nonce is for that client only

@@ -30,7 +30,11 @@ def attach_ops(services, previous: list[tuple[object, object]] = ()) -> None:
         raise
     services.metrics = Metrics(services.store, services.clock)
     services.crl = CrlService(services.store, services.clock, signers, crl_validity)
-    services.ocsp = OcspResponder(services.store, services.clock, signers)
+    delegate = None
+    if getattr(services.config.ca, "ocsp_delegated", False):
+        from .ocsp import DelegatedResponder
+        delegate = DelegatedResponder(services.config.state_dir / "ocsp", services.enrollment)
+    services.ocsp = OcspResponder(services.store, services.clock, signers, delegate=delegate)
     services.crl.listeners.append(services.metrics.crl_published)
     services.revocation.listeners.append(services.crl.on_revocation)
     services.revocation.listeners.append(services.metrics.on_revocation)

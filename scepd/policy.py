@@ -22,6 +22,8 @@ class Profile:
     name: str
     extended_key_usages: tuple[ObjectIdentifier, ...]
     validity: dt.timedelta = dt.timedelta(days=90)
+    #: id-pkix-ocsp-nocheck (RFC 6960 §4.2.2.2.1): for delegated OCSP responder certificates
+    ocsp_no_check: bool = False
 
 
 PROFILES: dict[str, Profile] = {
@@ -31,6 +33,8 @@ PROFILES: dict[str, Profile] = {
     # admin API client certificates (`scepd admin issue-cert`); the inventory's profile tells
     # an admin certificate from an agent's
     "admin": Profile("admin", (ExtendedKeyUsageOID.CLIENT_AUTH,)),
+    # delegated OCSP responder (`[ca] ocsp_delegated`), renewed by the server
+    "ocsp": Profile("ocsp", (ExtendedKeyUsageOID.OCSP_SIGNING,), ocsp_no_check=True),
 }
 
 

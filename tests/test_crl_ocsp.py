@@ -292,3 +292,41 @@ async def test_scep_getcrl_serves_the_published_crl(client, services):
     crl = x509.load_der_x509_crl(signed["crls"][0].dump())
     assert crl == await _crl(client, services)
     assert crl.get_revoked_certificate_by_serial_number(revoked.cert.serial_number) is not None
+
+
+async def test_delegated_responder_signs_and_openssl_accepts(make_services, aiohttp_client, tmp_path):
+    from scepd.clock import SystemClock
+    services = await make_services({"SCEPD_CA_OCSP_DELEGATED": "1"})
+    real = SystemClock()  # openssl checks thisUpdate/nextUpdate against the real clock
+    services.enrollment.clock = services.ocsp.clock = real
+    client = await aiohttp_client(create_app(services))
+    ca = services.ca_material.cert
+    issued = await _issue(services, "delegated", rsa_key(0))
+    der = _request(issued.cert, ca)
+    resp = await client.post("/ocsp", data=der)
+    body = await resp.read()
+    r = ocsp.load_der_ocsp_response(body)
+    assert r.certificate_status == ocsp.OCSPCertStatus.GOOD
+    [responder] = r.certificates
+    assert responder.issuer == ca.subject and responder != ca
+    eku = responder.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [x509.oid.ExtendedKeyUsageOID.OCSP_SIGNING]
+    responder.extensions.get_extension_for_class(x509.OCSPNoCheck)
+    from cryptography.hazmat.primitives.asymmetric import ec
+    responder.public_key().verify(r.signature, r.tbs_response_bytes, ec.ECDSA(hashes.SHA256()))
+    rec = await services.store.get_certificate(format(responder.serial_number, "x"))
+    assert rec.profile == "ocsp"  # in the inventory like every certificate
+    # the same responder certificate is reused, not reissued per request
+    r2 = ocsp.load_der_ocsp_response(await (await client.post("/ocsp", data=der)).read())
+    assert r2.certificates[0] == responder
+    pem = serialization.Encoding.PEM
+    (tmp_path / "resp.der").write_bytes(body)
+    (tmp_path / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (tmp_path / "root.pem").write_bytes(services.ca_material.root.public_bytes(pem))
+    (tmp_path / "chain.pem").write_bytes(services.ca_material.root.public_bytes(pem) + ca.public_bytes(pem))
+    (tmp_path / "cert.pem").write_bytes(issued.cert.public_bytes(pem))
+    out = subprocess.run(["openssl", "ocsp", "-respin", str(tmp_path / "resp.der"), "-issuer",
+                          str(tmp_path / "ca.pem"), "-cert", str(tmp_path / "cert.pem"), "-CAfile",
+                          str(tmp_path / "chain.pem"), "-no_nonce"], capture_output=True, text=True)
+    assert "Response verify OK" in out.stdout + out.stderr, out.stdout + out.stderr
+    assert f"{tmp_path / 'cert.pem'}: good" in out.stdout
