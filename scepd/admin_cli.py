@@ -46,7 +46,6 @@ async def _with_admin(cfg, fn, full: bool = False):
         finally:
             await services.close()
     from .store import SqlStore
-    from . import admin  # noqa: F401  (registers the admin tables before migrate)
     store = await SqlStore.open(cfg.database_url)
     try:
         return await fn(AdminService(store, SystemClock()), None)

@@ -219,3 +219,41 @@ async def test_pending_approve_and_reject_through_api(services, https, tmp_path,
             assert r.status == 200 and (await r.json())["status"] == "rejected"
         async with s.post(f"{https}{API}/pending/{ids[1]}/approve", headers=auth, ssl=ctx) as r:
             assert r.status in (400, 403, 409) and "already" in (await r.json())["error"]
+
+
+def test_admin_cli_tokens_issue_cert_and_crl(state_dir, tmp_path):
+    """`scepd admin ...` commands: the token is printed once, stored hashed, listed without its
+    value, revocable; issue-cert writes a 0600 key and an "admin" certificate; crl prints PEM."""
+    import json
+    import os
+
+    from click.testing import CliRunner
+
+    from scepd.cli import main
+    runner = CliRunner()
+    args = ["--state-dir", str(state_dir)]
+    created = runner.invoke(main, ["admin", "token", "create", "--name", "ci", *args])
+    assert created.exit_code == 0, created.output
+    token = created.output.strip()
+    assert token.startswith("scepd_") and len(token) > 40
+    listed = runner.invoke(main, ["admin", "token", "list", *args])
+    assert json.loads(listed.output.splitlines()[0])["name"] == "ci" and token not in listed.output
+    assert runner.invoke(main, ["admin", "token", "revoke", "1", *args]).exit_code == 0
+    again = runner.invoke(main, ["admin", "token", "revoke", "1", *args])
+    assert again.exit_code != 0 and "no live token" in again.output
+    assert runner.invoke(main, ["admin", "token", "create", "--name", "", *args]).exit_code != 0
+
+    cert, key = tmp_path / "a.pem", tmp_path / "a.key"
+    out = runner.invoke(main, ["admin", "issue-cert", "--cn", "alice", "--out-cert", str(cert),
+                               "--out-key", str(key), *args])
+    assert out.exit_code == 0, out.output
+    assert os.stat(key).st_mode & 0o077 == 0
+    leaf = x509.load_pem_x509_certificates(cert.read_bytes())[0]
+    shown = runner.invoke(main, ["certs", "show", format(leaf.serial_number, "x"), *args])
+    assert json.loads(shown.output)["profile"] == "admin"
+    refused = runner.invoke(main, ["admin", "issue-cert", "--cn", "alice", "--out-cert", str(cert),
+                                   "--out-key", str(key), *args])
+    assert refused.exit_code != 0 and "refusing to overwrite" in refused.output
+    crl = runner.invoke(main, ["admin", "crl", *args])
+    assert crl.exit_code == 0 and x509.load_pem_x509_crl(crl.output.encode()).is_signature_valid(
+        x509.load_pem_x509_certificate((state_dir / "ca" / "ca.pem").read_bytes()).public_key())

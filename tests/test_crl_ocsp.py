@@ -17,7 +17,7 @@ from scepd import config as config_mod
 from scepd.app import create_app, open_services
 from scepd.revocation import RevocationReason
 
-from .helpers import make_csr, rsa_key
+from .helpers import rsa_key
 from .test_revocation_tls import _issue
 
 

@@ -19,7 +19,7 @@ from scepd.logctx import ContextFilter, JsonFormatter
 from scepd.revocation import RevocationReason
 from scepd.store.sql import audit as audit_table
 
-from .helpers import make_csr, rsa_key
+from .helpers import rsa_key
 from .test_revocation_tls import _issue
 from .test_scep_http import enroll
 
