@@ -152,12 +152,21 @@ def serve(state_dir, http, https, mtls, demo_challenge, verbose):
         if value:
             setattr(cfg.server, key, value)
     _setup_logging(cfg, verbose)
+    from sqlalchemy.exc import SQLAlchemyError
     try:
         asyncio.run(_serve(cfg, demo_challenge))
     except pki.PkiError as exc:
         _fail(str(exc))
+    except _DatabaseUnreachable as exc:
+        _fail(f"cannot reach the database: {exc}")
+    except SQLAlchemyError as exc:
+        _fail(f"cannot use the database: {str(exc.orig if hasattr(exc, 'orig') else exc).splitlines()[0]}")
     except OSError as exc:
         _fail(f"cannot listen: {exc.strerror or exc}")
+
+
+class _DatabaseUnreachable(Exception):
+    pass
 
 
 def _split_hostport(text: str) -> tuple[str, int]:
@@ -169,7 +178,8 @@ def _split_hostport(text: str) -> tuple[str, int]:
 
 async def _start_site(app, hostport: str, ssl_context=None):
     from aiohttp import web
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    from .app import HTTP_HANDLER_ARGS
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, **HTTP_HANDLER_ARGS)
     await runner.setup()
     host, port = _split_hostport(hostport)
     site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
@@ -201,7 +211,10 @@ async def _serve(cfg: config_mod.Config, demo_challenge: bool) -> None:
     from .app import create_app, create_https_app, create_mtls_app, open_services
     from .tls import ServerCertificate, names_for
 
-    services = await open_services(cfg)
+    try:
+        services = await open_services(cfg)
+    except OSError as exc:
+        raise _DatabaseUnreachable(str(exc)) from None
     runners = []
     stop = asyncio.Event()
     tasks = []

@@ -64,7 +64,12 @@ async def services(make_services):
 
 @pytest.fixture
 async def client(aiohttp_client, services):
-    return await aiohttp_client(create_app(services))
+    from aiohttp.test_utils import TestServer
+
+    from scepd.app import HTTP_HANDLER_ARGS
+    server = TestServer(create_app(services))
+    await server.start_server(**HTTP_HANDLER_ARGS)  # the limits `scepd serve` uses
+    return await aiohttp_client(server)
 
 
 @pytest.fixture(scope="session")
