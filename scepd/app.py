@@ -97,7 +97,11 @@ async def open_services(config: Config, clock: Clock | None = None) -> Services:
         raise
     services = Services(config, clock, store, material, authority, challenges, enrollment, scep,
                         RevocationService(store, clock))
-    attach_ops(services, previous)
+    try:
+        attach_ops(services, previous)
+    except Exception:
+        await store.close()
+        raise
     return services
 
 
@@ -175,9 +179,10 @@ async def _ca_key_signs(services: Services) -> None:
 
 
 #: Packages that serve on the HTTPS listener (ACME, admin API) append a callable(app, services).
-HTTPS_ROUTES: list = [add_admin_routes]  # the admin API (scepd/admin_http.py)
+HTTPS_ROUTES: list = []
 #: Packages that serve on the mTLS listener (agent API) append a callable(app, services).
 MTLS_ROUTES: list = []
+HTTPS_ROUTES.append(add_admin_routes)  # the admin API (scepd/admin_http.py)
 
 
 def create_https_app(services: Services) -> web.Application:
