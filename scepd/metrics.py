@@ -54,8 +54,8 @@ class Metrics:
                                       ["operation"], registry=r)
         self.scep_failures = Counter("scepd_scep_failures", "SCEP CertRep FAILURE replies by failInfo",
                                      ["fail_info"], registry=r)
-        self.scep_refused = Counter("scepd_scep_refused", "SCEP requests refused with HTTP 4xx",
-                                    ["operation"], registry=r)
+        self.responses = Counter("scepd_http_responses", "HTTP responses by route and status code",
+                                 ["endpoint", "status"], registry=r)
         self.acme_problems = Counter("scepd_acme_problems", "ACME problem documents by type", ["type"],
                                      registry=r)
         self.pending = Gauge("scepd_pending_approvals", "Requests waiting for approval", registry=r)
@@ -91,8 +91,9 @@ class Metrics:
         if outcome is not None and outcome.fail_info is not None:
             self.scep_failures.labels(fail_info=_FAIL_INFO_NAMES.get(outcome.fail_info, "other")).inc()
 
-    def observe_request(self, endpoint: str, method: str, seconds: float) -> None:
+    def observe_request(self, endpoint: str, method: str, seconds: float, status: int = 0) -> None:
         self.request_seconds.labels(endpoint=endpoint, method=method).observe(seconds)
+        self.responses.labels(endpoint=endpoint, status=str(status)).inc()
 
     def crl_published(self, published) -> None:
         self.crl_number.labels(ca_id=published.ca_id).set(published.number)

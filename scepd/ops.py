@@ -53,14 +53,20 @@ def context_middleware(metrics: Metrics | None):
         rid = request_id.set(new_request_id())
         tid = transaction_id.set(None)
         started = time.monotonic()
+        status = 500
         try:
-            return await handler(request)
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
         finally:
             if metrics is not None:
                 info = request.match_info
                 resource = info.route.resource if info is not None and info.route else None
                 endpoint = resource.canonical if resource is not None else "unmatched"
-                metrics.observe_request(endpoint, request.method, time.monotonic() - started)
+                metrics.observe_request(endpoint, request.method, time.monotonic() - started, status)
             transaction_id.reset(tid)
             request_id.reset(rid)
 

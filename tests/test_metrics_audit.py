@@ -75,6 +75,12 @@ async def test_scep_failures_counted_by_fail_info(client):
     assert rep.status == 2
     samples = await _scrape(client)
     assert _get(samples, "scepd_scep_failures_total", fail_info="badRequest") == 1
+    await client.post("/scep?operation=PKIOperation", data=b"junk")  # undecodable: HTTP 400
+    await client.get("/no/such/path")
+    samples = await _scrape(client)
+    assert _get(samples, "scepd_http_responses_total", endpoint="/scep", status="400") == 1
+    assert _get(samples, "scepd_http_responses_total", endpoint="/scep", status="200") == 1
+    assert _get(samples, "scepd_http_responses_total", endpoint="unmatched", status="404") == 1
 
 
 async def test_acme_problem_and_hook_api(client, services):
