@@ -173,6 +173,8 @@ async def test_logs_carry_transaction_id_and_never_the_challenge(client, service
     assert issued[0].request_id
     line = json.loads(JsonFormatter().format(issued[0]))
     assert line["transaction_id"] == rep.transaction_id and line["message"].startswith("issued")
+    from scepd.logctx import TextFormatter
+    assert f"transaction_id={rep.transaction_id}]" in TextFormatter().format(issued[0])
     text = caplog.text + "".join(r.getMessage() for r in caplog.records)
     assert secret not in text
     pem = services.ca_material.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
