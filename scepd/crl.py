@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -72,6 +73,14 @@ class PublishedCrl:
         return self.revoked_count == revoked_count and self.this_update <= now < self.this_update + half
 
 
+@dataclass(frozen=True)
+class RevokedEntry:
+    serial: str  # hex, as in the inventory
+    revoked_at: dt.datetime | None
+    revocation_reason: str | None
+
+
+@functools.lru_cache(maxsize=64)
 def _reason_flag(label: str | None) -> x509.ReasonFlags | None:
     """The CRL entry reasonCode; absent for `unspecified` (RFC 5280 §5.3.1 SHOULD)."""
     if not label:
@@ -103,22 +112,24 @@ def authority_key_identifier(cert: x509.Certificate) -> x509.AuthorityKeyIdentif
         return x509.AuthorityKeyIdentifier.from_issuer_public_key(cert.public_key())  # type: ignore[arg-type]
 
 
-def build_crl(signer: Signer, revoked: list[CertificateRecord], number: int, this_update: dt.datetime,
+def build_crl(signer: Signer, revoked: list[RevokedEntry] | list[CertificateRecord], number: int, this_update: dt.datetime,
               next_update: dt.datetime) -> bytes:
     """Sign one CRL (v2, SHA-256): CRL number, AKI, one entry per revoked certificate."""
-    builder = (x509.CertificateRevocationListBuilder()
-               .issuer_name(signer.cert.subject)
-               .last_update(this_update)
-               .next_update(next_update)
-               .add_extension(x509.CRLNumber(number), critical=False)
-               .add_extension(authority_key_identifier(signer.cert), critical=False))
+    entries = []
     for rec in revoked:
         entry = (x509.RevokedCertificateBuilder().serial_number(int(rec.serial, 16))
                  .revocation_date(rec.revoked_at or this_update))
         flag = _reason_flag(rec.revocation_reason)
         if flag is not None:
             entry = entry.add_extension(x509.CRLReason(flag), critical=False)
-        builder = builder.add_revoked_certificate(entry.build())
+        entries.append(entry.build())
+    # all entries at once: add_revoked_certificate copies the list each call (quadratic)
+    builder = (x509.CertificateRevocationListBuilder(revoked_certificates=entries)
+               .issuer_name(signer.cert.subject)
+               .last_update(this_update)
+               .next_update(next_update)
+               .add_extension(x509.CRLNumber(number), critical=False)
+               .add_extension(authority_key_identifier(signer.cert), critical=False))
     return builder.sign(signer.key, hashes.SHA256()).public_bytes(serialization.Encoding.DER)
 
 
@@ -181,11 +192,11 @@ class CrlService:
             row = (await conn.execute(sa.select(crl_state).where(crl_state.c.ca_id == ca_id)
                                       .with_for_update())).first()
             previous = _published(row) if row is not None else None
-            revoked_rows = (await conn.execute(sa.select(certificates).where(
-                certificates.c.ca_id == ca_id, certificates.c.status == "revoked").order_by(
-                certificates.c.revoked_at))).all()
-            from .store.sql import _cert_record
-            revoked = [_cert_record(r) for r in revoked_rows]
+            c = certificates.c  # only the columns a CRL entry needs (no DER blobs)
+            revoked = [RevokedEntry(r.serial, _aware(r.revoked_at), r.revocation_reason)
+                       for r in (await conn.execute(sa.select(c.serial, c.revoked_at, c.revocation_reason)
+                                                    .where(c.ca_id == ca_id, c.status == "revoked")
+                                                    .order_by(c.revoked_at))).all()]
             now = self.clock.now()
             if previous is not None and previous.current(now, len(revoked)):
                 self._cache[ca_id] = previous  # another process or replica published it already
