@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
@@ -185,32 +186,62 @@ class CrlService:
         if rec.ca_id in self.signers:
             await self.current(rec.ca_id)
 
+    async def _read(self, conn, ca_id: str, lock: bool = False):
+        q = sa.select(crl_state).where(crl_state.c.ca_id == ca_id)
+        row = (await conn.execute(q.with_for_update() if lock else q)).first()
+        c = certificates.c  # only the columns a CRL entry needs (no DER blobs)
+        revoked = [RevokedEntry(r.serial, _aware(r.revoked_at), r.revocation_reason)
+                   for r in (await conn.execute(sa.select(c.serial, c.revoked_at, c.revocation_reason)
+                                                .where(c.ca_id == ca_id, c.status == "revoked")
+                                                .order_by(c.revoked_at))).all()]
+        return (_published(row) if row is not None else None), revoked
+
+    def _next(self, previous: PublishedCrl | None):
+        now = self.clock.now().replace(microsecond=0)
+        number = (previous.number if previous else 0) + 1
+        return number, now, now + self.validity
+
     async def _refresh(self, ca_id: str) -> PublishedCrl:
+        """Sign outside the write transaction (a large CRL takes a while and SQLite has one
+        writer), then commit only if nobody published in between; the last attempt holds the
+        row lock throughout, so it always succeeds."""
         signer = self.signers[ca_id]
-        async with self.store.transaction() as tx:
-            conn = tx.connection
-            row = (await conn.execute(sa.select(crl_state).where(crl_state.c.ca_id == ca_id)
-                                      .with_for_update())).first()
-            previous = _published(row) if row is not None else None
-            c = certificates.c  # only the columns a CRL entry needs (no DER blobs)
-            revoked = [RevokedEntry(r.serial, _aware(r.revoked_at), r.revocation_reason)
-                       for r in (await conn.execute(sa.select(c.serial, c.revoked_at, c.revocation_reason)
-                                                    .where(c.ca_id == ca_id, c.status == "revoked")
-                                                    .order_by(c.revoked_at))).all()]
-            now = self.clock.now()
-            if previous is not None and previous.current(now, len(revoked)):
-                self._cache[ca_id] = previous  # another process or replica published it already
-                return previous
-            number = (previous.number if previous else 0) + 1
-            this_update = now.replace(microsecond=0)
-            next_update = this_update + self.validity
-            der = await asyncio.to_thread(build_crl, signer, revoked, number, this_update, next_update)
-            values = dict(crl_number=number, this_update=_naive(this_update),
-                          next_update=_naive(next_update), revoked_count=len(revoked), der=der)
-            if previous is None:
-                await conn.execute(crl_state.insert().values(ca_id=ca_id, **values))
-            else:
-                await conn.execute(crl_state.update().where(crl_state.c.ca_id == ca_id).values(**values))
+        for attempt in range(3):
+            optimistic = attempt < 2
+            try:
+                if optimistic:
+                    async with self.store.engine.connect() as conn:
+                        previous, revoked = await self._read(conn, ca_id)
+                    if previous is not None and previous.current(self.clock.now(), len(revoked)):
+                        self._cache[ca_id] = previous  # another process or replica published it
+                        return previous
+                    number, this_update, next_update = self._next(previous)
+                    der = await asyncio.to_thread(build_crl, signer, revoked, number, this_update, next_update)
+                async with self.store.transaction() as tx:
+                    conn = tx.connection
+                    if optimistic:
+                        if await self._locked_number(conn, ca_id) != number - 1:
+                            continue  # someone else published meanwhile: look again
+                    else:
+                        previous, revoked = await self._read(conn, ca_id, lock=True)
+                        if previous is not None and previous.current(self.clock.now(), len(revoked)):
+                            self._cache[ca_id] = previous
+                            return previous
+                        number, this_update, next_update = self._next(previous)
+                        der = await asyncio.to_thread(build_crl, signer, revoked, number, this_update,
+                                                      next_update)
+                    values = dict(crl_number=number, this_update=_naive(this_update),
+                                  next_update=_naive(next_update), revoked_count=len(revoked), der=der)
+                    if number == 1:
+                        await conn.execute(crl_state.insert().values(ca_id=ca_id, **values))
+                    else:
+                        await conn.execute(crl_state.update().where(crl_state.c.ca_id == ca_id)
+                                           .values(**values))
+            except IntegrityError:  # a concurrent first insert
+                if not optimistic:
+                    raise
+                continue
+            break
         published = PublishedCrl(ca_id, number, this_update, next_update, len(revoked), der)
         self._cache[ca_id] = published
         log.info("CRL published ca=%s number=%s entries=%s next_update=%s", ca_id, number,
@@ -218,3 +249,8 @@ class CrlService:
         for listener in self.listeners:
             listener(published)
         return published
+
+    async def _locked_number(self, conn, ca_id: str) -> int:
+        row = (await conn.execute(sa.select(crl_state.c.crl_number).where(crl_state.c.ca_id == ca_id)
+                                  .with_for_update())).first()
+        return int(row.crl_number) if row is not None else 0

@@ -340,3 +340,20 @@ async def test_delegated_responder_signs_and_openssl_accepts(make_services, aioh
                           str(tmp_path / "chain.pem"), "-no_nonce"], capture_output=True, text=True)
     assert "Response verify OK" in out.stdout + out.stderr, out.stdout + out.stderr
     assert f"{tmp_path / 'cert.pem'}: good" in out.stdout
+
+
+async def test_concurrent_publishers_never_share_a_crl_number(services, make_services):
+    """Two CRL services (two replicas) asked concurrently: each number names exactly one CRL."""
+    other = await make_services()
+    issued = await _issue(services, "race", rsa_key(0))
+    services.clock.advance(dt.timedelta(hours=13))
+    await services.revocation.revoke(issued.record.serial, RevocationReason.SUPERSEDED, "test")
+    import asyncio
+    seen: dict[int, bytes] = {}
+    for _round in range(3):
+        services.clock.advance(dt.timedelta(hours=13))
+        results = await asyncio.gather(*(s.crl.current() for s in (services, other) for _ in range(3)))
+        for published in results:
+            assert seen.setdefault(published.number, published.der) == published.der
+    assert max(seen) == (await other.crl.current()).number
+    assert sorted(seen) == list(range(min(seen), max(seen) + 1))
