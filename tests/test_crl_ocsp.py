@@ -357,3 +357,19 @@ async def test_concurrent_publishers_never_share_a_crl_number(services, make_ser
             assert seen.setdefault(published.number, published.der) == published.der
     assert max(seen) == (await other.crl.current()).number
     assert sorted(seen) == list(range(min(seen), max(seen) + 1))
+
+
+async def test_ocsp_request_for_two_certificates_is_refused_cleanly(client, services, tmp_path):
+    """pyca/cryptography answers one CertID per request (so do Boulder and most responders):
+    `openssl ocsp -cert a -cert b` gets malformedRequest, never a 500."""
+    pem = serialization.Encoding.PEM
+    a = await _issue(services, "two-a", rsa_key(0))
+    b = await _issue(services, "two-b", rsa_key(1))
+    for name, cert in (("ca", services.ca_material.cert), ("a", a.cert), ("b", b.cert)):
+        (tmp_path / f"{name}.pem").write_bytes(cert.public_bytes(pem))
+    out = subprocess.run(["openssl", "ocsp", "-issuer", str(tmp_path / "ca.pem"), "-cert", str(tmp_path / "a.pem"),
+                          "-cert", str(tmp_path / "b.pem"), "-no_nonce", "-reqout", str(tmp_path / "req.der")],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    r = await _post(client, (tmp_path / "req.der").read_bytes())
+    assert r.response_status == ocsp.OCSPResponseStatus.MALFORMED_REQUEST
