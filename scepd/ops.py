@@ -11,7 +11,7 @@ import time
 
 from aiohttp import web
 
-from .config import ConfigError, parse_duration
+from .config import parse_duration
 from .crl import CrlService, Signer
 from .errors import NotFound
 from .logctx import new_request_id, request_id, transaction_id
@@ -23,15 +23,11 @@ def attach_ops(services, previous: list[tuple[object, object]] = ()) -> None:
     """Build services.crl / .ocsp / .metrics and hook them to revocation and issuance."""
     material = services.ca_material
     signers = [Signer(material.cert, material.key)] + [Signer(c, k) for c, k in previous]  # type: ignore[arg-type]
-    validity = getattr(services.config.ca, "crl_validity", "24h")
-    try:
-        crl_validity = parse_duration(validity)
-    except ConfigError:
-        raise
+    crl_validity = parse_duration(services.config.ca.crl_validity)  # ConfigError if malformed
     services.metrics = Metrics(services.store, services.clock)
     services.crl = CrlService(services.store, services.clock, signers, crl_validity)
     delegate = None
-    if getattr(services.config.ca, "ocsp_delegated", False):
+    if services.config.ca.ocsp_delegated:
         from .ocsp import DelegatedResponder
         delegate = DelegatedResponder(services.config.state_dir / "ocsp", services.enrollment)
     services.ocsp = OcspResponder(services.store, services.clock, signers, delegate=delegate)
