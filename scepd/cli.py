@@ -155,7 +155,7 @@ def serve(state_dir, http, https, mtls, demo_challenge, verbose):
     from sqlalchemy.exc import SQLAlchemyError
     try:
         asyncio.run(_serve(cfg, demo_challenge))
-    except pki.PkiError as exc:
+    except (pki.PkiError, ConfigError) as exc:
         _fail(str(exc))
     except _DatabaseUnreachable as exc:
         _fail(f"cannot reach the database: {exc}")

@@ -205,3 +205,10 @@ async def test_append_only_and_crl_numbers_on_both_backends(database_url, servic
         assert (await replicas[0].current()).number == 4  # fresh: the other replica's CRL is reused
     finally:
         await store.close()
+
+
+def test_bad_crl_validity_is_a_one_line_error(state_dir, monkeypatch):
+    monkeypatch.setenv("SCEPD_CA_CRL_VALIDITY", "bogus")
+    monkeypatch.setenv("SCEPD_SERVER_HTTP", "127.0.0.1:0")
+    out = CliRunner().invoke(main, ["serve", "--state-dir", str(state_dir), "--no-demo-challenge"])
+    assert out.exit_code == 1 and "not a duration: 'bogus'" in out.output and "Traceback" not in out.output
