@@ -8,6 +8,7 @@ import json
 import logging
 
 from aiohttp import web
+from sqlalchemy.exc import SQLAlchemyError
 from cryptography.hazmat.primitives import serialization
 
 from .admin import AdminService, cert_json, normalize_serial, pending_json
@@ -98,13 +99,15 @@ def add_admin_routes(app: web.Application, services) -> None:
         async def wrapped(request: web.Request) -> web.Response:
             try:
                 actor = await authenticate(request, services, admin)
+                return await handler(request, actor)
             except _Denied as denied:
                 log.info("admin API %s %s refused: %s", request.method, request.path, denied.message)
                 return _json_error(denied.status, denied.message)
-            try:
-                return await handler(request, actor)
             except ScepdError as err:
                 return _json_error(mapping_for(err).http_status, err.detail)
+            except (SQLAlchemyError, OSError):  # the store is unreachable: nothing was done
+                log.exception("admin API %s %s: store unavailable", request.method, request.path)
+                return _json_error(503, "the store is temporarily unavailable")
         return wrapped
 
     async def list_certs(request: web.Request, _actor: str) -> web.Response:

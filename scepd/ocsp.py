@@ -170,7 +170,11 @@ class OcspResponder:
             return _error(ocsp.OCSPResponseStatus.UNAUTHORIZED, "unauthorized")
         if serial <= 0:
             return _error(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, "malformedRequest")
-        status, revoked_at, reason = await self._status(signer, format(serial, "x"))
+        try:
+            status, revoked_at, reason = await self._status(signer, format(serial, "x"))
+        except Exception:  # store unreachable: RFC 6960 tryLater, never an HTTP 500
+            log.exception("OCSP status lookup failed")
+            return _error(ocsp.OCSPResponseStatus.TRY_LATER, "tryLater")
         now = self.clock.now().replace(microsecond=0)
         builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
             issuer_name_hash=req.issuer_name_hash, issuer_key_hash=req.issuer_key_hash,
@@ -179,7 +183,11 @@ class OcspResponder:
             revocation_reason=reason)
         responder_cert, responder_key = signer.cert, signer.key
         if self.delegate is not None and self.delegate.ca_id == signer.ca_id:
-            responder_cert, responder_key = await self.delegate.current()
+            try:
+                responder_cert, responder_key = await self.delegate.current()
+            except Exception:
+                log.exception("OCSP responder certificate unavailable")
+                return _error(ocsp.OCSPResponseStatus.INTERNAL_ERROR, "internalError")
             builder = builder.certificates([responder_cert])  # so clients can check the delegation
         builder = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, responder_cert)
         if nonce is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import time
 
 from aiohttp import web
@@ -17,6 +18,8 @@ from .errors import NotFound
 from .logctx import new_request_id, request_id, transaction_id
 from .metrics import CONTENT_TYPE, Metrics
 from .ocsp import MAX_REQUEST_BYTES, OcspResponder
+
+log = logging.getLogger("scepd.ops")
 
 
 def attach_ops(services, previous: list[tuple[object, object]] = ()) -> None:
@@ -81,6 +84,10 @@ def add_ops_routes(app: web.Application, services) -> None:
             published = await crl.current(request.match_info["ca_id"])
         except NotFound:
             raise web.HTTPNotFound(text="unknown CA\n") from None
+        except Exception:
+            log.exception("CRL unavailable")
+            return web.Response(status=503, text="CRL temporarily unavailable\n",
+                                headers={"Retry-After": "30"})
         remaining = int((published.next_update - services.clock.now()).total_seconds())
         headers = {"Cache-Control": f"public, max-age={max(0, min(remaining, 3600))}",
                    "Last-Modified": published.this_update.strftime("%a, %d %b %Y %H:%M:%S GMT"),
@@ -108,7 +115,11 @@ def add_ops_routes(app: web.Application, services) -> None:
         return await _answer(der)
 
     async def get_metrics(_request: web.Request) -> web.Response:
-        body = await metrics.render()
+        try:
+            body = await metrics.render()
+        except Exception:
+            log.exception("metrics scrape failed")
+            return web.Response(status=503, text="metrics temporarily unavailable\n")
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     app.router.add_get("/crl/{ca_id}.crl", get_crl)

@@ -373,3 +373,17 @@ async def test_ocsp_request_for_two_certificates_is_refused_cleanly(client, serv
     assert out.returncode == 0, out.stderr
     r = await _post(client, (tmp_path / "req.der").read_bytes())
     assert r.response_status == ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+
+
+async def test_store_down_gives_try_later_and_503_never_500(client, services):
+    issued = await _issue(services, "down", rsa_key(0))
+    der = _request(issued.cert, services.ca_material.cert)
+    await services.store.engine.dispose()
+
+    async def broken(*_a, **_k):
+        raise OSError("database unreachable")
+    services.store.get_certificate = broken
+    services.crl.revoked_count = broken
+    r = await _post(client, der)
+    assert r.response_status == ocsp.OCSPResponseStatus.TRY_LATER
+    assert (await client.get(f"/crl/{services.authority.ca_id}.crl")).status == 503
