@@ -138,6 +138,10 @@ HTTPS_ROUTES: list = []
 #: Packages that serve on the mTLS listener (agent API) append a callable(app, services).
 MTLS_ROUTES: list = []
 
+from .agents import add_checkin_route  # noqa: E402  (agent inventory: its migrations + check-in route)
+
+MTLS_ROUTES.append(add_checkin_route)
+
 
 def create_https_app(services: Services) -> web.Application:
     """The HTTPS listener: ACME (acme/) and the admin API mount here."""

@@ -557,5 +557,9 @@ def audit_list(state_dir, limit):
                                "details": rec.details}, sort_keys=True))
 
 
+from .agents import agents_cli  # noqa: E402
+
+main.add_command(agents_cli)
+
 if __name__ == "__main__":  # pragma: no cover
     main()
