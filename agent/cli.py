@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from . import __version__, schedule
-from .core import Agent, SystemClock, iso, lifetime_of, parse_iso
+from .core import Agent, SystemClock, iso, lifetime_of, policy_from_json, policy_json
 from .files import AgentDir
 from .protocol import AgentError, Identity, fingerprint, normalize_fingerprint
 from .scep_client import ScepClient, new_key, parse_san
@@ -48,7 +48,13 @@ def _logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
 
 
-def _policy(interval: str | None, renew_before: str | None, fraction: float | None) -> schedule.Policy:
+def _policy(interval: str | None, renew_before: str | None, fraction: float | None,
+            directory: Path | None = None) -> schedule.Policy:
+    """The rules given on the command line; without any, the daemon's (saved in the state file)."""
+    if directory is not None and renew_before is None and fraction is None:
+        saved = policy_from_json(AgentDir(directory).load_state().get("policy"))
+        if saved is not None:
+            return saved
     try:
         return schedule.Policy.from_options(parse_duration(interval) if interval else None,
                                             parse_duration(renew_before) if renew_before else None,
@@ -179,7 +185,12 @@ def run(directory, interval, renew_before, renew_at_fraction, on_renew, challeng
     """The daemon: check every interval, renew inside the threshold, check in over mTLS."""
     _logging(verbose)
     policy = _policy(interval, renew_before, renew_at_fraction)
-    agent = Agent(AgentDir(directory), policy, on_renew=on_renew, challenge=_challenge(challenge_file))
+    agent_dir = AgentDir(directory)
+    state = agent_dir.load_state()
+    if state:
+        state["policy"] = policy_json(policy)
+        agent_dir.save_state(state)
+    agent = Agent(agent_dir, policy, on_renew=on_renew, challenge=_challenge(challenge_file))
     log.info("scepd-agent %s: dir %s, interval %s, renew-before %s, renew-at-fraction %s", __version__,
              directory, policy.interval, policy.renew_before, policy.renew_at_fraction)
     asyncio.run(_run(agent))
@@ -214,7 +225,8 @@ async def _run(agent: Agent) -> None:
 def renew(directory, force, renew_before, renew_at_fraction, on_renew, verbose):
     """Renew now if due (always with --force)."""
     _logging(verbose)
-    agent = Agent(AgentDir(directory), _policy(None, renew_before, renew_at_fraction), on_renew=on_renew)
+    agent = Agent(AgentDir(directory), _policy(None, renew_before, renew_at_fraction, directory),
+                  on_renew=on_renew)
     try:
         result = asyncio.run(agent.check(force=force))
     except AgentError as exc:
@@ -262,7 +274,7 @@ def status_report(directory: AgentDir, now: dt.datetime, policy: schedule.Policy
         return out
     life = lifetime_of(cert)
     left = life.not_after - now
-    due = parse_iso(state.get("renewal_due_at")) or schedule.renewal_due_at(life, policy)
+    due = schedule.renewal_due_at(life, policy)
     out["certificate"] = {
         "subject": cert.subject.rfc4514_string(), "serial": format(cert.serial_number, "x"),
         "issuer": cert.issuer.rfc4514_string(), "not_before": iso(life.not_before),
@@ -300,7 +312,7 @@ def render_status(report: dict) -> str:
 def status(directory, as_json, renew_before, renew_at_fraction):
     """Certificate and schedule; exit 1 if the certificate is missing, 2 if expired."""
     report = status_report(AgentDir(directory), SystemClock().now(),
-                           _policy(None, renew_before, renew_at_fraction))
+                           _policy(None, renew_before, renew_at_fraction, directory))
     click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else render_status(report))
     if report["state"] == "missing":
         sys.exit(1)

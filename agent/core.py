@@ -46,6 +46,24 @@ def lifetime_of(cert: x509.Certificate) -> schedule.Lifetime:
     return schedule.Lifetime(cert.not_valid_before_utc, cert.not_valid_after_utc)
 
 
+def policy_json(policy: schedule.Policy) -> dict:
+    return {"interval_seconds": policy.interval.total_seconds(),
+            "renew_before_seconds": policy.renew_before.total_seconds() if policy.renew_before else None,
+            "renew_at_fraction": policy.renew_at_fraction}
+
+
+def policy_from_json(data: dict | None) -> schedule.Policy | None:
+    if not data:
+        return None
+    try:
+        rb = data.get("renew_before_seconds")
+        return schedule.Policy(dt.timedelta(seconds=data["interval_seconds"]),
+                               dt.timedelta(seconds=rb) if rb is not None else None,
+                               data.get("renew_at_fraction"))
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 @dataclass
 class CheckResult:
     decision: schedule.Decision
@@ -82,7 +100,8 @@ class Agent:
 
     # --- one check --------------------------------------------------------------------------
 
-    async def check(self, force: bool = False, checkin_after: bool = True) -> CheckResult:
+    async def check(self, force: bool = False, checkin_after: bool = True, daemon: bool = False) -> CheckResult:
+        """One check. `daemon`: the caller will sleep until the returned next_check (recorded)."""
         state = self.dir.load_state()
         if not state.get("server"):
             raise AgentError(f"{self.dir.root} holds no enrollment: run `scepd-agent enroll` first")
@@ -127,7 +146,7 @@ class Agent:
             if pulled_in:
                 log.error("CERTIFICATE EXPIRES AT %s and renewal keeps failing", iso(not_after))
             state = self.dir.load_state()
-            state.update(failures=failures, next_check=iso(at),
+            state.update(failures=failures, next_check=iso(at) if daemon else state.get("next_check"),
                          last_check={"at": iso(now), "result": "error", "action": decision.action.value,
                                      "message": message})
             self.dir.save_state(state)
@@ -139,7 +158,8 @@ class Agent:
             at = schedule.next_check(now, self.policy, due, self.rand())
             message = decision.reason if renewed is None else \
                 f"{decision.reason}; installed serial {format(renewed.serial_number, 'x')}"
-            state.update(failures=0, next_check=iso(at), renewal_due_at=iso(due),
+            state.update(failures=0, next_check=iso(at) if daemon else state.get("next_check"),
+                         renewal_due_at=iso(due), policy=policy_json(self.policy),
                          last_check={"at": iso(now), "result": "ok", "action": decision.action.value,
                                      "message": message})
             self.dir.save_state(state)
@@ -254,7 +274,7 @@ class Agent:
         checks = 0
         while not stop.is_set():
             try:
-                result = await self.check()
+                result = await self.check(daemon=True)
                 next_at = result.next_check
             except AgentError as exc:  # not enrolled: nothing to do but say so and wait
                 log.error("%s", exc)
