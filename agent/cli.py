@@ -122,7 +122,7 @@ def enroll(directory, server, cn, sans, challenge, eab_kid, eab_hmac, protocol, 
 
 
 async def _enroll(directory: AgentDir, server: str, identity: Identity, challenge: str,
-                  pin: str | None, mtls_url: str | None) -> None:
+                  pin: str | None, mtls_url: str | None, hostname: str | None = None) -> None:
     served = await ScepClient(server, None).fetch_ca_certs()  # type: ignore[arg-type]
     if pin is not None:
         matching = [c for c in served if fingerprint(c) == pin]
@@ -151,7 +151,7 @@ async def _enroll(directory: AgentDir, server: str, identity: Identity, challeng
                f"not after {iso(issued.cert.not_valid_after_utc)}")
     click.echo(f"key: {directory.key_path}  cert: {directory.cert_path}  chain: {directory.chain_path}")
     if mtls_url:
-        agent = Agent(directory, schedule.Policy.from_options(None, None, None))
+        agent = Agent(directory, schedule.Policy.from_options(None, None, None), hostname=hostname)
         if await agent.checkin() is None:
             raise AgentError("enrolled, but the first mTLS check-in failed (see the log above)")
         click.echo("checked in over mTLS")
