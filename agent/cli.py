@@ -26,15 +26,16 @@ DIR = click.option("--dir", "directory", required=True, envvar="SCEPD_AGENT_DIR"
 
 
 def parse_duration(text: str) -> dt.timedelta:
-    """30s, 10m, 1h, 5d, 2w (or plain seconds)."""
+    """30s, 10m, 1h30m, 2m15s, 5d, 2w (or plain seconds)."""
+    import re
     text = text.strip().lower()
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-    try:
-        if text and text[-1] in units:
-            return dt.timedelta(seconds=float(text[:-1]) * units[text[-1]])
+    if re.fullmatch(r"\d+(\.\d+)?", text):
         return dt.timedelta(seconds=float(text))
-    except ValueError:
-        raise click.BadParameter(f"expected a duration like 30s, 20m, 5d; got {text!r}") from None
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smhdw])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise click.BadParameter(f"expected a duration like 30s, 20m, 2m15s, 5d; got {text!r}")
+    return dt.timedelta(seconds=sum(float(n) * units[u] for n, u in parts))
 
 
 def _fail(message: str, code: int = 1) -> None:

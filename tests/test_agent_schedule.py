@@ -155,3 +155,15 @@ def test_human_durations():
     assert schedule.human(dt.timedelta(days=2, hours=3)) == "2d3h"
     assert schedule.human(dt.timedelta(minutes=2, seconds=58)) == "2m58s"
     assert schedule.human(dt.timedelta(seconds=-75)) == "-1m15s"
+
+
+def test_cli_durations():
+    import click
+    from agent.cli import parse_duration
+    assert parse_duration("2m15s") == dt.timedelta(seconds=135)
+    assert parse_duration("1h30m") == dt.timedelta(minutes=90)
+    assert parse_duration("5d") == dt.timedelta(days=5)
+    assert parse_duration("20") == dt.timedelta(seconds=20)
+    for bad in ("", "5x", "m5", "5m x"):
+        with pytest.raises(click.BadParameter):
+            parse_duration(bad)
