@@ -16,18 +16,24 @@ getcert list -s -i r1
 
 
 def run_certmonger(server, work: Path, cn: str, challenge: str):
+    return certmonger_session(work, SCRIPT.format(url=server.url, dir=work, challenge=challenge, cn=cn))
+
+
+def certmonger_session(work: Path, script: str):
+    """Run `script` (getcert commands) beside a certmonger daemon on a private D-Bus session bus,
+    all state under `work`."""
     require("certmonger")
     require("getcert")
     require("/usr/lib/certmonger/scep-submit")
     require("dbus-run-session")
     for sub in ("home/.config", "req", "cas", "lca", "tmp"):
         (work / sub).mkdir(parents=True, exist_ok=True)
-    (work / "inner.sh").write_text(SCRIPT.format(url=server.url, dir=work, challenge=challenge, cn=cn))
+    (work / "inner.sh").write_text(script)
     env = {**os.environ, "HOME": str(work / "home"), "XDG_CONFIG_HOME": str(work / "home/.config"),
            "CERTMONGER_REQUESTS_DIR": str(work / "req"), "CERTMONGER_CAS_DIR": str(work / "cas"),
            "CERTMONGER_LOCAL_CA_DIR": str(work / "lca"), "CERTMONGER_TMPDIR": str(work / "tmp")}
     return run(["dbus-run-session", "--", "certmonger", "-s", "-n", "-c", f"bash {work}/inner.sh"],
-               timeout=150, env=env, cwd=work)
+               timeout=200, env=env, cwd=work)
 
 
 def test_certmonger_enrolls_over_get_with_aes(server, tmp_path):

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from .conftest import require, run, start_server, stop_server
-from .test_certmonger import SCRIPT as CM_REQUEST_SCRIPT
+from .test_certmonger import SCRIPT as CM_REQUEST_SCRIPT, certmonger_session
 
 needs_sscep = pytest.mark.skipif(shutil.which("sscep") is None, reason="sscep is not on PATH")
 
@@ -173,17 +173,8 @@ getcert list -s -i r1
 """
 
 
-def _certmonger(srv, work, script):
-    require("certmonger")
-    require("dbus-run-session")
-    for sub in ("home/.config", "req", "cas", "lca", "tmp"):
-        (work / sub).mkdir(parents=True, exist_ok=True)
-    (work / "inner.sh").write_text(script)
-    env = {**os.environ, "HOME": str(work / "home"), "XDG_CONFIG_HOME": str(work / "home/.config"),
-           "CERTMONGER_REQUESTS_DIR": str(work / "req"), "CERTMONGER_CAS_DIR": str(work / "cas"),
-           "CERTMONGER_LOCAL_CA_DIR": str(work / "lca"), "CERTMONGER_TMPDIR": str(work / "tmp")}
-    return run(["dbus-run-session", "--", "certmonger", "-s", "-n", "-c", f"bash {work}/inner.sh"],
-               timeout=200, env=env, cwd=work)
+def _certmonger(_srv, work, script):
+    return certmonger_session(work, script)
 
 
 def test_certmonger_rekey_renews(server, tmp_path):

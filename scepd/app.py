@@ -90,6 +90,10 @@ async def open_services(config: Config, clock: Clock | None = None) -> Services:
 
 SERVICES = web.AppKey("services", Services)
 
+#: aiohttp limits the request line to 8190 bytes by default; a GET PKIOperation with a 4096-bit
+#: key and a long SAN list is larger than that. 64 KiB covers real requests and stays bounded.
+HTTP_HANDLER_ARGS = {"max_line_size": 65536, "max_field_size": 16384}
+
 
 def create_app(services: Services, close_services: bool = False) -> web.Application:
     app = web.Application(client_max_size=max(services.config.scep.max_body_bytes, 1024))

@@ -158,12 +158,21 @@ def serve(state_dir, http, https, mtls, demo_challenge, verbose):
         if value:
             setattr(cfg.server, key, value)
     _setup_logging(cfg, verbose)
+    from sqlalchemy.exc import SQLAlchemyError
     try:
         asyncio.run(_serve(cfg, demo_challenge))
     except pki.PkiError as exc:
         _fail(str(exc))
+    except _DatabaseUnreachable as exc:
+        _fail(f"cannot reach the database: {exc}")
+    except SQLAlchemyError as exc:
+        _fail(f"cannot use the database: {str(exc.orig if hasattr(exc, 'orig') else exc).splitlines()[0]}")
     except OSError as exc:
         _fail(f"cannot listen: {exc.strerror or exc}")
+
+
+class _DatabaseUnreachable(Exception):
+    pass
 
 
 def _split_hostport(text: str) -> tuple[str, int]:
@@ -175,7 +184,8 @@ def _split_hostport(text: str) -> tuple[str, int]:
 
 async def _start_site(app, hostport: str, ssl_context=None):
     from aiohttp import web
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    from .app import HTTP_HANDLER_ARGS
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, **HTTP_HANDLER_ARGS)
     await runner.setup()
     host, port = _split_hostport(hostport)
     site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
@@ -207,7 +217,10 @@ async def _serve(cfg: config_mod.Config, demo_challenge: bool) -> None:
     from .app import create_app, create_https_app, create_mtls_app, open_services
     from .tls import ServerCertificate, names_for
 
-    services = await open_services(cfg)
+    try:
+        services = await open_services(cfg)
+    except OSError as exc:
+        raise _DatabaseUnreachable(str(exc)) from None
     runners = []
     stop = asyncio.Event()
     tasks = []
@@ -361,17 +374,9 @@ def challenge_create(state_dir, ttl, cn_pattern):
         _fail(str(exc))
     cfg = _load_config(state_dir)
 
-    async def _run() -> str:
-        from .challenges import ChallengeService
-        from .store import SqlStore
-        store = await SqlStore.open(cfg.database_url)
-        try:
-            return await ChallengeService(store, SystemClock()).create(lifetime, cn_pattern)
-        finally:
-            await store.close()
     if not pki.exists(state_dir):
         _fail(f"no CA in {state_dir}; run `scepd init --state-dir {state_dir}`")
-    click.echo(asyncio.run(_run()))
+    click.echo(asyncio.run(_with_services(cfg, lambda sv: sv.challenges.create(lifetime, cn_pattern))))
 
 
 # --- certificates -----------------------------------------------------------------------------
@@ -389,6 +394,19 @@ def _cert_json(rec, now: dt.datetime) -> dict:
             "transaction_id": rec.transaction_id, "requester": rec.requester, "ca_id": rec.ca_id,
             "issued_at": rec.issued_at.isoformat(), "revoked_at": rec.revoked_at.isoformat()
             if rec.revoked_at else None, "revocation_reason": rec.revocation_reason}
+
+
+async def _with_services(cfg, fn):
+    """The same services the server runs (CLI and server share one service layer)."""
+    from .app import open_services
+    try:
+        services = await open_services(cfg)
+    except pki.PkiError as exc:
+        _fail(str(exc))
+    try:
+        return await fn(services)
+    finally:
+        await services.close()
 
 
 async def _with_store(cfg, fn):
@@ -456,18 +474,13 @@ def certs_show(state_dir, serial, as_pem):
 def certs_revoke(state_dir, serial, reason):
     """Revoke a certificate (recorded before this returns)."""
     from .errors import ScepdError
-    from .revocation import RevocationReason, RevocationService
-    from .store import SqlStore
+    from .revocation import RevocationReason
     cfg = _load_config(state_dir)
     key = serial.lower().removeprefix("0x").replace(":", "").lstrip("0") or "0"
 
     async def _run():
-        store = await SqlStore.open(cfg.database_url)
-        try:
-            return await RevocationService(store, SystemClock()).revoke(
-                key, RevocationReason.parse(reason), actor="cli")
-        finally:
-            await store.close()
+        return await _with_services(cfg, lambda sv: sv.revocation.revoke(
+            key, RevocationReason.parse(reason), actor="cli"))
     try:
         rec = asyncio.run(_run())
     except ScepdError as exc:
@@ -479,15 +492,6 @@ def certs_revoke(state_dir, serial, reason):
 @main.group()
 def pending() -> None:
     """Requests waiting for approval (scep.require_approval)."""
-
-
-async def _with_enrollment(cfg, fn):
-    from .app import open_services
-    services = await open_services(cfg)
-    try:
-        return await fn(services)
-    finally:
-        await services.close()
 
 
 @pending.command("list")
@@ -517,7 +521,7 @@ def pending_approve(state_dir, pending_id):
     from .errors import ScepdError
     cfg = _load_config(state_dir)
     try:
-        issued = asyncio.run(_with_enrollment(cfg, lambda s: s.enrollment.approve_pending(pending_id, "cli")))
+        issued = asyncio.run(_with_services(cfg, lambda s: s.enrollment.approve_pending(pending_id, "cli")))
     except ScepdError as exc:
         _fail(exc.detail)
         return
@@ -533,7 +537,7 @@ def pending_reject(state_dir, pending_id, reason):
     from .errors import ScepdError
     cfg = _load_config(state_dir)
     try:
-        asyncio.run(_with_enrollment(cfg, lambda s: s.enrollment.reject_pending(pending_id, reason, "cli")))
+        asyncio.run(_with_services(cfg, lambda s: s.enrollment.reject_pending(pending_id, reason, "cli")))
     except ScepdError as exc:
         _fail(exc.detail)
         return

@@ -24,6 +24,13 @@ class SubjectAltName:
         return f"{self.kind.upper()}:{self.value}"
 
 
+def certificate_sans(cert: x509.Certificate) -> tuple[SubjectAltName, ...]:
+    try:
+        return sans_of(cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value)
+    except x509.ExtensionNotFound:
+        return ()
+
+
 @dataclass(frozen=True)
 class CsrFacts:
     public_key: object
@@ -40,7 +47,8 @@ class CsrFacts:
         return hashlib.sha256(self.spki_der).hexdigest()
 
 
-def _sans_of(ext: x509.SubjectAlternativeName) -> tuple[SubjectAltName, ...]:
+def sans_of(ext: x509.SubjectAlternativeName) -> tuple[SubjectAltName, ...]:
+    """subjectAltName entries as plain facts (unsupported kinds become kind "other")."""
     out: list[SubjectAltName] = []
     for gn in ext:
         if isinstance(gn, x509.DNSName):
@@ -129,7 +137,7 @@ def decode_csr(csr_der: bytes, verify_signature: bool = True) -> CsrFacts:
     try:
         for ext in csr.extensions:
             if isinstance(ext.value, x509.SubjectAlternativeName):
-                sans = _sans_of(ext.value)
+                sans = sans_of(ext.value)
             else:
                 others.append(ext.oid.dotted_string)
     except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):

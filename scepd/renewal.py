@@ -20,7 +20,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from .csr import CsrFacts, SubjectAltName
+from .csr import CsrFacts, certificate_sans
 from .errors import RenewalRefused
 from .store import CertificateRecord, SqlStore, StoreNotFound
 
@@ -45,24 +45,6 @@ def _spki(cert: x509.Certificate) -> bytes:
 def _cn(cert: x509.Certificate) -> str | None:
     attrs = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     return attrs[0].value if attrs else None  # type: ignore[return-value]
-
-
-def _sans(cert: x509.Certificate) -> set[SubjectAltName]:
-    try:
-        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return set()
-    out = set()
-    for gn in ext:
-        if isinstance(gn, x509.DNSName):
-            out.add(SubjectAltName("dns", gn.value))
-        elif isinstance(gn, x509.IPAddress):
-            out.add(SubjectAltName("ip", str(gn.value)))
-        elif isinstance(gn, x509.RFC822Name):
-            out.add(SubjectAltName("email", gn.value))
-        elif isinstance(gn, x509.UniformResourceIdentifier):
-            out.add(SubjectAltName("uri", gn.value))
-    return out
 
 
 def issued_by_us(cert: x509.Certificate, cas: list[x509.Certificate]) -> x509.Certificate | None:
@@ -106,7 +88,7 @@ class RenewalPolicy:
             raise RenewalRefused("the signer certificate is not valid yet")
         if facts.common_name != _cn(signer):
             raise RenewalRefused("a renewal must keep the subject CN of the certificate it renews")
-        extra = set(facts.sans) - _sans(signer)
+        extra = set(facts.sans) - set(certificate_sans(signer))
         if extra:
             raise RenewalRefused("a renewal cannot add subjectAltNames: "
                                  + ", ".join(str(s) for s in sorted(extra, key=str)))

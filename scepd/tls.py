@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .challenges import ChallengeGrant
-from .csr import CsrFacts, SubjectAltName
+from .csr import CsrFacts, SubjectAltName, certificate_sans
 from .enrollment import EnrollmentService, serial_hex
 from .pki import CaMaterial, pem, write_private, write_public
 from .policy import PROFILES
@@ -70,11 +70,7 @@ class ServerCertificate:
             return True
         if cert.issuer != self.material.cert.subject:
             return True
-        try:
-            got = {(s.kind, s.value) for s in _sans(cert)}
-        except x509.ExtensionNotFound:
-            return True
-        if not {(n.kind, n.value) for n in self.names} <= got:
+        if not set(self.names) <= set(certificate_sans(cert)):
             return True
         lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
         return now >= cert.not_valid_before_utc + lifetime * 2 / 3
@@ -113,17 +109,6 @@ class ServerCertificate:
                                                  self.material.cert))
         self._contexts.append(ctx)
         return ctx
-
-
-def _sans(cert: x509.Certificate) -> list[SubjectAltName]:
-    ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    out = []
-    for gn in ext:
-        if isinstance(gn, x509.DNSName):
-            out.append(SubjectAltName("dns", gn.value))
-        elif isinstance(gn, x509.IPAddress):
-            out.append(SubjectAltName("ip", str(gn.value)))
-    return out
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,12 @@ async def services(make_services):
 
 @pytest.fixture
 async def client(aiohttp_client, services):
-    return await aiohttp_client(create_app(services))
+    from aiohttp.test_utils import TestServer
+
+    from scepd.app import HTTP_HANDLER_ARGS
+    server = TestServer(create_app(services))
+    await server.start_server(**HTTP_HANDLER_ARGS)  # the limits `scepd serve` uses
+    return await aiohttp_client(server)
 
 
 @pytest.fixture(scope="session")
@@ -91,3 +96,16 @@ def database_url(request, tmp_path):
         return f"sqlite+aiosqlite:///{tmp_path / 'contract.db'}"
     cluster = request.getfixturevalue("postgres_cluster")
     return cluster.create_database(f"scepd_test_{next(_db_counter)}")
+
+
+@pytest.fixture
+def vector_state(tmp_path, vectors) -> Path:
+    """A state directory whose CA is the vectors' own issuing CA (imported), so the captured
+    requests are encrypted to us."""
+    d = tmp_path / "vstate"
+    d.mkdir()
+    p = vectors / "pki"
+    pki.import_ca(d, (p / "ca.pem").read_bytes(), (p / "ca.key").read_bytes(),
+                  (p / "chain.pem").read_bytes(), None, None)
+    (d / config_mod.CONFIG_NAME).write_text(config_mod.render_default())
+    return d

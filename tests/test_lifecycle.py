@@ -87,17 +87,6 @@ async def test_replayed_scepclient_renewalreq_same_key(aiohttp_client, vector_st
         assert "new key" in rep.fail_info_text
 
 
-@pytest.fixture
-def vector_state(tmp_path) -> Path:
-    d = tmp_path / "vstate"
-    d.mkdir()
-    p = VECTORS / "pki"
-    pki.import_ca(d, (p / "ca.pem").read_bytes(), (p / "ca.key").read_bytes(),
-                  (p / "chain.pem").read_bytes(), None, None)
-    (d / config_mod.CONFIG_NAME).write_text(config_mod.render_default())
-    return d
-
-
 # --- GetCert / CertPoll captures --------------------------------------------------------------
 
 def _old_record() -> CertificateRecord:

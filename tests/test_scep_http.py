@@ -363,3 +363,15 @@ async def test_cisco_ios_http10_with_pkiclient_suffix(client):
                 f"HTTP/1.0\r\n\r\n".encode())
     assert status.endswith("200 OK")
     assert wire.decode_cert_rep(body).status == wire.PkiStatus.SUCCESS
+
+
+async def test_large_get_message_4096_bit_key_many_sans(client):
+    """A GET message over aiohttp's default 8190-byte request line still enrolls."""
+    big = rsa.generate_private_key(public_exponent=65537, key_size=4096)
+    sans = [x509.DNSName(f"a-rather-long-host-name-{i}.devices.example.test") for i in range(60)]
+    der, _, _ = pkcs_req(ca_of(client), big, make_csr(big, "big", "static-secret", sans))
+    message = quote(base64.b64encode(der).decode(), safe="")
+    assert len(message) > 8190
+    resp = await client.get(f"/scep?operation=PKIOperation&message={message}")
+    assert resp.status == 200
+    assert wire.decode_cert_rep(await resp.read()).status == wire.PkiStatus.SUCCESS

@@ -86,17 +86,6 @@ ENROLL_VECTORS = [n for n in ALL if ("pkcsreq" in n and not n.endswith("post-ren
 LEGACY = {n for n in ENROLL_VECTORS if "-des-" in n}
 
 
-@pytest.fixture
-def vector_state(tmp_path, vectors) -> Path:
-    d = tmp_path / "vstate"
-    d.mkdir()
-    p = VECTORS / "pki"
-    pki.import_ca(d, (p / "ca.pem").read_bytes(), (p / "ca.key").read_bytes(),
-                  (p / "chain.pem").read_bytes(), None, None)
-    (d / config_mod.CONFIG_NAME).write_text(config_mod.render_default())
-    return d
-
-
 async def _vector_client(aiohttp_client, state: Path, legacy: bool, ra: bool):
     if ra:
         shutil.copy(VECTORS / "pki" / "ra.pem", state / "ca" / "ra.pem")

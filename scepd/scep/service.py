@@ -277,7 +277,7 @@ class ScepService:
         if self.crl_provider is None:
             raise BadRequest("no CRL is available")
         crl_der = await self.crl_provider()
-        body = wire.certs_and_crls_only([], [crl_der])
+        body = wire.certs_only([], [crl_der])
         envelope = wire.envelope_to(msg.signer_cert, body, msg.envelope.cipher)
         return self._reply_success(msg, envelope, digest, None)
 

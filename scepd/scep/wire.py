@@ -390,16 +390,16 @@ def decode_issuer_and_subject(data: bytes) -> IssuerAndSubject:
 # --- encoding -------------------------------------------------------------------------------
 
 
-def certs_only(certs_der: list[bytes]) -> bytes:
-    """A degenerate certificates-only SignedData, certificates in exactly the given order."""
-    signed_data = der.seq(
-        der.integer(1),
-        der.set_of(),
-        der.seq(der.oid(OID_DATA)),
-        der.tlv(0xA0, b"".join(certs_der)),
-        der.set_of(),
-    )
-    return der.seq(der.oid(OID_SIGNED_DATA), der.explicit(0, signed_data))
+def certs_only(certs_der: list[bytes], crls_der: list[bytes] = ()) -> bytes:
+    """A degenerate SignedData: certificates in exactly the given order (clients read them
+    positionally; DER SET OF sorting would reorder them), optionally CRLs (GetCRL replies)."""
+    parts = [der.integer(1), der.set_of(), der.seq(der.oid(OID_DATA))]
+    if certs_der:
+        parts.append(der.tlv(0xA0, b"".join(certs_der)))
+    if crls_der:
+        parts.append(der.tlv(0xA1, b"".join(crls_der)))
+    parts.append(der.set_of())
+    return der.seq(der.oid(OID_SIGNED_DATA), der.explicit(0, der.seq(*parts)))
 
 
 def _encrypt_content(cipher: str, plaintext: bytes, random: bytes) -> tuple[bytes, bytes, bytes]:
@@ -459,14 +459,9 @@ def encode_cert_rep(rep: CertRep, signer_cert: x509.Certificate, signer_key, dig
     """The signed CertRep. Signature is rsaEncryption with `digest` (the client's own digest);
     for PENDING/FAILURE the encapsulated content is an empty OCTET STRING (certmonger refuses
     an absent eContent)."""
-    digest_oid, hash_cls = DIGESTS[digest]
-    content = rep.envelope_der or b""
-    h = hashes.Hash(hash_cls())
-    h.update(content)
     attrs = [
         _attribute(OID_CONTENT_TYPE, der.oid(OID_DATA)),
         _attribute(OID_SIGNING_TIME, der.utc_time(signing_time)),
-        _attribute(OID_MESSAGE_DIGEST, der.octet_string(h.finalize())),
         _attribute(OID_MESSAGE_TYPE, der.printable(str(int(MessageType.CERT_REP)))),
         _attribute(OID_PKI_STATUS, der.printable(str(int(rep.status)))),
         _attribute(OID_TRANSACTION_ID, der.printable(rep.transaction_id)),
@@ -477,15 +472,25 @@ def encode_cert_rep(rep: CertRep, signer_cert: x509.Certificate, signer_key, dig
         attrs.append(_attribute(OID_FAIL_INFO, der.printable(str(int(rep.fail_info or 0)))))
         if rep.fail_info_text:
             attrs.append(_attribute(OID_FAIL_INFO_TEXT, der.utf8(rep.fail_info_text[:200])))
-    signed_attrs_set = der.set_of(*attrs)
+    return _signed_data(rep.envelope_der or b"", attrs, signer_cert, signer_key, digest,
+                        [signer_cert, *extra_certs])
+
+
+def _signed_data(content: bytes, attrs: list[bytes], signer_cert: x509.Certificate, signer_key,
+                 digest: str, certs: list[x509.Certificate]) -> bytes:
+    """ContentInfo(SignedData) over `content` (always present, possibly empty) with one
+    SignerInfo. The signed attributes are signed exactly as emitted (DER SET, sorted), with
+    rsaEncryption as the signature algorithm (strongSwan accepts nothing else) or ECDSA."""
+    digest_oid, hash_cls = DIGESTS[digest]
+    h = hashes.Hash(hash_cls())
+    h.update(content)
+    signed_attrs_set = der.set_of(*attrs, _attribute(OID_MESSAGE_DIGEST, der.octet_string(h.finalize())))
     if isinstance(signer_key, rsa.RSAPrivateKey):
         signature = signer_key.sign(signed_attrs_set, padding.PKCS1v15(), hash_cls())
         sig_alg = der.algorithm(OID_RSA, der.null())
     else:
         signature = signer_key.sign(signed_attrs_set, ec.ECDSA(hash_cls()))
-        sig_alg = der.algorithm({"sha1": "1.2.840.10045.4.1", "sha256": "1.2.840.10045.4.3.2",
-                                 "sha384": "1.2.840.10045.4.3.3", "sha512": "1.2.840.10045.4.3.4"
-                                 }.get(digest, "1.2.840.10045.4.3.2"))
+        sig_alg = der.algorithm(_ECDSA_BY_DIGEST.get(digest, "1.2.840.10045.4.3.2"))
     digest_alg = der.algorithm(digest_oid, der.null())
     signer_info = der.seq(
         der.integer(1),
@@ -495,15 +500,18 @@ def encode_cert_rep(rep: CertRep, signer_cert: x509.Certificate, signer_key, dig
         sig_alg,
         der.octet_string(signature),
     )
-    certs = b"".join(c.public_bytes(serialization.Encoding.DER) for c in (signer_cert, *extra_certs))
     signed_data = der.seq(
         der.integer(1),
         der.set_of(digest_alg),
         der.seq(der.oid(OID_DATA), der.explicit(0, der.octet_string(content))),
-        der.tlv(0xA0, certs),
+        der.tlv(0xA0, b"".join(c.public_bytes(serialization.Encoding.DER) for c in certs)),
         der.set_of(signer_info),
     )
     return der.seq(der.oid(OID_SIGNED_DATA), der.explicit(0, signed_data))
+
+
+_ECDSA_BY_DIGEST = {"sha1": "1.2.840.10045.4.1", "sha256": "1.2.840.10045.4.3.2",
+                    "sha384": "1.2.840.10045.4.3.3", "sha512": "1.2.840.10045.4.3.4"}
 
 
 # --- client side (used by tests, the agent and benchmarks) -----------------------------------
@@ -515,41 +523,15 @@ def encode_pki_message(*, message_type: int, transaction_id: str, sender_nonce: 
                        signing_time: dt.datetime | None = None) -> bytes:
     """A client PKIMessage (PKCSReq, RenewalReq, CertPoll, GetCert, GetCRL)."""
     envelope = envelope_to(recipient, message_data, cipher)
-    digest_oid, hash_cls = DIGESTS[digest]
-    h = hashes.Hash(hash_cls())
-    h.update(envelope)
     attrs = [
         _attribute(OID_CONTENT_TYPE, der.oid(OID_DATA)),
-        _attribute(OID_MESSAGE_DIGEST, der.octet_string(h.finalize())),
         _attribute(OID_MESSAGE_TYPE, der.printable(str(int(message_type)))),
         _attribute(OID_TRANSACTION_ID, der.printable(transaction_id)),
         _attribute(OID_SENDER_NONCE, der.octet_string(sender_nonce)),
     ]
     if signing_time is not None:
         attrs.append(_attribute(OID_SIGNING_TIME, der.utc_time(signing_time)))
-    signed_attrs_set = der.set_of(*attrs)
-    if isinstance(signer_key, rsa.RSAPrivateKey):
-        signature = signer_key.sign(signed_attrs_set, padding.PKCS1v15(), hash_cls())
-        sig_alg = der.algorithm(OID_RSA, der.null())
-    else:
-        signature = signer_key.sign(signed_attrs_set, ec.ECDSA(hash_cls()))
-        sig_alg = der.algorithm("1.2.840.10045.4.3.2")
-    digest_alg = der.algorithm(digest_oid, der.null())
-    signer_info = der.seq(
-        der.integer(1),
-        der.seq(signer_cert.issuer.public_bytes(), der.integer(signer_cert.serial_number)),
-        digest_alg,
-        der.tlv(0xA0, signed_attrs_set[len(der.length(len(signed_attrs_set))) + 1:]),
-        sig_alg,
-        der.octet_string(signature),
-    )
-    signed_data = der.seq(
-        der.integer(1), der.set_of(digest_alg),
-        der.seq(der.oid(OID_DATA), der.explicit(0, der.octet_string(envelope))),
-        der.tlv(0xA0, signer_cert.public_bytes(serialization.Encoding.DER)),
-        der.set_of(signer_info),
-    )
-    return der.seq(der.oid(OID_SIGNED_DATA), der.explicit(0, signed_data))
+    return _signed_data(envelope, attrs, signer_cert, signer_key, digest, [signer_cert])
 
 
 @dataclass(frozen=True)
@@ -590,41 +572,10 @@ def certs_from_certs_only(p7_der: bytes) -> list[x509.Certificate]:
     return [x509.load_der_x509_certificate(c.chosen.dump()) for c in certs]
 
 
-def certs_and_crls_only(certs_der: list[bytes], crls_der: list[bytes]) -> bytes:
-    """A degenerate SignedData carrying CRLs (GetCRL replies), certificates in wire order."""
-    parts = [der.integer(1), der.set_of(), der.seq(der.oid(OID_DATA))]
-    if certs_der:
-        parts.append(der.tlv(0xA0, b"".join(certs_der)))
-    parts.append(der.tlv(0xA1, b"".join(crls_der)))
-    parts.append(der.set_of())
-    return der.seq(der.oid(OID_SIGNED_DATA), der.explicit(0, der.seq(*parts)))
-
-
 def encode_next_ca_certs(next_certs: list[x509.Certificate], signer_cert: x509.Certificate, signer_key,
                          signing_time: dt.datetime, digest: str = "sha256") -> bytes:
     """GetNextCACert (RFC 8894 §4.6): the new CA certificates in a SignedData signed by the
     current CA key, so a client that trusts the current CA can trust its successor."""
-    digest_oid, hash_cls = DIGESTS[digest]
-    h = hashes.Hash(hash_cls())
-    h.update(b"")
-    attrs = der.set_of(
-        _attribute(OID_CONTENT_TYPE, der.oid(OID_DATA)),
-        _attribute(OID_SIGNING_TIME, der.utc_time(signing_time)),
-        _attribute(OID_MESSAGE_DIGEST, der.octet_string(h.finalize())),
-    )
-    signature = signer_key.sign(attrs, padding.PKCS1v15(), hash_cls()) \
-        if isinstance(signer_key, rsa.RSAPrivateKey) else signer_key.sign(attrs, ec.ECDSA(hash_cls()))
-    sig_alg = der.algorithm(OID_RSA, der.null()) if isinstance(signer_key, rsa.RSAPrivateKey) \
-        else der.algorithm("1.2.840.10045.4.3.2")
-    digest_alg = der.algorithm(digest_oid, der.null())
-    signer_info = der.seq(
-        der.integer(1),
-        der.seq(signer_cert.issuer.public_bytes(), der.integer(signer_cert.serial_number)),
-        digest_alg, der.tlv(0xA0, attrs[len(der.length(len(attrs))) + 1:]), sig_alg,
-        der.octet_string(signature))
-    signed_data = der.seq(
-        der.integer(1), der.set_of(digest_alg),
-        der.seq(der.oid(OID_DATA), der.explicit(0, der.octet_string(b""))),
-        der.tlv(0xA0, b"".join(c.public_bytes(serialization.Encoding.DER) for c in next_certs)),
-        der.set_of(signer_info))
-    return der.seq(der.oid(OID_SIGNED_DATA), der.explicit(0, signed_data))
+    attrs = [_attribute(OID_CONTENT_TYPE, der.oid(OID_DATA)),
+             _attribute(OID_SIGNING_TIME, der.utc_time(signing_time))]
+    return _signed_data(b"", attrs, signer_cert, signer_key, digest, list(next_certs))
