@@ -181,8 +181,10 @@ def _rules(fn):
 @click.option("--challenge-file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="Challenge used to enroll again if the certificate has expired "
                    "(or SCEPD_AGENT_CHALLENGE); without one an expired certificate is only reported.")
+@click.option("--reuse-key", is_flag=True, help="Renew with the same key (default: a new key each time; "
+              "the server must allow it: SCEPD_SCEP_RENEWAL_SAME_KEY=1).")
 @click.option("-v", "--verbose", is_flag=True)
-def run(directory, interval, renew_before, renew_at_fraction, on_renew, challenge_file, verbose):
+def run(directory, interval, renew_before, renew_at_fraction, on_renew, challenge_file, reuse_key, verbose):
     """The daemon: check every interval, renew inside the threshold, check in over mTLS."""
     _logging(verbose)
     policy = _policy(interval, renew_before, renew_at_fraction)
@@ -191,7 +193,7 @@ def run(directory, interval, renew_before, renew_at_fraction, on_renew, challeng
     if state:
         state["policy"] = policy_json(policy)
         agent_dir.save_state(state)
-    agent = Agent(agent_dir, policy, on_renew=on_renew, challenge=_challenge(challenge_file))
+    agent = Agent(agent_dir, policy, on_renew=on_renew, challenge=_challenge(challenge_file), reuse_key=reuse_key)
     log.info("scepd-agent %s: dir %s, interval %s, renew-before %s, renew-at-fraction %s", __version__,
              directory, policy.interval, policy.renew_before, policy.renew_at_fraction)
     asyncio.run(_run(agent))
@@ -222,12 +224,14 @@ async def _run(agent: Agent) -> None:
 @click.option("--force", is_flag=True, help="Renew even if not due.")
 @_rules
 @click.option("--on-renew", default=None, help="Shell command run after installation.")
+@click.option("--reuse-key", is_flag=True, help="Renew with the same key (default: a new key each time; "
+              "the server must allow it: SCEPD_SCEP_RENEWAL_SAME_KEY=1).")
 @click.option("-v", "--verbose", is_flag=True)
-def renew(directory, force, renew_before, renew_at_fraction, on_renew, verbose):
+def renew(directory, force, renew_before, renew_at_fraction, on_renew, reuse_key, verbose):
     """Renew now if due (always with --force)."""
     _logging(verbose)
     agent = Agent(AgentDir(directory), _policy(None, renew_before, renew_at_fraction, directory),
-                  on_renew=on_renew)
+                  on_renew=on_renew, reuse_key=reuse_key)
     try:
         result = asyncio.run(agent.check(force=force))
     except AgentError as exc:

@@ -88,8 +88,9 @@ class Agent:
                  rand: Callable[[], float] = random.random, on_renew: str | None = None,
                  challenge: str | None = None,
                  protocol_factory: Callable[[dict], EnrollmentProtocol] | None = None,
-                 hostname: str | None = None):
+                 hostname: str | None = None, reuse_key: bool = False):
         self.dir = directory
+        self.reuse_key = reuse_key
         self.policy = policy
         self.clock = clock or SystemClock()
         self.rand = rand
@@ -123,7 +124,7 @@ class Agent:
                 pair = self.dir.load_pair()
                 if pair is None:
                     raise AgentError("the installed key cannot be read")
-                key = await asyncio.to_thread(new_key)
+                key = pair.key if self.reuse_key else await asyncio.to_thread(new_key)
                 issued = await protocol.renew(key, pair.cert, pair.key)
                 renewed = await self._install(key, issued, state, "renewed")
             elif decision.action is schedule.Action.REENROLL:

@@ -269,3 +269,16 @@ def test_enroll_refuses_trust_on_first_use_unless_asked(tmp_path):
                                           "http://127.0.0.1:9/scep", "--cn", "h", "--challenge", "x"])
     assert out.exit_code != 0 and "--ca-fingerprint" in out.output and "--trust-first-use" in out.output
     assert not (tmp_path / "a").exists()
+
+
+async def test_reuse_key_only_when_the_server_allows_it(server, tmp_path, clock):
+    from scepd.renewal import RenewalSettings
+    d = await _enrolled(server, tmp_path, mtls=False)
+    first = d.load_pair()
+    agent = Agent(d, schedule.Policy(), clock=clock, reuse_key=True)
+    result = await agent.check(force=True)
+    assert not result.ok and "new key" in result.message and d.load_cert() == first.cert
+    server["services"].scep.renewal.settings = RenewalSettings(allow_same_key=True)
+    result = await agent.check(force=True)
+    assert result.ok and d.load_cert() != first.cert
+    assert d.load_cert().public_key() == first.key.public_key()

@@ -147,3 +147,47 @@ async def test_inventory_lists_soonest_expiry_first(services, clock):
     await inventory.record(Checkin("b", "1", "bb", "CN=b", later))
     await inventory.record(Checkin("a", "1", "aa", "CN=a", sooner))
     assert [r.hostname for r in await inventory.list()] == ["a", "b"]
+
+
+async def test_checkin_path_uses_indexes(services, state_dir, clock):
+    """Recording a check-in (the mTLS request path) never scans the agents table."""
+    import re
+    import sqlite3
+
+    from sqlalchemy import event
+    captured: list[tuple[str, tuple]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if re.match(r"\s*(SELECT|UPDATE|DELETE)", statement, re.I) and "agents" in statement:
+            captured.append((statement, tuple(parameters or ())))
+    inventory = AgentInventory(services.store, clock)
+    for i in range(5):
+        await inventory.record(Checkin(f"h{i}", "1", f"{i:x}", f"CN=h{i}", clock.now()))
+    event.listen(services.store.engine.sync_engine, "before_cursor_execute", capture)
+    await inventory.record(Checkin("h1", "1", "ff", "CN=h1", clock.now()))
+    await inventory.record(Checkin("new", "1", "fe", "CN=new", clock.now()))
+    event.remove(services.store.engine.sync_engine, "before_cursor_execute", capture)
+    assert len(captured) >= 4
+    db = sqlite3.connect(state_dir / "scepd.db")
+    for statement, params in captured:
+        plan = " | ".join(row[-1] for row in db.execute("EXPLAIN QUERY PLAN " + statement, params))
+        assert not re.findall(r"\bSCAN agents\b", plan), f"full scan in: {statement}\nplan: {plan}"
+
+
+async def test_expired_and_foreign_certificates_fail_the_handshake(services, mtls, tmp_path, clock):
+    """The rule (scepd.tls): foreign and expired client certificates are refused by the TLS
+    handshake; the agent reports it in one line."""
+    from .helpers import self_signed
+    key = rsa_key(1)
+    clock.set(clock.now() - dt.timedelta(days=200))  # issued 200 days ago, valid 90 days
+    services.enrollment.clock = clock
+    expired = await _issue(services, "agent-old", key)
+    assert expired.cert.not_valid_after_utc < dt.datetime.now(dt.timezone.utc)
+    with pytest.raises(AgentError, match="TLS handshake refused|cannot connect"):
+        await checkin(mtls, *_files(services, tmp_path, expired, key), hostname="old")
+
+    class _Foreign:
+        cert = self_signed(key, "agent-foreign")
+    with pytest.raises(AgentError, match="TLS handshake refused|cannot connect"):
+        await checkin(mtls, *_files(services, tmp_path, _Foreign, key, "f"), hostname="foreign")
+    assert await AgentInventory(services.store, services.clock).list() == []
