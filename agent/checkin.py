@@ -1,6 +1,7 @@
 """The one mutual-TLS call: POST /api/v1/agents/checkin with the installed certificate."""
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 from pathlib import Path
@@ -42,5 +43,7 @@ async def checkin(base_url: str, anchor: Path, fullchain: Path, key: Path,
         raise AgentError(f"check-in: the server certificate is not trusted: {exc.certificate_error}") from None
     except (aiohttp.ClientSSLError, ssl.SSLError) as exc:
         raise AgentError(f"check-in: TLS handshake refused: {exc}") from None
-    except aiohttp.ClientConnectionError as exc:
-        raise AgentError(f"check-in: cannot connect to {base_url}: {exc}") from None
+    except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+        raise AgentError(f"check-in: cannot connect to {base_url}: {exc or 'timeout'}") from None
+    except aiohttp.ClientError as exc:  # e.g. a reply that is not JSON
+        raise AgentError(f"check-in: bad reply from {base_url}: {exc}") from None

@@ -280,19 +280,25 @@ class Agent:
             except AgentError as exc:  # not enrolled: nothing to do but say so and wait
                 log.error("%s", exc)
                 next_at = self.clock.now() + self.policy.interval
+            except Exception:  # a bug or a surprise: the daemon keeps its certificate and goes on
+                log.exception("unexpected error during the check; retrying after the interval")
+                next_at = self.clock.now() + self.policy.interval
             checks += 1
             if max_checks is not None and checks >= max_checks:
                 return
             delay = max(0.0, (next_at - self.clock.now()).total_seconds())
+            if stop.is_set():
+                break
             log.info("next check at %s", iso(next_at))
+            if not wake.is_set():  # a SIGHUP during the check is not lost
+                stopper = asyncio.create_task(stop.wait())
+                waker = asyncio.create_task(wake.wait())
+                try:
+                    await asyncio.wait({stopper, waker}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    stopper.cancel()
+                    waker.cancel()
             wake.clear()
-            stopper = asyncio.create_task(stop.wait())
-            waker = asyncio.create_task(wake.wait())
-            try:
-                await asyncio.wait({stopper, waker}, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                stopper.cancel()
-                waker.cancel()
         log.info("stopped")
 
 

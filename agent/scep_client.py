@@ -104,11 +104,20 @@ class ScepClient:
     # --- transport --------------------------------------------------------------------------
 
     async def _get(self, operation: str) -> tuple[int, bytes, str]:
-        async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
-            async with session.get(self.url, params={"operation": operation}, ssl=self.ssl_context) as resp:
-                return resp.status, await resp.read(), resp.headers.get("Content-Type", "")
+        try:
+            async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+                async with session.get(self.url, params={"operation": operation}, ssl=self.ssl_context) as resp:
+                    return resp.status, await resp.read(), resp.headers.get("Content-Type", "")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise AgentError(f"SCEP {operation} to {self.url} failed: {exc or 'timeout'}") from None
 
     async def _post(self, message: bytes) -> bytes:
+        try:
+            return await self._post_once(message)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise AgentError(f"SCEP PKIOperation to {self.url} failed: {exc or 'timeout'}") from None
+
+    async def _post_once(self, message: bytes) -> bytes:
         async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
             async with session.post(self.url, params={"operation": "PKIOperation"}, data=message,
                                     headers={"Content-Type": "application/x-pki-message"},

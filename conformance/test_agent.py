@@ -143,7 +143,10 @@ def test_agent_enrolls_renews_unattended_follows_rollover_and_is_refused_when_re
                  "a check-in with the certificate from the new CA", (daemon_log,), daemon)
         assert "CA rollover picked up" in daemon_log.read_text()
 
-        # --- SIGTERM: a clean stop --------------------------------------------------------------
+        # --- SIGHUP: check now; SIGTERM: a clean stop ---------------------------------------------
+        daemon.send_signal(signal.SIGHUP)
+        wait_for(lambda: "SIGHUP: checking now" in daemon_log.read_text(), 30, "SIGHUP to be handled",
+                 (daemon_log,), daemon)
         daemon.send_signal(signal.SIGTERM)
         assert daemon.wait(timeout=60) == 0
         daemon = None

@@ -282,3 +282,42 @@ async def test_reuse_key_only_when_the_server_allows_it(server, tmp_path, clock)
     result = await agent.check(force=True)
     assert result.ok and d.load_cert() != first.cert
     assert d.load_cert().public_key() == first.key.public_key()
+
+
+async def test_daemon_loop_wakes_on_hup_stops_on_term_and_survives_surprises(server, tmp_path, clock):
+    """Agent.run with the signals' events set by hand: never sleeps in this test."""
+    import asyncio
+    d = await _enrolled(server, tmp_path, mtls=False)
+    calls = []
+
+    def factory(st):
+        calls.append(len(calls))
+        if len(calls) == 2:
+            raise RuntimeError("surprise")  # a bug must not kill the daemon
+        if len(calls) == 3:
+            stop.set()  # SIGTERM arrives during the third check: it finishes, then the loop ends
+        return _Failing()
+    stop, wake = asyncio.Event(), asyncio.Event()
+    wake.set()  # SIGHUP pending: check again at once
+    agent = Agent(d, schedule.Policy(), clock=clock, protocol_factory=factory)
+
+    async def hup_again():
+        while len(calls) < 3 and not stop.is_set():
+            wake.set()
+            await asyncio.sleep(0)
+    pump = asyncio.create_task(hup_again())
+    await asyncio.wait_for(agent.run(stop, wake), timeout=30)
+    pump.cancel()
+    assert len(calls) == 3
+    assert d.load_state()["next_check"]  # recorded by the daemon
+
+
+def test_status_exits_2_for_an_expired_certificate(tmp_path):
+    from tests.helpers import rsa_key, self_signed
+    key = rsa_key(0)
+    expired = self_signed(key, "old-host", not_after=dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=1))
+    d = AgentDir(tmp_path / "agent")
+    d.install(key, expired, [])
+    d.save_state({"server": "http://127.0.0.1:9/scep", "protocol": "scep"})
+    out = CliRunner().invoke(agent_main, ["status", "--dir", str(d.root)])
+    assert out.exit_code == 2 and "EXPIRED" in out.output and "CN=old-host" in out.output
