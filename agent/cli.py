@@ -94,11 +94,15 @@ def main() -> None:
 @click.option("--trust-first-use", is_flag=True, help="Trust whatever root the server presents now.")
 @click.option("--mtls-url", default=None, help="Base URL of the server's mTLS listener, "
               "e.g. https://ca.example:8444 (remembered for run/checkin).")
+@click.option("--force", is_flag=True, help="Enroll again although DIR already holds a certificate.")
 @click.option("-v", "--verbose", is_flag=True)
 def enroll(directory, server, cn, sans, challenge, eab_kid, eab_hmac, protocol, ca_fingerprint,
-           trust_first_use, mtls_url, verbose):
+           trust_first_use, mtls_url, force, verbose):
     """First enrollment: new private key (it never leaves DIR), certificate, pinned CA."""
     _logging(verbose)
+    if AgentDir(directory).load_cert() is not None and not force:
+        _fail(f"{directory} already holds a certificate: `scepd-agent renew` renews it; "
+              "pass --force to enroll again")
     if protocol == "acme":
         _fail("ACME enrollment is not available in this build: the scepd ACME server has not landed; "
               "use --protocol scep")

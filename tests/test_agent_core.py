@@ -321,3 +321,16 @@ def test_status_exits_2_for_an_expired_certificate(tmp_path):
     d.save_state({"server": "http://127.0.0.1:9/scep", "protocol": "scep"})
     out = CliRunner().invoke(agent_main, ["status", "--dir", str(d.root)])
     assert out.exit_code == 2 and "EXPIRED" in out.output and "CN=old-host" in out.output
+
+
+async def test_enroll_twice_needs_force(server, tmp_path):
+    import asyncio
+    d = await _enrolled(server, tmp_path, mtls=False)
+    args = ["enroll", "--dir", str(d.root), "--server", server["scep"], "--cn", "host-1", "--challenge",
+            "static-secret", "--ca-fingerprint", _pin(server["services"])]
+    first = d.load_cert()
+    out = await asyncio.to_thread(CliRunner().invoke, agent_main, args)
+    assert out.exit_code == 1 and "already holds a certificate" in out.output and d.load_cert() == first
+    out = await asyncio.to_thread(CliRunner().invoke, agent_main, args + ["--force"])
+    assert out.exit_code == 0, out.output
+    assert d.load_cert() != first and d.load_pair("previous").cert == first
