@@ -127,3 +127,37 @@ def test_state_file_is_private(tmp_path):
     d.save_state({"server": "http://x/scep"})
     assert d.load_state() == {"server": "http://x/scep"}
     assert stat.S_IMODE(os.stat(d.state_path).st_mode) == 0o600
+
+
+CHILD = r"""
+import os, signal, sys, datetime as dt
+sys.path.insert(0, {repo!r})
+from tests.test_agent_files import _ca, _leaf
+from agent.files import AgentDir
+ca = _ca()
+d = AgentDir({root!r})
+k1, c1 = _leaf(ca, 0xAAAA)
+d.install(k1, c1, [ca[0]])
+k2, c2 = _leaf(ca, 0xBBBB)
+def fault(name):
+    if name == {step!r}:
+        os.kill(os.getpid(), signal.SIGKILL)  # no finally, no cleanup: the process is gone
+d.install(k2, c2, [ca[0]], fault=fault)
+"""
+
+
+@pytest.mark.parametrize("step", STEPS)
+def test_a_real_sigkill_between_steps_leaves_a_matching_pair(tmp_path, step):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = str(Path(__file__).resolve().parent.parent)
+    root = tmp_path / "agent"
+    proc = subprocess.run([sys.executable, "-c", CHILD.format(repo=repo, root=str(root), step=step)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    pair = AgentDir(root).load_pair()
+    assert _matches(pair)
+    assert format(pair.cert.serial_number, "x") == ("bbbb" if STEPS.index(step) >= STEPS.index("current-switched")
+                                                     else "aaaa")
