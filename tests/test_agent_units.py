@@ -33,3 +33,17 @@ def test_unit_exec_start_parses(unit, cli, prog):
 def test_readme_references_the_units():
     readme = (UNITS.parent.parent / "README.md").read_text()
     assert "contrib/systemd/scepd.service" in readme and "contrib/systemd/scepd-agent.service" in readme
+
+
+def test_the_agent_reuses_the_codec_never_the_server():
+    import subprocess
+    import sys
+    code = "import sys, agent.cli, agent.core; print('\\n'.join(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=UNITS.parent.parent)
+    assert out.returncode == 0, out.stderr
+    loaded = {m for m in out.stdout.split() if m.startswith("scepd")}
+    assert "scepd.scep.wire" in loaded
+    server = {"scepd.app", "scepd.scep.service", "scepd.scep.transport", "scepd.store", "scepd.authority",
+              "scepd.enrollment", "scepd.policy", "scepd.agents", "sqlalchemy"}
+    assert not (loaded | set(out.stdout.split())) & server
