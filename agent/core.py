@@ -159,8 +159,14 @@ class Agent:
             at = schedule.next_check(now, self.policy, due, self.rand())
             message = decision.reason if renewed is None else \
                 f"{decision.reason}; installed serial {format(renewed.serial_number, 'x')}"
+            if renewed is not None and due is not None and due <= now:
+                log.warning("the new certificate is already due under the renewal rules (lifetime %s): "
+                            "renewing at every check; adjust --renew-before/--renew-at-fraction",
+                            schedule.human(lifetime_of(installed).length))
+            if daemon:
+                state["policy"] = policy_json(self.policy)
             state.update(failures=0, next_check=iso(at) if daemon else state.get("next_check"),
-                         renewal_due_at=iso(due), policy=policy_json(self.policy),
+                         renewal_due_at=iso(due),
                          last_check={"at": iso(now), "result": "ok", "action": decision.action.value,
                                      "message": message})
             self.dir.save_state(state)
@@ -198,8 +204,7 @@ class Agent:
         self.dir.install(key, issued.cert, issued.chain)
         if issued.ca_certs:
             self.dir.save_ca_certs(issued.ca_certs)
-        if old is not None and old.issuer == issued.cert.issuer and issued.chain and \
-                not _signed_by(old, issued.chain[0]):
+        if old is not None and issued.chain and not _signed_by(old, issued.chain[0]):
             log.warning("CA rollover picked up: the new certificate is issued by the next CA "
                         "(SHA-256 %s); chain updated", fingerprint(issued.chain[0]))
         nxt = self._read_pem(self.dir.next_ca_path)
