@@ -1,1 +1,3 @@
-"""scepd-agent: enroll, renew and check in over mTLS. Not implemented yet: see issue #6."""
+"""scepd-agent: holds a private key that never leaves the machine, enrolls once, renews forever,
+and checks in with the server over mutual TLS."""
+__version__ = "0.1.0"

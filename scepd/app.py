@@ -184,6 +184,10 @@ HTTPS_ROUTES: list = []
 MTLS_ROUTES: list = []
 HTTPS_ROUTES.append(add_admin_routes)  # the admin API (scepd/admin_http.py)
 
+from .agents import add_checkin_route  # noqa: E402  (agent inventory: its migrations + check-in route)
+
+MTLS_ROUTES.append(add_checkin_route)
+
 
 def create_https_app(services: Services) -> web.Application:
     """The HTTPS listener: ACME (acme/) and the admin API mount here."""
@@ -199,13 +203,13 @@ def create_https_app(services: Services) -> web.Application:
 def create_mtls_app(services: Services) -> web.Application:
     """The mutual-TLS listener: every request carries a client certificate from our CA that is
     in the inventory and not revoked (see scepd.tls for the rule)."""
-    from .tls import mtls_gate
+    from .tls import PEER, mtls_gate
 
     app = web.Application(client_max_size=64 * 1024, middlewares=[mtls_gate(services.store)])
     app[SERVICES] = services
 
     async def whoami(request: web.Request) -> web.Response:
-        peer = request["peer"]
+        peer = request[PEER]
         return web.json_response({"serial": peer.serial, "subject": peer.subject})
 
     app.router.add_get("/api/v1/whoami", whoami)

@@ -573,5 +573,9 @@ def audit_list(state_dir, limit, event, serial, since):
 from .admin_cli import admin as _admin_group  # noqa: E402
 main.add_command(_admin_group)
 
+from .agents import agents_cli  # noqa: E402
+
+main.add_command(agents_cli)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -119,7 +119,7 @@ class PeerCertificate:
     subject: str
 
 
-PEER = web.RequestKey("peer", PeerCertificate) if hasattr(web, "RequestKey") else "peer"
+PEER = web.RequestKey("peer", PeerCertificate)
 
 
 def peer_certificate(request: web.Request) -> x509.Certificate | None:
@@ -145,7 +145,7 @@ def mtls_gate(store: SqlStore):
             return web.json_response({"error": "client certificate not issued by this server"}, status=401)
         if rec.status == "revoked":
             return web.json_response({"error": "client certificate revoked"}, status=401)
-        request["peer"] = PeerCertificate(cert, serial, rec.subject)
+        request[PEER] = PeerCertificate(cert, serial, rec.subject)
         return await handler(request)
 
     return gate

@@ -1,0 +1,333 @@
+"""`scepd-agent` (also `python -m agent`): enroll, run, status, renew, checkin."""
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__, schedule
+from .core import Agent, SystemClock, iso, lifetime_of, policy_from_json, policy_json
+from .files import AgentDir
+from .protocol import AgentError, Identity, fingerprint, normalize_fingerprint
+from .scep_client import ScepClient, new_key, parse_san
+
+log = logging.getLogger("scepd.agent")
+
+DIR = click.option("--dir", "directory", required=True, envvar="SCEPD_AGENT_DIR",
+                   type=click.Path(file_okay=False, path_type=Path),
+                   help="State directory: key (0600), certificate, chain, trust anchor, state file.")
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """30s, 10m, 1h30m, 2m15s, 5d, 2w (or plain seconds)."""
+    import re
+    text = text.strip().lower()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return dt.timedelta(seconds=float(text))
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smhdw])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise click.BadParameter(f"expected a duration like 30s, 20m, 2m15s, 5d; got {text!r}")
+    return dt.timedelta(seconds=sum(float(n) * units[u] for n, u in parts))
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"scepd-agent: {message}", err=True)
+    sys.exit(code)
+
+
+def _logging(verbose: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
+
+
+def _policy(interval: str | None, renew_before: str | None, fraction: float | None,
+            directory: Path | None = None) -> schedule.Policy:
+    """The rules given on the command line; without any, the daemon's (saved in the state file)."""
+    if directory is not None and renew_before is None and fraction is None:
+        saved = policy_from_json(AgentDir(directory).load_state().get("policy"))
+        if saved is not None:
+            return saved
+    try:
+        return schedule.Policy.from_options(parse_duration(interval) if interval else None,
+                                            parse_duration(renew_before) if renew_before else None,
+                                            fraction)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _challenge(challenge_file: Path | None) -> str | None:
+    if challenge_file is not None:
+        return challenge_file.read_text().strip() or None
+    return os.environ.get("SCEPD_AGENT_CHALLENGE") or None
+
+
+@click.group()
+@click.version_option(__version__, prog_name="scepd-agent")
+def main() -> None:
+    """scepd-agent: keeps this machine's certificate valid, unattended."""
+
+
+# --- enroll -----------------------------------------------------------------------------------
+
+
+@main.command()
+@DIR
+@click.option("--server", required=True, help="SCEP URL, e.g. http://ca.example:8080/scep.")
+@click.option("--cn", required=True, help="Subject common name.")
+@click.option("--san", "sans", multiple=True, help="DNS:name or IP:address (repeatable).")
+@click.option("--challenge", default=None, envvar="SCEPD_AGENT_CHALLENGE",
+              help="Challenge password (SCEP) for the first enrollment.")
+@click.option("--eab-kid", default=None, help="ACME external account binding key id.")
+@click.option("--eab-hmac", default=None, help="ACME external account binding HMAC key (base64url).")
+@click.option("--protocol", type=click.Choice(["scep", "acme"]), default="scep", show_default=True)
+@click.option("--ca-fingerprint", default=None, help="SHA-256 fingerprint of the CA to trust "
+              "(`scepd init` and `scepd serve` print the root's).")
+@click.option("--trust-first-use", is_flag=True, help="Trust whatever root the server presents now.")
+@click.option("--mtls-url", default=None, help="Base URL of the server's mTLS listener, "
+              "e.g. https://ca.example:8444 (remembered for run/checkin).")
+@click.option("--force", is_flag=True, help="Enroll again although DIR already holds a certificate.")
+@click.option("-v", "--verbose", is_flag=True)
+def enroll(directory, server, cn, sans, challenge, eab_kid, eab_hmac, protocol, ca_fingerprint,
+           trust_first_use, mtls_url, force, verbose):
+    """First enrollment: new private key (it never leaves DIR), certificate, pinned CA."""
+    _logging(verbose)
+    if AgentDir(directory).load_cert() is not None and not force:
+        _fail(f"{directory} already holds a certificate: `scepd-agent renew` renews it; "
+              "pass --force to enroll again")
+    if protocol == "acme":
+        _fail("ACME enrollment is not available in this build: the scepd ACME server has not landed; "
+              "use --protocol scep")
+    if eab_kid or eab_hmac:
+        _fail("--eab-kid/--eab-hmac go with --protocol acme")
+    if not challenge:
+        _fail("--challenge is required for SCEP enrollment")
+    try:
+        for s in sans:
+            parse_san(s)
+        pin = normalize_fingerprint(ca_fingerprint) if ca_fingerprint else None
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    if pin is None and not trust_first_use:
+        _fail("refusing to trust the server's CA on first use: pass --ca-fingerprint SHA256 "
+              "(printed by `scepd serve`) or --trust-first-use")
+    try:
+        asyncio.run(_enroll(AgentDir(directory), server, Identity(cn, tuple(sans)), challenge, pin, mtls_url))
+    except AgentError as exc:
+        _fail(str(exc))
+
+
+async def _enroll(directory: AgentDir, server: str, identity: Identity, challenge: str,
+                  pin: str | None, mtls_url: str | None, hostname: str | None = None) -> None:
+    served = await ScepClient(server, None).fetch_ca_certs()  # type: ignore[arg-type]
+    if pin is not None:
+        matching = [c for c in served if fingerprint(c) == pin]
+        if not matching:
+            raise AgentError("no certificate served by GetCACert has the pinned fingerprint; served: "
+                             + ", ".join(f"{c.subject.rfc4514_string()} {fingerprint(c)}" for c in served))
+        anchor = matching[0]
+    else:
+        roots = [c for c in served if c.issuer == c.subject]
+        anchor = roots[-1] if roots else served[-1]
+        log.warning("trusting on first use: %s SHA-256 %s", anchor.subject.rfc4514_string(), fingerprint(anchor))
+    directory.create()
+    directory.save_anchor(anchor)
+    key = await asyncio.to_thread(new_key)
+    issued = await ScepClient(server, anchor).enroll(key, identity, challenge)
+    directory.install(key, issued.cert, issued.chain)
+    directory.save_ca_certs(issued.ca_certs)
+    state = directory.load_state()
+    state.update(server=server, protocol="scep", mtls_url=mtls_url, ca_fingerprint=fingerprint(anchor),
+                 identity={"cn": identity.common_name, "sans": list(identity.sans)},
+                 enrolled_at=iso(SystemClock().now()), failures=0,
+                 last_renewal={"at": iso(SystemClock().now()), "serial": format(issued.cert.serial_number, "x"),
+                               "how": "enrolled"})
+    directory.save_state(state)
+    click.echo(f"enrolled: serial {format(issued.cert.serial_number, 'x')}, "
+               f"not after {iso(issued.cert.not_valid_after_utc)}")
+    click.echo(f"key: {directory.key_path}  cert: {directory.cert_path}  chain: {directory.chain_path}")
+    if mtls_url:
+        agent = Agent(directory, schedule.Policy.from_options(None, None, None), hostname=hostname)
+        if await agent.checkin() is None:
+            raise AgentError("enrolled, but the first mTLS check-in failed (see the log above)")
+        click.echo("checked in over mTLS")
+
+
+# --- run --------------------------------------------------------------------------------------
+
+
+RULES = [click.option("--renew-before", default=None, help="Renew when less than this is left (e.g. 5d)."),
+         click.option("--renew-at-fraction", type=float, default=None,
+                      help="Renew when this fraction of the lifetime is left (e.g. 0.33).")]
+
+
+def _rules(fn):
+    for opt in reversed(RULES):
+        fn = opt(fn)
+    return fn
+
+
+@main.command()
+@DIR
+@click.option("--interval", default="20m", show_default=True, help="Time between checks (+-10% jitter).")
+@_rules
+@click.option("--on-renew", default=None, help="Shell command run after each installation "
+              "(env: SCEPD_AGENT_KEY, _CERT, _CHAIN, _FULLCHAIN, _CA, _SERIAL, _NOT_AFTER, _DIR).")
+@click.option("--challenge-file", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="Challenge used to enroll again if the certificate has expired "
+                   "(or SCEPD_AGENT_CHALLENGE); without one an expired certificate is only reported.")
+@click.option("--reuse-key", is_flag=True, help="Renew with the same key (default: a new key each time; "
+              "the server must allow it: SCEPD_SCEP_RENEWAL_SAME_KEY=1).")
+@click.option("-v", "--verbose", is_flag=True)
+def run(directory, interval, renew_before, renew_at_fraction, on_renew, challenge_file, reuse_key, verbose):
+    """The daemon: check every interval, renew inside the threshold, check in over mTLS."""
+    _logging(verbose)
+    policy = _policy(interval, renew_before, renew_at_fraction)
+    agent_dir = AgentDir(directory)
+    state = agent_dir.load_state()
+    if state:
+        state["policy"] = policy_json(policy)
+        agent_dir.save_state(state)
+    agent = Agent(agent_dir, policy, on_renew=on_renew, challenge=_challenge(challenge_file), reuse_key=reuse_key)
+    log.info("scepd-agent %s: dir %s, interval %s, renew-before %s, renew-at-fraction %s", __version__,
+             directory, policy.interval, policy.renew_before, policy.renew_at_fraction)
+    asyncio.run(_run(agent))
+
+
+async def _run(agent: Agent) -> None:
+    stop, wake = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def _term() -> None:
+        log.info("SIGTERM/SIGINT: stopping after the current step")
+        stop.set()
+
+    def _hup() -> None:
+        log.info("SIGHUP: checking now")
+        wake.set()
+    loop.add_signal_handler(signal.SIGTERM, _term)
+    loop.add_signal_handler(signal.SIGINT, _term)
+    loop.add_signal_handler(signal.SIGHUP, _hup)
+    await agent.run(stop, wake)
+
+
+# --- renew, checkin ---------------------------------------------------------------------------
+
+
+@main.command()
+@DIR
+@click.option("--force", is_flag=True, help="Renew even if not due.")
+@_rules
+@click.option("--on-renew", default=None, help="Shell command run after installation.")
+@click.option("--reuse-key", is_flag=True, help="Renew with the same key (default: a new key each time; "
+              "the server must allow it: SCEPD_SCEP_RENEWAL_SAME_KEY=1).")
+@click.option("-v", "--verbose", is_flag=True)
+def renew(directory, force, renew_before, renew_at_fraction, on_renew, reuse_key, verbose):
+    """Renew now if due (always with --force)."""
+    _logging(verbose)
+    agent = Agent(AgentDir(directory), _policy(None, renew_before, renew_at_fraction, directory),
+                  on_renew=on_renew, reuse_key=reuse_key)
+    try:
+        result = asyncio.run(agent.check(force=force))
+    except AgentError as exc:
+        _fail(str(exc))
+        return
+    if not result.ok:
+        _fail(result.message)
+    click.echo(("renewed: serial " + format(result.renewed.serial_number, "x")) if result.renewed
+               else f"not renewed: {result.message}")
+
+
+@main.command("checkin")
+@DIR
+@click.option("--mtls-url", default=None, help="Default: the URL given to enroll.")
+@click.option("-v", "--verbose", is_flag=True)
+def checkin_cmd(directory, mtls_url, verbose):
+    """One mutual-TLS check-in with the server."""
+    _logging(verbose)
+    agent = Agent(AgentDir(directory), schedule.Policy.from_options(None, None, None))
+    try:
+        answer = asyncio.run(agent.checkin(mtls_url))
+    except AgentError as exc:
+        _fail(str(exc))
+        return
+    if answer is None:
+        _fail("check-in failed")
+    click.echo(json.dumps(answer, sort_keys=True))
+
+
+# --- status -----------------------------------------------------------------------------------
+
+
+def status_report(directory: AgentDir, now: dt.datetime, policy: schedule.Policy) -> dict:
+    """Everything `status` shows, as data (tested with a fixed `now`)."""
+    state = directory.load_state()
+    cert = directory.load_cert()
+    out: dict = {"dir": str(directory.root), "server": state.get("server"), "protocol": state.get("protocol"),
+                 "mtls_url": state.get("mtls_url"), "certificate": None,
+                 "last_check": state.get("last_check"), "next_check": state.get("next_check"),
+                 "failures": state.get("failures", 0), "last_renewal": state.get("last_renewal"),
+                 "renewals": state.get("renewals", 0), "last_checkin": state.get("last_checkin"),
+                 "next_ca_announced": directory.next_ca_path.exists()}
+    if cert is None:
+        out["state"] = "missing"
+        return out
+    life = lifetime_of(cert)
+    left = life.not_after - now
+    due = schedule.renewal_due_at(life, policy)
+    out["certificate"] = {
+        "subject": cert.subject.rfc4514_string(), "serial": format(cert.serial_number, "x"),
+        "issuer": cert.issuer.rfc4514_string(), "not_before": iso(life.not_before),
+        "not_after": iso(life.not_after), "time_left_seconds": int(left.total_seconds()),
+        "time_left": schedule.human(left), "renewal_due_at": iso(due)}
+    out["state"] = "expired" if left <= dt.timedelta(0) else ("renewal-due" if now >= due else "valid")
+    return out
+
+
+def render_status(report: dict) -> str:
+    lines = [f"directory:     {report['dir']}", f"server:        {report['server']} ({report['protocol']})"]
+    c = report["certificate"]
+    if c is None:
+        lines.append("certificate:   MISSING")
+    else:
+        lines += [f"subject:       {c['subject']}", f"serial:        {c['serial']}",
+                  f"issuer:        {c['issuer']}", f"not after:     {c['not_after']}",
+                  f"time left:     {c['time_left']}", f"renewal due:   {c['renewal_due_at']}"]
+    lines.append(f"state:         {report['state'].upper()}")
+    lc = report.get("last_check")
+    lines.append(f"last check:    {lc['at']} {lc['result']}: {lc['message']}" if lc else "last check:    never")
+    lines.append(f"next check:    {report.get('next_check') or '-'}")
+    ci = report.get("last_checkin")
+    if ci:
+        lines.append(f"last check-in: {ci['at']} {'ok' if ci['ok'] else 'FAILED: ' + ci['message']}")
+    if report.get("next_ca_announced"):
+        lines.append("CA rollover:   a next CA is announced (GetNextCACert)")
+    return "\n".join(lines)
+
+
+@main.command()
+@DIR
+@click.option("--json", "as_json", is_flag=True)
+@_rules
+def status(directory, as_json, renew_before, renew_at_fraction):
+    """Certificate and schedule; exit 1 if the certificate is missing, 2 if expired."""
+    report = status_report(AgentDir(directory), SystemClock().now(),
+                           _policy(None, renew_before, renew_at_fraction, directory))
+    click.echo(json.dumps(report, indent=2, sort_keys=True) if as_json else render_status(report))
+    if report["state"] == "missing":
+        sys.exit(1)
+    if report["state"] == "expired":
+        sys.exit(2)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

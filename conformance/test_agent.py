@@ -1,0 +1,168 @@
+"""scepd-agent against a real `scepd serve` on 127.0.0.1 issuing 3-minute certificates.
+
+One scenario, every step bounded in time:
+  enroll over SCEP (pinned root) -> the daemon (`scepd-agent run --interval 5s`) renews by itself
+  at least twice with no challenge, runs the hook and checks in over mTLS with each certificate
+  -> `scepd ca rollover` + restart: the daemon sees GetNextCACert -> `scepd ca activate-next` +
+  restart: the next renewal comes from the new CA, chain updated, check-in still accepted
+  -> `scepd certs revoke`: the revoked certificate is refused at the mTLS listener (401) and cannot
+  authorise a renewal.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from .conftest import free_port, start_server, stop_server
+
+pytestmark = pytest.mark.conformance
+
+VALIDITY = "3m"
+RENEW_BEFORE = "2m15s"  # renew 45 s after issuance: two renewals fit in ~2 minutes
+
+
+def agent(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for(predicate, timeout: float, what: str, logs=(), proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            break
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n"
+                         + "\n".join(p.read_text(errors="replace")[-4000:] for p in logs))
+
+
+def state(d: Path) -> dict:
+    try:
+        return json.loads((d / "state.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def current_cert(d: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificate((d / "cert.pem").read_bytes())
+
+
+def serial_of(cert: x509.Certificate) -> str:
+    return format(cert.serial_number, "x")
+
+
+def test_agent_enrolls_renews_unattended_follows_rollover_and_is_refused_when_revoked(tmp_path):
+    mtls_port = free_port()
+    env = {"SCEPD_CA_DEFAULT_VALIDITY": VALIDITY, "SCEPD_SERVER_MTLS": f"127.0.0.1:{mtls_port}"}
+    server_tmp = tmp_path / "server"
+    server = start_server(server_tmp, env)
+    d = tmp_path / "agent"
+    hook_log = tmp_path / "hook.log"
+    daemon_log = tmp_path / "agent.log"
+    daemon = None
+    try:
+        root_der = server.root_pem.read_bytes()
+        fp = hashlib.sha256(x509.load_pem_x509_certificate(root_der).public_bytes(
+            serialization.Encoding.DER)).hexdigest()
+        mtls_url = f"https://127.0.0.1:{mtls_port}"
+
+        # --- first enrollment: challenge, pinned root, first check-in ---------------------------
+        out = agent("enroll", "--dir", str(d), "--server", server.url, "--cn", "agent-1",
+                    "--san", "DNS:agent-1.example", "--challenge", server.challenge,
+                    "--ca-fingerprint", ":".join(fp[i:i + 2] for i in range(0, 64, 2)), "--mtls-url", mtls_url)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "checked in over mTLS" in out.stdout
+        first = server.verify(d / "cert.pem", d / "key.pem")
+        assert (os.stat(d / "key.pem").st_mode & 0o077) == 0
+
+        # --- the daemon renews by itself, twice at least ---------------------------------------
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--dir", str(d), "--interval", "5s",
+             "--renew-before", RENEW_BEFORE, "--on-renew", f'echo "$SCEPD_AGENT_SERIAL" >> {hook_log}'],
+            stdout=open(daemon_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: state(d).get("renewals", 0) >= 2 and hook_log.exists()
+                 and len(hook_log.read_text().split()) >= 2, 180, "two unattended renewals",
+                 (daemon_log, server.log), daemon)
+        hooked = hook_log.read_text().split()
+        cert = server.verify(d / "cert.pem", d / "key.pem")
+        assert serial_of(cert) != serial_of(first) and cert.public_key() != first.public_key()
+        assert len(set(hooked)) == len(hooked) and serial_of(first) not in hooked
+        # every renewal was a RenewalReq (messageType 17) the server accepted without a challenge
+        server_log = server.log_text()
+        for serial in hooked:
+            assert f"type=17 status=SUCCESS" in server_log and f"serial={serial}" in server_log
+        # check-in accepted with each new certificate (the check after each install checks in)
+        wait_for(lambda: all(f"checked in over mTLS as serial {s}" in daemon_log.read_text() for s in hooked),
+                 30, "a check-in with every renewed certificate", (daemon_log,), daemon)
+        listed = json.loads(server.scepd("agents", "list", "--json"))
+        assert len(listed) == 1 and listed[0]["serial"] in hooked
+        out = agent("status", "--dir", str(d), "--json")
+        assert out.returncode == 0, out.stderr
+        report = json.loads(out.stdout)
+        assert report["state"] in ("valid", "renewal-due") and report["last_check"]["result"] == "ok"
+
+        # --- CA rollover: announced, then followed -----------------------------------------------
+        out = subprocess.run([sys.executable, "-m", "scepd", "ca", "rollover", "--state-dir", str(server.state_dir)],
+                             capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+        assert out.returncode == 0, out.stderr
+        next_ca = x509.load_pem_x509_certificate((server.state_dir / "ca" / "next" / "ca.pem").read_bytes())
+        stop_server(server)
+        server = start_server(server_tmp, env, port=server.port)
+        wait_for(lambda: (d / "next-ca.pem").exists(), 60, "GetNextCACert to be followed", (daemon_log,), daemon)
+        assert x509.load_pem_x509_certificate((d / "next-ca.pem").read_bytes()) == next_ca
+        out = subprocess.run([sys.executable, "-m", "scepd", "ca", "activate-next", "--state-dir",
+                              str(server.state_dir)], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, **env})
+        assert out.returncode == 0, out.stderr
+        stop_server(server)
+        server = start_server(server_tmp, env, port=server.port)
+
+        def from_next_ca() -> bool:
+            try:
+                current_cert(d).verify_directly_issued_by(next_ca)
+                return True
+            except Exception:  # not yet renewed under the new CA
+                return False
+        wait_for(from_next_ca, 120, "a renewal under the new CA", (daemon_log, server.log), daemon)
+        chain = x509.load_pem_x509_certificates((d / "chain.pem").read_bytes())
+        assert chain == [next_ca]
+        assert not (d / "next-ca.pem").exists()
+        new_serial = serial_of(current_cert(d))
+        wait_for(lambda: f"checked in over mTLS as serial {new_serial}" in daemon_log.read_text(), 30,
+                 "a check-in with the certificate from the new CA", (daemon_log,), daemon)
+        assert "CA rollover picked up" in daemon_log.read_text()
+
+        # --- SIGHUP: check now; SIGTERM: a clean stop ---------------------------------------------
+        daemon.send_signal(signal.SIGHUP)
+        wait_for(lambda: "SIGHUP: checking now" in daemon_log.read_text(), 30, "SIGHUP to be handled",
+                 (daemon_log,), daemon)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+        daemon = None
+        log_text = daemon_log.read_text()
+        assert "Traceback" not in log_text and "stopped" in log_text
+
+        # --- revocation: refused at the mTLS listener, and no renewal with it --------------------
+        revoked = serial_of(current_cert(d))
+        server.scepd("certs", "revoke", revoked, "--reason", "keyCompromise")
+        out = agent("checkin", "--dir", str(d))
+        assert out.returncode != 0 and "401" in out.stderr and "revoked" in out.stderr, out.stdout + out.stderr
+        out = agent("renew", "--dir", str(d), "--force")
+        assert out.returncode != 0 and "revoked" in out.stderr, out.stdout + out.stderr
+        assert serial_of(current_cert(d)) == revoked  # nothing installed
+    finally:
+        if daemon is not None:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait(timeout=10)
+        stop_server(server)
