@@ -37,11 +37,8 @@ def attach_ops(services, previous: list[tuple[object, object]] = ()) -> None:
     services.crl.listeners.append(services.metrics.crl_published)
     services.revocation.listeners.append(services.crl.on_revocation)
     services.revocation.listeners.append(services.metrics.on_revocation)
-    listeners = getattr(services.enrollment, "issued_listeners", None)
-    if listeners is not None:
-        listeners.append(services.metrics.issued)
-    if getattr(services.scep, "crl_provider", "absent") is None:
-        services.scep.crl_provider = services.crl.current_der  # SCEP GetCRL
+    services.enrollment.issued_listeners.append(services.metrics.issued)
+    services.scep.crl_provider = services.crl.current_der  # SCEP GetCRL
 
 
 def context_middleware(metrics: Metrics | None):

@@ -413,3 +413,21 @@ async def test_same_key_renewal_with_same_transaction_id_is_not_a_resend(aiohttp
     assert rep.status == wire.PkiStatus.SUCCESS
     new = reply_certs(rep, old, key)[0]
     assert new.serial_number != old.serial_number
+
+
+@pytest.mark.parametrize("name", ["sscep-0.10.0-getcrl-aes128-sha256-post",
+                                  "sscep-0.10.0-getcrl-aes128-sha256-post-default"])
+async def test_replayed_getcrl(aiohttp_client, vector_state, name):
+    """sscep asks with old.pem's issuer+serial (-O), or with the CA's own subject+serial."""
+    services = await open_services(config_mod.load(vector_state, environ={}), FixedClock(CAPTURE_TIME))
+    client = await aiohttp_client(create_app(services, close_services=True))
+    rep = await post(client, vector(name))
+    assert rep.status == wire.PkiStatus.SUCCESS, rep.fail_info_text
+    key = serialization.load_pem_private_key((VECTORS / "pki" / "old.key").read_bytes(), None)
+    inner = wire.open_envelope(rep.envelope, [wire.Recipient(load_pair("old").cert, key)])
+    from asn1crypto import cms
+    crls = cms.ContentInfo.load(inner)["content"]["crls"]
+    assert len(crls) == 1
+    crl = x509.load_der_x509_crl(crls[0].chosen.dump())
+    assert crl.issuer == load_pair("ca").cert.subject
+    assert crl.is_signature_valid(load_pair("ca").cert.public_key())
