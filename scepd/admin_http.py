@@ -200,6 +200,13 @@ def add_admin_routes(app: web.Application, services) -> None:
                                    limit=_int_param(request, "limit", 100, MAX_LIMIT) or 1)
         return web.json_response({"audit": [audit_json(r) for r in records]})
 
+    async def list_agents(request: web.Request, _actor: str) -> web.Response:
+        from .agents import AgentInventory
+        limit = _int_param(request, "limit", 1000, 10000)
+        rows = await AgentInventory(services.store, services.clock).list(limit)
+        now = services.clock.now()
+        return web.json_response({"agents": [r.to_json(now) for r in rows]})
+
     async def whoami(_request: web.Request, actor: str) -> web.Response:
         return web.json_response({"actor": actor})
 
@@ -210,6 +217,7 @@ def add_admin_routes(app: web.Application, services) -> None:
     r.add_post(f"{PREFIX}/certificates/{{serial}}/revoke", route(revoke_cert))
     r.add_post(f"{PREFIX}/challenges", route(create_challenge))
     r.add_get(f"{PREFIX}/audit", route(get_audit))
+    r.add_get(f"{PREFIX}/agents", route(list_agents))
     if hasattr(services.enrollment, "approve_pending") and hasattr(services.store, "list_pending"):
         r.add_get(f"{PREFIX}/pending", route(list_pending))
         r.add_post(f"{PREFIX}/pending/{{pending_id}}/approve", route(approve_pending))

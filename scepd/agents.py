@@ -38,7 +38,12 @@ agents = sa.Table(
     sa.Index("ix_agents_serial", "serial"),
 )
 
-register_migrations("agents", [(1, [agents])])
+register_migrations("agents", [
+    (1, [agents]),
+    # "agents seen within" (metrics) filters on the last check-in time
+    (2, lambda c: c.exec_driver_sql(
+        "CREATE INDEX IF NOT EXISTS ix_agents_last_checkin ON agents (last_checkin_at)")),
+])
 
 MAX_HOSTNAME = 255
 MAX_VERSION = 64
@@ -115,6 +120,11 @@ class AgentInventory:
             out = (await conn.execute(sa.select(agents).where(
                 agents.c.hostname == c.hostname, agents.c.subject == c.subject))).first()
         return _record(out)
+
+    async def count_seen_since(self, since: dt.datetime) -> int:
+        async with self.store.engine.connect() as conn:
+            return int((await conn.execute(sa.select(sa.func.count()).select_from(agents).where(
+                agents.c.last_checkin_at >= _naive(since)))).scalar_one())
 
     async def list(self, limit: int = 1000) -> list[AgentRecord]:
         async with self.store.engine.connect() as conn:

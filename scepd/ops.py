@@ -5,6 +5,8 @@ bytes in, service call, bytes out.
 """
 from __future__ import annotations
 
+import datetime as dt
+
 import base64
 import binascii
 import logging
@@ -38,6 +40,7 @@ def attach_ops(services, previous: list[tuple[object, object]] = ()) -> None:
     services.revocation.listeners.append(services.crl.on_revocation)
     services.revocation.listeners.append(services.metrics.on_revocation)
     services.enrollment.issued_listeners.append(services.metrics.issued)
+    services.metrics.add_scrape_hook(_agents_seen(services))
     services.scep.crl_provider = services.crl.current_der  # SCEP GetCRL
 
 
@@ -128,3 +131,16 @@ def add_ops_routes(app: web.Application, services) -> None:
 def add_https_context(app: web.Application, services) -> None:
     """The HTTPS listener gets the same log context and latency metrics."""
     app.middlewares.append(context_middleware(getattr(services, "metrics", None)))
+
+
+def _agents_seen(services):
+    """scepd_agents_seen{within}: agents whose last mTLS check-in is recent."""
+    from .agents import AgentInventory
+
+    inventory = AgentInventory(services.store, services.clock)
+
+    async def hook(metrics: Metrics) -> None:
+        now = services.clock.now()
+        for within, delta in (("1h", dt.timedelta(hours=1)), ("24h", dt.timedelta(hours=24))):
+            metrics.agents_seen.labels(within=within).set(await inventory.count_seen_since(now - delta))
+    return hook

@@ -257,3 +257,26 @@ def test_admin_cli_tokens_issue_cert_and_crl(state_dir, tmp_path):
     crl = runner.invoke(main, ["admin", "crl", *args])
     assert crl.exit_code == 0 and x509.load_pem_x509_crl(crl.output.encode()).is_signature_valid(
         x509.load_pem_x509_certificate((state_dir / "ca" / "ca.pem").read_bytes()).public_key())
+
+
+async def test_admin_api_lists_agents_and_metrics_count_them(services, https, tmp_path, token, aiohttp_client):
+    import datetime as dt
+
+    from scepd.agents import AgentInventory, Checkin
+    from scepd.app import create_app
+
+    from .test_metrics_audit import _get, _scrape
+    inventory = AgentInventory(services.store, services.clock)
+    now = services.clock.now()
+    await inventory.record(Checkin("host-a", "0.1.0", "abc1", "CN=host-a", now + dt.timedelta(days=30)))
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{https}/api/v1/admin/agents", headers=headers,
+                               ssl=_ctx(services, tmp_path)) as resp:
+            assert resp.status == 200
+            [agent] = (await resp.json())["agents"]
+    assert agent["hostname"] == "host-a" and agent["serial"] == "abc1"
+    client = await aiohttp_client(create_app(services))
+    samples = await _scrape(client)
+    assert _get(samples, "scepd_agents_seen", within="1h") == 1
+    assert _get(samples, "scepd_agents_seen", within="24h") == 1
