@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import aiohttp
-from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

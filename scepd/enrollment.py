@@ -17,8 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from .authority import CertificateAuthority, random_serial
 from .challenges import ChallengeGrant
 from .clock import Clock
-from .csr import CsrFacts
-from .csr import decode_csr
+from .csr import CsrFacts, decode_csr
 from .errors import ChallengeRejected, NotFound, PolicyViolation, RequestRejected
 from .policy import IssuanceRequest, Profile, approve, profile_named
 from .store import AuditRecord, CertificateRecord, Conflict, PendingRecord, SqlStore, StoreNotFound
@@ -118,6 +117,22 @@ class EnrollmentService:
                 listener(rec)
             return Issued(cert, rec)
         raise RuntimeError("could not draw an unused serial number")
+
+    async def issue_internal(self, common_name: str, sans: tuple, profile: Profile,
+                             requester: str) -> tuple[Issued, object]:
+        """A certificate for one of the server's own services (TLS listener, OCSP responder):
+        a fresh EC P-256 key generated here, issued through the ordinary path (so it is in the
+        inventory like any other). Returns (issued, private key)."""
+        from cryptography.hazmat.primitives.asymmetric import ec
+        key = ec.generate_private_key(ec.SECP256R1())
+        spki = key.public_key().public_bytes(serialization.Encoding.DER,
+                                             serialization.PublicFormat.SubjectPublicKeyInfo)
+        facts = CsrFacts(public_key=key.public_key(), spki_der=spki, common_name=common_name,
+                         subject_rfc4514="", sans=tuple(sans), other_extensions=(), challenge_password=None)
+        issued = await self.issue(self.approve(facts, profile), ChallengeGrant("internal"),
+                                  protocol="internal", transaction_id=None, requester=requester,
+                                  spki_sha256=hashlib.sha256(spki).hexdigest())
+        return issued, key
 
     # --- manual approval ----------------------------------------------------------------------
 

@@ -112,21 +112,10 @@ class DelegatedResponder:
             return pair  # type: ignore[return-value]
 
     async def _issue(self) -> tuple[x509.Certificate, object]:
-        from cryptography.hazmat.primitives.asymmetric import ec
-
-        from .challenges import ChallengeGrant
-        from .csr import CsrFacts
         from .pki import write_private, write_public
         from .policy import PROFILES
-        key = ec.generate_private_key(ec.SECP256R1())
-        spki = key.public_key().public_bytes(serialization.Encoding.DER,
-                                             serialization.PublicFormat.SubjectPublicKeyInfo)
-        facts = CsrFacts(public_key=key.public_key(), spki_der=spki, common_name="scepd OCSP responder",
-                         subject_rfc4514="", sans=(), other_extensions=(), challenge_password=None)
-        request = self.enrollment.approve(facts, PROFILES["ocsp"])
-        issued = await self.enrollment.issue(request, ChallengeGrant("internal"), protocol="internal",
-                                             transaction_id=None, requester="scepd:ocsp",
-                                             spki_sha256=hashlib.sha256(spki).hexdigest())
+        issued, key = await self.enrollment.issue_internal("scepd OCSP responder", (), PROFILES["ocsp"],
+                                                           "scepd:ocsp")
         write_private(self.key_path, key.private_bytes(serialization.Encoding.PEM,
                                                        serialization.PrivateFormat.PKCS8,
                                                        serialization.NoEncryption()))

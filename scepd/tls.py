@@ -19,10 +19,8 @@ from pathlib import Path
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
-from .challenges import ChallengeGrant
-from .csr import CsrFacts, SubjectAltName, certificate_sans
+from .csr import SubjectAltName, certificate_sans
 from .enrollment import EnrollmentService, serial_hex
 from .pki import CaMaterial, pem, write_private, write_public
 from .policy import PROFILES
@@ -79,16 +77,8 @@ class ServerCertificate:
         """Issue a new certificate if due; True when one was issued. Reloads live contexts."""
         if not self.due(self.enrollment.clock.now()):
             return False
-        key = ec.generate_private_key(ec.SECP256R1())
-        spki = key.public_key().public_bytes(serialization.Encoding.DER,
-                                             serialization.PublicFormat.SubjectPublicKeyInfo)
-        facts = CsrFacts(public_key=key.public_key(), spki_der=spki, common_name=self.names[0].value,
-                         subject_rfc4514="", sans=self.names, other_extensions=(), challenge_password=None)
-        request = self.enrollment.approve(facts, PROFILES["server"])
-        import hashlib
-        issued = await self.enrollment.issue(request, ChallengeGrant("internal"), protocol="internal",
-                                             transaction_id=None, requester="scepd:tls",
-                                             spki_sha256=hashlib.sha256(spki).hexdigest())
+        issued, key = await self.enrollment.issue_internal(self.names[0].value, self.names,
+                                                           PROFILES["server"], "scepd:tls")
         write_private(self.key_path, key.private_bytes(serialization.Encoding.PEM,
                                                        serialization.PrivateFormat.PKCS8,
                                                        serialization.NoEncryption()))

@@ -6,7 +6,6 @@ import json
 import os
 import stat
 import subprocess
-from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -24,7 +23,7 @@ from scepd.scep import der, wire
 from scepd.store import CertificateRecord
 
 from .helpers import VECTORS, make_csr, pkcs_req, reply_certs, rsa_key, self_signed
-from .test_vectors import CAPTURE_TIME, _openssl_open, _vector_client, load_pair, sidecar
+from .test_vectors import CAPTURE_TIME, _openssl_open, load_pair, sidecar
 
 
 async def post(client, message: bytes) -> wire.DecodedCertRep:

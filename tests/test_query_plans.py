@@ -11,7 +11,7 @@ from sqlalchemy import event
 from scepd.app import SERVICES
 from scepd.scep import der, wire
 
-from .helpers import make_csr, pkcs_req, reply_certs, rsa_key, self_signed
+from .helpers import make_csr, pkcs_req, reply_certs, rsa_key
 
 
 async def test_request_path_uses_indexes(client, state_dir):

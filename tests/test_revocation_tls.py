@@ -1,7 +1,6 @@
 """Revocation service and the mTLS gate, through real TLS on loopback."""
 from __future__ import annotations
 
-import datetime as dt
 import ssl
 
 import aiohttp

@@ -11,7 +11,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from scepd import config as config_mod, pki
+from scepd import config as config_mod
 from scepd.app import create_app, open_services
 from scepd.clock import FixedClock
 from scepd.errors import FailInfo, NotForUs, UnverifiableMessage
