@@ -216,3 +216,11 @@ def create_mtls_app(services: Services) -> web.Application:
     for add in MTLS_ROUTES:
         add(app, services)
     return app
+
+
+def _register_acme() -> None:
+    from acme.server import add_routes
+    HTTPS_ROUTES.append(add_routes)
+
+
+_register_acme()

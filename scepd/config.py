@@ -78,6 +78,15 @@ class ScepConfig:
 
 
 @dataclass
+class AcmeConfig:
+    #: Port the http-01 validator connects to (clients choose only where they listen).
+    http01_port: int = 80
+    #: Name -> address overrides for the validator, e.g. "*=127.0.0.1" (lab/test use).
+    resolve: str = ""
+    terms_of_service: str = ""
+
+
+@dataclass
 class DatabaseConfig:
     #: SQLAlchemy async URL; empty = SQLite file DIR/scepd.db.
     url: str = ""
@@ -89,6 +98,7 @@ class Config:
     ca: CAConfig = field(default_factory=CAConfig)
     scep: ScepConfig = field(default_factory=ScepConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    acme: AcmeConfig = field(default_factory=AcmeConfig)
     state_dir: Path = Path(".")
 
     @property
@@ -104,7 +114,8 @@ class ConfigError(ValueError):
     pass
 
 
-_SECTIONS = {"server": ServerConfig, "ca": CAConfig, "scep": ScepConfig, "database": DatabaseConfig}
+_SECTIONS = {"server": ServerConfig, "ca": CAConfig, "scep": ScepConfig, "database": DatabaseConfig,
+             "acme": AcmeConfig}
 
 
 def _coerce(kind: type, raw: object, where: str) -> object:
@@ -203,6 +214,12 @@ duplicate_subjects = "allow"
 csr_check_command = ""
 csr_check_url = ""
 csr_check_timeout = 10
+
+[acme]
+# port the http-01 validator connects to; name=address overrides ("*=127.0.0.1") for labs
+http01_port = 80
+resolve = ""
+terms_of_service = ""
 
 [database]
 # empty = SQLite file in the state directory; e.g. postgresql+asyncpg://user@host/db

@@ -101,6 +101,42 @@ class AlreadyRevoked(BadRequest):
     """The certificate is already revoked."""
 
 
+class BadNonce(ScepdError):
+    """ACME: the nonce is missing, unknown, used or expired."""
+
+
+class BadSignatureAlgorithm(ScepdError):
+    """ACME: a JWS algorithm outside the allowlist."""
+
+
+class AccountDoesNotExist(ScepdError):
+    """ACME: no account for this key / kid."""
+
+
+class Unauthorized(ScepdError):
+    """ACME: the account may not do this."""
+
+
+class UnsupportedMediaType(MalformedRequest):
+    """ACME: POST bodies must be application/jose+json."""
+
+
+class OrderNotReady(ScepdError):
+    """ACME: finalize before every authorization is valid."""
+
+
+class ValidationFailed(ScepdError):
+    """ACME: a challenge response was wrong or unreachable."""
+
+
+class BadCsr(BadMessageCheck):
+    """ACME: the finalize CSR is unacceptable."""
+
+
+class BadRevocationReason(BadRequest):
+    """ACME: a revocation reason outside the allowlist."""
+
+
 class NotFound(ScepdError):
     """A named object (certificate, challenge) does not exist."""
 
@@ -136,6 +172,15 @@ ERROR_TABLE: dict[type[ScepdError], ErrorMapping] = {
     BadTime: ErrorMapping(FailInfo.BAD_TIME, _ACME + "malformed", 400),
     BadCertId: ErrorMapping(FailInfo.BAD_CERT_ID, _ACME + "malformed", 404),
     NotFound: ErrorMapping(FailInfo.BAD_CERT_ID, _ACME + "malformed", 404),
+    BadCsr: ErrorMapping(FailInfo.BAD_MESSAGE_CHECK, _ACME + "badCSR", 400),
+    BadRevocationReason: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "badRevocationReason", 400),
+    BadNonce: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "badNonce", 400),
+    BadSignatureAlgorithm: ErrorMapping(FailInfo.BAD_ALG, _ACME + "badSignatureAlgorithm", 400),
+    AccountDoesNotExist: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "accountDoesNotExist", 400),
+    Unauthorized: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "unauthorized", 403),
+    UnsupportedMediaType: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "malformed", 415),
+    OrderNotReady: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "orderNotReady", 403),
+    ValidationFailed: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "incorrectResponse", 403),
 }
 
 

@@ -1,0 +1,213 @@
+"""ACME over HTTPS (aiohttp). One wrapper does every cross-cutting RFC 8555 duty: Replay-Nonce
+on every response to a POST (errors included), Link rel="index", Cache-Control: no-store,
+application/problem+json errors from the shared error table. Handlers stay thin."""
+from __future__ import annotations
+
+import json
+import logging
+
+from aiohttp import web
+
+from scepd.errors import MalformedRequest, ScepdError, UnsupportedMediaType, mapping_for
+
+from . import jws
+from .service import AcmeService, AcmeSettings, KeyConflict, problem
+
+log = logging.getLogger("scepd.acme.http")
+ACME = web.AppKey("acme", AcmeService)
+MAX_BODY = 64 * 1024
+
+
+def _base(request: web.Request) -> str:
+    return f"{request.scheme}://{request.host}/acme"
+
+
+def _json(body: dict, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(text=json.dumps(body), status=status, content_type="application/json",
+                        headers=headers or {})
+
+
+def _problem(err: ScepdError) -> web.Response:
+    body = problem(err)
+    return web.Response(text=json.dumps(body), status=body["status"], content_type="application/problem+json")
+
+
+def _order_json(base: str, o: dict) -> dict:
+    out = {"status": o["status"], "expires": o["expires"].isoformat().replace("+00:00", "Z"),
+           "identifiers": o["identifiers"],
+           "authorizations": [f"{base}/authz/{a['id']}" for a in o["authzs"]],
+           "finalize": f"{base}/order/{o['id']}/finalize"}
+    if o.get("cert_serial"):
+        out["certificate"] = f"{base}/cert/{o['cert_serial']}"
+    if o.get("error"):
+        out["error"] = json.loads(o["error"])
+    return out
+
+
+def _challenge_json(base: str, c: dict) -> dict:
+    out = {"type": c["type"], "url": f"{base}/chall/{c['id']}", "token": c["token"], "status": c["status"]}
+    if c.get("validated"):
+        out["validated"] = c["validated"].isoformat().replace("+00:00", "Z")
+    if c.get("error"):
+        out["error"] = json.loads(c["error"])
+    return out
+
+
+def _authz_json(base: str, a: dict) -> dict:
+    return {"identifier": {"type": a["type"], "value": a["value"]}, "status": a["status"],
+            "expires": a["expires"].isoformat().replace("+00:00", "Z"),
+            "challenges": [_challenge_json(base, c) for c in a["challenges"]]}
+
+
+def _account_json(base: str, acct: dict) -> dict:
+    return {"status": acct["status"], "contact": json.loads(acct["contact"]),
+            "orders": f"{base}/acct/{acct['id']}/orders"}
+
+
+def add_routes(app: web.Application, services) -> None:
+    cfg = services.config.acme
+    service = AcmeService(services, AcmeSettings(http01_port=cfg.http01_port, resolve=cfg.resolve,
+                                                 terms_of_service=cfg.terms_of_service))
+    app[ACME] = service
+
+    async def _close(_app):
+        await service.close()
+    app.on_cleanup.append(_close)
+
+    def post(handler, *, jwk=False, allow_jwk=False):
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            base = _base(request)
+            try:
+                try:
+                    ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+                    if ctype != "application/jose+json":
+                        raise UnsupportedMediaType("Content-Type must be application/jose+json")
+                    if request.content_length is not None and request.content_length > MAX_BODY:
+                        raise MalformedRequest("request body too large")
+                    body = await request.content.read(MAX_BODY + 1)
+                    if len(body) > MAX_BODY:
+                        raise MalformedRequest("request body too large")
+                    req = jws.parse(body)
+                    account, key = await service.authenticate(req, str(request.url), jwk_required=jwk,
+                                                              allow_jwk=allow_jwk)
+                    response = await handler(request, base, req, account, key)
+                except ScepdError as err:
+                    log.info("ACME %s refused: %s (%s)", request.path, mapping_for(err).acme_type, err.detail)
+                    response = _problem(err)
+            except Exception:  # never internal text; the log has the details
+                log.exception("ACME %s failed", request.path)
+                response = web.Response(text=json.dumps({
+                    "type": "urn:ietf:params:acme:error:serverInternal",
+                    "detail": "internal error", "status": 500}), status=500,
+                    content_type="application/problem+json")
+            response.headers["Replay-Nonce"] = await service.new_nonce()
+            response.headers.add("Link", f'<{base}/directory>;rel="index"')
+            response.headers["Cache-Control"] = "no-store"
+            return response
+        return wrapped
+
+    async def directory(request: web.Request) -> web.Response:
+        base = _base(request)
+        meta = {"externalAccountRequired": False}
+        if service.settings.terms_of_service:
+            meta["termsOfService"] = service.settings.terms_of_service
+        return _json({"newNonce": f"{base}/new-nonce", "newAccount": f"{base}/new-account",
+                      "newOrder": f"{base}/new-order", "revokeCert": f"{base}/revoke-cert",
+                      "keyChange": f"{base}/key-change", "meta": meta})
+
+    async def new_nonce(request: web.Request) -> web.Response:
+        status = 200 if request.method == "HEAD" else 204
+        return web.Response(status=status, headers={
+            "Replay-Nonce": await service.new_nonce(), "Cache-Control": "no-store",
+            "Link": f'<{_base(request)}/directory>;rel="index"'})
+
+    async def new_account(request, base, req, _account, key):
+        acct, created = await service.new_account(req, key)
+        return _json(_account_json(base, acct), status=201 if created else 200,
+                     headers={"Location": f"{base}/acct/{acct['id']}"})
+
+    async def account(request, base, req, acct, _key):
+        if request.match_info["id"] != acct["id"]:
+            raise_unauth()
+        acct = await service.update_account(acct, req)
+        return _json(_account_json(base, acct), headers={"Location": f"{base}/acct/{acct['id']}"})
+
+    async def account_orders(request, base, req, acct, _key):
+        if request.match_info["id"] != acct["id"]:
+            raise_unauth()
+        from .store import orders
+        mine = await service.db.find(orders, account_id=acct["id"])
+        return _json({"orders": [f"{base}/order/{o['id']}" for o in mine if o["status"] != "invalid"]})
+
+    async def key_change(request, base, req, acct, _key):
+        try:
+            acct = await service.key_change(acct, req, str(request.url))
+        except KeyConflict as exc:
+            resp = _json({"type": "urn:ietf:params:acme:error:malformed",
+                          "detail": "that key already belongs to an account", "status": 409}, status=409,
+                         headers={"Location": f"{base}/acct/{exc.account_id}"})
+            resp.content_type = "application/problem+json"
+            return resp
+        return _json(_account_json(base, acct), headers={"Location": f"{base}/acct/{acct['id']}"})
+
+    async def new_order(request, base, req, acct, _key):
+        order = await service.new_order(acct, req)
+        return _json(_order_json(base, order), status=201, headers={"Location": f"{base}/order/{order['id']}"})
+
+    async def order(request, base, req, acct, _key):
+        o = await service.order(request.match_info["id"], acct)
+        headers = {"Retry-After": "1"} if o["status"] == "processing" else {}
+        return _json(_order_json(base, o), headers=headers)
+
+    async def finalize(request, base, req, acct, key):
+        o = await service.finalize(request.match_info["id"], acct, req, key)
+        return _json(_order_json(base, o), headers={"Location": f"{base}/order/{o['id']}"})
+
+    async def authz(request, base, req, acct, _key):
+        a = await service.authz(request.match_info["id"], acct)
+        if not req.is_post_as_get and req.payload_json().get("status") == "deactivated":
+            from .store import authzs
+            await service.db.update(authzs, a["id"], status="deactivated")
+            a = await service.authz(a["id"], acct)
+        headers = {"Retry-After": "1"} if a["status"] == "pending" else {}
+        return _json(_authz_json(base, a), headers=headers)
+
+    async def challenge(request, base, req, acct, key):
+        if req.is_post_as_get:
+            ch, a = await service.challenge(request.match_info["id"], acct)
+        else:
+            req.payload_json()  # {} to respond
+            ch = await service.respond(request.match_info["id"], acct, key)
+        headers = {"Link": f'<{base}/authz/{ch["authz_id"]}>;rel="up"'}
+        if ch["status"] == "processing":
+            headers["Retry-After"] = "1"
+        resp = _json(_challenge_json(base, ch), headers=headers)
+        return resp
+
+    async def certificate(request, base, req, acct, _key):
+        pem = await service.certificate_pem(request.match_info["serial"], acct)
+        return web.Response(text=pem, content_type="application/pem-certificate-chain")
+
+    async def revoke(request, base, req, acct, key):
+        await service.revoke(req, acct, key)
+        return web.Response(status=200)
+
+    def raise_unauth():
+        from scepd.errors import Unauthorized
+        raise Unauthorized("that account is not yours")
+
+    r = app.router
+    r.add_get("/acme/directory", directory)
+    r.add_route("HEAD", "/acme/new-nonce", new_nonce)
+    r.add_get("/acme/new-nonce", new_nonce, allow_head=False)
+    r.add_post("/acme/new-account", post(new_account, jwk=True))
+    r.add_post("/acme/new-order", post(new_order))
+    r.add_post("/acme/revoke-cert", post(revoke, allow_jwk=True))
+    r.add_post("/acme/key-change", post(key_change))
+    r.add_post("/acme/acct/{id}", post(account))
+    r.add_post("/acme/acct/{id}/orders", post(account_orders))
+    r.add_post("/acme/order/{id}", post(order))
+    r.add_post("/acme/order/{id}/finalize", post(finalize))
+    r.add_post("/acme/authz/{id}", post(authz))
+    r.add_post("/acme/chall/{id}", post(challenge))
+    r.add_post("/acme/cert/{serial}", post(certificate))

@@ -1,0 +1,143 @@
+"""ACME storage: accounts, orders, authorizations, challenges, nonces (component "acme")."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import sqlalchemy as sa
+
+from scepd.store import SqlStore, register_migrations
+from scepd.store.sql import _aware, _naive
+
+metadata = sa.MetaData()
+
+accounts = sa.Table(
+    "acme_accounts", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("thumbprint", sa.String(64), nullable=False, unique=True),
+    sa.Column("jwk", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("contact", sa.Text, nullable=False),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+)
+orders = sa.Table(
+    "acme_orders", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("account_id", sa.String(32), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # pending | processing | valid | invalid
+    sa.Column("identifiers", sa.Text, nullable=False),
+    sa.Column("expires", sa.DateTime, nullable=False),
+    sa.Column("error", sa.Text),
+    sa.Column("cert_serial", sa.String(64)),
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Index("ix_acme_orders_account", "account_id"),
+    sa.Index("ix_acme_orders_serial", "cert_serial"),
+)
+authzs = sa.Table(
+    "acme_authzs", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("order_id", sa.String(32), nullable=False),
+    sa.Column("account_id", sa.String(32), nullable=False),
+    sa.Column("type", sa.String(8), nullable=False),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # pending | valid | invalid | deactivated
+    sa.Column("expires", sa.DateTime, nullable=False),
+    sa.Index("ix_acme_authzs_order", "order_id"),
+)
+challenges = sa.Table(
+    "acme_challenges", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("authz_id", sa.String(32), nullable=False),
+    sa.Column("type", sa.String(16), nullable=False),
+    sa.Column("token", sa.String(64), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # pending | processing | valid | invalid
+    sa.Column("validated", sa.DateTime),
+    sa.Column("error", sa.Text),
+    sa.Index("ix_acme_challenges_authz", "authz_id"),
+)
+nonces = sa.Table(
+    "acme_nonces", metadata,
+    sa.Column("value", sa.String(64), primary_key=True),
+    sa.Column("expires_at", sa.DateTime, nullable=False),
+    sa.Index("ix_acme_nonces_expires", "expires_at"),
+)
+
+register_migrations("acme", [(1, [accounts, orders, authzs, challenges, nonces])])
+
+
+def _row(row) -> dict:
+    out = dict(row._mapping)
+    for k, v in list(out.items()):
+        if isinstance(v, dt.datetime):
+            out[k] = _aware(v)
+    return out
+
+
+class AcmeStore:
+    def __init__(self, store: SqlStore):
+        self.store = store
+
+    # --- nonces: single use, expire, shared by every replica on the database ------------------
+
+    async def add_nonce(self, value: str, expires_at: dt.datetime, now: dt.datetime) -> None:
+        async with self.store.transaction() as tx:
+            await tx.connection.execute(nonces.insert().values(value=value, expires_at=_naive(expires_at)))
+            # bounded housekeeping: the expired ones go (indexed range delete)
+            await tx.connection.execute(nonces.delete().where(nonces.c.expires_at < _naive(now)))
+
+    async def use_nonce(self, value: str, now: dt.datetime) -> bool:
+        async with self.store.transaction() as tx:
+            result = await tx.connection.execute(nonces.delete().where(
+                nonces.c.value == value, nonces.c.expires_at >= _naive(now)))
+        return result.rowcount == 1
+
+    # --- generic helpers --------------------------------------------------------------------------
+
+    async def insert(self, table: sa.Table, **values) -> None:
+        async with self.store.transaction() as tx:
+            await tx.connection.execute(table.insert().values(**_naive_values(values)))
+
+    async def update(self, table: sa.Table, key: str, where: dict | None = None, **values) -> bool:
+        q = table.update().where(table.c.id == key)
+        for col, val in (where or {}).items():
+            q = q.where(table.c[col] == val)
+        async with self.store.transaction() as tx:
+            result = await tx.connection.execute(q.values(**_naive_values(values)))
+        return result.rowcount == 1
+
+    async def get(self, table: sa.Table, key: str) -> dict | None:
+        async with self.store.engine.connect() as conn:
+            row = (await conn.execute(sa.select(table).where(table.c.id == key))).first()
+        return None if row is None else _row(row)
+
+    async def find(self, table: sa.Table, **where) -> list[dict]:
+        q = sa.select(table)
+        for col, val in where.items():
+            q = q.where(table.c[col] == val)
+        async with self.store.engine.connect() as conn:
+            rows = (await conn.execute(q)).all()
+        return [_row(r) for r in rows]
+
+    async def account_by_thumbprint(self, tp: str) -> dict | None:
+        found = await self.find(accounts, thumbprint=tp)
+        return found[0] if found else None
+
+    async def create_order(self, order: dict, authz_rows: list[dict], challenge_rows: list[dict]) -> None:
+        async with self.store.transaction() as tx:
+            c = tx.connection
+            await c.execute(orders.insert().values(**_naive_values(order)))
+            for a in authz_rows:
+                await c.execute(authzs.insert().values(**_naive_values(a)))
+            for ch in challenge_rows:
+                await c.execute(challenges.insert().values(**_naive_values(ch)))
+
+
+def _naive_values(values: dict) -> dict:
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, dt.datetime):
+            v = _naive(v)
+        elif isinstance(v, (dict, list)):
+            v = json.dumps(v)
+        out[k] = v
+    return out
