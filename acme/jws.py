@@ -69,7 +69,8 @@ class JwsRequest:
         return value
 
 
-def parse(body: bytes) -> JwsRequest:
+def parse(body: bytes, inner: bool = False) -> JwsRequest:
+    """`inner`: the nested JWS of a keyChange (RFC 8555 §7.3.5): jwk required, no nonce allowed."""
     try:
         outer = json.loads(body)
     except ValueError:
@@ -98,7 +99,11 @@ def parse(body: bytes) -> JwsRequest:
     nonce, url = protected.get("nonce"), protected.get("url")
     if not isinstance(url, str):
         raise MalformedRequest("the protected header has no url")
-    if not isinstance(nonce, str) or not nonce:
+    if inner:
+        if nonce is not None or jwk is None:
+            raise MalformedRequest("the inner keyChange JWS needs a jwk and no nonce")
+        nonce = ""
+    elif not isinstance(nonce, str) or not nonce:
         from scepd.errors import BadNonce
         raise BadNonce("the protected header has no nonce")
     return JwsRequest(alg=alg, nonce=nonce, url=url, jwk=jwk, kid=kid, payload=b64u_decode(payload_b64),

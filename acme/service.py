@@ -138,17 +138,16 @@ class AcmeService:
         return await self.db.get(accounts, account["id"])
 
     async def key_change(self, account: dict, outer: jws.JwsRequest, outer_url: str) -> dict:
-        inner = jws.parse(outer.payload)
-        if inner.jwk is None or inner.url != outer_url:
-            raise MalformedRequest("the inner JWS needs a jwk and the same url")
+        inner = jws.parse(outer.payload, inner=True)
+        if inner.url != outer_url:
+            raise MalformedRequest("the inner JWS must name the same url")
         new_key = jws.load_jwk(inner.jwk)
         jws.verify(inner, new_key)
         payload = inner.payload_json()
         if not str(payload.get("account", "")).endswith(f"/acct/{account['id']}"):
             raise MalformedRequest("the inner payload names another account")
-        old_key = jws.load_jwk(json.loads(account["jwk"]))
-        if payload.get("oldKey") != json.loads(account["jwk"]) and \
-                jws.thumbprint(jws.load_jwk(payload.get("oldKey") or {})) != jws.thumbprint(old_key):
+        old_key = payload.get("oldKey")
+        if not isinstance(old_key, dict) or jws.thumbprint(jws.load_jwk(old_key)) != account["thumbprint"]:
             raise Unauthorized("oldKey is not the account key")
         tp = jws.thumbprint(new_key)
         clash = await self.db.account_by_thumbprint(tp)

@@ -1,0 +1,214 @@
+"""ACME transport rules through the real app: every malformed, replayed or unauthenticated
+request gets the exact RFC 8555 problem type, a Replay-Nonce and never a 500."""
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+from cryptography.hazmat.primitives import hashes, hmac as crypto_hmac
+from cryptography.hazmat.primitives.asymmetric import ec, padding
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+
+from scepd.app import create_https_app
+
+from .helpers import make_csr, rsa_key
+
+P = "urn:ietf:params:acme:error:"
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def rsa_jwk(key) -> dict:
+    n = key.public_key().public_numbers()
+    return {"kty": "RSA", "n": b64(n.n.to_bytes((n.n.bit_length() + 7) // 8, "big")),
+            "e": b64(n.e.to_bytes(3, "big"))}
+
+
+def sign(key, protected: dict, payload: bytes | None, alg: str = "RS256", extra: dict | None = None) -> bytes:
+    p64 = b64(json.dumps(protected).encode())
+    pl64 = "" if payload is None else b64(payload)
+    data = f"{p64}.{pl64}".encode()
+    if alg == "RS256":
+        sig = key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+    elif alg == "ES256":
+        r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+        sig = r.to_bytes(32, "big") + s.to_bytes(32, "big")
+    elif alg == "HS256":
+        h = crypto_hmac.HMAC(b"k" * 32, hashes.SHA256())
+        h.update(data)
+        sig = h.finalize()
+    else:
+        sig = b""
+    body = {"protected": p64, "payload": pl64, "signature": b64(sig)}
+    body.update(extra or {})
+    return json.dumps(body).encode()
+
+
+class Acme:
+    def __init__(self, client, key):
+        self.client, self.key, self.kid = client, key, None
+
+    def url(self, path: str) -> str:
+        return str(self.client.make_url(path))
+
+    async def nonce(self) -> str:
+        resp = await self.client.head("/acme/new-nonce")
+        assert resp.status == 200 and resp.headers["Cache-Control"] == "no-store"
+        return resp.headers["Replay-Nonce"]
+
+    async def post(self, path, payload, *, jwk=False, nonce=None, url=None, alg="RS256", key=None,
+                   extra_header=None, content_type="application/jose+json", extra=None, kid=None):
+        protected = {"alg": alg, "nonce": nonce or await self.nonce(), "url": url or self.url(path)}
+        if jwk:
+            protected["jwk"] = rsa_jwk(key or self.key)
+        else:
+            protected["kid"] = kid or self.kid
+        protected.update(extra_header or {})
+        raw = None if payload is None else json.dumps(payload).encode()
+        body = sign(key or self.key, protected, raw, alg, extra)
+        resp = await self.client.post(path, data=body, headers={"Content-Type": content_type})
+        assert resp.status != 500
+        assert "Replay-Nonce" in resp.headers
+        return resp
+
+    async def register(self):
+        resp = await self.post("/acme/new-account", {"termsOfServiceAgreed": True}, jwk=True)
+        assert resp.status == 201
+        self.kid = resp.headers["Location"]
+        return resp
+
+
+@pytest.fixture
+async def acme(aiohttp_client, services):
+    client = await aiohttp_client(create_https_app(services))
+    a = Acme(client, rsa_key(0))
+    await a.register()
+    return a
+
+
+async def problem_type(resp) -> str:
+    assert resp.headers["Content-Type"].startswith("application/problem+json")
+    return (await resp.json())["type"]
+
+
+async def test_directory_and_nonce(acme):
+    d = await (await acme.client.get("/acme/directory")).json()
+    assert set(d) >= {"newNonce", "newAccount", "newOrder", "revokeCert", "keyChange", "meta"}
+    resp = await acme.client.get("/acme/new-nonce")
+    assert resp.status == 204 and resp.headers["Replay-Nonce"]
+    assert 'rel="index"' in resp.headers["Link"]
+
+
+async def test_existing_account_returns_200_and_empty_fetch(acme):
+    resp = await acme.post("/acme/new-account", {"onlyReturnExisting": True}, jwk=True)
+    assert resp.status == 200 and resp.headers["Location"] == acme.kid
+    resp = await acme.post("/acme/acct/" + acme.kid.rsplit("/", 1)[1], {})  # dehydrated fetches with {}
+    assert resp.status == 200 and (await resp.json())["status"] == "valid"
+
+
+async def test_only_return_existing_unknown_key(acme):
+    resp = await acme.post("/acme/new-account", {"onlyReturnExisting": True}, jwk=True, key=rsa_key(2))
+    assert await problem_type(resp) == P + "accountDoesNotExist"
+
+
+@pytest.mark.parametrize("case,ptype,status", [
+    ("replayed-nonce", "badNonce", 400),
+    ("bogus-nonce", "badNonce", 400),
+    ("missing-nonce", "badNonce", 400),
+    ("wrong-url", "unauthorized", 403),
+    ("alg-none", "badSignatureAlgorithm", 400),
+    ("hs256", "badSignatureAlgorithm", 400),
+    ("jwk-and-kid", "malformed", 400),
+    ("unknown-kid", "accountDoesNotExist", 400),
+    ("unprotected-header", "malformed", 400),
+    ("wrong-content-type", "malformed", 415),
+    ("bad-signature", "malformed", 400),
+    ("not-json", "malformed", 400),
+])
+async def test_jws_rejections(acme, case, ptype, status):
+    order = {"identifiers": [{"type": "dns", "value": "x.example.test"}]}
+    path = "/acme/new-order"
+    if case == "replayed-nonce":
+        n = await acme.nonce()
+        assert (await acme.post(path, order, nonce=n)).status == 201
+        resp = await acme.post(path, order, nonce=n)
+    elif case == "bogus-nonce":
+        resp = await acme.post(path, order, nonce="not-a-nonce")
+    elif case == "missing-nonce":
+        p64 = b64(json.dumps({"alg": "RS256", "kid": acme.kid, "url": acme.url(path)}).encode())
+        data = f"{p64}.{b64(json.dumps(order).encode())}".encode()
+        body = json.dumps({"protected": p64, "payload": b64(json.dumps(order).encode()),
+                           "signature": b64(acme.key.sign(data, padding.PKCS1v15(), hashes.SHA256()))})
+        resp = await acme.client.post(path, data=body, headers={"Content-Type": "application/jose+json"})
+    elif case == "wrong-url":
+        resp = await acme.post(path, order, url=acme.url("/acme/new-account"))
+    elif case == "alg-none":
+        resp = await acme.post(path, order, alg="none")
+    elif case == "hs256":
+        resp = await acme.post(path, order, alg="HS256")
+    elif case == "jwk-and-kid":
+        resp = await acme.post(path, order, extra_header={"jwk": rsa_jwk(acme.key)})
+    elif case == "unknown-kid":
+        resp = await acme.post(path, order, kid=acme.url("/acme/acct/nobody"))
+    elif case == "unprotected-header":
+        resp = await acme.post(path, order, extra={"header": {"kid": acme.kid}})
+    elif case == "wrong-content-type":
+        resp = await acme.post(path, order, content_type="application/json")
+    elif case == "bad-signature":
+        resp = await acme.post(path, order, key=rsa_key(3))
+    else:
+        resp = await acme.client.post(path, data=b"{nope", headers={"Content-Type": "application/jose+json"})
+    assert resp.status == status
+    assert await problem_type(resp) == P + ptype
+
+
+async def test_deactivated_account_is_unauthorized(acme):
+    path = "/acme/acct/" + acme.kid.rsplit("/", 1)[1]
+    resp = await acme.post(path, {"status": "deactivated"})
+    assert (await resp.json())["status"] == "deactivated"
+    resp = await acme.post("/acme/new-order", {"identifiers": [{"type": "dns", "value": "a.example.test"}]})
+    assert await problem_type(resp) == P + "unauthorized"
+
+
+@pytest.mark.parametrize("value", ["*.example.test", "bad..name", "-x.example.test"])
+async def test_rejected_identifiers(acme, value):
+    resp = await acme.post("/acme/new-order", {"identifiers": [{"type": "dns", "value": value}]})
+    assert await problem_type(resp) == P + "rejectedIdentifier"
+
+
+async def test_finalize_before_ready_is_order_not_ready(acme):
+    resp = await acme.post("/acme/new-order", {"identifiers": [{"type": "dns", "value": "f.example.test"}]})
+    order = await resp.json()
+    csr = make_csr(rsa_key(1), "f.example.test")
+    resp = await acme.post("/acme/order/" + order["finalize"].split("/")[-2] + "/finalize", {"csr": b64(csr)})
+    assert resp.status == 403 and await problem_type(resp) == P + "orderNotReady"
+
+
+async def test_other_accounts_resources_are_hidden(acme):
+    resp = await acme.post("/acme/new-order", {"identifiers": [{"type": "dns", "value": "h.example.test"}]})
+    order_url = resp.headers["Location"]
+    other = Acme(acme.client, rsa_key(2))
+    await other.register()
+    path = "/acme/order/" + order_url.rsplit("/", 1)[1]
+    resp = await other.post(path, None)
+    assert resp.status == 404
+
+
+async def test_key_change_conflict(acme):
+    other = Acme(acme.client, rsa_key(2))
+    await other.register()
+    inner_protected = {"alg": "RS256", "jwk": rsa_jwk(rsa_key(2)), "url": acme.url("/acme/key-change")}
+    inner = sign(rsa_key(2), inner_protected, json.dumps({"account": acme.kid, "oldKey": rsa_jwk(acme.key)}).encode())
+    resp = await acme.post("/acme/key-change", json.loads(inner))
+    assert resp.status == 409 and resp.headers["Location"] == other.kid
+    new = rsa_key(3)
+    inner_protected["jwk"] = rsa_jwk(new)
+    inner = sign(new, inner_protected, json.dumps({"account": acme.kid, "oldKey": rsa_jwk(acme.key)}).encode())
+    resp = await acme.post("/acme/key-change", json.loads(inner))
+    assert resp.status == 200
+    acme.key = new  # the old key no longer works, the new one does
+    resp = await acme.post("/acme/acct/" + acme.kid.rsplit("/", 1)[1], {})
+    assert resp.status == 200
