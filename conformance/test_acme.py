@@ -110,3 +110,38 @@ def test_lego_two_names_renew_revoke(acme_server, tmp_path):
     out = _lego(srv, tmp_path, "revoke", domains=("lg1.example.test",))  # lego files it by the first name
     assert out.returncode == 0, out.stdout + out.stderr
     assert _records(srv)[format(second.serial_number, "x")]["state"] == "revoked"
+
+
+def test_dehydrated_register_issue_renew_revoke(acme_server, tmp_path):
+    """dehydrated writes the http-01 token into a directory; a plain static file server on
+    127.0.0.1 serves it on the validation port, as a web server would."""
+    import subprocess
+    import sys
+    binary = require("dehydrated")
+    srv = acme_server
+    www = tmp_path / "www"
+    (www / ".well-known" / "acme-challenge").mkdir(parents=True)
+    config = tmp_path / "config"
+    config.write_text(f'CA="{srv.directory}"\nBASEDIR="{tmp_path}"\n'
+                      f'WELLKNOWN="{www}/.well-known/acme-challenge"\n'
+                      f'CURL_OPTS="--cacert {srv.root_pem}"\nCONTACT_EMAIL="ops@example.test"\n')
+    web = subprocess.Popen([sys.executable, "-m", "http.server", str(srv.http01), "--bind", "127.0.0.1"],
+                           cwd=www, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        env = _clean_env()
+        out = run([binary, "-f", config, "--register", "--accept-terms"], env=env, cwd=tmp_path)
+        assert out.returncode == 0, out.stdout + out.stderr
+        out = run([binary, "-f", config, "-c", "-d", "dh1.example.test"], env=env, cwd=tmp_path)
+        assert out.returncode == 0, out.stdout + out.stderr
+        cert_file = tmp_path / "certs" / "dh1.example.test" / "cert.pem"
+        first = srv.verify(cert_file, tmp_path / "certs" / "dh1.example.test" / "privkey.pem")
+        out = run([binary, "-f", config, "-c", "-d", "dh1.example.test", "--force"], env=env, cwd=tmp_path)
+        assert out.returncode == 0, out.stdout + out.stderr
+        second = srv.verify(cert_file, tmp_path / "certs" / "dh1.example.test" / "privkey.pem")
+        assert second.serial_number != first.serial_number
+        out = run([binary, "-f", config, "-r", cert_file.resolve()], env=env, cwd=tmp_path)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert _records(srv)[format(second.serial_number, "x")]["state"] == "revoked"
+    finally:
+        web.kill()
+        web.wait(timeout=10)
