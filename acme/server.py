@@ -113,7 +113,20 @@ def add_routes(app: web.Application, services) -> None:
             meta["termsOfService"] = service.settings.terms_of_service
         return _json({"newNonce": f"{base}/new-nonce", "newAccount": f"{base}/new-account",
                       "newOrder": f"{base}/new-order", "revokeCert": f"{base}/revoke-cert",
-                      "keyChange": f"{base}/key-change", "meta": meta})
+                      "keyChange": f"{base}/key-change", "renewalInfo": f"{base}/renewal-info",
+                      "meta": meta})
+
+    async def renewal_info(request: web.Request) -> web.Response:
+        """Unauthenticated GET (RFC 9773)."""
+        base = _base(request)
+        try:
+            body = await service.renewal_info(request.match_info["cert_id"])
+        except ScepdError as err:
+            resp = _problem(err)
+        else:
+            resp = _json(body, headers={"Retry-After": "21600"})
+        resp.headers["Link"] = f'<{base}/directory>;rel="index"'
+        return resp
 
     async def new_nonce(request: web.Request) -> web.Response:
         status = 200 if request.method == "HEAD" else 204
@@ -186,7 +199,7 @@ def add_routes(app: web.Application, services) -> None:
 
     async def certificate(request, base, req, acct, _key):
         pem = await service.certificate_pem(request.match_info["serial"], acct)
-        return web.Response(text=pem, content_type="application/pem-certificate-chain")
+        return web.Response(body=pem.encode(), content_type="application/pem-certificate-chain")
 
     async def revoke(request, base, req, acct, key):
         await service.revoke(req, acct, key)
@@ -198,6 +211,7 @@ def add_routes(app: web.Application, services) -> None:
 
     r = app.router
     r.add_get("/acme/directory", directory)
+    r.add_get("/acme/renewal-info/{cert_id}", renewal_info)
     r.add_route("HEAD", "/acme/new-nonce", new_nonce)
     r.add_get("/acme/new-nonce", new_nonce, allow_head=False)
     r.add_post("/acme/new-account", post(new_account, jwk=True))

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 
 from scepd.challenges import ChallengeGrant
 from scepd.csr import decode_csr
-from scepd.errors import (AccountDoesNotExist, BadCsr, BadNonce, BadRevocationReason, MalformedRequest,
+from scepd.errors import (AccountDoesNotExist, AlreadyReplaced, BadCsr, BadNonce, BadRevocationReason, MalformedRequest,
                           NotFound, OrderNotReady, PolicyViolation, ScepdError, Unauthorized,
                           ValidationFailed, mapping_for)
 from scepd.policy import PROFILES, valid_dns_name
@@ -25,7 +25,7 @@ from scepd.revocation import RevocationReason
 from scepd.store import StoreNotFound
 
 from . import jws
-from .store import AcmeStore, accounts, authzs, challenges, orders
+from .store import AcmeStore, accounts, authzs, challenges, orders, replacements
 
 log = logging.getLogger("scepd.acme")
 
@@ -180,6 +180,9 @@ class AcmeService:
                     raise PolicyViolation(f"{value!r} is not an IP address") from None
             if {"type": ident["type"], "value": value} not in clean:
                 clean.append({"type": ident["type"], "value": value})
+        replaced = None
+        if payload.get("replaces") is not None:
+            replaced = await self._check_replaces(payload["replaces"], account, clean)
         now = self.clock.now()
         order = dict(id=new_id(), account_id=account["id"], status="pending", identifiers=clean,
                      expires=now + ORDER_LIFETIME, created_at=now)
@@ -190,8 +193,63 @@ class AcmeService:
                            value=ident["value"], status="pending", expires=now + ORDER_LIFETIME))
             ch.append(dict(id=new_id(), authz_id=aid, type="http-01", token=jws.b64u_encode(secrets.token_bytes(24)),
                            status="pending"))
-        await self.db.create_order(order, az, ch)
+        replacement = None if replaced is None else dict(replaced_serial=replaced, order_id=order["id"],
+                                                         account_id=account["id"])
+        if not await self.db.create_order(order, az, ch, replacement):
+            raise AlreadyReplaced("that certificate has already been replaced")
         return await self.order(order["id"])
+
+    # --- ARI (RFC 9773) -----------------------------------------------------------------------------
+
+    def _serial_from_cert_id(self, cert_id: str) -> str:
+        if not isinstance(cert_id, str) or cert_id.count(".") != 1:
+            raise MalformedRequest("a certID is base64url(AKI) '.' base64url(serial)")
+        aki_b64, serial_b64 = cert_id.split(".")
+        aki, serial = jws.b64u_decode(aki_b64), jws.b64u_decode(serial_b64)
+        if not serial or not aki:
+            raise MalformedRequest("a certID is base64url(AKI) '.' base64url(serial)")
+        ours = [c for c in (self.services.ca_material.cert,)
+                if c.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest == aki]
+        if not ours:
+            raise NotFound("that certificate was not issued by this CA")
+        return format(int.from_bytes(serial, "big"), "x")
+
+    async def renewal_info(self, cert_id: str) -> dict:
+        serial = self._serial_from_cert_id(cert_id)
+        try:
+            rec = await self.services.store.get_certificate(serial)
+        except StoreNotFound:
+            raise NotFound("no such certificate") from None
+        now = self.clock.now()
+        if rec.status == "revoked" or await self.db.get_renew_now(serial):
+            start, end = now - dt.timedelta(hours=2), now - dt.timedelta(hours=1)
+        else:
+            lifetime = rec.not_after - rec.not_before
+            start = rec.not_after - lifetime / 3  # about one third of the lifetime left
+            end = start + lifetime / 9
+        fmt = lambda t: t.replace(microsecond=0).isoformat().replace("+00:00", "Z")  # noqa: E731
+        return {"suggestedWindow": {"start": fmt(start), "end": fmt(end)}}
+
+    async def _check_replaces(self, cert_id, account: dict, identifiers: list[dict]) -> str:
+        serial = self._serial_from_cert_id(cert_id)
+        owned = await self.db.find(orders, cert_serial=serial)
+        if not owned:
+            raise NotFound("replaces names a certificate this server did not issue over ACME")
+        if owned[0]["account_id"] != account["id"]:
+            raise Unauthorized("replaces names another account's certificate")
+        old = {(i["type"], i["value"]) for i in json.loads(owned[0]["identifiers"])}
+        if not old & {(i["type"], i["value"]) for i in identifiers}:
+            raise MalformedRequest("the new order shares no identifier with the certificate it replaces")
+        if await self.db.find(replacements, replaced_serial=serial):
+            raise AlreadyReplaced("that certificate has already been replaced")
+        return serial
+
+    async def mark_renew_now(self, serial: str) -> None:
+        try:
+            await self.services.store.get_certificate(serial)
+        except StoreNotFound:
+            raise NotFound(f"no certificate with serial {serial}") from None
+        await self.db.set_renew_now(serial, self.clock.now())
 
     async def order(self, order_id: str, account: dict | None = None) -> dict:
         order = await self.db.get(orders, order_id)

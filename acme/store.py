@@ -5,6 +5,7 @@ import datetime as dt
 import json
 
 import sqlalchemy as sa
+import sqlalchemy.exc  # noqa: F401
 
 from scepd.store import SqlStore, register_migrations
 from scepd.store.sql import _aware, _naive
@@ -62,7 +63,22 @@ nonces = sa.Table(
     sa.Index("ix_acme_nonces_expires", "expires_at"),
 )
 
-register_migrations("acme", [(1, [accounts, orders, authzs, challenges, nonces])])
+#: ARI (RFC 9773): each certificate is replaced at most once (the primary key enforces it)
+replacements = sa.Table(
+    "acme_replacements", metadata,
+    sa.Column("replaced_serial", sa.String(64), primary_key=True),
+    sa.Column("order_id", sa.String(32), nullable=False),
+    sa.Column("account_id", sa.String(32), nullable=False),
+)
+#: `scepd certs renew-now SERIAL`: the ARI window of these certificates lies in the past
+renew_now = sa.Table(
+    "acme_renew_now", metadata,
+    sa.Column("serial", sa.String(64), primary_key=True),
+    sa.Column("at", sa.DateTime, nullable=False),
+)
+
+register_migrations("acme", [(1, [accounts, orders, authzs, challenges, nonces]),
+                             (2, [replacements, renew_now])])
 
 
 def _row(row) -> dict:
@@ -122,14 +138,36 @@ class AcmeStore:
         found = await self.find(accounts, thumbprint=tp)
         return found[0] if found else None
 
-    async def create_order(self, order: dict, authz_rows: list[dict], challenge_rows: list[dict]) -> None:
-        async with self.store.transaction() as tx:
-            c = tx.connection
-            await c.execute(orders.insert().values(**_naive_values(order)))
-            for a in authz_rows:
-                await c.execute(authzs.insert().values(**_naive_values(a)))
-            for ch in challenge_rows:
-                await c.execute(challenges.insert().values(**_naive_values(ch)))
+    async def create_order(self, order: dict, authz_rows: list[dict], challenge_rows: list[dict],
+                           replacement: dict | None = None) -> bool:
+        """False (and nothing written) if `replacement` names an already replaced certificate."""
+        try:
+            async with self.store.transaction() as tx:
+                c = tx.connection
+                if replacement is not None:
+                    await c.execute(replacements.insert().values(**replacement))
+                await c.execute(orders.insert().values(**_naive_values(order)))
+                for a in authz_rows:
+                    await c.execute(authzs.insert().values(**_naive_values(a)))
+                for ch in challenge_rows:
+                    await c.execute(challenges.insert().values(**_naive_values(ch)))
+        except sa.exc.IntegrityError:
+            return False
+        return True
+
+    async def get_renew_now(self, serial: str) -> bool:
+        async with self.store.engine.connect() as conn:
+            return (await conn.execute(sa.select(renew_now.c.serial).where(
+                renew_now.c.serial == serial))).first() is not None
+
+    async def set_renew_now(self, serial: str, at: dt.datetime) -> None:
+        if await self.get_renew_now(serial):
+            return
+        try:
+            async with self.store.transaction() as tx:
+                await tx.connection.execute(renew_now.insert().values(serial=serial, at=_naive(at)))
+        except sa.exc.IntegrityError:
+            pass
 
 
 def _naive_values(values: dict) -> dict:

@@ -577,5 +577,11 @@ from .agents import agents_cli  # noqa: E402
 
 main.add_command(agents_cli)
 
+
+from acme.cli import renew_now as _acme_renew_now  # noqa: E402
+
+certs.add_command(_acme_renew_now)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
