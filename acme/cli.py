@@ -23,3 +23,29 @@ def renew_now(state_dir, serial):
         _fail(exc.detail)
         return
     click.echo(f"{key}: ARI window moved into the past")
+
+
+@click.group("eab")
+def eab() -> None:
+    """ACME external account binding keys (enrollment tokens for ACME clients)."""
+
+
+@eab.command("create")
+@STATE_DIR
+@click.option("--identifiers", default=None, help="Shell pattern the bound account may order, e.g. '*.lab.example'.")
+@click.option("--ttl", default="7d", show_default=True, help="How long the key can be used to bind an account.")
+def eab_create(state_dir, identifiers, ttl):
+    """Print a single-use key id and HMAC key (base64url)."""
+    from scepd.config import ConfigError, parse_duration
+
+    from .service import AcmeService, AcmeSettings
+    try:
+        lifetime = parse_duration(ttl)
+    except ConfigError as exc:
+        _fail(str(exc))
+        return
+    cfg = _load_config(state_dir)
+    kid, key = asyncio.run(_with_services(cfg, lambda s: AcmeService(s, AcmeSettings()).create_eab(
+        lifetime, identifiers, "cli")))
+    click.echo(f"kid: {kid}")
+    click.echo(f"hmac: {key}")

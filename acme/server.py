@@ -67,7 +67,8 @@ def _account_json(base: str, acct: dict) -> dict:
 def add_routes(app: web.Application, services) -> None:
     cfg = services.config.acme
     service = AcmeService(services, AcmeSettings(http01_port=cfg.http01_port, resolve=cfg.resolve,
-                                                 terms_of_service=cfg.terms_of_service))
+                                                 terms_of_service=cfg.terms_of_service,
+                                                 eab_required=cfg.eab_required))
     app[ACME] = service
 
     async def _close(_app):
@@ -108,7 +109,7 @@ def add_routes(app: web.Application, services) -> None:
 
     async def directory(request: web.Request) -> web.Response:
         base = _base(request)
-        meta = {"externalAccountRequired": False}
+        meta = {"externalAccountRequired": service.settings.eab_required}
         if service.settings.terms_of_service:
             meta["termsOfService"] = service.settings.terms_of_service
         return _json({"newNonce": f"{base}/new-nonce", "newAccount": f"{base}/new-account",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import fnmatch
 import ipaddress
 import json
 import logging
@@ -13,11 +14,13 @@ from dataclasses import dataclass
 
 import aiohttp
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, hmac, serialization
 
 from scepd.challenges import ChallengeGrant
 from scepd.csr import decode_csr
-from scepd.errors import (AccountDoesNotExist, AlreadyReplaced, BadCsr, BadNonce, BadRevocationReason, MalformedRequest,
+from scepd.errors import (AccountDoesNotExist, AlreadyReplaced, BadCsr, BadNonce, BadRevocationReason,
+                          BadSignatureAlgorithm, ExternalAccountRequired, MalformedRequest,
                           NotFound, OrderNotReady, PolicyViolation, ScepdError, Unauthorized,
                           ValidationFailed, mapping_for)
 from scepd.policy import PROFILES, valid_dns_name
@@ -25,7 +28,7 @@ from scepd.revocation import RevocationReason
 from scepd.store import StoreNotFound
 
 from . import jws
-from .store import AcmeStore, accounts, authzs, challenges, orders, replacements
+from .store import AcmeStore, accounts, authzs, challenges, eab_keys, orders, replacements
 
 log = logging.getLogger("scepd.acme")
 
@@ -43,6 +46,7 @@ class AcmeSettings:
     http01_port: int = 80
     resolve: str = ""  # "name=addr,*=addr"
     terms_of_service: str = ""
+    eab_required: bool = False
 
     def address_for(self, name: str) -> str:
         default = None
@@ -114,9 +118,61 @@ class AcmeService:
         contact = self._contact(payload.get("contact", []))
         account = dict(id=new_id(), thumbprint=tp, jwk=json.dumps(req.jwk), status="valid",
                        contact=contact, created_at=self.clock.now())
-        await self.db.insert(accounts, **account)
+        binding = payload.get("externalAccountBinding")
+        if binding is not None:
+            kid = await self._verify_eab(binding, req)
+            if not await self.db.create_account_bound(account, kid, self.clock.now()):
+                raise Unauthorized("the external account binding key is unknown, expired or already used")
+        elif self.settings.eab_required:
+            raise ExternalAccountRequired("this server requires an external account binding "
+                                          "(`scepd eab create`)")
+        else:
+            await self.db.insert(accounts, **account)
         await self._audit("acme.account.created", {"account": account["id"]})
         return await self.db.get(accounts, account["id"]), True
+
+    async def _verify_eab(self, binding, outer: jws.JwsRequest) -> str:
+        """RFC 8555 §7.3.4: a JWS over the account key, MACed with the EAB key."""
+        if not isinstance(binding, dict):
+            raise MalformedRequest("externalAccountBinding must be a JWS object")
+        try:
+            protected = json.loads(jws.b64u_decode(binding.get("protected", "")))
+            payload = json.loads(jws.b64u_decode(binding.get("payload", "")))
+            signature = jws.b64u_decode(binding.get("signature", ""))
+        except (ValueError, TypeError, AttributeError):
+            raise MalformedRequest("externalAccountBinding is not a valid JWS") from None
+        if set(binding) != {"protected", "payload", "signature"} or not isinstance(protected, dict):
+            raise MalformedRequest("externalAccountBinding must be a flattened JWS")
+        alg = protected.get("alg")
+        hash_cls = {"HS256": hashes.SHA256, "HS384": hashes.SHA384, "HS512": hashes.SHA512}.get(alg)
+        if hash_cls is None:
+            raise BadSignatureAlgorithm("externalAccountBinding must use HS256, HS384 or HS512")
+        if protected.get("url") != outer.url or "nonce" in protected:
+            raise MalformedRequest("externalAccountBinding must name the newAccount url and no nonce")
+        if payload != outer.jwk:
+            raise MalformedRequest("externalAccountBinding must sign the account key")
+        key = await self.db.get_eab(str(protected.get("kid", "")))
+        if key is None or not key["hmac_key"] or key["used_at"] is not None \
+                or key["expires_at"] <= self.clock.now():
+            raise Unauthorized("the external account binding key is unknown, expired or already used")
+        mac = hmac.HMAC(jws.b64u_decode(key["hmac_key"]), hash_cls())
+        mac.update(f"{binding['protected']}.{binding['payload']}".encode())
+        try:
+            mac.verify(signature)
+        except InvalidSignature:
+            raise Unauthorized("the external account binding MAC does not verify") from None
+        return key["kid"]
+
+    async def create_eab(self, ttl: dt.timedelta, identifiers: str | None, actor: str) -> tuple[str, str]:
+        """A single-use EAB key id and HMAC key (base64url), optionally limited to identifiers
+        matching a shell pattern: how an enrollment token becomes an ACME account."""
+        kid, key = new_id(), jws.b64u_encode(secrets.token_bytes(32))
+        now = self.clock.now()
+        await self.db.insert(eab_keys, kid=kid, hmac_key=key, identifiers=identifiers or None,
+                             created_at=now, expires_at=now + ttl)
+        await self._audit("acme.eab.created", {"kid": kid, "identifiers": identifiers,
+                                               "expires_at": (now + ttl).isoformat(), "actor": actor})
+        return kid, key
 
     @staticmethod
     def _contact(contact) -> list:
@@ -180,6 +236,13 @@ class AcmeService:
                     raise PolicyViolation(f"{value!r} is not an IP address") from None
             if {"type": ident["type"], "value": value} not in clean:
                 clean.append({"type": ident["type"], "value": value})
+        bound = await self.db.find(eab_keys, account_id=account["id"])
+        pattern = bound[0]["identifiers"] if bound else None
+        if pattern:
+            refused = [i["value"] for i in clean if not fnmatch.fnmatchcase(i["value"], pattern)]
+            if refused:
+                raise Unauthorized(f"this account may only order identifiers matching {pattern!r}: "
+                                   + ", ".join(refused))
         replaced = None
         if payload.get("replaces") is not None:
             replaced = await self._check_replaces(payload["replaces"], account, clean)

@@ -77,8 +77,23 @@ renew_now = sa.Table(
     sa.Column("at", sa.DateTime, nullable=False),
 )
 
+#: External account binding keys (`scepd eab create`): single use. The HMAC key must be kept to
+#: verify the binding, so it is erased (set to "") the moment an account is bound with it.
+eab_keys = sa.Table(
+    "acme_eab_keys", metadata,
+    sa.Column("kid", sa.String(64), primary_key=True),
+    sa.Column("hmac_key", sa.String(128), nullable=False),
+    sa.Column("identifiers", sa.Text),  # shell pattern the bound account may order, or NULL
+    sa.Column("created_at", sa.DateTime, nullable=False),
+    sa.Column("expires_at", sa.DateTime, nullable=False),
+    sa.Column("account_id", sa.String(32)),
+    sa.Column("used_at", sa.DateTime),
+    sa.Index("ix_acme_eab_account", "account_id"),
+)
+
 register_migrations("acme", [(1, [accounts, orders, authzs, challenges, nonces]),
-                             (2, [replacements, renew_now])])
+                             (2, [replacements, renew_now]),
+                             (3, [eab_keys])])
 
 
 def _row(row) -> dict:
@@ -155,6 +170,28 @@ class AcmeStore:
             return False
         return True
 
+    async def create_account_bound(self, account: dict, eab_kid: str, now: dt.datetime) -> bool:
+        """Insert the account and spend its EAB key in one transaction; False if the key was
+        used meanwhile (single use under concurrency)."""
+        try:
+            async with self.store.transaction() as tx:
+                c = tx.connection
+                result = await c.execute(eab_keys.update().where(
+                    eab_keys.c.kid == eab_kid, eab_keys.c.used_at.is_(None),
+                    eab_keys.c.expires_at > _naive(now))
+                    .values(used_at=_naive(now), account_id=account["id"], hmac_key=""))
+                if result.rowcount != 1:
+                    raise _Spent()
+                await c.execute(accounts.insert().values(**_naive_values(account)))
+        except _Spent:
+            return False
+        return True
+
+    async def get_eab(self, kid: str) -> dict | None:
+        async with self.store.engine.connect() as conn:
+            row = (await conn.execute(sa.select(eab_keys).where(eab_keys.c.kid == kid))).first()
+        return None if row is None else _row(row)
+
     async def get_renew_now(self, serial: str) -> bool:
         async with self.store.engine.connect() as conn:
             return (await conn.execute(sa.select(renew_now.c.serial).where(
@@ -179,3 +216,7 @@ def _naive_values(values: dict) -> dict:
             v = json.dumps(v)
         out[k] = v
     return out
+
+
+class _Spent(Exception):
+    """Aborts the binding transaction: the EAB key was used or expired meanwhile."""

@@ -145,3 +145,32 @@ def test_dehydrated_register_issue_renew_revoke(acme_server, tmp_path):
     finally:
         web.kill()
         web.wait(timeout=10)
+
+
+def test_certbot_with_external_account_binding(tmp_path):
+    """SCEPD_ACME_EAB_REQUIRED=1: certbot registers with a key from `scepd eab create`; without
+    one it is refused; the binding limits what the account may order."""
+    https, http01 = free_port(), free_port()
+    srv = start_server(tmp_path / "srv", {"SCEPD_SERVER_HTTPS": f"127.0.0.1:{https}",
+                                          "SCEPD_ACME_HTTP01_PORT": str(http01),
+                                          "SCEPD_ACME_RESOLVE": "*=127.0.0.1", "SCEPD_ACME_EAB_REQUIRED": "1"})
+    srv.directory, srv.http01 = f"https://127.0.0.1:{https}/acme/directory", http01
+    try:
+        work = tmp_path / "cb"
+        work.mkdir()
+        out = _certbot(srv, work, "register", "--register-unsafely-without-email", "--agree-tos")
+        assert out.returncode != 0
+        created = srv.scepd("eab", "create", "--identifiers", "*.lab.example.test", "--ttl", "1h")
+        kid = created.split("kid: ")[1].split()[0]
+        key = created.split("hmac: ")[1].split()[0]
+        out = _certbot(srv, work, "certonly", "--standalone", "--http-01-port", str(http01), "-d",
+                       "eab1.lab.example.test", "--register-unsafely-without-email", "--agree-tos",
+                       "--eab-kid", kid, "--eab-hmac-key", key)
+        assert out.returncode == 0, out.stdout + out.stderr
+        live = work / "cb" / "live" / "eab1.lab.example.test"
+        srv.verify(live / "cert.pem", live / "privkey.pem")
+        out = _certbot(srv, work, "certonly", "--standalone", "--http-01-port", str(http01), "-d",
+                       "outside.example.test")
+        assert out.returncode != 0
+    finally:
+        stop_server(srv)

@@ -207,6 +207,21 @@ def add_admin_routes(app: web.Application, services) -> None:
         now = services.clock.now()
         return web.json_response({"agents": [r.to_json(now) for r in rows]})
 
+    async def create_eab(request: web.Request, actor: str) -> web.Response:
+        from acme.service import AcmeService, AcmeSettings
+        body = await _body(request)
+        ttl_text, pattern = body.get("ttl", "7d"), body.get("identifiers")
+        if not isinstance(ttl_text, str) or (pattern is not None and not isinstance(pattern, str)):
+            raise BadRequest("ttl and identifiers are strings")
+        try:
+            ttl = parse_duration(ttl_text)
+        except ConfigError as exc:
+            raise BadRequest(str(exc)) from None
+        if ttl <= dt.timedelta(0) or ttl > dt.timedelta(days=366):
+            raise BadRequest("ttl must be between 1 second and 366 days")
+        kid, key = await AcmeService(services, AcmeSettings()).create_eab(ttl, pattern, f"admin-api:{actor}")
+        return web.json_response({"kid": kid, "hmac_key": key, "identifiers": pattern}, status=201)
+
     async def whoami(_request: web.Request, actor: str) -> web.Response:
         return web.json_response({"actor": actor})
 
@@ -218,6 +233,7 @@ def add_admin_routes(app: web.Application, services) -> None:
     r.add_post(f"{PREFIX}/challenges", route(create_challenge))
     r.add_get(f"{PREFIX}/audit", route(get_audit))
     r.add_get(f"{PREFIX}/agents", route(list_agents))
+    r.add_post(f"{PREFIX}/eab", route(create_eab))
     if hasattr(services.enrollment, "approve_pending") and hasattr(services.store, "list_pending"):
         r.add_get(f"{PREFIX}/pending", route(list_pending))
         r.add_post(f"{PREFIX}/pending/{{pending_id}}/approve", route(approve_pending))

@@ -84,6 +84,8 @@ class AcmeConfig:
     #: Name -> address overrides for the validator, e.g. "*=127.0.0.1" (lab/test use).
     resolve: str = ""
     terms_of_service: str = ""
+    #: Accounts must be bound with a single-use key from `scepd eab create`.
+    eab_required: bool = False
 
 
 @dataclass
@@ -220,6 +222,8 @@ csr_check_timeout = 10
 http01_port = 80
 resolve = ""
 terms_of_service = ""
+# accounts must be bound with a single-use key from `scepd eab create`
+eab_required = false
 
 [database]
 # empty = SQLite file in the state directory; e.g. postgresql+asyncpg://user@host/db

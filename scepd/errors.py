@@ -137,6 +137,10 @@ class BadRevocationReason(BadRequest):
     """ACME: a revocation reason outside the allowlist."""
 
 
+class ExternalAccountRequired(ScepdError):
+    """ACME: this server only creates accounts bound to an EAB key."""
+
+
 class AlreadyReplaced(ScepdError):
     """ACME ARI: the certificate named in `replaces` was already replaced by another order."""
 
@@ -178,6 +182,7 @@ ERROR_TABLE: dict[type[ScepdError], ErrorMapping] = {
     NotFound: ErrorMapping(FailInfo.BAD_CERT_ID, _ACME + "malformed", 404),
     BadCsr: ErrorMapping(FailInfo.BAD_MESSAGE_CHECK, _ACME + "badCSR", 400),
     BadRevocationReason: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "badRevocationReason", 400),
+    ExternalAccountRequired: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "externalAccountRequired", 403),
     AlreadyReplaced: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "alreadyReplaced", 409),
     BadNonce: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "badNonce", 400),
     BadSignatureAlgorithm: ErrorMapping(FailInfo.BAD_ALG, _ACME + "badSignatureAlgorithm", 400),

@@ -280,3 +280,18 @@ async def test_admin_api_lists_agents_and_metrics_count_them(services, https, tm
     samples = await _scrape(client)
     assert _get(samples, "scepd_agents_seen", within="1h") == 1
     assert _get(samples, "scepd_agents_seen", within="24h") == 1
+
+
+async def test_admin_api_creates_eab_keys(services, https, tmp_path, token):
+    headers = {"Authorization": f"Bearer {token}"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{https}/api/v1/admin/eab", json={"ttl": "2h", "identifiers": "*.lab.test"},
+                                headers=headers, ssl=_ctx(services, tmp_path)) as resp:
+            assert resp.status == 201
+            body = await resp.json()
+        async with session.post(f"{https}/api/v1/admin/eab", json={"ttl": "forever"}, headers=headers,
+                                ssl=_ctx(services, tmp_path)) as resp:
+            assert resp.status == 400
+    from acme.store import AcmeStore
+    row = await AcmeStore(services.store).get_eab(body["kid"])
+    assert row["identifiers"] == "*.lab.test" and row["hmac_key"] == body["hmac_key"]
