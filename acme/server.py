@@ -94,6 +94,7 @@ def add_routes(app: web.Application, services) -> None:
                     response = await handler(request, base, req, account, key)
                 except ScepdError as err:
                     log.info("ACME %s refused: %s (%s)", request.path, mapping_for(err).acme_type, err.detail)
+                    services.metrics.acme_problem(mapping_for(err).acme_type)
                     response = _problem(err)
             except Exception:  # never internal text; the log has the details
                 log.exception("ACME %s failed", request.path)

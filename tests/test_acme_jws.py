@@ -212,3 +212,12 @@ async def test_key_change_conflict(acme):
     acme.key = new  # the old key no longer works, the new one does
     resp = await acme.post("/acme/acct/" + acme.kid.rsplit("/", 1)[1], {})
     assert resp.status == 200
+
+
+async def test_problems_are_counted_in_metrics(acme, services, aiohttp_client):
+    from scepd.app import create_app
+
+    from .test_metrics_audit import _get, _scrape
+    await acme.post("/acme/new-order", {"identifiers": []}, nonce="stale")
+    http = await aiohttp_client(create_app(services))
+    assert _get(await _scrape(http), "scepd_acme_problems_total", type="badNonce") == 1
