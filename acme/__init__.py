@@ -1,4 +1,8 @@
-"""scepd's ACME server (RFC 8555 + RFC 9773 ARI). Not implemented yet: see issue #4.
+"""scepd's ACME server (RFC 8555, ARI RFC 9773), served on the HTTPS listener.
+
+jws: strict JWS codec. store: accounts, orders, authorizations, challenges, nonces, EAB keys.
+service: protocol logic (no HTTP). server: the aiohttp transport. cli: `scepd eab create`,
+`scepd certs renew-now`.
 
 This package name shadows certbot's `acme` library, which is why scepd installs into its own
 virtualenv and drives certbot only through its command line.
