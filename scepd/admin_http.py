@@ -83,6 +83,20 @@ async def _body(request: web.Request) -> dict:
     return data
 
 
+def _ttl(body: dict, default: str) -> dt.timedelta:
+    """A lifetime from the request body ("1h", "7d"), between 1 second and 366 days."""
+    text = body.get("ttl", default)
+    if not isinstance(text, str):
+        raise BadRequest("ttl and the other fields are strings (ttl such as 1h or 7d)")
+    try:
+        ttl = parse_duration(text)
+    except ConfigError as exc:
+        raise BadRequest(str(exc)) from None
+    if ttl <= dt.timedelta(0) or ttl > dt.timedelta(days=366):
+        raise BadRequest("ttl must be between 1 second and 366 days")
+    return ttl
+
+
 def _int_param(request: web.Request, name: str, default: int, maximum: int) -> int:
     raw = request.query.get(name)
     if raw is None:
@@ -148,16 +162,10 @@ def add_admin_routes(app: web.Application, services) -> None:
 
     async def create_challenge(request: web.Request, actor: str) -> web.Response:
         body = await _body(request)
-        ttl_text = body.get("ttl", "1h")
         cn = body.get("cn")
-        if not isinstance(ttl_text, str) or (cn is not None and not isinstance(cn, str)):
+        if cn is not None and not isinstance(cn, str):
             raise BadRequest("ttl and cn are strings")
-        try:
-            ttl = parse_duration(ttl_text)
-        except ConfigError as exc:
-            raise BadRequest(str(exc)) from None
-        if ttl <= dt.timedelta(0) or ttl > dt.timedelta(days=366):
-            raise BadRequest("ttl must be between 1 second and 366 days")
+        ttl = _ttl(body, "1h")
         secret = await services.challenges.create(ttl, cn or None, actor=f"admin-api:{actor}")
         return web.json_response({"challenge": secret,
                                   "expires_at": (services.clock.now() + ttl).isoformat(),
@@ -210,15 +218,10 @@ def add_admin_routes(app: web.Application, services) -> None:
     async def create_eab(request: web.Request, actor: str) -> web.Response:
         from acme.service import AcmeService, AcmeSettings
         body = await _body(request)
-        ttl_text, pattern = body.get("ttl", "7d"), body.get("identifiers")
-        if not isinstance(ttl_text, str) or (pattern is not None and not isinstance(pattern, str)):
+        pattern = body.get("identifiers")
+        if pattern is not None and not isinstance(pattern, str):
             raise BadRequest("ttl and identifiers are strings")
-        try:
-            ttl = parse_duration(ttl_text)
-        except ConfigError as exc:
-            raise BadRequest(str(exc)) from None
-        if ttl <= dt.timedelta(0) or ttl > dt.timedelta(days=366):
-            raise BadRequest("ttl must be between 1 second and 366 days")
+        ttl = _ttl(body, "7d")
         kid, key = await AcmeService(services, AcmeSettings()).create_eab(ttl, pattern, f"admin-api:{actor}")
         return web.json_response({"kid": kid, "hmac_key": key, "identifiers": pattern}, status=201)
 
