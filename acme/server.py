@@ -9,6 +9,7 @@ import logging
 from aiohttp import web
 
 from scepd.errors import MalformedRequest, ScepdError, UnsupportedMediaType, mapping_for
+from scepd.logctx import set_transaction_id
 
 from . import jws
 from .service import AcmeService, AcmeSettings, KeyConflict, problem
@@ -78,6 +79,8 @@ def add_routes(app: web.Application, services) -> None:
     def post(handler, *, jwk=False, allow_jwk=False):
         async def wrapped(request: web.Request) -> web.StreamResponse:
             base = _base(request)
+            if "/order/" in request.path:  # every log line of this request carries the order id
+                set_transaction_id(request.match_info.get("id"))
             try:
                 try:
                     ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, hmac, serialization
 
 from scepd.challenges import ChallengeGrant
 from scepd.csr import decode_csr
+from scepd.logctx import set_transaction_id
 from scepd.errors import (AccountDoesNotExist, AlreadyReplaced, BadCsr, BadNonce, BadRevocationReason,
                           BadSignatureAlgorithm, ExternalAccountRequired, MalformedRequest,
                           NotFound, OrderNotReady, PolicyViolation, ScepdError, Unauthorized,
@@ -258,6 +259,7 @@ class AcmeService:
                            status="pending"))
         replacement = None if replaced is None else dict(replaced_serial=replaced, order_id=order["id"],
                                                          account_id=account["id"])
+        set_transaction_id(order["id"])  # log lines of this request carry the new order id
         if not await self.db.create_order(order, az, ch, replacement):
             raise AlreadyReplaced("that certificate has already been replaced")
         return await self.order(order["id"])

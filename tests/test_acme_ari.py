@@ -169,3 +169,16 @@ async def test_finalize_checks_csr_names_and_key(acme):
     r = await acme.post(path_of(order["finalize"]), {"csr": b64(same_key)})
     assert await problem_type(r) == P + "badCSR"
     assert json.loads(await (await acme.post(path_of(resp.headers["Location"]), None)).text())["status"] == "ready"
+
+
+async def test_acme_log_lines_carry_the_order_id(acme, caplog):
+    import logging
+
+    from scepd.logctx import ContextFilter
+    caplog.set_level(logging.INFO)
+    caplog.handler.addFilter(ContextFilter())  # as `scepd serve` installs it on its handler
+    resp = await acme.post("/acme/new-order", {"identifiers": [{"type": "dns", "value": "log.example.test"}]})
+    order_id = resp.headers["Location"].rsplit("/", 1)[1]
+    await acme.post(f"/acme/order/{order_id}/finalize", {"csr": b64(make_csr(rsa_key(1), "log.example.test"))})
+    refused = [r for r in caplog.records if "refused" in r.getMessage() and "finalize" in r.getMessage()]
+    assert refused and all(getattr(r, "transaction_id", None) == order_id for r in refused)
