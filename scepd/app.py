@@ -97,6 +97,8 @@ async def open_services(config: Config, clock: Clock | None = None) -> Services:
         raise
     services = Services(config, clock, store, material, authority, challenges, enrollment, scep,
                         RevocationService(store, clock))
+    # renewals that supersede (duplicate_subjects = revoke) notify the same listeners
+    enrollment.revocation_listeners = services.revocation.listeners
     try:
         attach_ops(services, previous)
     except Exception:

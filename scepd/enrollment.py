@@ -49,6 +49,9 @@ class EnrollmentService:
         self.clock = clock
         self.validity = validity
         self.duplicate_subjects = duplicate_subjects
+        #: told of certificates revoked as superseded here; the app shares RevocationService's list
+        #: so CRL publication and metrics see these revocations like any other
+        self.revocation_listeners: list = []
         #: sync callables(CertificateRecord) told after each committed issuance (metrics)
         self.issued_listeners: list = []
 
@@ -113,10 +116,26 @@ class EnrollmentService:
                 continue
             log.info("issued serial=%s subject=%s protocol=%s txn=%s", rec.serial, rec.subject,
                      protocol, transaction_id)
+            if supersede and self.revocation_listeners:
+                await self._tell_superseded(supersede)
             for listener in self.issued_listeners:
                 listener(rec)
             return Issued(cert, rec)
         raise RuntimeError("could not draw an unused serial number")
+
+    async def _tell_superseded(self, serial: str) -> None:
+        from .revocation import RevocationReason
+        try:
+            old = await self.store.get_certificate(serial)
+        except StoreNotFound:
+            return
+        if old.status != "revoked":
+            return
+        for listener in self.revocation_listeners:
+            try:
+                await listener(old, RevocationReason.SUPERSEDED)
+            except Exception:  # a listener must never undo or hide the issuance
+                log.exception("revocation listener failed for %s", serial)
 
     async def issue_internal(self, common_name: str, sans: tuple, profile: Profile,
                              requester: str) -> tuple[Issued, object]:

@@ -212,3 +212,21 @@ def test_bad_crl_validity_is_a_one_line_error(state_dir, monkeypatch):
     monkeypatch.setenv("SCEPD_SERVER_HTTP", "127.0.0.1:0")
     out = CliRunner().invoke(main, ["serve", "--state-dir", str(state_dir), "--no-demo-challenge"])
     assert out.exit_code == 1 and "not a duration: 'bogus'" in out.output and "Traceback" not in out.output
+
+
+async def test_superseded_by_renewal_is_counted_and_in_the_crl(aiohttp_client, make_services):
+    from cryptography import x509 as _x509
+
+    from scepd.app import create_app
+
+    from .test_lifecycle import _enroll, _issued
+    services = await make_services({"SCEPD_SCEP_STATIC_CHALLENGE": "static-secret",
+                                    "SCEPD_SCEP_DUPLICATE_SUBJECTS": "revoke"})
+    client = await aiohttp_client(create_app(services))
+    old = await _issued(client, rsa_key(0))
+    rep, _ = await _enroll(client, rsa_key(1), challenge=None, signer=(old, rsa_key(0)))
+    assert rep.status.name == "SUCCESS"
+    samples = await _scrape(client)
+    assert _get(samples, "scepd_certificates_revoked_total", reason="superseded") == 1
+    crl = _x509.load_der_x509_crl(await services.crl.current_der())
+    assert crl.get_revoked_certificate_by_serial_number(old.serial_number) is not None
