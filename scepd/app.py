@@ -197,9 +197,35 @@ def create_https_app(services: Services) -> web.Application:
     app[SERVICES] = services
     add_https_context(app, services)
     _common_routes(app, services)
+    _root_routes(app, services)
     for add in HTTPS_ROUTES:
         add(app, services)
     return app
+
+
+def _root_routes(app: web.Application, services: Services) -> None:
+    """Trust bootstrap for HTTPS clients (the agent's ACME mode, like `step ca bootstrap`): fetch
+    the root over an unverified connection, keep it only if its SHA-256 fingerprint is the one
+    pinned out of band, then verify every later connection against it."""
+    import hashlib
+
+    roots = [services.ca_material.root]
+    pem = "".join(r.public_bytes(serialization.Encoding.PEM).decode() for r in roots)
+    by_fp = {hashlib.sha256(r.public_bytes(serialization.Encoding.DER)).hexdigest(): r for r in roots}
+
+    async def all_roots(_request: web.Request) -> web.Response:
+        return web.Response(text=pem, content_type="application/x-pem-file")
+
+    async def one_root(request: web.Request) -> web.Response:
+        fp = request.match_info["fp"].lower().replace(":", "")
+        root = by_fp.get(fp)
+        if root is None:
+            raise web.HTTPNotFound(text="no root with that SHA-256 fingerprint\n")
+        return web.Response(text=root.public_bytes(serialization.Encoding.PEM).decode(),
+                            content_type="application/x-pem-file")
+
+    app.router.add_get("/roots.pem", all_roots)
+    app.router.add_get("/root/{fp}", one_root)
 
 
 def create_mtls_app(services: Services) -> web.Application:
