@@ -33,11 +33,20 @@ def _problem(err: ScepdError) -> web.Response:
     return web.Response(text=json.dumps(body), status=body["status"], content_type="application/problem+json")
 
 
+def _ts(t) -> str:
+    return t.isoformat().replace("+00:00", "Z")
+
+
 def _order_json(base: str, o: dict) -> dict:
-    out = {"status": o["status"], "expires": o["expires"].isoformat().replace("+00:00", "Z"),
+    out = {"status": o["status"], "expires": _ts(o["expires"]),
            "identifiers": o["identifiers"],
            "authorizations": [f"{base}/authz/{a['id']}" for a in o["authzs"]],
            "finalize": f"{base}/order/{o['id']}/finalize"}
+    if o.get("profile"):
+        out["profile"] = o["profile"]
+    for field, column in (("notBefore", "not_before"), ("notAfter", "not_after")):
+        if o.get(column):
+            out[field] = _ts(o[column])
     if o.get("cert_serial"):
         out["certificate"] = f"{base}/cert/{o['cert_serial']}"
     if o.get("error"):
@@ -55,9 +64,14 @@ def _challenge_json(base: str, c: dict) -> dict:
 
 
 def _authz_json(base: str, a: dict) -> dict:
-    return {"identifier": {"type": a["type"], "value": a["value"]}, "status": a["status"],
-            "expires": a["expires"].isoformat().replace("+00:00", "Z"),
-            "challenges": [_challenge_json(base, c) for c in a["challenges"]]}
+    out = {"identifier": {"type": a["type"], "value": a["value"]}, "status": a["status"],
+           "expires": _ts(a["expires"]),
+           "challenges": [_challenge_json(base, c) for c in a["challenges"]]}
+    if a.get("wildcard"):
+        out["wildcard"] = True
+    if a["status"] == "valid":  # RFC 8555 §7.1.4: only the challenge that was validated
+        out["challenges"] = [c for c in out["challenges"] if c["status"] == "valid"]
+    return out
 
 
 def _account_json(base: str, acct: dict) -> dict:
@@ -67,13 +81,18 @@ def _account_json(base: str, acct: dict) -> dict:
 
 def add_routes(app: web.Application, services) -> None:
     cfg = services.config.acme
-    service = AcmeService(services, AcmeSettings(http01_port=cfg.http01_port, resolve=cfg.resolve,
-                                                 terms_of_service=cfg.terms_of_service,
-                                                 eab_required=cfg.eab_required))
+    service = AcmeService(services, AcmeSettings(
+        http01_port=cfg.http01_port, tlsalpn01_port=cfg.tlsalpn01_port, resolve=cfg.resolve,
+        dns_resolver=cfg.dns_resolver, terms_of_service=cfg.terms_of_service,
+        eab_required=cfg.eab_required, default_profile=cfg.default_profile))
     app[ACME] = service
+
+    async def _resume(_app):
+        await service.resume()
 
     async def _close(_app):
         await service.close()
+    app.on_startup.append(_resume)
     app.on_cleanup.append(_close)
 
     def post(handler, *, jwk=False, allow_jwk=False):
@@ -113,7 +132,7 @@ def add_routes(app: web.Application, services) -> None:
 
     async def directory(request: web.Request) -> web.Response:
         base = _base(request)
-        meta = {"externalAccountRequired": service.settings.eab_required}
+        meta = {"externalAccountRequired": service.settings.eab_required, "profiles": service.profiles()}
         if service.settings.terms_of_service:
             meta["termsOfService"] = service.settings.terms_of_service
         return _json({"newNonce": f"{base}/new-nonce", "newAccount": f"{base}/new-account",
@@ -153,9 +172,11 @@ def add_routes(app: web.Application, services) -> None:
     async def account_orders(request, base, req, acct, _key):
         if request.match_info["id"] != acct["id"]:
             raise_unauth()
-        from .store import orders
-        mine = await service.db.find(orders, account_id=acct["id"])
-        return _json({"orders": [f"{base}/order/{o['id']}" for o in mine if o["status"] != "invalid"]})
+        ids, cursor = await service.orders_page(acct, request.query.get("cursor"))
+        headers = {}
+        if cursor is not None:  # RFC 8555 §7.1.2.1: the next page
+            headers["Link"] = f'<{base}/acct/{acct["id"]}/orders?cursor={cursor}>;rel="next"'
+        return _json({"orders": [f"{base}/order/{i}" for i in ids]}, headers=headers)
 
     async def key_change(request, base, req, acct, _key):
         try:
@@ -179,14 +200,18 @@ def add_routes(app: web.Application, services) -> None:
 
     async def finalize(request, base, req, acct, key):
         o = await service.finalize(request.match_info["id"], acct, req, key)
-        return _json(_order_json(base, o), headers={"Location": f"{base}/order/{o['id']}"})
+        headers = {"Location": f"{base}/order/{o['id']}"}
+        if o["status"] == "processing":
+            headers["Retry-After"] = "1"
+        return _json(_order_json(base, o), headers=headers)
 
     async def authz(request, base, req, acct, _key):
-        a = await service.authz(request.match_info["id"], acct)
-        if not req.is_post_as_get and req.payload_json().get("status") == "deactivated":
-            from .store import authzs
-            await service.db.update(authzs, a["id"], status="deactivated")
-            a = await service.authz(a["id"], acct)
+        if req.is_post_as_get:
+            a = await service.authz(request.match_info["id"], acct)
+        elif req.payload_json().get("status") == "deactivated":
+            a = await service.deactivate_authz(request.match_info["id"], acct)
+        else:
+            raise MalformedRequest("an authorization can only be fetched or deactivated")
         headers = {"Retry-After": "1"} if a["status"] == "pending" else {}
         return _json(_authz_json(base, a), headers=headers)
 

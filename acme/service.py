@@ -12,7 +12,6 @@ import logging
 import secrets
 from dataclasses import dataclass
 
-import aiohttp
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hmac, serialization
@@ -21,21 +20,33 @@ from scepd.challenges import ChallengeGrant
 from scepd.csr import decode_csr
 from scepd.logctx import set_transaction_id
 from scepd.errors import (AccountDoesNotExist, AlreadyReplaced, BadCsr, BadNonce, BadRevocationReason,
-                          BadSignatureAlgorithm, ExternalAccountRequired, MalformedRequest,
-                          NotFound, OrderNotReady, PolicyViolation, ScepdError, Unauthorized,
-                          ValidationFailed, mapping_for)
+                          BadSignatureAlgorithm, ExternalAccountRequired, InvalidProfile, MalformedRequest,
+                          NotFound, OrderNotReady, PolicyViolation, RejectedIdentifiers, ScepdError,
+                          Unauthorized, UnsupportedIdentifier, ValidationConnection, ValidationFailed,
+                          mapping_for)
 from scepd.policy import PROFILES, valid_dns_name
 from scepd.revocation import RevocationReason
 from scepd.store import StoreNotFound
 
-from . import jws
+from . import jws, validators
 from .store import AcmeStore, accounts, authzs, challenges, eab_keys, orders, replacements
 
 log = logging.getLogger("scepd.acme")
 
 NONCE_LIFETIME = dt.timedelta(minutes=30)
 ORDER_LIFETIME = dt.timedelta(days=7)
-VALIDATION_TIMEOUT = 10.0
+AUTHZ_LIFETIME = dt.timedelta(days=30)  # a valid authorization (revocation by authorization holders)
+VALIDATION_TIMEOUT = 30.0
+#: an order `processing` for longer than this without a live issuance is settled from the store
+ISSUANCE_DEADLINE = dt.timedelta(minutes=5)
+MAX_IDENTIFIERS = 100
+
+#: draft-ietf-acme-profiles: what newOrder may name, mapped to scepd's issuance profiles
+ACME_PROFILES = {
+    "server": "TLS server certificate (serverAuth); the default",
+    "agent": "TLS client certificate (clientAuth): scepd-agent, mutual TLS",
+    "device": "TLS client and server (clientAuth + serverAuth)",
+}
 
 
 def new_id() -> str:
@@ -45,24 +56,26 @@ def new_id() -> str:
 @dataclass(frozen=True)
 class AcmeSettings:
     http01_port: int = 80
+    tlsalpn01_port: int = 443
     resolve: str = ""  # "name=addr,*=addr"
+    dns_resolver: str = ""  # "addr[:port],..."
     terms_of_service: str = ""
     eab_required: bool = False
+    default_profile: str = "server"
 
-    def address_for(self, name: str) -> str:
-        default = None
-        for item in filter(None, (p.strip() for p in self.resolve.split(","))):
-            host, _, addr = item.partition("=")
-            if host == name:
-                return addr
-            if host == "*":
-                default = addr
-        return default or name
+    @property
+    def validators(self) -> validators.ValidatorSettings:
+        return validators.ValidatorSettings(http01_port=self.http01_port, tlsalpn01_port=self.tlsalpn01_port,
+                                            resolve=self.resolve, dns_resolvers=self.dns_resolver)
 
 
 def problem(err: ScepdError) -> dict:
     m = mapping_for(err)
-    return {"type": m.acme_type, "detail": err.detail, "status": m.http_status}
+    out = {"type": m.acme_type, "detail": err.detail, "status": m.http_status}
+    if isinstance(err, RejectedIdentifiers):  # RFC 8555 §6.7.1
+        out["subproblems"] = [{"type": mapping_for(sub).acme_type, "detail": sub.detail, "identifier": ident}
+                              for sub, ident in err.subproblems]
+    return out
 
 
 class AcmeService:
@@ -71,7 +84,12 @@ class AcmeService:
         self.clock = services.clock
         self.db = AcmeStore(services.store)
         self.settings = settings
+        if settings.default_profile not in ACME_PROFILES:
+            raise ValueError(f"acme.default_profile must be one of {', '.join(ACME_PROFILES)}")
         self._tasks: set[asyncio.Task] = set()
+        self._finalizing: set[str] = set()  # orders this process is issuing
+        self.finalize_wait = 2.0  # seconds finalize waits before answering `processing`
+        self.orders_page_size = 50
 
     # --- nonces and authentication ---------------------------------------------------------------
 
@@ -216,53 +234,120 @@ class AcmeService:
 
     # --- orders --------------------------------------------------------------------------------------
 
+    def profiles(self) -> dict[str, str]:
+        """What the directory's meta.profiles advertises (draft-ietf-acme-profiles)."""
+        return dict(ACME_PROFILES)
+
+    def _identifier(self, ident) -> dict:
+        """One identifier, normalized, or the ScepdError that refuses it (a subproblem)."""
+        if not isinstance(ident, dict) or not isinstance(ident.get("type"), str) \
+                or not isinstance(ident.get("value"), str):
+            raise MalformedRequest("each identifier needs a type and a value")
+        kind, value = ident["type"], ident["value"]
+        if kind == "dns":
+            value = value.lower()
+            if not valid_dns_name(value, allow_wildcard=True) or "*" in value[2:] \
+                    or (value.startswith("*.") and "." not in value[2:]):
+                raise PolicyViolation(f"{value[:80]!r} is not a valid DNS name "
+                                      "(a wildcard is allowed only as the whole leftmost label)")
+            return {"type": "dns", "value": value}
+        if kind == "ip":
+            try:
+                addr = ipaddress.ip_address(value) if "%" not in value else None
+            except ValueError:
+                addr = None
+            if addr is None:
+                raise PolicyViolation(f"{value[:80]!r} is not an IP address (without zone)")
+            return {"type": "ip", "value": str(addr)}
+        raise UnsupportedIdentifier(f"identifier type {kind[:20]!r} is not supported (dns and ip are)")
+
+    def _identifiers(self, idents) -> list[dict]:
+        if not isinstance(idents, list) or not idents or len(idents) > MAX_IDENTIFIERS:
+            raise MalformedRequest(f"identifiers must be a list of 1 to {MAX_IDENTIFIERS} objects")
+        clean, refused = [], []
+        for ident in idents:
+            try:
+                value = self._identifier(ident)
+            except (PolicyViolation, UnsupportedIdentifier) as err:
+                refused.append((err, {"type": str(ident.get("type"))[:20], "value": str(ident.get("value"))[:255]}))
+                continue
+            if value not in clean:
+                clean.append(value)
+        if len(refused) == 1 and len(idents) == 1:
+            raise refused[0][0]
+        if refused:
+            raise RejectedIdentifiers(f"{len(refused)} of the {len(idents)} identifiers are refused", refused)
+        return clean
+
+    @staticmethod
+    def _time(payload: dict, field: str) -> dt.datetime | None:
+        value = payload.get(field)
+        if value is None:
+            return None
+        try:
+            parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00")) if isinstance(value, str) else None
+        except ValueError:
+            parsed = None
+        if parsed is None or parsed.tzinfo is None:
+            raise MalformedRequest(f"{field} must be an RFC 3339 date-time with a time zone")
+        return parsed.astimezone(dt.timezone.utc)
+
     async def new_order(self, account: dict, req: jws.JwsRequest) -> dict:
         payload = req.payload_json()
-        idents = payload.get("identifiers")
-        if not isinstance(idents, list) or not idents or len(idents) > 100:
-            raise MalformedRequest("identifiers must be a non-empty list")
-        clean = []
-        for ident in idents:
-            if not isinstance(ident, dict) or ident.get("type") not in ("dns", "ip") \
-                    or not isinstance(ident.get("value"), str):
-                raise MalformedRequest("each identifier needs type dns or ip and a value")
-            value = ident["value"].lower() if ident["type"] == "dns" else ident["value"]
-            if ident["type"] == "dns" and (value.startswith("*.") or not valid_dns_name(value)):
-                raise PolicyViolation(f"{value!r} is not an identifier this server validates "
-                                      "(wildcards need dns-01, which is not offered)")
-            if ident["type"] == "ip":
-                try:
-                    value = str(ipaddress.ip_address(value))
-                except ValueError:
-                    raise PolicyViolation(f"{value!r} is not an IP address") from None
-            if {"type": ident["type"], "value": value} not in clean:
-                clean.append({"type": ident["type"], "value": value})
+        clean = self._identifiers(payload.get("identifiers"))
+        profile = payload.get("profile", self.settings.default_profile)
+        if not isinstance(profile, str) or profile not in ACME_PROFILES:
+            raise InvalidProfile(f"unknown profile {str(profile)[:40]!r}; the directory lists "
+                                 + ", ".join(sorted(ACME_PROFILES)))
+        window = (self._time(payload, "notBefore"), self._time(payload, "notAfter"))
+        if window != (None, None):
+            try:
+                self.services.enrollment.check_window(window, PROFILES[profile])
+            except PolicyViolation as err:
+                raise MalformedRequest(err.detail) from None
         bound = await self.db.find(eab_keys, account_id=account["id"])
         pattern = bound[0]["identifiers"] if bound else None
         if pattern:
-            refused = [i["value"] for i in clean if not fnmatch.fnmatchcase(i["value"], pattern)]
+            refused = [i for i in clean if not fnmatch.fnmatchcase(i["value"], pattern)]
             if refused:
                 raise Unauthorized(f"this account may only order identifiers matching {pattern!r}: "
-                                   + ", ".join(refused))
+                                   + ", ".join(i["value"] for i in refused))
         replaced = None
         if payload.get("replaces") is not None:
             replaced = await self._check_replaces(payload["replaces"], account, clean)
         now = self.clock.now()
         order = dict(id=new_id(), account_id=account["id"], status="pending", identifiers=clean,
-                     expires=now + ORDER_LIFETIME, created_at=now)
+                     expires=now + ORDER_LIFETIME, created_at=now, profile=profile,
+                     not_before=window[0], not_after=window[1])
         az, ch = [], []
         for ident in clean:
             aid = new_id()
+            wildcard = ident["value"].startswith("*.")
             az.append(dict(id=aid, order_id=order["id"], account_id=account["id"], type=ident["type"],
-                           value=ident["value"], status="pending", expires=now + ORDER_LIFETIME))
-            ch.append(dict(id=new_id(), authz_id=aid, type="http-01", token=jws.b64u_encode(secrets.token_bytes(24)),
-                           status="pending"))
+                           value=ident["value"][2:] if wildcard else ident["value"], wildcard=wildcard,
+                           status="pending", expires=now + ORDER_LIFETIME))
+            for kind in challenge_types(ident["type"], wildcard):
+                ch.append(dict(id=new_id(), authz_id=aid, type=kind, status="pending",
+                               token=jws.b64u_encode(secrets.token_bytes(24))))
         replacement = None if replaced is None else dict(replaced_serial=replaced, order_id=order["id"],
                                                          account_id=account["id"])
         set_transaction_id(order["id"])  # log lines of this request carry the new order id
         if not await self.db.create_order(order, az, ch, replacement):
             raise AlreadyReplaced("that certificate has already been replaced")
         return await self.order(order["id"])
+
+    async def orders_page(self, account: dict, cursor: str | None) -> tuple[list[str], str | None]:
+        """Order ids of the account (oldest first, invalid ones left out) and the next cursor."""
+        size = self.orders_page_size
+        rows = await self.db.orders_page(account["id"], cursor, size)
+        if rows is None:
+            raise MalformedRequest("unknown cursor")
+        more = len(rows) > size
+        rows = rows[:size]
+        now = self.clock.now()
+        ids = [r["id"] for r in rows if r["status"] != "invalid"
+               and not (r["status"] == "pending" and r["expires"] <= now)]
+        return ids, (rows[-1]["id"] if more else None)
 
     # --- ARI (RFC 9773) -----------------------------------------------------------------------------
 
@@ -322,7 +407,27 @@ class AcmeService:
             raise NotFound("no such order")
         order["identifiers"] = json.loads(order["identifiers"])
         order["authzs"] = await self.db.find(authzs, order_id=order_id)
+        if order["status"] == "processing" and order_id not in self._finalizing:
+            order = await self._recover_processing(order)
         order["status"] = self._order_status(order)
+        return order
+
+    async def _recover_processing(self, order: dict) -> dict:
+        """An order left `processing` by a process that stopped mid-issuance (or by another
+        replica): once the issuance is certainly over, the store says how it ended."""
+        if self.clock.now() - (order.get("processing_at") or order["created_at"]) < ISSUANCE_DEADLINE:
+            return order
+        certs, _pending = await self.services.store.find_transaction(order["id"])
+        mine = [c for c in certs if c.protocol == "acme"]
+        if mine:
+            await self.db.update(orders, order["id"], where={"status": "processing"}, status="valid",
+                                 cert_serial=mine[0].serial)
+        else:
+            err = ScepdError("the issuance was interrupted; place a new order")
+            await self.db.update(orders, order["id"], where={"status": "processing"}, status="invalid",
+                                 error=problem(err))
+        fresh = await self.db.get(orders, order["id"])
+        order.update(status=fresh["status"], cert_serial=fresh["cert_serial"], error=fresh["error"])
         return order
 
     def _order_status(self, order: dict) -> str:
@@ -339,8 +444,17 @@ class AcmeService:
         a = await self.db.get(authzs, authz_id)
         if a is None or a["account_id"] != account["id"]:
             raise NotFound("no such authorization")
+        if a["status"] == "pending" and a["expires"] <= self.clock.now():
+            a["status"] = "expired"
         a["challenges"] = await self.db.find(challenges, authz_id=authz_id)
         return a
+
+    async def deactivate_authz(self, authz_id: str, account: dict) -> dict:
+        a = await self.authz(authz_id, account)
+        if a["status"] not in ("pending", "valid"):
+            raise MalformedRequest(f"an authorization that is {a['status']} cannot be deactivated")
+        await self.db.update(authzs, a["id"], status="deactivated")
+        return await self.authz(a["id"], account)
 
     async def challenge(self, challenge_id: str, account: dict) -> tuple[dict, dict]:
         ch = await self.db.get(challenges, challenge_id)
@@ -350,45 +464,62 @@ class AcmeService:
         return ch, a
 
     async def respond(self, challenge_id: str, account: dict, key) -> dict:
+        """The client is ready: validate in the background (RFC 8555 §7.5.1). Responding again,
+        or to a second challenge while one runs, changes nothing."""
         ch, a = await self.challenge(challenge_id, account)
-        if ch["status"] == "pending" and a["status"] == "pending":
+        busy = any(c["status"] == "processing" for c in a["challenges"])
+        if ch["status"] == "pending" and a["status"] == "pending" and not busy:
             if await self.db.update(challenges, ch["id"], where={"status": "pending"}, status="processing"):
-                task = asyncio.create_task(self._validate(ch, a, jws.thumbprint(key)))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._spawn_validation(ch, a, jws.thumbprint(key))
         return await self.db.get(challenges, challenge_id)
 
+    def _spawn_validation(self, ch: dict, a: dict, thumb: str) -> None:
+        task = asyncio.create_task(self._validate(ch, a, thumb))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def resume(self) -> None:
+        """At start-up: validations a stopped process left `processing` run again."""
+        for ch in await self.db.find(challenges, status="processing"):
+            a = await self.db.get(authzs, ch["authz_id"])
+            acct = await self.db.get(accounts, a["account_id"]) if a else None
+            if a is None or acct is None:
+                continue
+            log.info("acme: resuming the %s validation of %s", ch["type"], a["value"])
+            self._spawn_validation(ch, a, acct["thumbprint"])
+
     async def _validate(self, ch: dict, a: dict, thumb: str) -> None:
-        """http-01 under a time limit; the outcome is recorded on challenge and authorization."""
-        expected = f"{ch['token']}.{thumb}"
-        host = a["value"]
-        addr = self.settings.address_for(host)
-        netloc = f"[{addr}]" if ":" in addr else addr
-        url = f"http://{netloc}:{self.settings.http01_port}/.well-known/acme-challenge/{ch['token']}"
-        error = None
+        """The supervisor: one validator under a time limit; whatever happens, the outcome is
+        recorded on challenge and authorization (nothing stays `processing`)."""
+        target = validators.Target(a["type"], a["value"])
+        key_authorization = f"{ch['token']}.{thumb}"
+        error: ScepdError | None = None
         try:
-            timeout = aiohttp.ClientTimeout(total=VALIDATION_TIMEOUT)
-            async with aiohttp.ClientSession(timeout=timeout) as session:
-                async with session.get(url, headers={"Host": host}, allow_redirects=False) as resp:
-                    body = (await resp.content.read(4096)).decode("utf-8", "replace").strip()
-                    if resp.status != 200 or body != expected:
-                        error = ValidationFailed(f"http-01: {host} answered HTTP {resp.status} with "
-                                                 "the wrong key authorization")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
-            error = ValidationFailed(f"http-01: could not fetch the challenge from {host}")
-        except Exception:  # the supervisor records any failure; nothing stays processing
-            log.exception("http-01 validation crashed")
-            error = ValidationFailed("http-01 validation failed")
+            await asyncio.wait_for(validators.VALIDATORS[ch["type"]](
+                target, ch["token"], key_authorization, self.settings.validators), VALIDATION_TIMEOUT)
+        except ScepdError as err:
+            error = err
+        except asyncio.TimeoutError:
+            error = ValidationConnection(f"{ch['type']}: no answer from {a['value']} in time")
+        except asyncio.CancelledError:  # shutting down: resume() picks it up at the next start
+            raise
+        except Exception:
+            log.exception("%s validation crashed", ch["type"])
+            error = ValidationFailed(f"{ch['type']} validation failed")
         now = self.clock.now()
         if error is None:
             await self.db.update(challenges, ch["id"], status="valid", validated=now)
-            await self.db.update(authzs, a["id"], status="valid")
+            await self.db.update(authzs, a["id"], where={"status": "pending"}, status="valid",
+                                 expires=now + AUTHZ_LIFETIME)
         else:
-            await self.db.update(challenges, ch["id"], status="invalid", error=problem(error))
-            await self.db.update(authzs, a["id"], status="invalid")
-        log.info("acme http-01 %s for %s", "valid" if error is None else "invalid", host)
+            await self.db.update(challenges, ch["id"], status="invalid", validated=now, error=problem(error))
+            await self.db.update(authzs, a["id"], where={"status": "pending"}, status="invalid")
+        log.info("acme %s %s for %s%s", ch["type"], "valid" if error is None else "invalid", a["value"],
+                 "" if error is None else f": {error.detail}")
 
     async def finalize(self, order_id: str, account: dict, req: jws.JwsRequest, key) -> dict:
+        """Checks in the request; issuance runs as a background task (the order is `processing`
+        meanwhile). The response waits briefly so fast issuances answer `valid` at once."""
         order = await self.order(order_id, account)
         if order["status"] != "ready":
             raise OrderNotReady(f"the order is {order['status']}, not ready")
@@ -408,18 +539,45 @@ class AcmeService:
                                                             serialization.PublicFormat.SubjectPublicKeyInfo)
         if account_spki == facts.spki_der:
             raise BadCsr("the certificate key must differ from the account key")
-        if not await self.db.update(orders, order_id, where={"status": "pending"}, status="processing"):
-            raise OrderNotReady("the order is already being finalized")
+        profile = PROFILES[order.get("profile") or self.settings.default_profile]
+        window = (order.get("not_before"), order.get("not_after"))
         try:
-            request = self.services.enrollment.approve(facts, PROFILES["server"])
-            issued = await self.services.enrollment.issue(
-                request, ChallengeGrant("acme"), protocol="acme", transaction_id=order_id,
-                requester=f"acme:{account['id']}", spki_sha256=facts.spki_sha256)
-        except ScepdError as err:
-            await self.db.update(orders, order_id, status="invalid", error=problem(err))
-            raise
-        await self.db.update(orders, order_id, status="valid", cert_serial=issued.record.serial)
+            request = self.services.enrollment.approve(
+                facts, profile, window if window != (None, None) else None,
+                allow_wildcard=any(a.get("wildcard") for a in order["authzs"]))
+        except PolicyViolation as err:
+            raise BadCsr(err.detail) from None
+        if not await self.db.update(orders, order_id, where={"status": "pending"}, status="processing",
+                                    processing_at=self.clock.now()):
+            raise OrderNotReady("the order is already being finalized")
+        self._finalizing.add(order_id)
+        task = asyncio.create_task(self._issue(order_id, account, request, facts))
+        self._tasks.add(task)
+        task.add_done_callback(_reap)
+        task.add_done_callback(self._tasks.discard)
+        done, _ = await asyncio.wait({task}, timeout=self.finalize_wait)
+        if done and task.exception() is not None:
+            raise task.exception()
         return await self.order(order_id, account)
+
+    async def _issue(self, order_id: str, account: dict, request, facts) -> None:
+        """The certificate is in the store (enrollment.issue) before the order says `valid`."""
+        try:
+            try:
+                issued = await self.services.enrollment.issue(
+                    request, ChallengeGrant("acme"), protocol="acme", transaction_id=order_id,
+                    requester=f"acme:{account['id']}", spki_sha256=facts.spki_sha256)
+            except ScepdError as err:
+                await self.db.update(orders, order_id, status="invalid", error=problem(err))
+                raise
+            except Exception:
+                log.exception("ACME issuance for order %s failed", order_id)
+                await self.db.update(orders, order_id, status="invalid",
+                                     error=problem(ScepdError("the issuance failed")))
+                raise ScepdError("the issuance failed") from None
+            await self.db.update(orders, order_id, status="valid", cert_serial=issued.record.serial)
+        finally:
+            self._finalizing.discard(order_id)
 
     async def certificate_pem(self, serial: str, account: dict) -> str:
         owned = await self.db.find(orders, cert_serial=serial, account_id=account["id"])
@@ -459,10 +617,32 @@ class AcmeService:
                 raise Unauthorized("the JWS key is neither an account key nor the certificate key")
             actor = "acme:certificate-key"
         else:
-            if not await self.db.find(orders, cert_serial=serial, account_id=account["id"]):
-                raise Unauthorized("this account did not order that certificate")
+            if not await self.db.find(orders, cert_serial=serial, account_id=account["id"]) \
+                    and not await self._authorized_for_all(account, cert):
+                raise Unauthorized("this account neither ordered that certificate nor holds valid "
+                                   "authorizations for all its names")
             actor = f"acme:{account['id']}"
         await self.services.revocation.revoke(serial, parsed, actor)
+
+    async def _authorized_for_all(self, account: dict, cert: x509.Certificate) -> bool:
+        """RFC 8555 §7.6: an account holding valid authorizations for every identifier in the
+        certificate may revoke it, whoever ordered it."""
+        try:
+            sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            return False
+        names = [("dns", n.value.lower()) for n in sans if isinstance(n, x509.DNSName)] + \
+                [("ip", str(n.value)) for n in sans if isinstance(n, x509.IPAddress)]
+        if not names or len(names) != len(list(sans)):
+            return False
+        now = self.clock.now()
+        for kind, value in names:
+            wildcard = value.startswith("*.")
+            held = await self.db.find(authzs, account_id=account["id"], value=value[2:] if wildcard else value,
+                                      type=kind, status="valid")
+            if not any(a["expires"] > now and bool(a.get("wildcard")) == wildcard for a in held):
+                return False
+        return True
 
     async def _audit(self, event: str, details: dict) -> None:
         from scepd.store import AuditRecord
@@ -472,6 +652,21 @@ class AcmeService:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+
+def _reap(task: asyncio.Task) -> None:
+    """The outcome of a background issuance is on the order; its exception is not lost noise."""
+    if not task.cancelled():
+        task.exception()
+
+
+def challenge_types(kind: str, wildcard: bool) -> tuple[str, ...]:
+    """Wildcards only via dns-01; IP addresses never via DNS (RFC 8738)."""
+    if wildcard:
+        return ("dns-01",)
+    if kind == "ip":
+        return ("http-01", "tls-alpn-01")
+    return ("http-01", "dns-01", "tls-alpn-01")
 
 
 def _is_ip(text: str) -> bool:

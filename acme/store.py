@@ -31,7 +31,13 @@ orders = sa.Table(
     sa.Column("error", sa.Text),
     sa.Column("cert_serial", sa.String(64)),
     sa.Column("created_at", sa.DateTime, nullable=False),
+    # v4: draft-ietf-acme-profiles and RFC 8555 §7.4 notBefore/notAfter
+    sa.Column("profile", sa.String(32)),
+    sa.Column("not_before", sa.DateTime),
+    sa.Column("not_after", sa.DateTime),
+    sa.Column("processing_at", sa.DateTime),  # v4: when finalize started the issuance
     sa.Index("ix_acme_orders_account", "account_id"),
+    sa.Index("ix_acme_orders_account_created", "account_id", "created_at", "id"),  # v4: pagination
     sa.Index("ix_acme_orders_serial", "cert_serial"),
 )
 authzs = sa.Table(
@@ -42,8 +48,10 @@ authzs = sa.Table(
     sa.Column("type", sa.String(8), nullable=False),
     sa.Column("value", sa.Text, nullable=False),
     sa.Column("status", sa.String(16), nullable=False),  # pending | valid | invalid | deactivated
-    sa.Column("expires", sa.DateTime, nullable=False),
+    sa.Column("expires", sa.DateTime, nullable=False),  # pending: the order's; valid: 30 days on
+    sa.Column("wildcard", sa.Boolean),  # v4: the order named *.value (dns-01 only)
     sa.Index("ix_acme_authzs_order", "order_id"),
+    sa.Index("ix_acme_authzs_account_value", "account_id", "value"),
 )
 challenges = sa.Table(
     "acme_challenges", metadata,
@@ -91,9 +99,28 @@ eab_keys = sa.Table(
     sa.Index("ix_acme_eab_account", "account_id"),
 )
 
+def _add_missing_columns(*tables: sa.Table):
+    """A migration step adding the columns (and indexes) a table gained after it was first
+    created; a fresh database got them with the table and is left alone."""
+    def step(conn: sa.Connection) -> None:
+        inspector = sa.inspect(conn)
+        for table in tables:
+            have = {c["name"] for c in inspector.get_columns(table.name)}
+            for col in table.columns:
+                if col.name not in have:
+                    ddl = col.type.compile(dialect=conn.dialect)
+                    conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {col.name} {ddl}"))
+            indexes = {i["name"] for i in inspector.get_indexes(table.name)}
+            for index in table.indexes:
+                if index.name not in indexes:
+                    index.create(conn)
+    return step
+
+
 register_migrations("acme", [(1, [accounts, orders, authzs, challenges, nonces]),
                              (2, [replacements, renew_now]),
-                             (3, [eab_keys])])
+                             (3, [eab_keys]),
+                             (4, _add_missing_columns(orders, authzs))])
 
 
 def _row(row) -> dict:
@@ -147,6 +174,22 @@ class AcmeStore:
             q = q.where(table.c[col] == val)
         async with self.store.engine.connect() as conn:
             rows = (await conn.execute(q)).all()
+        return [_row(r) for r in rows]
+
+    async def orders_page(self, account_id: str, after: str | None, limit: int) -> list[dict] | None:
+        """The account's orders by (created_at, id), `limit` + 1 rows after the cursor (an order
+        id of this account); None if the cursor is not one."""
+        q = sa.select(orders.c.id, orders.c.status, orders.c.created_at, orders.c.expires).where(
+            orders.c.account_id == account_id)
+        async with self.store.engine.connect() as conn:
+            if after:
+                cur = (await conn.execute(sa.select(orders.c.created_at).where(
+                    orders.c.id == after, orders.c.account_id == account_id))).first()
+                if cur is None:
+                    return None
+                q = q.where(sa.or_(orders.c.created_at > cur[0],
+                                   sa.and_(orders.c.created_at == cur[0], orders.c.id > after)))
+            rows = (await conn.execute(q.order_by(orders.c.created_at, orders.c.id).limit(limit + 1))).all()
         return [_row(r) for r in rows]
 
     async def account_by_thumbprint(self, tp: str) -> dict | None:

@@ -81,8 +81,14 @@ class ScepConfig:
 class AcmeConfig:
     #: Port the http-01 validator connects to (clients choose only where they listen).
     http01_port: int = 80
-    #: Name -> address overrides for the validator, e.g. "*=127.0.0.1" (lab/test use).
+    #: Port the tls-alpn-01 validator connects to.
+    tlsalpn01_port: int = 443
+    #: Name -> address overrides for the http-01 and tls-alpn-01 validators, e.g. "*=127.0.0.1".
     resolve: str = ""
+    #: DNS servers dns-01 asks, "addr[:port],..."; empty = the system resolver (/etc/resolv.conf).
+    dns_resolver: str = ""
+    #: Profile of orders that name none (draft-ietf-acme-profiles): server, agent or device.
+    default_profile: str = "server"
     terms_of_service: str = ""
     #: Accounts must be bound with a single-use key from `scepd eab create`.
     eab_required: bool = False
@@ -218,9 +224,15 @@ csr_check_url = ""
 csr_check_timeout = 10
 
 [acme]
-# port the http-01 validator connects to; name=address overrides ("*=127.0.0.1") for labs
+# ports the http-01 and tls-alpn-01 validators connect to; name=address overrides
+# ("*=127.0.0.1") for labs
 http01_port = 80
+tlsalpn01_port = 443
 resolve = ""
+# DNS servers dns-01 queries ("10.0.0.53,127.0.0.1:5353"); empty = /etc/resolv.conf
+dns_resolver = ""
+# profile of orders naming none: server (serverAuth), agent (clientAuth), device (both)
+default_profile = "server"
 terms_of_service = ""
 # accounts must be bound with a single-use key from `scepd eab create`
 eab_required = false

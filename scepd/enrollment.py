@@ -19,7 +19,7 @@ from .challenges import ChallengeGrant
 from .clock import Clock
 from .csr import CsrFacts, decode_csr
 from .errors import ChallengeRejected, NotFound, PolicyViolation, RequestRejected
-from .policy import IssuanceRequest, Profile, approve, profile_named
+from .policy import IssuanceRequest, Profile, approve, check_window, profile_named
 from .store import AuditRecord, CertificateRecord, Conflict, PendingRecord, SqlStore, StoreNotFound
 
 #: duplicate-subject policies: keep both | revoke the renewed certificate | refuse a second one
@@ -55,9 +55,16 @@ class EnrollmentService:
         #: sync callables(CertificateRecord) told after each committed issuance (metrics)
         self.issued_listeners: list = []
 
-    def approve(self, facts: CsrFacts, profile: Profile) -> IssuanceRequest:
+    def approve(self, facts: CsrFacts, profile: Profile, window=None,
+                allow_wildcard: bool = False) -> IssuanceRequest:
+        """`window`: a requested (notBefore, notAfter) checked by policy.check_window;
+        `allow_wildcard` only for names whose wildcard was proven (ACME dns-01)."""
         return approve(facts, profile, self.clock.now(), self.validity,
-                       self.ca.material.cert.not_valid_after_utc)
+                       self.ca.material.cert.not_valid_after_utc, window, allow_wildcard)
+
+    def check_window(self, window, profile: Profile) -> None:
+        check_window(window, self.clock.now(), self.validity or profile.validity,
+                     self.ca.material.cert.not_valid_after_utc)
 
     async def issue(self, request: IssuanceRequest, grant: ChallengeGrant, *, protocol: str,
                     transaction_id: str | None, requester: str | None, spki_sha256: str,

@@ -145,6 +145,34 @@ class AlreadyReplaced(ScepdError):
     """ACME ARI: the certificate named in `replaces` was already replaced by another order."""
 
 
+class ValidationConnection(ValidationFailed):
+    """ACME: the validator could not connect to the client (http-01, tls-alpn-01)."""
+
+
+class ValidationDns(ValidationFailed):
+    """ACME: the DNS lookup of a dns-01 challenge failed."""
+
+
+class ValidationTls(ValidationFailed):
+    """ACME: the TLS handshake of a tls-alpn-01 challenge failed or offered no acme-tls/1."""
+
+
+class UnsupportedIdentifier(ScepdError):
+    """ACME: an identifier type this server does not issue for."""
+
+
+class InvalidProfile(ScepdError):
+    """ACME: newOrder names a profile the directory does not advertise (draft-ietf-acme-profiles)."""
+
+
+class RejectedIdentifiers(PolicyViolation):
+    """ACME: several identifiers refused at once; each is a subproblem (RFC 8555 §6.7.1)."""
+
+    def __init__(self, detail: str, subproblems: list[tuple[ScepdError, dict]]):
+        super().__init__(detail)
+        self.subproblems = subproblems
+
+
 class NotFound(ScepdError):
     """A named object (certificate, challenge) does not exist."""
 
@@ -191,6 +219,12 @@ ERROR_TABLE: dict[type[ScepdError], ErrorMapping] = {
     UnsupportedMediaType: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "malformed", 415),
     OrderNotReady: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "orderNotReady", 403),
     ValidationFailed: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "incorrectResponse", 403),
+    ValidationConnection: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "connection", 400),
+    ValidationDns: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "dns", 400),
+    ValidationTls: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "tls", 400),
+    UnsupportedIdentifier: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "unsupportedIdentifier", 400),
+    InvalidProfile: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "invalidProfile", 400),
+    RejectedIdentifiers: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "rejectedIdentifier", 400),
 }
 
 

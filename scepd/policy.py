@@ -77,7 +77,8 @@ def valid_dns_name(name: str, allow_wildcard: bool = False) -> bool:
     return all(_DNS_LABEL.match(label) for label in name.split("."))
 
 
-def check_names(common_name: str | None, sans: tuple[SubjectAltName, ...]) -> None:
+def check_names(common_name: str | None, sans: tuple[SubjectAltName, ...], allow_wildcard: bool = False) -> None:
+    """`allow_wildcard`: "*.name" DNS names pass (ACME orders whose wildcard was proven by dns-01)."""
     if not common_name and not sans:
         raise PolicyViolation("the request names no subject: a CN or a subjectAltName is required")
     if common_name is not None:
@@ -88,7 +89,7 @@ def check_names(common_name: str | None, sans: tuple[SubjectAltName, ...]) -> No
     for san in sans:
         if san.kind not in ALLOWED_SAN_KINDS:
             raise PolicyViolation(f"subjectAltName type {san.value} is not allowed")
-        if san.kind == "dns" and not valid_dns_name(san.value):
+        if san.kind == "dns" and not valid_dns_name(san.value, allow_wildcard):
             raise PolicyViolation(f"invalid DNS name {san.value!r}")
         if san.kind == "ip" and not is_ip(san.value):
             raise PolicyViolation(f"invalid IP address {san.value!r}")
@@ -102,15 +103,48 @@ def cn_matches(pattern: str | None, common_name: str | None) -> bool:
 
 
 def approve(facts: CsrFacts, profile: Profile, now: dt.datetime,
-            validity: dt.timedelta | None = None, ca_not_after: dt.datetime | None = None) -> IssuanceRequest:
+            validity: dt.timedelta | None = None, ca_not_after: dt.datetime | None = None,
+            window: tuple[dt.datetime | None, dt.datetime | None] | None = None,
+            allow_wildcard: bool = False) -> IssuanceRequest:
+    """`window`: a requested (notBefore, notAfter), e.g. from an ACME order, checked with
+    `check_window`; either end may be None (the default then applies). `allow_wildcard`: see
+    check_names."""
     check_key(facts.public_key)
-    check_names(facts.common_name, facts.sans)
+    check_names(facts.common_name, facts.sans, allow_wildcard)
     start = now.replace(microsecond=0) - dt.timedelta(minutes=5)  # tolerate clients' clock skew
     end = now.replace(microsecond=0) + (validity or profile.validity)
+    if window is not None:
+        check_window(window, now, validity or profile.validity, ca_not_after)
+        if window[0] is not None:
+            start = window[0].replace(microsecond=0)
+            end = start + (validity or profile.validity) if window[1] is None else end
+        if window[1] is not None:
+            end = window[1].replace(microsecond=0)
     if ca_not_after is not None and end > ca_not_after:
         end = ca_not_after
     return IssuanceRequest(public_key=facts.public_key, common_name=facts.common_name,
                            sans=facts.sans, profile=profile, not_before=start, not_after=end)
+
+
+#: how far ahead a requested notBefore may lie
+MAX_FUTURE_START = dt.timedelta(days=7)
+
+
+def check_window(window: tuple[dt.datetime | None, dt.datetime | None], now: dt.datetime,
+                 max_validity: dt.timedelta, ca_not_after: dt.datetime | None) -> None:
+    """A requested validity: not starting in the past (beyond clock skew) or too far ahead,
+    ending after it starts and in the future, no longer than the profile allows, inside the CA's."""
+    nb, na = window
+    start = nb or now
+    if nb is not None and (nb < now - dt.timedelta(minutes=5) or nb > now + MAX_FUTURE_START):
+        raise PolicyViolation("notBefore must lie between now and 7 days from now")
+    if na is not None:
+        if na <= start or na <= now:
+            raise PolicyViolation("notAfter must be later than notBefore and than now")
+        if na - start > max_validity:
+            raise PolicyViolation(f"the requested validity exceeds the maximum of {max_validity}")
+        if ca_not_after is not None and na > ca_not_after:
+            raise PolicyViolation("notAfter is later than the issuing CA's own notAfter")
 
 
 def profile_named(name: str) -> Profile:

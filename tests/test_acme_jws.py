@@ -173,7 +173,7 @@ async def test_deactivated_account_is_unauthorized(acme):
     assert await problem_type(resp) == P + "unauthorized"
 
 
-@pytest.mark.parametrize("value", ["*.example.test", "bad..name", "-x.example.test"])
+@pytest.mark.parametrize("value", ["*.example.test.", "bad..name", "-x.example.test", "a.*.example.test", "*.test", "**.example.test"])
 async def test_rejected_identifiers(acme, value):
     resp = await acme.post("/acme/new-order", {"identifiers": [{"type": "dns", "value": value}]})
     assert await problem_type(resp) == P + "rejectedIdentifier"

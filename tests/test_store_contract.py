@@ -142,3 +142,43 @@ async def test_two_replicas_share_one_database(database_url, state_dir, clock, a
     finally:
         await a.close()
         await b.close()
+
+
+async def test_acme_v4_adds_its_columns_to_a_v3_database(database_url):
+    """A database migrated before acme v4 gains the order/authorization columns and the
+    pagination index; the rows it holds stay readable."""
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from acme import store as acme_store
+    from scepd.store.sql import schema_version
+    new_columns = {"profile", "not_before", "not_after", "processing_at", "wildcard"}
+    old = sa.MetaData()
+    for table in (acme_store.orders, acme_store.authzs):
+        sa.Table(table.name, old, *[sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+                                    for c in table.columns if c.name not in new_columns])
+    engine = create_async_engine(database_url)
+    async with engine.begin() as conn:
+        await conn.run_sync(old.create_all)
+        await conn.run_sync(lambda c: schema_version.create(c, checkfirst=True))
+        for version in (1, 2, 3):
+            await conn.execute(schema_version.insert().values(component="acme", version=version,
+                                                              applied_at=NOW.replace(tzinfo=None)))
+        await conn.execute(old.tables["acme_orders"].insert().values(
+            id="o1", account_id="a1", status="pending", identifiers="[]", expires=NOW.replace(tzinfo=None),
+            created_at=NOW.replace(tzinfo=None)))
+    await engine.dispose()
+    s = await SqlStore.open(database_url)
+    try:
+        db = acme_store.AcmeStore(s)
+        row = await db.get(acme_store.orders, "o1")
+        assert row["profile"] is None and row["processing_at"] is None
+        assert await db.update(acme_store.orders, "o1", profile="agent")
+        assert (await db.get(acme_store.orders, "o1"))["profile"] == "agent"
+        page = await db.orders_page("a1", None, 10)
+        assert [r["id"] for r in page] == ["o1"]
+        async with s.engine.connect() as conn:
+            indexes = await conn.run_sync(lambda c: {i["name"] for i in sa.inspect(c).get_indexes("acme_orders")})
+        assert "ix_acme_orders_account_created" in indexes
+    finally:
+        await s.close()
