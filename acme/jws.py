@@ -2,8 +2,9 @@
 the signature. Wire only: bytes in, a frozen JwsRequest out, typed errors otherwise.
 
 Rules enforced: flattened JSON serialization only ({protected, payload, signature}, nothing
-else, no unprotected header); alg in the allowlist (RS256, ES256, ES384, ES512; never none or
-HMAC); exactly one of jwk and kid; nonce and url present.
+else, no unprotected header); alg in the allowlist (RS256, ES256, ES384, ES512, and EdDSA with
+Ed25519 keys per RFC 8037; never none or HMAC); exactly one of jwk and kid; nonce and url present.
+josepy reads RSA and EC JWKs; it has no OKP type, so Ed25519 JWKs are read here (OkpJwk).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import josepy
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from scepd.errors import BadSignatureAlgorithm, MalformedRequest, UnverifiableMessage
@@ -25,7 +26,28 @@ ALGORITHMS = {
     "ES256": ("ec", hashes.SHA256, ec.SECP256R1),
     "ES384": ("ec", hashes.SHA384, ec.SECP384R1),
     "ES512": ("ec", hashes.SHA512, ec.SECP521R1),
+    "EdDSA": ("okp", None, None),
 }
+
+
+class OkpJwk:
+    """An Ed25519 public JWK (RFC 8037), with the two things the server needs of a JWK: the
+    key and its RFC 7638 thumbprint (members crv, kty, x)."""
+
+    def __init__(self, jwk: dict):
+        if set(jwk) - {"kty", "crv", "x", "kid", "use", "alg", "key_ops"} or jwk.get("crv") != "Ed25519" \
+                or "d" in jwk or not isinstance(jwk.get("x"), str):
+            raise MalformedRequest("only public Ed25519 OKP keys are accepted")
+        raw = b64u_decode(jwk["x"])
+        if len(raw) != 32:
+            raise MalformedRequest("an Ed25519 key is 32 bytes")
+        self.key = ed25519.Ed25519PublicKey.from_public_bytes(raw)
+        self._members = {"crv": "Ed25519", "kty": "OKP", "x": jwk["x"]}
+
+    def thumbprint(self, hash_function=hashes.SHA256) -> bytes:
+        digest = hashes.Hash(hash_function())
+        digest.update(json.dumps(self._members, sort_keys=True, separators=(",", ":")).encode())
+        return digest.finalize()
 
 
 def b64u_decode(text: str) -> bytes:
@@ -88,7 +110,7 @@ def parse(body: bytes, inner: bool = False) -> JwsRequest:
         raise MalformedRequest("the protected header must be a JSON object")
     alg = protected.get("alg")
     if alg not in ALGORITHMS:
-        raise BadSignatureAlgorithm(f"algorithm {str(alg)[:20]!r} is not accepted; use RS256 or ES256")
+        raise BadSignatureAlgorithm(f"algorithm {str(alg)[:20]!r} is not accepted; use RS256, ES256 or EdDSA")
     jwk, kid = protected.get("jwk"), protected.get("kid")
     if (jwk is None) == (kid is None):
         raise MalformedRequest("the protected header needs exactly one of jwk and kid")
@@ -111,7 +133,9 @@ def parse(body: bytes, inner: bool = False) -> JwsRequest:
                       signature=b64u_decode(sig_b64), protected=protected)
 
 
-def load_jwk(jwk: dict) -> josepy.JWK:
+def load_jwk(jwk: dict) -> josepy.JWK | OkpJwk:
+    if isinstance(jwk, dict) and jwk.get("kty") == "OKP":
+        return OkpJwk(jwk)
     try:
         key = josepy.JWK.from_json(jwk)
     except (josepy.errors.DeserializationError, ValueError, TypeError, KeyError):
@@ -138,6 +162,8 @@ def verify(req: JwsRequest, jwk: josepy.JWK) -> None:
             if key.key_size < 2048:
                 raise BadSignatureAlgorithm("RSA account keys must have at least 2048 bits")
             key.verify(req.signature, req.signing_input, padding.PKCS1v15(), hash_cls())
+        elif kind == "okp" and isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(req.signature, req.signing_input)
         elif kind == "ec" and isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, curve):
             size = (key.curve.key_size + 7) // 8
             if len(req.signature) != 2 * size:

@@ -221,3 +221,34 @@ async def test_problems_are_counted_in_metrics(acme, services, aiohttp_client):
     await acme.post("/acme/new-order", {"identifiers": []}, nonce="stale")
     http = await aiohttp_client(create_app(services))
     assert _get(await _scrape(http), "scepd_acme_problems_total", type="badNonce") == 1
+
+
+def test_okp_thumbprint_matches_rfc8037_vector():
+    from acme import jws
+    key = jws.load_jwk({"kty": "OKP", "crv": "Ed25519", "x": "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"})
+    assert jws.thumbprint(key) == "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
+
+
+async def test_eddsa_account_and_order(acme):
+    """RFC 8037: an Ed25519 account key signs with alg EdDSA; a mismatched alg is refused."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+    key = ed25519.Ed25519PrivateKey.generate()
+    jwk = {"kty": "OKP", "crv": "Ed25519", "x": b64(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw))}
+
+    async def post(path, payload, header, alg="EdDSA"):
+        protected = {"alg": alg, "nonce": await acme.nonce(), "url": acme.url(path), **header}
+        p64, pl64 = b64(json.dumps(protected).encode()), b64(json.dumps(payload).encode())
+        sig = key.sign(f"{p64}.{pl64}".encode())
+        body = json.dumps({"protected": p64, "payload": pl64, "signature": b64(sig)}).encode()
+        return await acme.client.post(path, data=body, headers={"Content-Type": "application/jose+json"})
+    resp = await post("/acme/new-account", {"termsOfServiceAgreed": True}, {"jwk": jwk})
+    assert resp.status == 201, await resp.text()
+    kid = resp.headers["Location"]
+    resp = await post("/acme/new-order", {"identifiers": [{"type": "dns", "value": "ed.example.test"}]}, {"kid": kid})
+    assert resp.status == 201, await resp.text()
+    resp = await post("/acme/new-order", {"identifiers": [{"type": "dns", "value": "ed.example.test"}]},
+                      {"kid": kid}, alg="ES256")
+    assert await problem_type(resp) == P + "badSignatureAlgorithm"
+    resp = await post("/acme/new-account", {}, {"jwk": {**jwk, "crv": "Ed448"}})
+    assert await problem_type(resp) == P + "malformed"
