@@ -295,7 +295,7 @@ class AcmeService:
     async def new_order(self, account: dict, req: jws.JwsRequest) -> dict:
         payload = req.payload_json()
         clean = self._identifiers(payload.get("identifiers"))
-        profile = payload.get("profile", self.settings.default_profile)
+        profile = payload.get("profile") or self.settings.default_profile
         if not isinstance(profile, str) or profile not in ACME_PROFILES:
             raise InvalidProfile(f"unknown profile {str(profile)[:40]!r}; the directory lists "
                                  + ", ".join(sorted(ACME_PROFILES)))

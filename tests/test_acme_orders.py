@@ -365,3 +365,23 @@ async def test_authorization_holder_may_revoke(lab):
     assert resp.status == 200, await resp.text()
     rec = await lab.services.store.get_certificate(format(cert.serial_number, "x"))
     assert rec.status == "revoked"
+
+
+@pytest.mark.parametrize("payload", [
+    {}, {"identifiers": None}, {"identifiers": "x"}, {"identifiers": [None]}, {"identifiers": [[]]},
+    {"identifiers": [{"type": "dns"}]}, {"identifiers": [{"type": 5, "value": "a.test"}]},
+    {"identifiers": [{"type": "dns", "value": 5}]}, {"identifiers": [{"type": "dns", "value": "a" * 300}]},
+    {"identifiers": [{"type": "ip", "value": "999.1.1.1"}]}, {"identifiers": [{"type": "dns", "value": "*"}]},
+    {"identifiers": [{"type": "dns", "value": "é.example.test"}]},
+    {"identifiers": [{"type": "dns", "value": "a.test"}] * 101},
+    {"identifiers": [{"type": "dns", "value": "a.test"}], "notBefore": 5},
+    {"identifiers": [{"type": "dns", "value": "a.test"}], "notAfter": ["x"]},
+    {"identifiers": [{"type": "dns", "value": "a.test"}], "profile": {"x": 1}},
+    {"identifiers": [{"type": "dns", "value": "a.test"}], "replaces": 7},
+    {"identifiers": [{"type": "dns", "value": "a.test"}], "replaces": "a.b"},
+])
+async def test_malformed_orders_get_problems_never_500(lab, payload):
+    resp = await lab.post("/acme/new-order", payload)
+    assert 400 <= resp.status < 500
+    body = await resp.json()
+    assert body["type"].startswith(P) and "Traceback" not in body["detail"]
