@@ -12,6 +12,7 @@ from scepd.store import AuditRecord, CertificateRecord, Conflict, PendingRecord,
 
 from .conftest import NOW
 from .helpers import make_csr, pkcs_req, rsa_key, self_signed
+from .test_acme_ari import responder  # noqa: F401  (fixture: a real http-01 responder)
 
 
 def cert(serial: str, **kw) -> CertificateRecord:
@@ -182,3 +183,51 @@ async def test_acme_v4_adds_its_columns_to_a_v3_database(database_url):
         assert "ix_acme_orders_account_created" in indexes
     finally:
         await s.close()
+
+
+async def test_acme_across_two_replicas(database_url, state_dir, clock, aiohttp_client, responder):
+    """ACME behind a load balancer: a nonce from one replica is good (once) at the other, and an
+    order created on one is validated, finalized and downloaded through the other."""
+    from cryptography import x509
+
+    from scepd.app import create_https_app
+
+    from .test_acme_ari import path_of, thumb
+    from .test_acme_jws import P, Acme, b64, problem_type
+    http, tokens = responder
+    env = {"SCEPD_DATABASE_URL": database_url, "SCEPD_ACME_HTTP01_PORT": str(http.port),
+           "SCEPD_ACME_RESOLVE": "*=127.0.0.1"}
+    a = await open_services(config_mod.load(state_dir, environ=env), clock)
+    b = await open_services(config_mod.load(state_dir, environ=env), clock)
+    try:
+        ra = Acme(await aiohttp_client(create_https_app(a)), rsa_key(0))
+        rb = Acme(await aiohttp_client(create_https_app(b)), rsa_key(0))
+        await ra.register()
+        rb.kid = ra.kid
+        nonce = await rb.nonce()
+        order_req = {"identifiers": [{"type": "dns", "value": "lb.example.test"}]}
+        resp = await ra.post("/acme/new-order", order_req, nonce=nonce)
+        assert resp.status == 201, await resp.text()
+        order = await resp.json()
+        replay = await ra.post("/acme/new-order", order_req, nonce=nonce)
+        assert await problem_type(replay) == P + "badNonce"
+        authz = await (await rb.post(path_of(order["authorizations"][0]), None)).json()
+        ch = next(c for c in authz["challenges"] if c["type"] == "http-01")
+        tokens[ch["token"]] = f"{ch['token']}.{thumb(rb.key)}"
+        assert (await rb.post(path_of(ch["url"]), {})).status == 200
+        order_path = path_of(resp.headers["Location"])
+        for _ in range(200):  # bounded
+            order = await (await ra.post(order_path, None)).json()
+            if order["status"] != "pending":
+                break
+            await asyncio.sleep(0.05)
+        assert order["status"] == "ready", order
+        csr = make_csr(rsa_key(1), None, sans=[x509.DNSName("lb.example.test")])
+        order = await (await rb.post(path_of(order["finalize"]), {"csr": b64(csr)})).json()
+        assert order["status"] == "valid", order
+        pem = await (await ra.post(path_of(order["certificate"]), None)).read()
+        cert = x509.load_pem_x509_certificates(pem)[0]
+        assert (await a.store.get_certificate(format(cert.serial_number, "x"))).protocol == "acme"
+    finally:
+        await a.close()
+        await b.close()
