@@ -60,6 +60,22 @@ def _records(srv) -> dict:
     return {c["serial"]: c for c in json.loads(srv.scepd("certs", "list", "--json"))}
 
 
+def _revoke_both_ways(srv, tmp_path, certbot, name, first, current):
+    """The current certificate revoked by the account (reason superseded), the first one with its
+    own key (certbot's archive keeps it as cert1/privkey1)."""
+    live, archive = tmp_path / "cb" / "live" / name, tmp_path / "cb" / "archive" / name
+    out = certbot(srv, tmp_path, "revoke", "--cert-path", live / "cert.pem", "--reason", "superseded",
+                  "--no-delete-after-revoke")
+    assert out.returncode == 0, out.stdout + out.stderr
+    out = certbot(srv, tmp_path, "revoke", "--cert-path", archive / "cert1.pem", "--key-path",
+                  archive / "privkey1.pem", "--no-delete-after-revoke")
+    assert out.returncode == 0, out.stdout + out.stderr
+    records = _records(srv)
+    assert records[format(current.serial_number, "x")]["revocation_reason"] == "superseded"
+    assert records[format(first.serial_number, "x")]["state"] == "revoked"
+    assert records[format(first.serial_number, "x")]["protocol"] == "acme"
+
+
 def test_certbot_issue_renew_revoke(acme_server, tmp_path):
     srv = acme_server
     out = _certbot(srv, tmp_path, "certonly", "--standalone", "--http-01-port", str(srv.http01),
@@ -72,18 +88,7 @@ def test_certbot_issue_renew_revoke(acme_server, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     second = srv.verify(live / "cert.pem", live / "privkey.pem")
     assert second.serial_number != first.serial_number
-    # revoke the renewed certificate as the account, the first one with its own key
-    out = _certbot(srv, tmp_path, "revoke", "--cert-path", live / "cert.pem", "--reason", "superseded",
-                   "--no-delete-after-revoke")
-    assert out.returncode == 0, out.stdout + out.stderr
-    archive = tmp_path / "cb" / "archive" / "cb1.example.test"
-    out = _certbot(srv, tmp_path, "revoke", "--cert-path", archive / "cert1.pem", "--key-path",
-                   archive / "privkey1.pem", "--no-delete-after-revoke")
-    assert out.returncode == 0, out.stdout + out.stderr
-    records = _records(srv)
-    assert records[format(second.serial_number, "x")]["revocation_reason"] == "superseded"
-    assert records[format(first.serial_number, "x")]["state"] == "revoked"
-    assert records[format(first.serial_number, "x")]["protocol"] == "acme"
+    _revoke_both_ways(srv, tmp_path, _certbot, "cb1.example.test", first, second)
     # revoking again gets alreadyRevoked (certbot 2.1 then trips over its own error handling,
     # so the problem type is read from its debug log)
     out = _certbot(srv, tmp_path, "revoke", "--cert-path", live / "cert.pem", "--no-delete-after-revoke")
@@ -287,16 +292,6 @@ def test_pypi_certbot_lifecycle_with_ari(acme_server, tmp_path):
     third = srv.verify(live / "cert.pem", live / "privkey.pem")
     assert third.serial_number != second.serial_number, out.stdout + out.stderr
     # (certbot 5.x does not send `replaces`; scepd-agent does: tests/test_acme_ari.py, test_agent.py)
-    # revoke: the current one as the account, the first one with its own key
-    out = _pypi_certbot(srv, tmp_path, "revoke", "--cert-path", live / "cert.pem", "--reason", "superseded",
-                        "--no-delete-after-revoke")
-    assert out.returncode == 0, out.stdout + out.stderr
-    archive = tmp_path / "cb" / "archive" / "pypi.example.test"
-    out = _pypi_certbot(srv, tmp_path, "revoke", "--cert-path", archive / "cert1.pem", "--key-path",
-                        archive / "privkey1.pem", "--no-delete-after-revoke")
-    assert out.returncode == 0, out.stdout + out.stderr
-    records = _records(srv)
-    assert records[format(third.serial_number, "x")]["revocation_reason"] == "superseded"
-    assert records[format(first.serial_number, "x")]["state"] == "revoked"
+    _revoke_both_ways(srv, tmp_path, _pypi_certbot, "pypi.example.test", first, third)
     out = _pypi_certbot(srv, tmp_path, "unregister")
     assert out.returncode == 0, out.stdout + out.stderr
