@@ -81,49 +81,78 @@ def main() -> None:
 
 @main.command()
 @DIR
-@click.option("--server", required=True, help="SCEP URL, e.g. http://ca.example:8080/scep.")
-@click.option("--cn", required=True, help="Subject common name.")
+@click.option("--server", required=True, help="SCEP URL (http://ca.example:8080/scep) or ACME directory "
+              "URL (https://ca.example:8443/acme/directory).")
+@click.option("--cn", required=True, help="Subject common name (ACME: a DNS name or IP address).")
 @click.option("--san", "sans", multiple=True, help="DNS:name or IP:address (repeatable).")
 @click.option("--challenge", default=None, envvar="SCEPD_AGENT_CHALLENGE",
               help="Challenge password (SCEP) for the first enrollment.")
-@click.option("--eab-kid", default=None, help="ACME external account binding key id.")
-@click.option("--eab-hmac", default=None, help="ACME external account binding HMAC key (base64url).")
+@click.option("--eab-kid", default=None, envvar="SCEPD_AGENT_EAB_KID",
+              help="ACME enrollment token: external account binding key id (`scepd eab create`).")
+@click.option("--eab-hmac", default=None, envvar="SCEPD_AGENT_EAB_HMAC",
+              help="ACME enrollment token: external account binding HMAC key (base64url).")
 @click.option("--protocol", type=click.Choice(["scep", "acme"]), default="scep", show_default=True)
-@click.option("--ca-fingerprint", default=None, help="SHA-256 fingerprint of the CA to trust "
-              "(`scepd init` and `scepd serve` print the root's).")
+@click.option("--ca-fingerprint", default=None, help="SHA-256 fingerprint of the root CA to trust "
+              "(`scepd init` and `scepd serve` print it).")
 @click.option("--trust-first-use", is_flag=True, help="Trust whatever root the server presents now.")
 @click.option("--mtls-url", default=None, help="Base URL of the server's mTLS listener, "
               "e.g. https://ca.example:8444 (remembered for run/checkin).")
+@click.option("--http01-port", type=click.IntRange(1, 65535), default=80, show_default=True,
+              help="ACME: port of the agent's http-01 responder (where the server's validator connects; "
+                   "it listens only while an order is validated).")
+@click.option("--http01-address", default="0.0.0.0", show_default=True,
+              help="ACME: address the http-01 responder binds.")
 @click.option("--force", is_flag=True, help="Enroll again although DIR already holds a certificate.")
 @click.option("-v", "--verbose", is_flag=True)
 def enroll(directory, server, cn, sans, challenge, eab_kid, eab_hmac, protocol, ca_fingerprint,
-           trust_first_use, mtls_url, force, verbose):
+           trust_first_use, mtls_url, http01_port, http01_address, force, verbose):
     """First enrollment: new private key (it never leaves DIR), certificate, pinned CA."""
     _logging(verbose)
     if AgentDir(directory).load_cert() is not None and not force:
         _fail(f"{directory} already holds a certificate: `scepd-agent renew` renews it; "
               "pass --force to enroll again")
     if protocol == "acme":
-        _fail("ACME enrollment is not available in this build: the scepd ACME server has not landed; "
-              "use --protocol scep")
-    if eab_kid or eab_hmac:
-        _fail("--eab-kid/--eab-hmac go with --protocol acme")
-    if not challenge:
-        _fail("--challenge is required for SCEP enrollment")
+        if challenge:
+            _fail("--challenge is for SCEP; ACME enrolls with --eab-kid and --eab-hmac")
+        if bool(eab_kid) != bool(eab_hmac):
+            _fail("--eab-kid and --eab-hmac go together")
+        if not server.startswith("https://"):
+            _fail("the ACME directory URL must be https://")
+    else:
+        if eab_kid or eab_hmac:
+            _fail("--eab-kid/--eab-hmac go with --protocol acme")
+        if not challenge:
+            _fail("--challenge is required for SCEP enrollment")
     try:
         for s in sans:
             parse_san(s)
         pin = normalize_fingerprint(ca_fingerprint) if ca_fingerprint else None
-    except ValueError as exc:
+        identity = Identity(cn, tuple(sans))
+        if protocol == "acme":
+            from .acme_client import identifiers_of
+            for ident in identifiers_of(identity):
+                if ident["type"] == "dns" and not _dns_name(ident["value"]):
+                    raise ValueError(f"{ident['value']!r} is not a DNS name or IP address (ACME names only those)")
+    except (ValueError, AgentError) as exc:
         _fail(str(exc))
         return
     if pin is None and not trust_first_use:
         _fail("refusing to trust the server's CA on first use: pass --ca-fingerprint SHA256 "
               "(printed by `scepd serve`) or --trust-first-use")
     try:
-        asyncio.run(_enroll(AgentDir(directory), server, Identity(cn, tuple(sans)), challenge, pin, mtls_url))
+        if protocol == "acme":
+            asyncio.run(_enroll_acme(AgentDir(directory), server, identity,
+                                     f"{eab_kid}:{eab_hmac}" if eab_kid else "", pin, mtls_url,
+                                     http01_address, http01_port))
+        else:
+            asyncio.run(_enroll(AgentDir(directory), server, identity, challenge, pin, mtls_url))
     except AgentError as exc:
         _fail(str(exc))
+
+
+def _dns_name(value: str) -> bool:
+    from scepd.policy import valid_dns_name
+    return valid_dns_name(value)
 
 
 async def _enroll(directory: AgentDir, server: str, identity: Identity, challenge: str,
@@ -143,10 +172,35 @@ async def _enroll(directory: AgentDir, server: str, identity: Identity, challeng
     directory.save_anchor(anchor)
     key = await asyncio.to_thread(new_key)
     issued = await ScepClient(server, anchor).enroll(key, identity, challenge)
-    directory.install(key, issued.cert, issued.chain)
     directory.save_ca_certs(issued.ca_certs)
+    await _installed(directory, server, "scep", identity, anchor, key, issued, mtls_url, hostname)
+
+
+async def _enroll_acme(directory: AgentDir, server: str, identity: Identity, token: str, pin: str | None,
+                       mtls_url: str | None, http01_address: str, http01_port: int,
+                       hostname: str | None = None) -> None:
+    from .acme_client import bootstrap_anchor
+    from .core import acme_client_for
+    anchor = await bootstrap_anchor(server, pin)
+    directory.create()
+    directory.save_anchor(anchor)
     state = directory.load_state()
-    state.update(server=server, protocol="scep", mtls_url=mtls_url, ca_fingerprint=fingerprint(anchor),
+    if state.get("server") != server:  # another server: its account is no use here
+        state.pop("acme", None)
+    state.update(server=server, protocol="acme")
+    state.setdefault("acme", {}).update(http01_address=http01_address, http01_port=http01_port)
+    directory.save_state(state)
+    key = await asyncio.to_thread(new_key)
+    issued = await acme_client_for(directory.load_state(), directory, anchor).enroll(key, identity, token)
+    await _installed(directory, server, "acme", identity, anchor, key, issued, mtls_url, hostname)
+
+
+async def _installed(directory: AgentDir, server: str, protocol: str, identity: Identity, anchor, key,
+                     issued, mtls_url: str | None, hostname: str | None) -> None:
+    """After the first enrollment (either protocol): install, record, report, first check-in."""
+    directory.install(key, issued.cert, issued.chain)
+    state = directory.load_state()
+    state.update(server=server, protocol=protocol, mtls_url=mtls_url, ca_fingerprint=fingerprint(anchor),
                  identity={"cn": identity.common_name, "sans": list(identity.sans)},
                  enrolled_at=iso(SystemClock().now()), failures=0,
                  last_renewal={"at": iso(SystemClock().now()), "serial": format(issued.cert.serial_number, "x"),
@@ -277,7 +331,8 @@ def status_report(directory: AgentDir, now: dt.datetime, policy: schedule.Policy
                  "last_check": state.get("last_check"), "next_check": state.get("next_check"),
                  "failures": state.get("failures", 0), "last_renewal": state.get("last_renewal"),
                  "renewals": state.get("renewals", 0), "last_checkin": state.get("last_checkin"),
-                 "next_ca_announced": directory.next_ca_path.exists()}
+                 "next_ca_announced": directory.next_ca_path.exists(),
+                 "acme_account": state.get("acme", {}).get("account")}
     if cert is None:
         out["state"] = "missing"
         return out
@@ -295,6 +350,8 @@ def status_report(directory: AgentDir, now: dt.datetime, policy: schedule.Policy
 
 def render_status(report: dict) -> str:
     lines = [f"directory:     {report['dir']}", f"server:        {report['server']} ({report['protocol']})"]
+    if report.get("acme_account"):
+        lines.append(f"ACME account:  {report['acme_account']}")
     c = report["certificate"]
     if c is None:
         lines.append("certificate:   MISSING")

@@ -80,7 +80,28 @@ def protocol_for(state: dict, directory: AgentDir, clock) -> EnrollmentProtocol:
     proto = state.get("protocol", "scep")
     if proto == "scep":
         return ScepClient(state["server"], anchor, now=clock.now)
-    raise AgentError(f"protocol {proto!r} is not available in this build (only scep)")
+    if proto == "acme":
+        return acme_client_for(state, directory, anchor, clock)
+    raise AgentError(f"unknown protocol {proto!r} in {directory.state_path}")
+
+
+def acme_client_for(state: dict, directory: AgentDir, anchor, clock=None):
+    """The ACME client of this state directory: its account (key file + URL in the state) and
+    the http-01 responder address it was enrolled with."""
+    from .acme_client import AcmeClient
+    acme = state.get("acme", {})
+
+    def save_account(key, url: str) -> None:
+        directory.save_account_key(key)
+        st = directory.load_state()
+        st.setdefault("acme", {})["account"] = url
+        directory.save_state(st)
+        acme["account"] = url
+    return AcmeClient(state["server"], anchor, account_key=directory.load_account_key(),
+                      account_url=acme.get("account"), save_account=save_account,
+                      http01_address=acme.get("http01_address", "0.0.0.0"),
+                      http01_port=int(acme.get("http01_port", 80)),
+                      now=(clock or SystemClock()).now)
 
 
 class Agent:
@@ -111,13 +132,15 @@ class Agent:
         life = lifetime_of(cert) if cert else None
         failures = int(state.get("failures", 0))
         renewed = None
-        decision = schedule.decide(now, life, self.policy, can_reenroll=self.challenge is not None,
-                                   force=force)
+        # ACME: the account itself authorises a new order, so an expired certificate is replaced
+        can_reenroll = self.challenge is not None or bool(
+            state.get("protocol") == "acme" and state.get("acme", {}).get("account"))
+        decision = schedule.decide(now, life, self.policy, can_reenroll=can_reenroll, force=force)
         try:
             protocol = self.protocol_factory(state)
             await self._follow_rollover(protocol, state)
             ari = await protocol.renewal_window(cert) if cert is not None else None
-            decision = schedule.decide(now, life, self.policy, can_reenroll=self.challenge is not None,
+            decision = schedule.decide(now, life, self.policy, can_reenroll=can_reenroll,
                                        ari=ari, rand=self.rand(), force=force)
             log.info("check: %s: %s", decision.action.value, decision.reason)
             if decision.action is schedule.Action.RENEW:

@@ -126,6 +126,10 @@ class AgentDir:
     def state_path(self) -> Path:
         return self.root / "state.json"
 
+    @property
+    def account_key_path(self) -> Path:
+        return self.root / "account-key.pem"
+
     def create(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
@@ -226,6 +230,18 @@ class AgentDir:
         elif self.next_ca_path.exists():
             self.next_ca_path.unlink()
             fsync_dir(self.root)
+
+    # --- ACME account ----------------------------------------------------------------------
+
+    def load_account_key(self):
+        try:
+            return serialization.load_pem_private_key(self.account_key_path.read_bytes(), None)
+        except FileNotFoundError:
+            return None
+
+    def save_account_key(self, key) -> None:
+        self.create()
+        atomic_write(self.account_key_path, key_pem(key), 0o600)
 
     # --- state ------------------------------------------------------------------------------
 
