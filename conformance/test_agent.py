@@ -167,3 +167,80 @@ def test_agent_enrolls_renews_unattended_follows_rollover_and_is_refused_when_re
             os.killpg(daemon.pid, signal.SIGKILL)
             daemon.wait(timeout=10)
         stop_server(server)
+
+
+def test_agent_over_acme_renews_unattended_with_replaces(tmp_path):
+    """The same over ACME: enroll with an enrollment token (EAB) and the pinned root fingerprint
+    (trust bootstrap over HTTPS), then the daemon renews by itself at least twice, each renewal a
+    new order with `replaces`, the hook runs and each certificate checks in over mTLS; a revoked
+    certificate is refused at the mTLS listener and the account orders its replacement."""
+    import sqlite3
+    https, mtls_port, http01 = free_port(), free_port(), free_port()
+    env = {"SCEPD_CA_DEFAULT_VALIDITY": VALIDITY, "SCEPD_SERVER_MTLS": f"127.0.0.1:{mtls_port}",
+           "SCEPD_SERVER_HTTPS": f"127.0.0.1:{https}", "SCEPD_ACME_HTTP01_PORT": str(http01),
+           "SCEPD_ACME_RESOLVE": "*=127.0.0.1", "SCEPD_ACME_EAB_REQUIRED": "1"}
+    server = start_server(tmp_path / "server", env)
+    d = tmp_path / "agent"
+    hook_log = tmp_path / "hook.log"
+    daemon_log = tmp_path / "agent.log"
+    daemon = None
+    try:
+        fp = hashlib.sha256(x509.load_pem_x509_certificate(server.root_pem.read_bytes()).public_bytes(
+            serialization.Encoding.DER)).hexdigest()
+        created = server.scepd("eab", "create", "--identifiers", "*.lab.test", "--ttl", "1h")
+        kid, hmac_key = created.split("kid: ")[1].split()[0], created.split("hmac: ")[1].split()[0]
+        directory = f"https://127.0.0.1:{https}/acme/directory"
+        out = agent("enroll", "--dir", str(d), "--protocol", "acme", "--server", directory,
+                    "--cn", "agent-2.lab.test", "--eab-kid", kid, "--eab-hmac", hmac_key, "--ca-fingerprint", fp,
+                    "--http01-address", "127.0.0.1", "--http01-port", str(http01),
+                    "--mtls-url", f"https://127.0.0.1:{mtls_port}")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "checked in over mTLS" in out.stdout
+        first = server.verify(d / "cert.pem", d / "key.pem")
+        assert (os.stat(d / "account-key.pem").st_mode & 0o077) == 0
+        # a wrong fingerprint is refused before anything is sent
+        out = agent("enroll", "--dir", str(tmp_path / "other"), "--protocol", "acme", "--server", directory,
+                    "--cn", "x.lab.test", "--eab-kid", kid, "--eab-hmac", hmac_key, "--ca-fingerprint", "00" * 32)
+        assert out.returncode != 0 and "fingerprint" in out.stderr, out.stdout + out.stderr
+
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run", "--dir", str(d), "--interval", "5s",
+             "--renew-before", RENEW_BEFORE, "--on-renew", f'echo "$SCEPD_AGENT_SERIAL" >> {hook_log}'],
+            stdout=open(daemon_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: state(d).get("renewals", 0) >= 2 and hook_log.exists()
+                 and len(hook_log.read_text().split()) >= 2, 180, "two unattended ACME renewals",
+                 (daemon_log, server.log), daemon)
+        hooked = hook_log.read_text().split()
+        cert = server.verify(d / "cert.pem", d / "key.pem")
+        assert serial_of(cert) != serial_of(first) and cert.public_key() != first.public_key()
+        assert len(set(hooked)) == len(hooked) and serial_of(first) not in hooked
+        with sqlite3.connect(server.state_dir / "scepd.db") as db:
+            replaced = {r[0] for r in db.execute("SELECT replaced_serial FROM acme_replacements")}
+        assert serial_of(first) in replaced  # each renewal's order named the certificate it replaces
+        records = {c["serial"]: c for c in json.loads(server.scepd("certs", "list", "--json"))}
+        assert all(records[s]["protocol"] == "acme" for s in hooked)
+        wait_for(lambda: all(f"checked in over mTLS as serial {s}" in daemon_log.read_text() for s in hooked),
+                 30, "a check-in with every renewed certificate", (daemon_log,), daemon)
+        out = agent("status", "--dir", str(d), "--json")
+        report = json.loads(out.stdout)
+        assert report["protocol"] == "acme" and report["acme_account"].startswith(f"https://127.0.0.1:{https}/acme/acct/")
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+        daemon = None
+        assert "Traceback" not in daemon_log.read_text()
+
+        # revocation: refused at mTLS; the account (not the certificate) authorises the next order
+        revoked = serial_of(current_cert(d))
+        server.scepd("certs", "revoke", revoked, "--reason", "keyCompromise")
+        out = agent("checkin", "--dir", str(d))
+        assert out.returncode != 0 and "401" in out.stderr, out.stdout + out.stderr
+        out = agent("renew", "--dir", str(d), "--force")
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert serial_of(current_cert(d)) != revoked
+        out = agent("checkin", "--dir", str(d))
+        assert out.returncode == 0, out.stdout + out.stderr
+    finally:
+        if daemon is not None:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait(timeout=10)
+        stop_server(server)
