@@ -49,3 +49,42 @@ def eab_create(state_dir, identifiers, ttl):
         lifetime, identifiers, "cli")))
     click.echo(f"kid: {kid}")
     click.echo(f"hmac: {key}")
+
+
+@click.group("acme")
+def acme_group() -> None:
+    """ACME accounts."""
+
+
+@acme_group.command("accounts")
+@STATE_DIR
+@click.option("--json", "as_json", is_flag=True)
+def accounts_list(state_dir, as_json):
+    """Every ACME account: status, contact, and the EAB key (enrollment token) it was bound with."""
+    import json
+
+    from .service import AcmeService, AcmeSettings
+    cfg = _load_config(state_dir)
+    rows = asyncio.run(_with_services(cfg, lambda s: AcmeService(s, AcmeSettings()).list_accounts()))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['id']}  {r['status']:<11}  {r['created_at'][:19]}  eab={r['eab_kid'] or '-'}  "
+                   f"identifiers={r['identifiers'] or '*'}  {' '.join(r['contact'])}")
+
+
+@acme_group.command("deactivate")
+@STATE_DIR
+@click.argument("account_id")
+def account_deactivate(state_dir, account_id):
+    """Deactivate an account (RFC 8555 §7.3.6 done by the operator): no more orders or revocations."""
+    from .service import AcmeService, AcmeSettings
+    cfg = _load_config(state_dir)
+    try:
+        asyncio.run(_with_services(cfg, lambda s: AcmeService(s, AcmeSettings()).deactivate_account(
+            account_id, "cli")))
+    except ScepdError as exc:
+        _fail(exc.detail)
+        return
+    click.echo(f"{account_id}: deactivated")

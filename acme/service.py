@@ -193,6 +193,23 @@ class AcmeService:
                                                "expires_at": (now + ttl).isoformat(), "actor": actor})
         return kid, key
 
+    async def list_accounts(self) -> list[dict]:
+        """Every account with its binding (EAB key id and identifier pattern), oldest first."""
+        bound = {k["account_id"]: k for k in await self.db.find(eab_keys) if k["account_id"]}
+        out = []
+        for a in sorted(await self.db.find(accounts), key=lambda a: (a["created_at"], a["id"])):
+            key = bound.get(a["id"], {})
+            out.append({"id": a["id"], "status": a["status"], "contact": json.loads(a["contact"]),
+                        "created_at": a["created_at"].isoformat(), "eab_kid": key.get("kid"),
+                        "identifiers": key.get("identifiers")})
+        return out
+
+    async def deactivate_account(self, account_id: str, actor: str) -> None:
+        """An operator cuts an account off (a lost machine): it can order and revoke nothing more."""
+        if not await self.db.update(accounts, account_id, status="deactivated"):
+            raise NotFound(f"no ACME account {account_id}")
+        await self._audit("acme.account.deactivated", {"account": account_id, "actor": actor})
+
     @staticmethod
     def _contact(contact) -> list:
         if not isinstance(contact, list) or not all(isinstance(c, str) and c.startswith("mailto:")

@@ -239,6 +239,12 @@ def test_agent_over_acme_renews_unattended_with_replaces(tmp_path):
         assert serial_of(current_cert(d)) != revoked
         out = agent("checkin", "--dir", str(d))
         assert out.returncode == 0, out.stdout + out.stderr
+        # the operator deactivates the account: no more orders
+        accounts = json.loads(server.scepd("acme", "accounts", "--json"))
+        assert [(a["eab_kid"], a["identifiers"], a["status"]) for a in accounts] == [(kid, "*.lab.test", "valid")]
+        server.scepd("acme", "deactivate", accounts[0]["id"])
+        out = agent("renew", "--dir", str(d), "--force")
+        assert out.returncode != 0 and "unauthorized" in out.stderr, out.stdout + out.stderr
     finally:
         if daemon is not None:
             os.killpg(daemon.pid, signal.SIGKILL)

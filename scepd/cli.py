@@ -578,10 +578,11 @@ from .agents import agents_cli  # noqa: E402
 main.add_command(agents_cli)
 
 
-from acme.cli import eab as _acme_eab, renew_now as _acme_renew_now  # noqa: E402
+from acme.cli import acme_group as _acme_group, eab as _acme_eab, renew_now as _acme_renew_now  # noqa: E402
 
 certs.add_command(_acme_renew_now)
 main.add_command(_acme_eab)
+main.add_command(_acme_group)
 
 
 if __name__ == "__main__":  # pragma: no cover
