@@ -62,6 +62,28 @@ def serial_of(cert: x509.Certificate) -> str:
     return format(cert.serial_number, "x")
 
 
+def run_until_two_renewals(server, d: Path, first: x509.Certificate, hook_log: Path, daemon_log: Path):
+    """Start `scepd-agent run` (interval 5 s) and wait, bounded, until it has renewed twice by
+    itself with the hook run each time: new keys, distinct serials. Returns (daemon, hooked serials)."""
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--dir", str(d), "--interval", "5s",
+         "--renew-before", RENEW_BEFORE, "--on-renew", f'echo "$SCEPD_AGENT_SERIAL" >> {hook_log}'],
+        stdout=open(daemon_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: state(d).get("renewals", 0) >= 2 and hook_log.exists()
+                 and len(hook_log.read_text().split()) >= 2, 180, "two unattended renewals",
+                 (daemon_log, server.log), daemon)
+        hooked = hook_log.read_text().split()
+        cert = server.verify(d / "cert.pem", d / "key.pem")
+        assert serial_of(cert) != serial_of(first) and cert.public_key() != first.public_key()
+        assert len(set(hooked)) == len(hooked) and serial_of(first) not in hooked
+        return daemon, hooked
+    except BaseException:  # the caller never gets the process: stop it here
+        os.killpg(daemon.pid, signal.SIGKILL)
+        daemon.wait(timeout=10)
+        raise
+
+
 def test_agent_enrolls_renews_unattended_follows_rollover_and_is_refused_when_revoked(tmp_path):
     mtls_port = free_port()
     env = {"SCEPD_CA_DEFAULT_VALIDITY": VALIDITY, "SCEPD_SERVER_MTLS": f"127.0.0.1:{mtls_port}"}
@@ -87,17 +109,7 @@ def test_agent_enrolls_renews_unattended_follows_rollover_and_is_refused_when_re
         assert (os.stat(d / "key.pem").st_mode & 0o077) == 0
 
         # --- the daemon renews by itself, twice at least ---------------------------------------
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--dir", str(d), "--interval", "5s",
-             "--renew-before", RENEW_BEFORE, "--on-renew", f'echo "$SCEPD_AGENT_SERIAL" >> {hook_log}'],
-            stdout=open(daemon_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: state(d).get("renewals", 0) >= 2 and hook_log.exists()
-                 and len(hook_log.read_text().split()) >= 2, 180, "two unattended renewals",
-                 (daemon_log, server.log), daemon)
-        hooked = hook_log.read_text().split()
-        cert = server.verify(d / "cert.pem", d / "key.pem")
-        assert serial_of(cert) != serial_of(first) and cert.public_key() != first.public_key()
-        assert len(set(hooked)) == len(hooked) and serial_of(first) not in hooked
+        daemon, hooked = run_until_two_renewals(server, d, first, hook_log, daemon_log)
         # every renewal was a RenewalReq (messageType 17) the server accepted without a challenge
         server_log = server.log_text()
         for serial in hooked:
@@ -203,17 +215,7 @@ def test_agent_over_acme_renews_unattended_with_replaces(tmp_path):
                     "--cn", "x.lab.test", "--eab-kid", kid, "--eab-hmac", hmac_key, "--ca-fingerprint", "00" * 32)
         assert out.returncode != 0 and "fingerprint" in out.stderr, out.stdout + out.stderr
 
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run", "--dir", str(d), "--interval", "5s",
-             "--renew-before", RENEW_BEFORE, "--on-renew", f'echo "$SCEPD_AGENT_SERIAL" >> {hook_log}'],
-            stdout=open(daemon_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-        wait_for(lambda: state(d).get("renewals", 0) >= 2 and hook_log.exists()
-                 and len(hook_log.read_text().split()) >= 2, 180, "two unattended ACME renewals",
-                 (daemon_log, server.log), daemon)
-        hooked = hook_log.read_text().split()
-        cert = server.verify(d / "cert.pem", d / "key.pem")
-        assert serial_of(cert) != serial_of(first) and cert.public_key() != first.public_key()
-        assert len(set(hooked)) == len(hooked) and serial_of(first) not in hooked
+        daemon, hooked = run_until_two_renewals(server, d, first, hook_log, daemon_log)
         with sqlite3.connect(server.state_dir / "scepd.db") as db:
             replaced = {r[0] for r in db.execute("SELECT replaced_serial FROM acme_replacements")}
         assert serial_of(first) in replaced  # each renewal's order named the certificate it replaces
