@@ -1,8 +1,9 @@
 """scepd's ACME server (RFC 8555, ARI RFC 9773), served on the HTTPS listener.
 
 jws: strict JWS codec. store: accounts, orders, authorizations, challenges, nonces, EAB keys.
-service: protocol logic (no HTTP). server: the aiohttp transport. cli: `scepd eab create`,
-`scepd certs renew-now`.
+service: protocol logic (no HTTP). validators: http-01, dns-01, tls-alpn-01 on the wire.
+server: the aiohttp transport. cli: `scepd eab create`, `scepd certs renew-now`,
+`scepd acme accounts|deactivate`.
 
 This package name shadows certbot's `acme` library, which is why scepd installs into its own
 virtualenv and drives certbot only through its command line.
