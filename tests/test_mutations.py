@@ -68,3 +68,58 @@ async def test_mutated_messages_get_400_or_a_signed_reply(vector_client, source)
             assert text.count("\n") == 1 and "Traceback" not in text and "Error" not in text
         statuses[resp.status] = statuses.get(resp.status, 0) + 1
     assert statuses.get(400, 0) > 0  # the mutator does produce bad input
+
+
+async def test_mutated_acme_requests_get_problem_documents(aiohttp_client, services):
+    """ACME: validly signed requests whose payloads are mutated bytes, and mutated JWS bodies,
+    to every POST resource: always a problem document (or success), never a 500."""
+    import json
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    from scepd.app import create_https_app
+
+    from .helpers import make_csr, rsa_key
+    from .test_acme_jws import Acme, b64, sign
+    acme = Acme(await aiohttp_client(create_https_app(services)), rsa_key(0))
+    await acme.register()
+    resp = await acme.post("/acme/new-order", {"identifiers": [{"type": "dns", "value": "m.example.test"}]})
+    order = await resp.json()
+    oid = resp.headers["Location"].rsplit("/", 1)[1]
+    authz = "/" + order["authorizations"][0].split("/", 3)[3]
+    chall = "/" + (await (await acme.post(authz, None)).json())["challenges"][0]["url"].split("/", 3)[3]
+    acct = "/" + acme.kid.split("/", 3)[3]
+    targets = [
+        ("/acme/new-order", {"identifiers": [{"type": "dns", "value": "m.example.test"}], "profile": "agent",
+                             "notAfter": "2026-12-01T00:00:00Z"}),
+        (f"/acme/order/{oid}/finalize", {"csr": b64(make_csr(rsa_key(1), "m.example.test"))}),
+        ("/acme/revoke-cert", {"certificate": b64(b"\x30\x03\x02\x01\x01"), "reason": 1}),
+        (acct, {"contact": ["mailto:a@example.test"]}),
+        (authz, {"status": "deactivated"}),
+        (chall, {}),
+        ("/acme/key-change", {"protected": "e30", "payload": "e30", "signature": ""}),
+    ]
+    rng = random.Random("scepd-acme")
+    seen = set()
+    for path, payload in targets:
+        raw = json.dumps(payload).encode()
+        for _ in range(25):  # bounded: 25 signed mutants and 5 broken bodies per resource
+            mutant = mutate(raw, rng)
+            protected = {"alg": "RS256", "nonce": await acme.nonce(), "url": acme.url(path), "kid": acme.kid}
+            p64, pl64 = b64(json.dumps(protected).encode()), b64(mutant)
+            sig = acme.key.sign(f"{p64}.{pl64}".encode(), padding.PKCS1v15(), hashes.SHA256())
+            body = json.dumps({"protected": p64, "payload": pl64, "signature": b64(sig)}).encode()
+            resp = await acme.client.post(path, data=body, headers={"Content-Type": "application/jose+json"})
+            assert resp.status != 500 and "Replay-Nonce" in resp.headers, (path, mutant, await resp.text())
+            if resp.status >= 400:
+                assert resp.headers["Content-Type"].startswith("application/problem+json")
+                doc = await resp.json()
+                assert doc["type"].startswith("urn:ietf:params:acme:error:") and "Traceback" not in doc["detail"]
+                seen.add(doc["type"])
+        for _ in range(5):
+            body = mutate(sign(acme.key, {"alg": "RS256", "nonce": await acme.nonce(), "url": acme.url(path),
+                                          "kid": acme.kid}, raw, "RS256"), rng)
+            resp = await acme.client.post(path, data=body, headers={"Content-Type": "application/jose+json"})
+            assert resp.status != 500 and "Replay-Nonce" in resp.headers, (path, body, await resp.text())
+    assert "urn:ietf:params:acme:error:malformed" in seen  # the mutator does produce bad input
