@@ -237,6 +237,7 @@ async def _serve(cfg: config_mod.Config, demo_challenge: bool) -> None:
                                                  server_cert.context(client_auth=False))
                 runners.append(runner)
                 click.echo(f"HTTPS (ACME, admin API): https://{h}:{p}/")
+                click.echo(f"ACME directory: https://{h}:{p}/acme/directory")
             if cfg.server.mtls:
                 runner, h, p = await _start_site(create_mtls_app(services), cfg.server.mtls,
                                                  server_cert.context(client_auth=True))
