@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -217,12 +218,26 @@ class AcmeClient:
         self.now = now
         self._directory: dict | None = None
         self._nonce: str | None = None
+        self._session: aiohttp.ClientSession | None = None
 
     # --- transport ----------------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _connection(self):
+        """One HTTP session (kept-alive TLS connection) for a whole operation; nested uses share it."""
+        if self._session is not None:
+            yield self._session
+            return
+        self._session = aiohttp.ClientSession(timeout=TIMEOUT)
+        try:
+            yield self._session
+        finally:
+            session, self._session = self._session, None
+            await session.close()
+
     async def _request(self, method: str, url: str, **kw) -> tuple[int, dict, bytes]:
         try:
-            async with aiohttp.ClientSession(timeout=TIMEOUT) as session:
+            async with self._connection() as session:
                 async with session.request(method, url, ssl=self.ssl_context, **kw) as resp:
                     body = await resp.read()
                     if "Replay-Nonce" in resp.headers:
@@ -324,8 +339,9 @@ class AcmeClient:
     # --- EnrollmentProtocol ----------------------------------------------------------------------
 
     async def enroll(self, key, identity: Identity, secret: str) -> Issued:
-        await self.ensure_account(parse_eab(secret) if not self.account_url else None)
-        return await self._order(key, identity, None)
+        async with self._connection():
+            await self.ensure_account(parse_eab(secret) if not self.account_url else None)
+            return await self._order(key, identity, None)
 
     async def renew(self, new_key, current_cert: x509.Certificate, current_key) -> Issued:
         if not self.account_url:
@@ -335,13 +351,14 @@ class AcmeClient:
             replaces = cert_id(current_cert)
         except AgentError:
             replaces = None
-        try:
-            return await self._order(new_key, identity, replaces)
-        except AcmeProblem as exc:
-            if replaces is None or not (exc.type.endswith(":alreadyReplaced") or "replaces" in exc.detail):
-                raise
-            log.warning("the server refused `replaces` (%s): ordering without it", exc)
-            return await self._order(new_key, identity, None)
+        async with self._connection():
+            try:
+                return await self._order(new_key, identity, replaces)
+            except AcmeProblem as exc:
+                if replaces is None or not (exc.type.endswith(":alreadyReplaced") or "replaces" in exc.detail):
+                    raise
+                log.warning("the server refused `replaces` (%s): ordering without it", exc)
+                return await self._order(new_key, identity, None)
 
     async def next_ca(self) -> list[x509.Certificate]:
         return []  # ACME announces no successor CA; the anchor is the root
@@ -362,6 +379,10 @@ class AcmeClient:
         return RenewalWindow(start, end) if start <= end else None
 
     # --- orders -----------------------------------------------------------------------------------
+
+    def responder(self) -> Http01Responder:
+        """The http-01 responder of one order (bench/acme_issue.py shares one across clients)."""
+        return Http01Responder(self.http01_address, self.http01_port)
 
     async def _order(self, key, identity: Identity, replaces: str | None) -> Issued:
         d = await self.directory()
@@ -387,7 +408,7 @@ class AcmeClient:
                 raise AgentError(f"no http-01 challenge offered for {authz.get('identifier', {}).get('value')}")
             pending.append((authz_url, authz, ch))
         if pending:
-            async with Http01Responder(self.http01_address, self.http01_port) as responder:
+            async with self.responder() as responder:
                 for _, _, ch in pending:
                     responder.tokens[ch["token"]] = f"{ch['token']}.{thumbprint(self.account_key)}"
                 for _, _, ch in pending:
