@@ -139,7 +139,7 @@ def _announce_root_key(state_dir: Path, plan: RootKeyPlan, err: bool = True) -> 
         click.echo(f"WARNING: the root CA key {path} is NOT encrypted (--insecure-unencrypted-root-key): "
                    "test setups only.", err=err)
     if plan.generated:
-        click.echo(f"Root CA key passphrase (shown once, {ROOT_PASSPHRASE_ENV} was not set): "
+        click.echo(f"Passphrase of the root CA key (shown once; {ROOT_PASSPHRASE_ENV} was not set): "
                    f"{plan.passphrase.decode()}", err=err)  # type: ignore[union-attr]
     where = "" if plan.path is None else f"; none is kept in {state_dir}"
     click.echo(f"IMPORTANT: the root CA key is in {path}{where}. It belongs OFFLINE: move it to offline "

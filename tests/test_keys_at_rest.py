@@ -121,7 +121,7 @@ def test_serve_first_start_encrypts_the_root_key_with_a_passphrase_shown_once(tm
     d = tmp_path / "state"
     first = scepd("serve", "--state-dir", d, "--no-demo-challenge", env=NO_PASSPHRASE)
     assert first.exit_code == 0, first.output
-    shown = re.search(r"Root CA key passphrase \(shown once[^)]*\): (\S+)", first.output)
+    shown = re.search(r"Passphrase of the root CA key \(shown once[^)]*\): (\S+)", first.output)
     assert shown and "OFFLINE" in first.output
     key_pem = (d / "ca" / "root.key").read_bytes()
     with pytest.raises(TypeError):
