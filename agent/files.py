@@ -28,6 +28,8 @@ from typing import Callable
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from scepd.keyfile import PRIVATE_MODE, fsync_dir, write_private_key
+
 PAIR_FILES = ("key.pem", "cert.pem", "chain.pem", "fullchain.pem")
 
 
@@ -35,17 +37,13 @@ class SimulatedCrash(BaseException):
     """Raised by the tests' fault hook to stop an install between two steps."""
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """temp file (created with `mode`, so a key is never readable by others, not even briefly),
-    fsync, rename over `path`, fsync the directory."""
+    fsync, rename over `path`, fsync the directory. Private files (0600: keys, state) go through
+    the one key writer, scepd.keyfile: temp file O_EXCL|O_NOFOLLOW, a symlink at `path` refused."""
+    if mode == PRIVATE_MODE:
+        write_private_key(path, data, replace=True)
+        return
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
@@ -148,7 +146,7 @@ class AgentDir:
             shutil.rmtree(pair_dir)
         pair_dir.mkdir(mode=0o700)
         step("pair-dir")
-        atomic_write(pair_dir / "key.pem", key_pem(key), 0o600)
+        atomic_write(pair_dir / "key.pem", key_pem(key), PRIVATE_MODE)
         step("key-written")
         atomic_write(pair_dir / "cert.pem", pem_certs(cert))
         step("cert-written")
@@ -241,7 +239,7 @@ class AgentDir:
 
     def save_account_key(self, key) -> None:
         self.create()
-        atomic_write(self.account_key_path, key_pem(key), 0o600)
+        atomic_write(self.account_key_path, key_pem(key), PRIVATE_MODE)
 
     # --- state ------------------------------------------------------------------------------
 

@@ -86,7 +86,9 @@ def run_until_two_renewals(server, d: Path, first: x509.Certificate, hook_log: P
 
 def test_agent_enrolls_renews_unattended_follows_rollover_and_is_refused_when_revoked(tmp_path):
     mtls_port = free_port()
-    env = {"SCEPD_CA_DEFAULT_VALIDITY": VALIDITY, "SCEPD_SERVER_MTLS": f"127.0.0.1:{mtls_port}"}
+    # the root key passphrase: serve's first start encrypts root.key with it, rollover reads it
+    env = {"SCEPD_CA_DEFAULT_VALIDITY": VALIDITY, "SCEPD_SERVER_MTLS": f"127.0.0.1:{mtls_port}",
+           "SCEPD_ROOT_KEY_PASSPHRASE": "conformance root passphrase"}
     server_tmp = tmp_path / "server"
     server = start_server(server_tmp, env)
     d = tmp_path / "agent"

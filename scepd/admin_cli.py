@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from pathlib import Path
 
 import click
@@ -122,9 +121,11 @@ def issue_cert(state_dir, cn, out_cert, out_key):
         issued, material = asyncio.run(_with_admin(cfg, _run, full=True))
     except (ScepdError, PkiError) as exc:
         _fail(getattr(exc, "detail", str(exc)))
-    write_private(out_key, issued.key_pem)
+    try:
+        write_private(out_key, issued.key_pem)  # 0600, O_EXCL: never through a planted symlink
+    except PkiError as exc:
+        _fail(str(exc))
     write_public(out_cert, pem(issued.cert, material.cert, *material.intermediates).encode())
-    os.chmod(out_key, 0o600)
     click.echo(f"admin certificate {issued.record.serial} for CN={cn} written to {out_cert} (key {out_key})")
 
 

@@ -88,7 +88,7 @@ async def open_services(config: Config, clock: Clock | None = None) -> Services:
                                         require_approval=sc.require_approval),
                            ra=wire.Recipient(*ra) if ra else None, renewal=renewal,
                            external_check=ExternalCheck(sc.csr_check_command, sc.csr_check_url,
-                                                        sc.csr_check_timeout),
+                                                        sc.csr_check_timeout, sc.csr_check_allow_http),
                            next_ca=(next_ca,) if next_ca else (),
                            previous_recipients=tuple(wire.Recipient(c, k) for c, k in previous
                                                      if isinstance(k, rsa.RSAPrivateKey)))

@@ -7,8 +7,10 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -56,9 +58,26 @@ def main() -> None:
 # --- init -------------------------------------------------------------------------------------
 
 
+#: The root key's passphrase (init, serve's first start, `ca rollover`); never the CA key's.
+ROOT_PASSPHRASE_ENV = "SCEPD_ROOT_KEY_PASSPHRASE"
+
+
+def _interactive() -> bool:
+    return sys.stdin.isatty()
+
+
+@dataclass(frozen=True)
+class RootKeyPlan:
+    """Where `init` writes the root key and with which passphrase (None: unencrypted)."""
+    path: Path | None  # None: DIR/ca/root.key
+    passphrase: bytes | None
+    generated: bool = False  # serve's first start made it up: print it once
+
+
 def _init(state_dir: Path, cn: str, org: str | None, http: str | None, import_cert: Path | None,
           import_key: Path | None, import_chain: Path | None, import_passphrase_env: str | None,
-          ra: bool = False, ca_key_type: str = "rsa") -> pki.CaMaterial:
+          ra: bool = False, ca_key_type: str = "rsa",
+          root_key: RootKeyPlan | None = None) -> pki.CaMaterial:
     state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(state_dir, 0o700)
     cfg_path = state_dir / config_mod.CONFIG_NAME
@@ -74,8 +93,10 @@ def _init(state_dir: Path, cn: str, org: str | None, http: str | None, import_ce
         material = pki.import_ca(state_dir, import_cert.read_bytes(), import_key.read_bytes(),
                                  import_chain.read_bytes(), import_pass, passphrase)
     else:
+        root_key = root_key or RootKeyPlan(None, None)
         material = pki.create(state_dir, SystemClock(), cn=cn, org=org, passphrase=passphrase,
-                              ca_key_type=ca_key_type)
+                              ca_key_type=ca_key_type, root_passphrase=root_key.passphrase,
+                              root_key_path=root_key.path)
     if ra:
         pki.create_ra(state_dir, material, SystemClock(), passphrase, cn=f"{cn} SCEP RA", org=org)
     elif not isinstance(material.key, __import__("cryptography.hazmat.primitives.asymmetric.rsa",
@@ -88,6 +109,42 @@ def _init(state_dir: Path, cn: str, org: str | None, http: str | None, import_ce
         await store.close()
     asyncio.run(_db())
     return material
+
+
+def _new_root_passphrase(insecure: bool) -> bytes | None:
+    """$SCEPD_ROOT_KEY_PASSPHRASE, else asked twice on a terminal; without either, init refuses
+    (a script must say what it wants) unless --insecure-unencrypted-root-key."""
+    value = os.environ.get(ROOT_PASSPHRASE_ENV)
+    if value:
+        return value.encode()
+    if insecure:
+        return None
+    if _interactive():
+        value = click.prompt("Passphrase for the root CA key", hide_input=True,
+                             confirmation_prompt=True, err=True)
+        if not value:
+            _fail("the root key passphrase must not be empty")
+        return value.encode()
+    _fail(f"the root CA key needs a passphrase and there is no terminal to ask for one: set "
+          f"{ROOT_PASSPHRASE_ENV}, run init on a terminal, or pass --insecure-unencrypted-root-key "
+          "(test setups only)")
+    raise AssertionError  # unreachable
+
+
+def _announce_root_key(state_dir: Path, plan: RootKeyPlan, err: bool = True) -> None:
+    """Loud: the root key belongs offline (on stderr for init; serve says it on stdout, with its
+    one-time challenge, since its stderr is the log stream, JSON lines with log_format = json)."""
+    path = plan.path or pki.ca_dir(state_dir) / "root.key"
+    if not plan.passphrase:
+        click.echo(f"WARNING: the root CA key {path} is NOT encrypted (--insecure-unencrypted-root-key): "
+                   "test setups only.", err=err)
+    if plan.generated:
+        click.echo(f"Passphrase of the root CA key (shown once; {ROOT_PASSPHRASE_ENV} was not set): "
+                   f"{plan.passphrase.decode()}", err=err)  # type: ignore[union-attr]
+    where = "" if plan.path is None else f"; none is kept in {state_dir}"
+    click.echo(f"IMPORTANT: the root CA key is in {path}{where}. It belongs OFFLINE: move it to offline "
+               "storage now (its passphrase kept apart). Only `scepd ca rollover --root-key FILE` needs it, "
+               "to sign the next issuing CA.", err=err)
 
 
 @main.command()
@@ -104,14 +161,39 @@ def _init(state_dir: Path, cn: str, org: str | None, http: str | None, import_ce
 @click.option("--ra", is_flag=True, help="Also create a separate RSA SCEP RA certificate and key.")
 @click.option("--ca-key-type", type=click.Choice(["rsa", "ec"]), default="rsa", show_default=True,
               help="Issuing CA key (ec needs --ra: SCEP decryption is RSA).")
+@click.option("--root-key-out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the (encrypted) root key to this file, outside the state directory, "
+                   "instead of DIR/ca/root.key.")
+@click.option("--insecure-unencrypted-root-key", is_flag=True,
+              help=f"Write the root key unencrypted when {ROOT_PASSPHRASE_ENV} is not set (tests only).")
 def init(state_dir, cn, org, http, import_ca_cert, import_ca_key, import_chain, import_key_passphrase_env,
-         ra, ca_key_type):
-    """Create a two-tier CA (or import one) in STATE_DIR."""
+         ra, ca_key_type, root_key_out, insecure_unencrypted_root_key):
+    """Create a two-tier CA (or import one) in STATE_DIR.
+
+    The root key is encrypted with $SCEPD_ROOT_KEY_PASSPHRASE, or with a passphrase asked on the
+    terminal; without a terminal and that variable, init refuses."""
     if ca_key_type == "ec" and not ra:
         _fail("--ca-key-type ec needs --ra: SCEP clients encrypt requests with RSA key transport")
+    importing = bool(import_ca_cert or import_ca_key or import_chain)
+    plan = None
+    if importing and (root_key_out or insecure_unencrypted_root_key):
+        _fail("--root-key-out and --insecure-unencrypted-root-key are about a new root; an imported CA "
+              "brings no root key")
+    if not importing:
+        if pki.exists(state_dir):
+            _fail(f"a CA already exists in {pki.ca_dir(state_dir)}; refusing to overwrite it")
+        if root_key_out is not None:
+            out = root_key_out.absolute()
+            if out.resolve().is_relative_to(state_dir.absolute().resolve()):
+                _fail(f"--root-key-out {root_key_out} is inside the state directory; the point is "
+                      "to keep the root key out of it")
+            if os.path.lexists(out):
+                _fail(f"{root_key_out} already exists; refusing to overwrite a private key")
+            root_key_out = out
+        plan = RootKeyPlan(root_key_out, _new_root_passphrase(insecure_unencrypted_root_key))
     try:
         material = _init(state_dir, cn, org, http, import_ca_cert, import_ca_key, import_chain,
-                         import_key_passphrase_env, ra, ca_key_type)
+                         import_key_passphrase_env, ra, ca_key_type, plan)
     except pki.PkiError as exc:
         _fail(str(exc))
         return
@@ -120,8 +202,8 @@ def init(state_dir, cn, org, http, import_ca_cert, import_ca_key, import_chain, 
     click.echo(f"  issuing CA: {material.cert.subject.rfc4514_string()}")
     click.echo(f"  root:       {material.root.subject.rfc4514_string()}")
     click.echo(f"  root SHA-256 fingerprint: {_fingerprint(material.root)}")
-    if (d / "root.key").exists():
-        click.echo(f"Move {d / 'root.key'} offline (it is only needed to sign a new issuing CA).")
+    if plan is not None:
+        _announce_root_key(state_dir, plan)
 
 
 def _fingerprint(cert: x509.Certificate) -> str:
@@ -142,11 +224,18 @@ def _fingerprint(cert: x509.Certificate) -> str:
 def serve(state_dir, http, https, mtls, demo_challenge, verbose):
     """Serve SCEP (and HTTPS/mTLS when asked); initialises a CA first if STATE_DIR has none."""
     if not pki.exists(state_dir):
+        # first start (scripts/serve on a fresh machine): the root key is encrypted with
+        # $SCEPD_ROOT_KEY_PASSPHRASE, else with a random passphrase printed once (as step-ca's
+        # container does); either way it must then be moved offline.
+        value = os.environ.get(ROOT_PASSPHRASE_ENV)
+        plan = RootKeyPlan(None, value.encode()) if value else \
+            RootKeyPlan(None, secrets.token_urlsafe(24).encode(), generated=True)
         try:
-            _init(state_dir, "scepd", None, http, None, None, None, None)
+            _init(state_dir, "scepd", None, http, None, None, None, None, root_key=plan)
         except pki.PkiError as exc:
             _fail(str(exc))
         click.echo(f"initialised a new CA in {pki.ca_dir(state_dir)}")
+        _announce_root_key(state_dir, plan, err=False)
     cfg = _load_config(state_dir)
     for key, value in (("http", http), ("https", https), ("mtls", mtls)):
         if value:
@@ -297,21 +386,47 @@ def chain(state_dir):
     click.echo(pki.pem(*_material_certs(state_dir)[1]), nl=False)
 
 
+def _root_passphrase(key_pem: bytes, env_name: str | None, ca_passphrase: bytes | None) -> bytes | None:
+    """The root key's passphrase: --root-passphrase-env, $SCEPD_ROOT_KEY_PASSPHRASE, the CA key
+    passphrase (roots written by older versions), or asked on a terminal."""
+    if env_name:
+        value = os.environ.get(env_name)
+        if not value:
+            _fail(f"{env_name} (--root-passphrase-env) is not set")
+        return value.encode()  # type: ignore[union-attr]
+    value = os.environ.get(ROOT_PASSPHRASE_ENV)
+    if value:
+        return value.encode()
+    if not pki.is_encrypted_key(key_pem):
+        return None
+    if ca_passphrase and pki.key_opens(key_pem, ca_passphrase):
+        return ca_passphrase
+    if _interactive():
+        return click.prompt("Passphrase of the root CA key", hide_input=True, err=True).encode()
+    _fail(f"the root CA key is encrypted: set {ROOT_PASSPHRASE_ENV} (or name another variable "
+          "with --root-passphrase-env), or run on a terminal to be asked")
+    raise AssertionError  # unreachable
+
+
 @ca.command()
 @STATE_DIR
 @click.option("--root-key", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
               help="The root CA key (default DIR/ca/root.key; bring it back from offline storage).")
-@click.option("--root-passphrase-env", default=None, help="Environment variable with the root key passphrase.")
+@click.option("--root-passphrase-env", default=None,
+              help=f"Environment variable with the root key passphrase (default {ROOT_PASSPHRASE_ENV}).")
 def rollover(state_dir, root_key, root_passphrase_env):
-    """Create the next issuing CA under the same root; GetNextCACert publishes it."""
+    """Create the next issuing CA under the same root; GetNextCACert publishes it.
+
+    The root key passphrase comes from $SCEPD_ROOT_KEY_PASSPHRASE or is asked on the terminal."""
     from .app import passphrase_for
     cfg = _load_config(state_dir)
     key_path = root_key or pki.ca_dir(state_dir) / "root.key"
     if not key_path.exists():
         _fail(f"{key_path} not found: pass --root-key with the offline root key")
-    root_pass = os.environ.get(root_passphrase_env or "", "").encode() or passphrase_for(cfg)
+    key_pem = key_path.read_bytes()
+    root_pass = _root_passphrase(key_pem, root_passphrase_env, passphrase_for(cfg))
     try:
-        cert = pki.rollover(state_dir, SystemClock(), key_path.read_bytes(), root_pass, passphrase_for(cfg))
+        cert = pki.rollover(state_dir, SystemClock(), key_pem, root_pass, passphrase_for(cfg))
     except pki.PkiError as exc:
         _fail(str(exc))
         return

@@ -75,6 +75,8 @@ class ScepConfig:
     csr_check_command: str = ""
     csr_check_url: str = ""
     csr_check_timeout: int = 10
+    #: Allow an http:// csr_check_url (the payload carries the challenge password): off, https only.
+    csr_check_allow_http: bool = False
 
 
 @dataclass
@@ -167,6 +169,8 @@ def load(state_dir: Path, environ: dict[str, str] | None = None) -> Config:
     unknown = set(data) - set(_SECTIONS)
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}")
+    from .external_check import validate_url  # the webhook gets the challenge: https unless allowed
+    validate_url(cfg.scep.csr_check_url, cfg.scep.csr_check_allow_http)
     return cfg
 
 
@@ -222,6 +226,8 @@ duplicate_subjects = "allow"
 csr_check_command = ""
 csr_check_url = ""
 csr_check_timeout = 10
+# the webhook receives the challenge password: http:// URLs are refused unless this is true
+csr_check_allow_http = false
 
 [acme]
 # ports the http-01 and tls-alpn-01 validators connect to; name=address overrides

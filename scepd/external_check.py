@@ -4,7 +4,12 @@ step-ca webhooks do: an executable or an HTTP webhook sees each request and allo
 Executable: receives a JSON object on stdin; exit status 0 allows, anything else denies; the
 first line of its stdout (or stderr) is the reason shown to the client. Webhook: receives the
 same JSON by POST; a 200 answer with {"allow": true} allows, {"allow": false, "reason": "..."}
-denies. Timeouts, crashes and unreachable webhooks deny (fail closed) with a clear reason.
+denies. Timeouts, crashes, unreachable webhooks and answers over 64 KiB deny (fail closed) with
+a clear reason.
+
+The payload carries the challenge password, so the webhook must be https:// unless
+`csr_check_allow_http = true` (refused at start otherwise), and the challenge is never logged
+nor echoed into a denial reason (a check that prints its input has it replaced by "[challenge]").
 
 The JSON: {"csr_pem", "challenge", "transaction_id", "common_name", "sans", "protocol",
 "renewal_of"}.
@@ -16,9 +21,15 @@ import json
 import logging
 from dataclasses import dataclass
 
+from urllib.parse import urlsplit
+
+from .config import ConfigError
 from .errors import ExternalCheckDenied
 
 log = logging.getLogger("scepd.external_check")
+
+#: A webhook answer is one small JSON object; anything bigger is refused (and denies).
+MAX_RESPONSE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -38,13 +49,47 @@ class CheckRequest:
                            "renewal_of": self.renewal_of}).encode()
 
 
-def _first_line(data: bytes) -> str:
-    text = data.decode("utf-8", "replace").strip()
+def _without(secret: str | None, text: str) -> str:
+    """`text` (an answer of the check, shown to the client and logged) with the challenge removed,
+    as given and as JSON-escaped (a check that echoes its input)."""
+    if secret:
+        for form in {secret, json.dumps(secret)[1:-1]}:
+            text = text.replace(form, "[challenge]")
+    return text
+
+
+def _first_line(data: bytes, secret: str | None) -> str:
+    text = _without(secret, data.decode("utf-8", "replace")).strip()
     return text.splitlines()[0][:200] if text else ""
 
 
+def _safe_url(url: str) -> str:
+    """The webhook URL for log lines: scheme, host, port and path (no credentials, no query)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
+def validate_url(url: str, allow_http: bool) -> None:
+    """The webhook gets the challenge password: https:// only, unless allow_http says otherwise."""
+    if not url:
+        return
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError("csr_check_url is not a valid URL") from None
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(f"csr_check_url must be an https:// URL, got {_safe_url(url)!r}")
+    if parts.scheme == "http" and not allow_http:
+        raise ConfigError(f"csr_check_url {_safe_url(url)} is plain http: the request payload carries the "
+                          "challenge password. Use https://, or set csr_check_allow_http = true "
+                          "(e.g. a webhook on the loopback interface)")
+
+
 class ExternalCheck:
-    def __init__(self, command: str = "", url: str = "", timeout: float = 10.0):
+    def __init__(self, command: str = "", url: str = "", timeout: float = 10.0, allow_http: bool = False):
+        validate_url(url, allow_http)
         self.command = command
         self.url = url
         self.timeout = timeout
@@ -73,9 +118,11 @@ class ExternalCheck:
         except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()
+            log.error("external CSR check %s timed out after %ss", self.command, self.timeout)
             raise ExternalCheckDenied("the external CSR check timed out") from None
         if proc.returncode != 0:
-            reason = _first_line(out) or _first_line(err) or f"exit status {proc.returncode}"
+            reason = (_first_line(out, req.challenge) or _first_line(err, req.challenge)
+                      or f"exit status {proc.returncode}")
             raise ExternalCheckDenied(f"denied by the external CSR check: {reason}")
 
     async def _call_webhook(self, req: CheckRequest) -> None:
@@ -84,14 +131,21 @@ class ExternalCheck:
         try:
             timeout = aiohttp.ClientTimeout(total=self.timeout)
             async with aiohttp.ClientSession(timeout=timeout) as session:
-                async with session.post(self.url, data=req.payload(),
+                async with session.post(self.url, data=req.payload(), allow_redirects=False,
                                         headers={"Content-Type": "application/json"}) as resp:
-                    body = await resp.read()
                     status = resp.status
+                    body = bytearray()
+                    async for chunk in resp.content.iter_any():
+                        body += chunk
+                        if len(body) > MAX_RESPONSE_BYTES:
+                            log.error("CSR webhook %s answered more than %d bytes: denied",
+                                      _safe_url(self.url), MAX_RESPONSE_BYTES)
+                            raise ExternalCheckDenied("the CSR webhook answer is too large")
         except asyncio.TimeoutError:
+            log.error("CSR webhook %s timed out", _safe_url(self.url))
             raise ExternalCheckDenied("the CSR webhook timed out") from None
-        except aiohttp.ClientError:
-            log.error("CSR webhook %s unreachable", self.url)
+        except aiohttp.ClientError as exc:
+            log.error("CSR webhook %s unreachable (%s)", _safe_url(self.url), type(exc).__name__)
             raise ExternalCheckDenied("the CSR webhook is unavailable") from None
         try:
             answer = json.loads(body or b"{}")
@@ -100,5 +154,5 @@ class ExternalCheck:
         if status != 200 or not isinstance(answer, dict):
             raise ExternalCheckDenied(f"the CSR webhook answered HTTP {status}")
         if answer.get("allow") is not True:
-            reason = str(answer.get("reason") or "no reason given")[:200]
+            reason = _without(req.challenge, str(answer.get("reason") or "no reason given"))[:200]
             raise ExternalCheckDenied(f"denied by the CSR webhook: {reason}")

@@ -118,7 +118,7 @@ class DelegatedResponder:
                                                            "scepd:ocsp")
         write_private(self.key_path, key.private_bytes(serialization.Encoding.PEM,
                                                        serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
+                                                       serialization.NoEncryption()), replace=True)
         write_public(self.cert_path, issued.cert.public_bytes(serialization.Encoding.PEM))
         log.info("OCSP responder certificate issued: serial=%s", issued.record.serial)
         return issued.cert, key

@@ -2,10 +2,13 @@
 
 Layout of DIR/ca/:
   root.pem         the trust anchor (what `scepd ca root` prints)
-  root.key         the root's private key: move it offline after `scepd init`
+  root.key         the root's private key, encrypted: move it offline after `scepd init` (or
+                   `init --root-key-out FILE` writes it elsewhere and keeps none here)
   ca.pem, ca.key   the online issuing intermediate (RSA for SCEP) and its key
   chain.pem        ca.pem followed by root.pem
-Keys are written 0600, optionally encrypted with a passphrase.
+Keys are written 0600 (scepd.keyfile), optionally encrypted with a passphrase; the root key
+has its own passphrase. Every key under DIR/ca, DIR/tls and DIR/ocsp must stay 0600: loading
+refuses the CA when one is readable by group or others.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from .clock import Clock
+from .keyfile import write_private_key
 
 
 class PkiError(Exception):
@@ -58,18 +62,16 @@ def ca_dir(state_dir: Path) -> Path:
     return state_dir / "ca"
 
 
-def write_private(path: Path, data: bytes) -> None:
-    """Create a file readable by its owner only; never widen permissions of an existing file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def write_private(path: Path, data: bytes, replace: bool = False) -> None:
+    """A private key file, 0600, never written through a symlink (see scepd.keyfile);
+    replace=False refuses an existing file."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+        write_private_key(path, data, replace=replace)
+    except FileExistsError:
+        raise PkiError(f"{path} already exists; refusing to overwrite a private key") from None
+    except OSError as exc:
+        raise PkiError(f"cannot write the private key {path}: {exc.strerror or exc}") from None
 
 
 def write_public(path: Path, data: bytes) -> None:
@@ -83,6 +85,25 @@ def _key_pem(key, passphrase: bytes | None) -> bytes:
     enc = (serialization.BestAvailableEncryption(passphrase) if passphrase
            else serialization.NoEncryption())
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, enc)
+
+
+def is_encrypted_key(key_pem: bytes) -> bool:
+    """A PEM private key that cannot be read without a passphrase."""
+    try:
+        serialization.load_pem_private_key(key_pem, None)
+    except TypeError:
+        return True
+    except ValueError:
+        return False  # not a key at all: loading it reports that
+    return False
+
+
+def key_opens(key_pem: bytes, passphrase: bytes) -> bool:
+    try:
+        serialization.load_pem_private_key(key_pem, passphrase)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _pem(*certs: x509.Certificate) -> bytes:
@@ -102,11 +123,18 @@ def exists(state_dir: Path) -> bool:
 
 def create(state_dir: Path, clock: Clock, cn: str = "scepd", org: str | None = None,
            passphrase: bytes | None = None, root_bits: int = 4096, ca_bits: int = 2048,
-           ca_key_type: str = "rsa") -> CaMaterial:
-    """A new root (RSA-4096, 20 years) and online RSA-2048 intermediate (5 years)."""
+           ca_key_type: str = "rsa", root_passphrase: bytes | None = None,
+           root_key_path: Path | None = None) -> CaMaterial:
+    """A new root (RSA-4096, 20 years) and online RSA-2048 intermediate (5 years).
+
+    The root key goes to `root_key_path` (default DIR/ca/root.key), encrypted with
+    `root_passphrase` (None: unencrypted, for tests; `scepd init` always asks for one)."""
     d = ca_dir(state_dir)
     if exists(state_dir):
         raise PkiError(f"a CA already exists in {d}; refusing to overwrite it")
+    root_key_path = root_key_path or d / "root.key"
+    if root_key_path.exists() or root_key_path.is_symlink():
+        raise PkiError(f"{root_key_path} already exists; refusing to overwrite a private key")
     now = clock.now().replace(microsecond=0)
     root_key = rsa.generate_private_key(public_exponent=65537, key_size=root_bits)
     root_name = _name(f"{cn} Root CA", org)
@@ -131,7 +159,7 @@ def create(state_dir: Path, clock: Clock, cn: str = "scepd", org: str | None = N
     ca_cert = issue_intermediate(root, root_key, ca_key.public_key(), _name(f"{cn} Issuing CA", org),
                                  now, dt.timedelta(days=365 * 5 + 1))
     material = CaMaterial(cert=ca_cert, key=ca_key, root=root)
-    write_private(d / "root.key", _key_pem(root_key, passphrase))
+    write_private(root_key_path, _key_pem(root_key, root_passphrase))
     _write_material(d, material, passphrase)
     return material
 
@@ -226,8 +254,7 @@ def load(state_dir: Path, passphrase: bytes | None) -> CaMaterial:
         key_bytes = (d / "ca.key").read_bytes()
     except FileNotFoundError as exc:
         raise PkiError(f"missing CA file {exc.filename}; run `scepd init`") from None
-    if (d / "ca.key").stat().st_mode & 0o077:
-        raise PkiError(f"{d / 'ca.key'} is readable by group or others; chmod 600 it")
+    check_private_key_modes(state_dir)
     try:
         key = serialization.load_pem_private_key(key_bytes, passphrase)
     except TypeError:
@@ -236,6 +263,27 @@ def load(state_dir: Path, passphrase: bytes | None) -> CaMaterial:
     except ValueError:
         raise PkiError("the CA key cannot be decrypted or parsed (wrong passphrase?)") from None
     return CaMaterial(cert=cert, key=key, root=root, intermediates=intermediates)
+
+
+#: Where the server keeps private keys: CA, root (until moved offline), RA, next and previous CAs
+#: (ca/), its TLS key (tls/server.key), the delegated OCSP responder's key (ocsp/responder.key).
+PRIVATE_KEY_DIRS = ("ca", "tls", "ocsp")
+
+
+def check_private_key_modes(state_dir: Path) -> None:
+    """Refuse to start with a private key that group or others may read or write."""
+    for sub in PRIVATE_KEY_DIRS:
+        base = state_dir / sub
+        if not base.is_dir():
+            continue
+        for path in sorted(base.rglob("*.key")):
+            try:
+                mode = path.stat().st_mode
+            except FileNotFoundError:
+                continue
+            if mode & 0o077:
+                raise PkiError(f"{path} is readable by group or others (mode {mode & 0o777:o}); "
+                               f"chmod 600 it")
 
 
 def pem(*certs: x509.Certificate) -> str:

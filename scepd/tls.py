@@ -81,7 +81,7 @@ class ServerCertificate:
                                                            PROFILES["server"], "scepd:tls")
         write_private(self.key_path, key.private_bytes(serialization.Encoding.PEM,
                                                        serialization.PrivateFormat.PKCS8,
-                                                       serialization.NoEncryption()))
+                                                       serialization.NoEncryption()), replace=True)
         write_public(self.cert_path, pem(issued.cert, self.material.cert, *self.material.intermediates).encode())
         log.info("server TLS certificate issued: serial=%s names=%s", issued.record.serial,
                  ",".join(n.value for n in self.names))

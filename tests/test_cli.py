@@ -16,10 +16,13 @@ from scepd import pki
 from scepd.cli import main
 
 
+ROOT_ENV = {"SCEPD_ROOT_KEY_PASSPHRASE": "root secret"}
+
+
 @pytest.fixture(scope="module")
 def initialised(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("cli") / "state"
-    result = CliRunner().invoke(main, ["init", "--state-dir", str(d), "--org", "Example"])
+    result = CliRunner().invoke(main, ["init", "--state-dir", str(d), "--org", "Example"], env=ROOT_ENV)
     assert result.exit_code == 0, result.output
     return d
 
@@ -84,7 +87,7 @@ def test_certs_list_empty_json(initialised):
 def test_encrypted_ca_keys(tmp_path):
     env = {"SCEPD_CA_KEY_PASSPHRASE": "correct horse"}
     d = tmp_path / "enc"
-    assert run("init", "--state-dir", d, env=env).exit_code == 0
+    assert run("init", "--state-dir", d, "--insecure-unencrypted-root-key", env=env).exit_code == 0
     assert b"ENCRYPTED" in (d / "ca" / "ca.key").read_bytes()
     assert pki.load(d, b"correct horse").key is not None
     with pytest.raises(pki.PkiError, match="encrypted"):
@@ -95,7 +98,7 @@ def test_encrypted_ca_keys(tmp_path):
 
 def test_loading_a_group_readable_key_is_refused(tmp_path):
     d = tmp_path / "perm"
-    assert run("init", "--state-dir", d).exit_code == 0
+    assert run("init", "--state-dir", d, "--insecure-unencrypted-root-key").exit_code == 0
     os.chmod(d / "ca" / "ca.key", 0o640)
     with pytest.raises(pki.PkiError, match="chmod 600"):
         pki.load(d, None)
@@ -114,7 +117,8 @@ def test_import_bring_your_own(tmp_path, initialised):
 
 def test_import_refuses_ec_issuing_ca(tmp_path, initialised):
     key = ec.generate_private_key(ec.SECP256R1())
-    root_key = serialization.load_pem_private_key((initialised / "ca" / "root.key").read_bytes(), None)
+    root_key = serialization.load_pem_private_key((initialised / "ca" / "root.key").read_bytes(),
+                                                  ROOT_ENV["SCEPD_ROOT_KEY_PASSPHRASE"].encode())
     root = x509.load_pem_x509_certificate((initialised / "ca" / "root.pem").read_bytes())
     import datetime as dt
     cert = pki.issue_intermediate(root, root_key, key.public_key(),
@@ -133,5 +137,6 @@ def test_import_refuses_ec_issuing_ca(tmp_path, initialised):
 def test_import_refuses_mismatched_key(tmp_path, initialised):
     src = initialised / "ca"
     result = run("init", "--state-dir", tmp_path / "mm", "--import-ca-cert", src / "ca.pem",
-                 "--import-ca-key", src / "root.key", "--import-chain", src / "root.pem")
+                 "--import-ca-key", src / "root.key", "--import-chain", src / "root.pem",
+                 "--import-key-passphrase-env", "SCEPD_ROOT_KEY_PASSPHRASE", env=ROOT_ENV)
     assert result.exit_code == 1 and "does not match" in result.output

@@ -392,7 +392,8 @@ async def test_external_check_webhook(aiohttp_client, aiohttp_server, make_servi
     app.router.add_post("/check", hook)
     server = await aiohttp_server(app)
     services = await make_services({"SCEPD_SCEP_STATIC_CHALLENGE": "static-secret",
-                                    "SCEPD_SCEP_CSR_CHECK_URL": str(server.make_url("/check"))})
+                                    "SCEPD_SCEP_CSR_CHECK_URL": str(server.make_url("/check")),
+                                    "SCEPD_SCEP_CSR_CHECK_ALLOW_HTTP": "1"})
     client = await aiohttp_client(create_app(services))
     rep, _ = await _enroll(client, rsa_key(0), "hooked")
     assert (rep.status == wire.PkiStatus.SUCCESS) is ok
