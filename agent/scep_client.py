@@ -185,11 +185,11 @@ class ScepClient:
         return usable[0]
 
     async def next_ca(self) -> list[x509.Certificate]:
+        """RFC 8894 §4.7.1: the reply is signed by the current CA (or RA), which must verify under
+        the anchor; the new CA certificates it encapsulates must verify as CAs under the anchor."""
         status, body, _ = await self._get("GetNextCACert")
         if status != 200:
             return []
-        """RFC 8894 §4.7.1: the reply is signed by the current CA (or RA), which must verify under
-        the anchor; the new CA certificates it encapsulates must verify as CAs under the anchor."""
         try:
             reply = wire.decode_next_ca_certs(body)
         except ScepdError:

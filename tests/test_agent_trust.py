@@ -156,6 +156,19 @@ async def test_a_next_ca_signed_by_a_device_is_refused(lab):
         await lab.client().next_ca()
 
 
+async def test_a_tampered_next_ca_reply_is_refused(lab, state_dir):
+    """The announcement is only as good as its signature: one byte changed inside the
+    encapsulated certificates and the reply is refused; untouched, the same reply is followed."""
+    nxt = pki.rollover(state_dir, lab.clock, (state_dir / "ca" / "root.key").read_bytes(), None, None)
+    lab.services.scep.next_ca = (nxt,)
+    assert await lab.client().next_ca() == [nxt]
+    body = lab.services.scep.next_ca_certs()
+    at = body.index(nxt.public_bytes(serialization.Encoding.DER)) + 200  # inside the new CA's DER
+    lab.replaced["GetNextCACert"] = body[:at] + bytes([body[at] ^ 1]) + body[at + 1:]
+    with pytest.raises(AgentError, match="signature does not verify"):
+        await lab.client().next_ca()
+
+
 async def test_an_expired_ca_is_refused(lab):
     later = lab.ca.not_valid_after_utc + dt.timedelta(days=1)
     client = lab.client(via_mitm=False, now=lambda: later)
