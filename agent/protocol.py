@@ -70,7 +70,7 @@ class Usage(enum.Enum):
     END_ENTITY = "a certificate"
 
 
-def _ca_constraints(anchor: x509.Certificate):
+def _ca_constraints(anchor: x509.Certificate) -> ExtensionPolicy:
     """Checks for every CA on a path (and for a CA verified as the target itself). The library
     already refuses an issuer without basicConstraints CA and enforces pathLenConstraint; it does
     not look at keyUsage, so keyCertSign is checked here (RFC 5280 §4.2.1.3). The pinned anchor
