@@ -1,12 +1,15 @@
 """What the daemon needs from an enrollment protocol (SCEP today; ACME plugs in the same way)."""
 from __future__ import annotations
 
+import datetime as dt
+import enum
 import hashlib
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from cryptography.x509.verification import Criticality, ExtensionPolicy, PolicyBuilder, Store, VerificationError
 
 from .schedule import RenewalWindow
 
@@ -59,27 +62,96 @@ def normalize_fingerprint(text: str) -> str:
     return out
 
 
-def chains_to(cert: x509.Certificate, anchor: x509.Certificate, pool: list[x509.Certificate],
-              max_depth: int = 5) -> list[x509.Certificate] | None:
-    """The path from `cert` up to (excluding) `anchor` through `pool`, signatures verified;
-    None when there is none. `cert` equal to the anchor gives []."""
+class Usage(enum.Enum):
+    """What a certificate is trusted for once its path to the pinned anchor verifies."""
+
+    CA = "a CA (basicConstraints CA, keyUsage keyCertSign)"
+    RA = "an RA (not a CA; keyUsage digitalSignature or keyEncipherment)"
+    END_ENTITY = "a certificate"
+
+
+def _ca_constraints(anchor: x509.Certificate) -> ExtensionPolicy:
+    """Checks for every CA on a path (and for a CA verified as the target itself). The library
+    already refuses an issuer without basicConstraints CA and enforces pathLenConstraint; it does
+    not look at keyUsage, so keyCertSign is checked here (RFC 5280 §4.2.1.3). The pinned anchor
+    is the operator's choice and is not judged on keyUsage."""
+    def basic_constraints(_policy, _cert, bc: x509.BasicConstraints) -> None:
+        if not bc.ca:
+            raise ValueError("basicConstraints does not assert CA")
+
+    def key_usage(_policy, cert, ku: x509.KeyUsage | None) -> None:
+        if cert == anchor:
+            return
+        if ku is None or not ku.key_cert_sign:
+            raise ValueError("keyUsage lacks keyCertSign")
+
+    return (ExtensionPolicy.permit_all()
+            .require_present(x509.BasicConstraints, Criticality.AGNOSTIC, basic_constraints)
+            .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, key_usage))
+
+
+def _not_a_ca(_policy, _cert, bc: x509.BasicConstraints | None) -> None:
+    if bc is not None and bc.ca:
+        raise ValueError("a CA certificate is not an RA")
+
+
+def _ra_key_usage(_policy, _cert, ku: x509.KeyUsage) -> None:
+    if not (ku.digital_signature or ku.key_encipherment):
+        raise ValueError("keyUsage has neither digitalSignature nor keyEncipherment")
+
+
+_RA_POLICY = (ExtensionPolicy.permit_all()
+              .may_be_present(x509.BasicConstraints, Criticality.AGNOSTIC, _not_a_ca)
+              .require_present(x509.KeyUsage, Criticality.AGNOSTIC, _ra_key_usage))
+
+
+def verified_path(cert: x509.Certificate, anchor: x509.Certificate, pool: list[x509.Certificate],
+                  at: dt.datetime, usage: Usage = Usage.END_ENTITY, max_depth: int = 5) -> list[x509.Certificate]:
+    """The path from `cert` up to (excluding) `anchor` through `pool`, both ends excluded, verified
+    with cryptography.x509.verification at `at`: signatures, validity of every certificate,
+    basicConstraints CA and keyUsage keyCertSign on every issuer, pathLenConstraint, name
+    chaining; `cert` itself must fit `usage`. `cert` equal to the anchor gives []. Raises
+    TrustError saying why not."""
     if cert == anchor:
         return []
-    path: list[x509.Certificate] = []
-    current = cert
-    for _ in range(max_depth):
-        for issuer in [anchor, *pool]:
-            if issuer.subject != current.issuer or issuer == current:
-                continue
-            try:
-                current.verify_directly_issued_by(issuer)
-            except Exception:  # InvalidSignature, ValueError, TypeError: not this one
-                continue
-            if issuer == anchor:
-                return path
-            path.append(issuer)
-            current = issuer
-            break
-        else:
-            return None
+    ca_policy = _ca_constraints(anchor)
+    ee_policy = {Usage.CA: ca_policy, Usage.RA: _RA_POLICY,
+                 Usage.END_ENTITY: ExtensionPolicy.permit_all()}[usage]
+    verifier = (PolicyBuilder().store(Store([anchor])).time(at).max_chain_depth(max_depth)
+                .extension_policies(ca_policy=ca_policy, ee_policy=ee_policy).build_client_verifier())
+    try:
+        chain = verifier.verify(cert, [c for c in pool if c != cert]).chain
+    except (VerificationError, ValueError) as exc:
+        raise TrustError(f"{cert.subject.rfc4514_string()} is not trusted as {usage.value} under the "
+                         f"pinned root: {exc}") from None
+    return chain[1:-1]
+
+
+def issued_path(leaf: x509.Certificate, anchor: x509.Certificate, pool: list[x509.Certificate],
+                now: dt.datetime) -> list[x509.Certificate]:
+    """verified_path for a certificate the server just issued to us, judged at the instant of its
+    validity nearest to `now` (clock skew between agent and server must not refuse a fresh
+    certificate); every CA on its path must be valid at that instant."""
+    at = min(max(now, leaf.not_valid_before_utc), leaf.not_valid_after_utc)
+    return verified_path(leaf, anchor, pool, at, Usage.END_ENTITY)
+
+
+def trusted_as(cert: x509.Certificate, anchor: x509.Certificate, pool: list[x509.Certificate],
+               at: dt.datetime) -> Usage | None:
+    """A CA or an RA certificate (GetCACert, a GetNextCACert signer) verified under the anchor,
+    or None."""
+    for usage in (Usage.CA, Usage.RA):
+        try:
+            verified_path(cert, anchor, pool, at, usage)
+            return usage
+        except TrustError:
+            continue
     return None
+
+
+def key_usage_allows(cert: x509.Certificate, usage: str) -> bool:
+    """keyUsage permits `usage` ("digital_signature", "key_encipherment"), or is absent."""
+    try:
+        return bool(getattr(cert.extensions.get_extension_for_class(x509.KeyUsage).value, usage))
+    except x509.ExtensionNotFound:
+        return True

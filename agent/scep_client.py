@@ -3,7 +3,10 @@
 Enrollment: PKCSReq with the challenge password, signed by a throwaway self-signed certificate.
 Renewal: RenewalReq signed by the current certificate and key (a PKCSReq signed by it when the
 server does not advertise `Renewal`), always for a new key, no challenge.
-Every reply is verified: signed by a CA certificate that chains to the pinned anchor, our
+Trust: every certificate taken from GetCACert / GetNextCACert is verified to the pinned anchor
+(protocol.verified_path: signatures, validity now, basicConstraints, keyUsage, path length).
+Requests are encrypted to a verified CA that allows keyEncipherment, or to a verified RA when no
+CA can decrypt. Every reply is verified: signed by such a CA or RA with digitalSignature, our
 transactionID and nonce, and a certificate for our key issued under the anchor.
 """
 from __future__ import annotations
@@ -20,9 +23,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from scepd.errors import ScepdError
 from scepd.scep import wire
 
-from .protocol import AgentError, Identity, Issued, TrustError, chains_to
+from .protocol import (AgentError, Identity, Issued, TrustError, Usage, issued_path, key_usage_allows,
+                       trusted_as, verified_path)
 from .schedule import RenewalWindow
 
 log = logging.getLogger("scepd.agent.scep")
@@ -100,6 +105,8 @@ class ScepClient:
         self.ssl_context = ssl_context
         self.now = now
         self.last_ca_certs: list[x509.Certificate] = []
+        #: what each certificate of the last GetCACert was verified as
+        self.roles: dict[x509.Certificate, Usage] = {}
 
     # --- transport --------------------------------------------------------------------------
 
@@ -150,26 +157,64 @@ class ScepClient:
                 raise AgentError("GetCACert reply is neither a certificate nor a PKCS#7 bundle") from None
 
     async def ca_certs(self) -> list[x509.Certificate]:
-        """GetCACert, every certificate verified to chain to the anchor; recipient first."""
+        """GetCACert, keeping only the certificates verified as a CA or an RA under the anchor
+        (in served order)."""
         certs = await self.fetch_ca_certs()
-        good = [c for c in certs if chains_to(c, self.anchor, certs) is not None]
+        now = self.now()
+        roles = {c: usage for c in certs if (usage := trusted_as(c, self.anchor, certs, now)) is not None}
+        good = [c for c in certs if c in roles]
         if not good:
-            raise TrustError("none of the certificates served by GetCACert chains to the pinned CA")
-        self.last_ca_certs = good
+            raise TrustError("none of the certificates served by GetCACert is a CA or RA under the pinned CA")
+        for c in certs:
+            if c not in roles:
+                log.warning("GetCACert served %s, which does not verify as a CA or RA under the pinned "
+                            "root: ignored", c.subject.rfc4514_string())
+        self.last_ca_certs, self.roles = good, roles
         return good
 
+    def recipient(self, ca_certs: list[x509.Certificate]) -> x509.Certificate:
+        """The certificate to encrypt to: RSA, keyEncipherment allowed; a CA before an RA (any
+        end-entity certificate the CA issued with keyEncipherment verifies as an RA too, so an RA
+        is used only when no CA can decrypt)."""
+        usable = [c for c in ca_certs
+                  if isinstance(c.public_key(), rsa.RSAPublicKey) and key_usage_allows(c, "key_encipherment")]
+        usable.sort(key=lambda c: self.roles.get(c) is not Usage.CA)  # stable: served order within a kind
+        if not usable:
+            raise AgentError("no CA or RA certificate served by GetCACert can be encrypted to "
+                             "(RSA with keyEncipherment)")
+        return usable[0]
+
     async def next_ca(self) -> list[x509.Certificate]:
+        """RFC 8894 §4.7.1: the reply is signed by the current CA (or RA), which must verify under
+        the anchor; the new CA certificates it encapsulates must verify as CAs under the anchor."""
         status, body, _ = await self._get("GetNextCACert")
         if status != 200:
             return []
         try:
-            certs = wire.certs_from_certs_only(body)
-        except Exception:
-            raise AgentError("GetNextCACert reply cannot be decoded") from None
-        good = [c for c in certs if c != self.anchor and chains_to(c, self.anchor, certs) is not None]
-        if len(good) != len([c for c in certs if c != self.anchor]):
-            raise TrustError("GetNextCACert announced a CA that does not chain to the pinned root")
-        return good
+            reply = wire.decode_next_ca_certs(body)
+        except ScepdError:
+            raise AgentError("GetNextCACert reply cannot be decoded or its signature does not verify") from None
+        now = self.now()
+        signer = reply.signer_cert
+        if trusted_as(signer, self.anchor, reply.certs, now) is None \
+                or not key_usage_allows(signer, "digital_signature"):
+            raise TrustError("GetNextCACert is not signed by a CA or RA under the pinned root")
+        pool = reply.certs + reply.next_certs
+        announced = []
+        for cert in reply.next_certs:
+            if cert == self.anchor:
+                continue
+            # checked at its start when that lies ahead: a successor may be issued in advance
+            at = max(now, cert.not_valid_before_utc)
+            try:
+                verified_path(cert, self.anchor, pool, at, Usage.CA)
+            except TrustError:
+                if trusted_as(cert, self.anchor, pool, at) is not Usage.RA:
+                    raise TrustError("GetNextCACert announced a CA that does not verify under the pinned "
+                                     f"root: {cert.subject.rfc4514_string()}") from None
+                continue  # a new RA certificate: nothing for the agent to follow
+            announced.append(cert)
+        return announced
 
     async def renewal_window(self, cert: x509.Certificate) -> RenewalWindow | None:
         return None  # SCEP has no renewal information
@@ -191,9 +236,7 @@ class ScepClient:
 
     async def _request(self, message_type: int, csr_der: bytes, signer_cert: x509.Certificate, signer_key,
                        new_key, ca_certs: list[x509.Certificate]) -> Issued:
-        recipient = ca_certs[0]
-        if not isinstance(recipient.public_key(), rsa.RSAPublicKey):
-            raise AgentError("the SCEP recipient certificate has no RSA key")
+        recipient = self.recipient(ca_certs)
         transaction_id = os.urandom(16).hex().upper()
         nonce = os.urandom(16)
         message = await asyncio.to_thread(
@@ -223,9 +266,7 @@ class ScepClient:
         if not issued:
             raise AgentError("the reply carries no certificate for our key")
         cert = issued[0]
-        chain = chains_to(cert, self.anchor, ca_certs)
-        if chain is None:
-            raise TrustError("the issued certificate does not chain to the pinned CA")
+        chain = issued_path(cert, self.anchor, ca_certs, self.now())
         return Issued(cert, chain, ca_certs)
 
     def _check_reply(self, body: bytes, transaction_id: str, nonce: bytes,
@@ -234,7 +275,7 @@ class ScepClient:
             reply = wire.decode_cert_rep(body)
         except Exception:
             raise AgentError("the SCEP reply cannot be decoded or its signature does not verify") from None
-        if reply.signer_cert not in ca_certs:
+        if reply.signer_cert not in ca_certs or not key_usage_allows(reply.signer_cert, "digital_signature"):
             raise TrustError("the SCEP reply is not signed by the CA (or RA) served by GetCACert")
         if reply.transaction_id != transaction_id or reply.recipient_nonce != nonce:
             raise AgentError("the SCEP reply does not answer our request (transactionID/nonce)")

@@ -304,15 +304,14 @@ async def test_rollover_next_ca_and_renewal_across_it(aiohttp_client, make_servi
     resp = await client2.get("/scep?operation=GetNextCACert")
     assert resp.headers["Content-Type"] == "application/x-x509-next-ca-cert"
     body = await resp.read()
-    (tmp_path / "next.p7").write_bytes(body)
-    (tmp_path / "chain.pem").write_bytes((state_dir / "ca" / "chain.pem").read_bytes())
-    out = subprocess.run(["openssl", "cms", "-verify", "-inform", "DER", "-in", tmp_path / "next.p7",
-                          "-CAfile", tmp_path / "chain.pem", "-certfile", state_dir / "ca" / "ca.pem",
-                          "-purpose", "any", "-certsout",
-                          tmp_path / "certs.pem", "-out", os.devnull], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    # only the new CA travels in the reply (sscep writes every certificate there as a "next CA")
-    assert x509.load_pem_x509_certificates((tmp_path / "certs.pem").read_bytes()) == [nxt]
+    # RFC 8894 §4.7.1, read by OpenSSL: the signature verifies to the root (chain.pem is what
+    # `sscep getnextca -C` is given), the content is a certs-only PKCS#7 holding the new CA
+    assert _openssl_next_ca(body, tmp_path, state_dir / "ca" / "root.pem",
+                            state_dir / "ca" / "chain.pem") == [nxt]
+    # the signer travels in the reply: the root alone verifies it
+    assert _openssl_next_ca(body, tmp_path, state_dir / "ca" / "root.pem") == [nxt]
+    decoded = wire.decode_next_ca_certs(body)
+    assert decoded.signer_cert == old_ca and decoded.next_certs == [nxt]
     pki.activate_next(state_dir)
     services3 = await make_services(env)
     assert services3.ca_material.cert == nxt
@@ -323,6 +322,62 @@ async def test_rollover_next_ca_and_renewal_across_it(aiohttp_client, make_servi
     new = reply_certs(rep, old, old_key)[0]
     assert new.issuer == nxt.subject
     new.verify_directly_issued_by(nxt)
+
+
+def _openssl_next_ca(body: bytes, tmp_path, root_pem, chain_pem=None) -> list[x509.Certificate]:
+    """`openssl cms -verify` over a GetNextCACert reply, then its content read as PKCS#7 by
+    `openssl pkcs7` and by pyca: the certificates it announces."""
+    (tmp_path / "next.p7").write_bytes(body)
+    cmd = ["openssl", "cms", "-verify", "-inform", "DER", "-in", tmp_path / "next.p7", "-CAfile", root_pem,
+           "-out", tmp_path / "content.der"]
+    if chain_pem is not None:
+        cmd += ["-certfile", chain_pem]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    content = (tmp_path / "content.der").read_bytes()
+    printed = subprocess.run(["openssl", "pkcs7", "-inform", "DER", "-in", tmp_path / "content.der",
+                              "-print_certs"], capture_output=True, text=True)
+    assert printed.returncode == 0, printed.stderr
+    certs = x509.load_pem_x509_certificates(printed.stdout.encode())
+    from cryptography.hazmat.primitives.serialization import pkcs7
+    assert pkcs7.load_der_pkcs7_certificates(content) == certs
+    return certs
+
+
+async def test_next_ca_reply_is_signed_by_the_ra_with_its_chain(aiohttp_client, tmp_path, clock):
+    """With an RA the RA signs (as it signs CertReps) and its issuing CA travels with it."""
+    d = tmp_path / "ra-state"
+    material = pki.create(d, clock, cn="RAT", root_bits=2048)
+    ra = pki.create_ra(d, material, clock, None)
+    (d / config_mod.CONFIG_NAME).write_text(config_mod.render_default())
+    nxt = pki.rollover(d, clock, (d / "ca" / "root.key").read_bytes(), None, None)
+    services = await open_services(config_mod.load(d, environ={}), clock)
+    client = await aiohttp_client(create_app(services, close_services=True))
+    body = await (await client.get("/scep?operation=GetNextCACert")).read()
+    assert _openssl_next_ca(body, tmp_path, d / "ca" / "root.pem") == [nxt]
+    decoded = wire.decode_next_ca_certs(body)
+    assert decoded.signer_cert == ra and decoded.certs == [ra, material.cert]
+
+
+async def test_next_ca_reply_is_signed_once_per_ca_set(aiohttp_client, make_services, state_dir, monkeypatch):
+    """GetNextCACert does not sign on every request: the reply is built when the set changes."""
+    nxt = pki.rollover(state_dir, FixedClock(dt.datetime(2026, 11, 23, tzinfo=dt.timezone.utc)),
+                       (state_dir / "ca" / "root.key").read_bytes(), None, None)
+    services = await make_services()
+    client = await aiohttp_client(create_app(services))
+    signed = []
+    original = wire.encode_next_ca_certs
+
+    def counting(*args, **kw):
+        signed.append(args[0])
+        return original(*args, **kw)
+    monkeypatch.setattr(wire, "encode_next_ca_certs", counting)
+    bodies = [await (await client.get("/scep?operation=GetNextCACert")).read() for _ in range(3)]
+    assert len(set(bodies)) == 1 and signed == [[nxt]]
+    services.scep.next_ca = (nxt, services.ca_material.cert)
+    body = await (await client.get("/scep?operation=GetNextCACert")).read()
+    assert wire.decode_next_ca_certs(body).next_certs == [nxt, services.ca_material.cert]
+    assert len(signed) == 2
 
 
 async def _renew_to(client, recipient, old, old_key, new_key):

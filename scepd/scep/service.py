@@ -103,6 +103,7 @@ class ScepService:
         # an RA signer's path runs through the issuing CA: carry it so clients can build it
         self._reply_extra_certs = (ca.cert, *ca.intermediates) if ra else ca.intermediates
         self._ca_certs_reply = self._build_ca_certs()
+        self._next_ca_reply: tuple[tuple[x509.Certificate, ...], bytes] | None = None
 
     # --- GetCACaps / GetCACert --------------------------------------------------------------
 
@@ -127,8 +128,12 @@ class ScepService:
         """GetNextCACert body, or None when no rollover is prepared."""
         if not self.next_ca:
             return None
-        return wire.encode_next_ca_certs(list(self.next_ca), self.signer_cert, self.signer_key,
-                                         self.clock.now())
+        # signed once per CA set (the reply changes only when next_ca does), not per request
+        if self._next_ca_reply is None or self._next_ca_reply[0] != self.next_ca:
+            body = wire.encode_next_ca_certs(list(self.next_ca), self.signer_cert, self.signer_key,
+                                             self.clock.now(), extra_certs=self._reply_extra_certs)
+            self._next_ca_reply = (self.next_ca, body)
+        return self._next_ca_reply[1]
 
     # --- PKIOperation -----------------------------------------------------------------------
 

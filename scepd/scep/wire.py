@@ -573,9 +573,66 @@ def certs_from_certs_only(p7_der: bytes) -> list[x509.Certificate]:
 
 
 def encode_next_ca_certs(next_certs: list[x509.Certificate], signer_cert: x509.Certificate, signer_key,
-                         signing_time: dt.datetime, digest: str = "sha256") -> bytes:
-    """GetNextCACert (RFC 8894 §4.6): the new CA certificates in a SignedData signed by the
-    current CA key, so a client that trusts the current CA can trust its successor."""
+                         signing_time: dt.datetime, digest: str = "sha256",
+                         extra_certs: tuple[x509.Certificate, ...] = ()) -> bytes:
+    """GetNextCACert reply (RFC 8894 §4.7.1): a SignedData signed by the current CA (or RA) key
+    whose encapsulated content (eContentType id-data, as sscep and OpenSSL read it) is a degenerate
+    certificates-only SignedData holding the new CA certificates. The outer certificates carry
+    the signer and its chain (`extra_certs`, as in a CertRep) so a client can verify the
+    signature against the root it already trusts."""
+    inner = certs_only([c.public_bytes(serialization.Encoding.DER) for c in next_certs])
     attrs = [_attribute(OID_CONTENT_TYPE, der.oid(OID_DATA)),
              _attribute(OID_SIGNING_TIME, der.utc_time(signing_time))]
-    return _signed_data(b"", attrs, signer_cert, signer_key, digest, list(next_certs))
+    return _signed_data(inner, attrs, signer_cert, signer_key, digest, [signer_cert, *extra_certs])
+
+
+@dataclass(frozen=True)
+class DecodedNextCa:
+    """A GetNextCACert reply whose signature verified against `signer_cert` (which the caller
+    must still verify, with `certs` as the untrusted pool, before trusting `next_certs`)."""
+
+    signer_cert: x509.Certificate
+    certs: list[x509.Certificate]  # the outer SignedData's certificates (signer and its chain)
+    next_certs: list[x509.Certificate]  # the encapsulated certificates-only SignedData
+
+
+def decode_next_ca_certs(reply_der: bytes) -> DecodedNextCa:
+    """Client side of GetNextCACert (RFC 8894 §4.7.1): verify the outer signature (messageDigest
+    over the content, then the signed attributes), then read the inner certificates-only
+    SignedData. Raises UnverifiableMessage or MalformedRequest."""
+    try:
+        ci = cms.ContentInfo.load(reply_der)
+        if ci["content_type"].dotted != OID_SIGNED_DATA:
+            raise MalformedRequest("the GetNextCACert reply is not a CMS SignedData")
+        sd = ci["content"]
+        signer_infos = list(sd["signer_infos"])
+        if len(signer_infos) != 1:
+            raise MalformedRequest("the GetNextCACert reply must have exactly one signer")
+        si = signer_infos[0]
+        encap = sd["encap_content_info"]
+        if encap["content_type"].dotted != OID_DATA or encap["content"].native is None:
+            raise MalformedRequest("the GetNextCACert reply does not encapsulate the new certificates")
+        content = encap["content"].native
+        if si["signed_attrs"].native is None:
+            raise MalformedRequest("the GetNextCACert reply has no signed attributes")
+        attrs: dict[str, list] = {}
+        for a in si["signed_attrs"]:
+            attrs.setdefault(a["type"].dotted, list(a["values"]))
+        digest = _DIGEST_BY_OID.get(si["digest_algorithm"]["algorithm"].dotted)
+        if digest is None:
+            raise UnverifiableMessage("unsupported digest algorithm in the GetNextCACert reply")
+        signer_cert, _ = _find_signer(sd, si)
+        md = core.OctetString.load(_attr(attrs, OID_MESSAGE_DIGEST, "messageDigest").dump()).native
+        h = hashes.Hash(DIGESTS[digest][1]())
+        h.update(content)
+        if not hmac.compare_digest(h.finalize(), md or b""):
+            raise UnverifiableMessage("the GetNextCACert digest does not match its content")
+        _verify_signature(signer_cert, si, digest, _signed_attrs_to_verify(si))
+        outer = [x509.load_der_x509_certificate(c.chosen.dump()) for c in sd["certificates"]
+                 if c.name == "certificate"] if sd["certificates"].native is not None else []
+        next_certs = certs_from_certs_only(content)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        raise MalformedRequest("the GetNextCACert reply is not a valid CMS SignedData") from None
+    if not next_certs:
+        raise MalformedRequest("the GetNextCACert reply carries no certificate")
+    return DecodedNextCa(signer_cert=signer_cert, certs=outer, next_certs=next_certs)
