@@ -222,3 +222,57 @@ def test_certmonger_waits_for_approval(approval_server, tmp_path):
     out = result["out"]
     assert "status: MONITORING" in out.stdout, out.stdout + out.stderr
     srv.verify(tmp_path / "cert.pem", tmp_path / "key.pem")
+
+
+def _prepared_rollover(tmp_path):
+    """A real server with a next CA prepared by `scepd ca rollover` (published after a restart)."""
+    env = {"SCEPD_ROOT_KEY_PASSPHRASE": "conformance-root-passphrase"}
+    srv = start_server(tmp_path / "srv", env)
+    srv.scepd("ca", "rollover")
+    stop_server(srv)
+    return start_server(tmp_path / "srv", env, port=srv.port)
+
+
+def _chain_pem(srv, tmp_path):
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(srv.ca_pem.read_bytes() + srv.root_pem.read_bytes())
+    return chain
+
+
+def _der_of(pem_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    return x509.load_pem_x509_certificate(pem_path.read_bytes()).public_bytes(serialization.Encoding.DER)
+
+
+def test_getnextca_reply_read_by_openssl_cms(tmp_path):
+    """RFC 8894 §4.7.1 checked by an independent decoder: openssl verifies the outer SignedData
+    against our root and its content, read as PKCS#7, lists the next CA."""
+    srv = _prepared_rollover(tmp_path)
+    try:
+        reply = tmp_path / "next.p7"
+        out = run(["curl", "-sS", "-o", reply, "-w", "%{http_code} %{content_type}",
+                   f"{srv.url}?operation=GetNextCACert"])
+        assert out.stdout == "200 application/x-x509-next-ca-cert", out.stdout + out.stderr
+        content = tmp_path / "content.der"
+        out = run(["openssl", "cms", "-verify", "-inform", "DER", "-in", reply, "-CAfile", srv.root_pem,
+                   "-certfile", _chain_pem(srv, tmp_path), "-out", content, "-binary"])
+        assert out.returncode == 0 and "Verification successful" in out.stderr, out.stderr
+        out = run(["openssl", "pkcs7", "-inform", "DER", "-in", content, "-print_certs", "-out",
+                   tmp_path / "next.pem"])
+        assert out.returncode == 0, out.stderr
+        assert _der_of(tmp_path / "next.pem") == _der_of(srv.state_dir / "ca" / "next" / "ca.pem")
+    finally:
+        stop_server(srv)
+
+
+@needs_sscep
+def test_sscep_getnextca(tmp_path):
+    srv = _prepared_rollover(tmp_path)
+    try:
+        out = run(["sscep", "getnextca", "-u", srv.url, "-C", _chain_pem(srv, tmp_path), "-c",
+                   tmp_path / "next.crt", "-v"], cwd=tmp_path)
+        assert out.returncode == 0 and "signature ok" in out.stdout, out.stdout + out.stderr
+        assert _der_of(tmp_path / "next.crt-0") == _der_of(srv.state_dir / "ca" / "next" / "ca.pem")
+    finally:
+        stop_server(srv)
