@@ -19,8 +19,9 @@ from cryptography.hazmat.primitives import hashes, hmac, serialization
 from scepd.challenges import ChallengeGrant
 from scepd.csr import decode_csr
 from scepd.logctx import set_transaction_id
-from scepd.errors import (AccountDeactivated, AccountDoesNotExist, AlreadyReplaced, BadCsr, BadNonce, BadRevocationReason,
-                          BadSignatureAlgorithm, ExternalAccountRequired, InvalidProfile, MalformedRequest,
+from scepd.errors import (AccountDeactivated, AccountDoesNotExist, AlreadyReplaced, BadCsr, BadNonce,
+                          BadRevocationReason, BadSignatureAlgorithm, ExternalAccountRequired, InvalidProfile,
+                          MalformedRequest,
                           NotFound, OrderNotReady, PolicyViolation, RejectedIdentifiers, ScepdError,
                           Unauthorized, UnsupportedIdentifier, ValidationConnection, ValidationFailed,
                           mapping_for)

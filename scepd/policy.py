@@ -138,7 +138,7 @@ def approve(facts: CsrFacts, profile: Profile, now: dt.datetime,
     """`window`: a requested (notBefore, notAfter), e.g. from an ACME order, checked with
     `check_window`; either end may be None (the default then applies). `allow_wildcard`: see
     check_names."""
-    check_key(facts.public_key)
+    check_key(facts.public_key, key_limits)
     check_names(facts.common_name, facts.sans, allow_wildcard)
     start = now.replace(microsecond=0) - dt.timedelta(minutes=5)  # tolerate clients' clock skew
     end = now.replace(microsecond=0) + (validity or profile.validity)
