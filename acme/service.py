@@ -19,14 +19,15 @@ from cryptography.hazmat.primitives import hashes, hmac, serialization
 from scepd.challenges import ChallengeGrant
 from scepd.csr import decode_csr
 from scepd.logctx import set_transaction_id
-from scepd.errors import (AccountDoesNotExist, AlreadyReplaced, BadCsr, BadNonce, BadRevocationReason,
-                          BadSignatureAlgorithm, ExternalAccountRequired, InvalidProfile, MalformedRequest,
+from scepd.errors import (AccountDeactivated, AccountDoesNotExist, AlreadyReplaced, BadCsr, BadNonce,
+                          BadRevocationReason, BadSignatureAlgorithm, ExternalAccountRequired, InvalidProfile,
+                          MalformedRequest,
                           NotFound, OrderNotReady, PolicyViolation, RejectedIdentifiers, ScepdError,
                           Unauthorized, UnsupportedIdentifier, ValidationConnection, ValidationFailed,
                           mapping_for)
-from scepd.policy import PROFILES, valid_dns_name
+from scepd.policy import PROFILES, check_key, valid_dns_name
 from scepd.revocation import RevocationReason
-from scepd.store import StoreNotFound
+from scepd.store import Conflict, StoreNotFound
 
 from . import jws, validators
 from .store import AcmeStore, accounts, authzs, challenges, eab_keys, orders, replacements
@@ -111,8 +112,11 @@ class AcmeService:
             if not (jwk_required or allow_jwk):
                 raise MalformedRequest("this resource needs a kid, not a jwk")
             key = jws.load_jwk(req.jwk)
-            jws.verify(req, key)
-            return await self.db.account_by_thumbprint(jws.thumbprint(key)), key
+            await self._verify(req, key)
+            account = await self.db.account_by_thumbprint(jws.thumbprint(key))
+            if account is not None and account["status"] != "valid":  # RFC 8555 §7.3.6
+                raise AccountDeactivated("the account of this key is deactivated")
+            return account, key
         if jwk_required:
             raise MalformedRequest("this resource needs a jwk, not a kid")
         account_id = req.kid.rstrip("/").rsplit("/", 1)[-1]
@@ -120,10 +124,16 @@ class AcmeService:
         if account is None or not req.kid.endswith(f"/acct/{account_id}"):
             raise AccountDoesNotExist("no account with this kid")
         key = jws.load_jwk(json.loads(account["jwk"]))
-        jws.verify(req, key)
+        await self._verify(req, key)
         if account["status"] != "valid":
-            raise Unauthorized("the account is deactivated")
+            raise AccountDeactivated("the account is deactivated")
         return account, key
+
+    async def _verify(self, req: jws.JwsRequest, key) -> None:
+        """The key limits first (cheap: an absurd key costs no verification), then the
+        signature, in a worker thread."""
+        check_key(jws.public_key_of(key), self.services.enrollment.key_limits, allow_ed25519=True)
+        await asyncio.to_thread(jws.verify, req, key)
 
     # --- accounts ------------------------------------------------------------------------------------
 
@@ -141,15 +151,31 @@ class AcmeService:
         binding = payload.get("externalAccountBinding")
         if binding is not None:
             kid = await self._verify_eab(binding, req)
-            if not await self.db.create_account_bound(account, kid, self.clock.now()):
+            try:
+                created = await self.db.create_account_bound(account, kid, self.clock.now())
+            except Conflict:
+                return await self._race_winner(tp), False
+            if not created:
                 raise Unauthorized("the external account binding key is unknown, expired or already used")
         elif self.settings.eab_required:
             raise ExternalAccountRequired("this server requires an external account binding "
                                           "(`scepd eab create`)")
         else:
-            await self.db.insert(accounts, **account)
+            try:
+                await self.db.create_account(account)
+            except Conflict:
+                return await self._race_winner(tp), False
         await self._audit("acme.account.created", {"account": account["id"]})
         return await self.db.get(accounts, account["id"]), True
+
+    async def _race_winner(self, tp: str) -> dict:
+        """A concurrent newAccount with the same key created the account first: it is the answer."""
+        winner = await self.db.account_by_thumbprint(tp)
+        if winner is None:  # created and gone again: nothing sensible to point at
+            raise Unauthorized("the account for this key could not be created; retry")
+        if winner["status"] != "valid":
+            raise AccountDeactivated("the account of this key is deactivated")
+        return winner
 
     async def _verify_eab(self, binding, outer: jws.JwsRequest) -> str:
         """RFC 8555 §7.3.4: a JWS over the account key, MACed with the EAB key."""
@@ -235,7 +261,7 @@ class AcmeService:
         if inner.url != outer_url:
             raise MalformedRequest("the inner JWS must name the same url")
         new_key = jws.load_jwk(inner.jwk)
-        jws.verify(inner, new_key)
+        await self._verify(inner, new_key)
         payload = inner.payload_json()
         if not str(payload.get("account", "")).endswith(f"/acct/{account['id']}"):
             raise MalformedRequest("the inner payload names another account")
@@ -550,7 +576,11 @@ class AcmeService:
             csr_der = jws.b64u_decode(payload.get("csr", ""))
         except MalformedRequest:
             raise BadCsr("csr is not base64url") from None
-        facts = decode_csr(csr_der)
+        limits = self.services.enrollment.key_limits
+        try:  # the key limits before the signature check, which runs in a worker thread
+            facts = await asyncio.to_thread(decode_csr, csr_der, True, lambda k: check_key(k, limits))
+        except PolicyViolation as err:  # RFC 8555 §6.7: badCSR, "e.g., due to a short key"
+            raise BadCsr(err.detail) from None
         names = {("dns", s.value.lower()) if s.kind == "dns" else (s.kind, s.value) for s in facts.sans}
         if facts.common_name:
             names.add(("ip", facts.common_name) if _is_ip(facts.common_name) else ("dns", facts.common_name.lower()))

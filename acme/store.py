@@ -7,7 +7,7 @@ import json
 import sqlalchemy as sa
 import sqlalchemy.exc  # noqa: F401
 
-from scepd.store import SqlStore, register_migrations
+from scepd.store import Conflict, SqlStore, register_migrations
 from scepd.store.sql import _aware, _naive
 
 metadata = sa.MetaData()
@@ -213,9 +213,17 @@ class AcmeStore:
             return False
         return True
 
+    async def create_account(self, account: dict) -> None:
+        """Conflict if an account with this key (thumbprint) exists: a concurrent newAccount won."""
+        try:
+            await self.insert(accounts, **account)
+        except sa.exc.IntegrityError:
+            raise Conflict("an account with this key exists") from None
+
     async def create_account_bound(self, account: dict, eab_kid: str, now: dt.datetime) -> bool:
         """Insert the account and spend its EAB key in one transaction; False if the key was
-        used meanwhile (single use under concurrency)."""
+        used meanwhile (single use under concurrency); Conflict (and the key unspent) if an
+        account with this key exists."""
         try:
             async with self.store.transaction() as tx:
                 c = tx.connection
@@ -228,6 +236,8 @@ class AcmeStore:
                 await c.execute(accounts.insert().values(**_naive_values(account)))
         except _Spent:
             return False
+        except sa.exc.IntegrityError:
+            raise Conflict("an account with this key exists") from None
         return True
 
     async def get_eab(self, kid: str) -> dict | None:

@@ -18,7 +18,7 @@ from .clock import Clock, SystemClock
 from .config import Config, parse_duration
 from .enrollment import EnrollmentService
 from .external_check import ExternalCheck
-from .policy import profile_named
+from .policy import KeyLimits, profile_named
 from .renewal import RenewalPolicy, RenewalSettings
 from cryptography.hazmat.primitives.asymmetric import rsa
 from .revocation import RevocationService
@@ -72,7 +72,8 @@ async def open_services(config: Config, clock: Clock | None = None) -> Services:
                                       config.scep.challenge_required)
         sc = config.scep
         enrollment = EnrollmentService(authority, store, clock, parse_duration(config.ca.default_validity),
-                                       duplicate_subjects=sc.duplicate_subjects)
+                                       duplicate_subjects=sc.duplicate_subjects,
+                                       key_limits=KeyLimits(config.policy.max_rsa_bits))
         ra = pki.load_ra(config.state_dir, passphrase_for(config))
         previous = pki.load_previous(config.state_dir, passphrase_for(config))
         renewal = RenewalPolicy(store, [material.cert] + [c for c, _ in previous],
@@ -85,7 +86,8 @@ async def open_services(config: Config, clock: Clock | None = None) -> Services:
                                         getcacert_chain=config.scep.getcacert_chain,
                                         advertise_post=config.scep.advertise_post,
                                         max_clock_skew=dt.timedelta(seconds=skew) if skew else None,
-                                        require_approval=sc.require_approval),
+                                        require_approval=sc.require_approval,
+                                        key_limits=enrollment.key_limits),
                            ra=wire.Recipient(*ra) if ra else None, renewal=renewal,
                            external_check=ExternalCheck(sc.csr_check_command, sc.csr_check_url,
                                                         sc.csr_check_timeout, sc.csr_check_allow_http),

@@ -97,6 +97,13 @@ class AcmeConfig:
 
 
 @dataclass
+class PolicyConfig:
+    #: Largest RSA modulus accepted (CSRs, SCEP signer certificates, ACME account keys):
+    #: 2048 to 8192; RSA keys of fewer than 2048 bits are always refused.
+    max_rsa_bits: int = 4096
+
+
+@dataclass
 class DatabaseConfig:
     #: SQLAlchemy async URL; empty = SQLite file DIR/scepd.db.
     url: str = ""
@@ -109,6 +116,7 @@ class Config:
     scep: ScepConfig = field(default_factory=ScepConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     acme: AcmeConfig = field(default_factory=AcmeConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     state_dir: Path = Path(".")
 
     @property
@@ -125,7 +133,7 @@ class ConfigError(ValueError):
 
 
 _SECTIONS = {"server": ServerConfig, "ca": CAConfig, "scep": ScepConfig, "database": DatabaseConfig,
-             "acme": AcmeConfig}
+             "acme": AcmeConfig, "policy": PolicyConfig}
 
 
 def _coerce(kind: type, raw: object, where: str) -> object:
@@ -171,6 +179,9 @@ def load(state_dir: Path, environ: dict[str, str] | None = None) -> Config:
         raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}")
     from .external_check import validate_url  # the webhook gets the challenge: https unless allowed
     validate_url(cfg.scep.csr_check_url, cfg.scep.csr_check_allow_http)
+    if not 2048 <= cfg.policy.max_rsa_bits <= 8192:
+        raise ConfigError(f"[policy] max_rsa_bits must lie between 2048 and 8192, "
+                          f"got {cfg.policy.max_rsa_bits}")
     return cfg
 
 
@@ -242,6 +253,11 @@ default_profile = "server"
 terms_of_service = ""
 # accounts must be bound with a single-use key from `scepd eab create`
 eab_required = false
+
+[policy]
+# largest RSA key accepted in CSRs, SCEP signer certificates and ACME account keys (2048..8192);
+# RSA exponents must be odd, 3 < e < 2^32; EC keys P-256, P-384, P-521 (Ed25519 for ACME accounts)
+max_rsa_bits = 4096
 
 [database]
 # empty = SQLite file in the state directory; e.g. postgresql+asyncpg://user@host/db

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 from dataclasses import dataclass
+from typing import Callable
 
 from asn1crypto import csr as asn1_csr
 from cryptography import x509
@@ -64,10 +65,12 @@ def sans_of(ext: x509.SubjectAlternativeName) -> tuple[SubjectAltName, ...]:
     return tuple(out)
 
 
-def _verify_raw_signature(req: asn1_csr.CertificationRequest) -> bool:
+def _verify_raw_signature(req: asn1_csr.CertificationRequest, check_key=None) -> bool:
     """Signature check over the CertificationRequestInfo bytes exactly as received."""
     try:
         key = serialization.load_der_public_key(req["certification_request_info"]["subject_pk_info"].dump())
+        if check_key is not None:
+            check_key(key)  # its error propagates: a refused key costs no verification
         algo = req["signature_algorithm"]
         hash_name = algo.hash_algo
         hash_cls = {"sha1": hashes.SHA1, "sha224": hashes.SHA224, "sha256": hashes.SHA256,
@@ -85,7 +88,7 @@ def _verify_raw_signature(req: asn1_csr.CertificationRequest) -> bool:
         return False
 
 
-def _load_tolerant(csr_der: bytes) -> tuple[x509.CertificateSigningRequest, bool | None]:
+def _load_tolerant(csr_der: bytes, check_key=None) -> tuple[x509.CertificateSigningRequest, bool | None]:
     """cryptography parses strict DER only. strongSwan's pki sends its attributes SET OF unsorted
     (extensionRequest before challengePassword): verify the signature over the received bytes,
     then re-encode the attributes canonically so the facts can be read.
@@ -96,7 +99,7 @@ def _load_tolerant(csr_der: bytes) -> tuple[x509.CertificateSigningRequest, bool
         pass
     try:
         req = asn1_csr.CertificationRequest.load(csr_der)
-        ok = _verify_raw_signature(req)
+        ok = _verify_raw_signature(req, check_key)
         info = req["certification_request_info"]
         attrs = asn1_csr.CRIAttributes(list(info["attributes"]))
         canonical = asn1_csr.CertificationRequest({
@@ -110,12 +113,16 @@ def _load_tolerant(csr_der: bytes) -> tuple[x509.CertificateSigningRequest, bool
         raise MalformedRequest("the request content is not a PKCS#10 certificate request") from None
 
 
-def decode_csr(csr_der: bytes, verify_signature: bool = True) -> CsrFacts:
-    csr, raw_signature_ok = _load_tolerant(csr_der)
+def decode_csr(csr_der: bytes, verify_signature: bool = True,
+               check_key: Callable[[object], None] | None = None) -> CsrFacts:
+    """`check_key(public_key)` (policy's key limits) runs before the signature is verified."""
+    csr, raw_signature_ok = _load_tolerant(csr_der, check_key)
     try:
         public_key = csr.public_key()
     except (ValueError, Exception):
         raise MalformedRequest("the CSR public key cannot be read") from None
+    if check_key is not None:
+        check_key(public_key)
     if verify_signature and raw_signature_ok is not None:
         if not raw_signature_ok:
             raise BadMessageCheck("the CSR signature does not verify")

@@ -19,7 +19,7 @@ from .challenges import ChallengeGrant
 from .clock import Clock
 from .csr import CsrFacts, decode_csr
 from .errors import ChallengeRejected, NotFound, PolicyViolation, RequestRejected
-from .policy import IssuanceRequest, Profile, approve, check_window, profile_named
+from .policy import IssuanceRequest, KeyLimits, Profile, approve, check_window, profile_named
 from .store import AuditRecord, CertificateRecord, Conflict, PendingRecord, SqlStore, StoreNotFound
 
 #: duplicate-subject policies: keep both | revoke the renewed certificate | refuse a second one
@@ -41,7 +41,8 @@ class Issued:
 
 class EnrollmentService:
     def __init__(self, ca: CertificateAuthority, store: SqlStore, clock: Clock,
-                 validity: dt.timedelta | None = None, duplicate_subjects: str = "allow"):
+                 validity: dt.timedelta | None = None, duplicate_subjects: str = "allow",
+                 key_limits: KeyLimits = KeyLimits()):
         if duplicate_subjects not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicate_subjects must be one of {DUPLICATE_POLICIES}")
         self.ca = ca
@@ -49,6 +50,8 @@ class EnrollmentService:
         self.clock = clock
         self.validity = validity
         self.duplicate_subjects = duplicate_subjects
+        #: `[policy]`: the keys approve() accepts; ACME and SCEP check other keys against them too
+        self.key_limits = key_limits
         #: told of certificates revoked as superseded here; the app shares RevocationService's list
         #: so CRL publication and metrics see these revocations like any other
         self.revocation_listeners: list = []
@@ -60,7 +63,7 @@ class EnrollmentService:
         """`window`: a requested (notBefore, notAfter) checked by policy.check_window;
         `allow_wildcard` only for names whose wildcard was proven (ACME dns-01)."""
         return approve(facts, profile, self.clock.now(), self.validity,
-                       self.ca.material.cert.not_valid_after_utc, window, allow_wildcard)
+                       self.ca.material.cert.not_valid_after_utc, window, allow_wildcard, self.key_limits)
 
     def check_window(self, window, profile: Profile) -> None:
         check_window(window, self.clock.now(), self.validity or profile.validity,
@@ -192,7 +195,7 @@ class EnrollmentService:
             raise NotFound(f"no pending request {pending_id}") from None
         if pending.status != "pending":
             raise RequestRejected(f"request {pending_id} is already {pending.status}")
-        facts = decode_csr(pending.csr_der)
+        facts = await asyncio.to_thread(decode_csr, pending.csr_der)  # signature check off the loop
         request = self.approve(facts, profile_named(pending.profile))
         return await self.issue(request, ChallengeGrant("approved"), protocol=pending.protocol,
                                 transaction_id=pending.transaction_id, requester=pending.requester,

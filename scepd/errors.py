@@ -69,6 +69,10 @@ class PolicyViolation(BadRequest):
     """The requested certificate is not one our policy issues."""
 
 
+class BadPublicKey(PolicyViolation):
+    """A public key outside the key limits (policy.check_key): type, size, curve or exponent."""
+
+
 class RenewalRefused(BadRequest):
     """A request signed by a certificate that may not authorize a renewal."""
 
@@ -115,6 +119,10 @@ class AccountDoesNotExist(ScepdError):
 
 class Unauthorized(ScepdError):
     """ACME: the account may not do this."""
+
+
+class AccountDeactivated(Unauthorized):
+    """ACME: the request comes from a deactivated account, by kid or jwk (RFC 8555 §7.3.6: 401)."""
 
 
 class UnsupportedMediaType(MalformedRequest):
@@ -199,6 +207,7 @@ ERROR_TABLE: dict[type[ScepdError], ErrorMapping] = {
     BadRequest: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "malformed", 400),
     ChallengeRejected: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "unauthorized", 403),
     PolicyViolation: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "rejectedIdentifier", 400),
+    BadPublicKey: ErrorMapping(FailInfo.BAD_ALG, _ACME + "badPublicKey", 400),
     RenewalRefused: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "unauthorized", 403),
     RequestRejected: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "rejectedIdentifier", 403),
     UnknownTransaction: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "malformed", 404),
@@ -216,6 +225,7 @@ ERROR_TABLE: dict[type[ScepdError], ErrorMapping] = {
     BadSignatureAlgorithm: ErrorMapping(FailInfo.BAD_ALG, _ACME + "badSignatureAlgorithm", 400),
     AccountDoesNotExist: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "accountDoesNotExist", 400),
     Unauthorized: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "unauthorized", 403),
+    AccountDeactivated: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "unauthorized", 401),
     UnsupportedMediaType: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "malformed", 415),
     OrderNotReady: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "orderNotReady", 403),
     ValidationFailed: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "incorrectResponse", 403),

@@ -10,11 +10,11 @@ import fnmatch
 import re
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
 
 from .csr import CsrFacts, SubjectAltName, is_ip
-from .errors import PolicyViolation
+from .errors import BadPublicKey, PolicyViolation
 
 
 @dataclass(frozen=True)
@@ -55,18 +55,47 @@ _DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 MAX_CN = 64
 
 
-def check_key(public_key: object) -> None:
+#: RSA moduli of at least this many bits; the upper bound is KeyLimits.max_rsa_bits
+MIN_RSA_BITS = 2048
+#: the largest `[policy] max_rsa_bits` may be
+MAX_RSA_BITS_CEILING = 8192
+#: the RSA public exponent: odd and 3 < e < 2^32 (a huge exponent makes every verification slow)
+MAX_RSA_EXPONENT = 2 ** 32
+EC_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+
+
+@dataclass(frozen=True)
+class KeyLimits:
+    """The public keys this server accepts, from `[policy]`: in CSRs, in SCEP signer
+    certificates and as ACME (JWS) keys."""
+
+    max_rsa_bits: int = 4096
+
+    def __post_init__(self) -> None:
+        if not MIN_RSA_BITS <= self.max_rsa_bits <= MAX_RSA_BITS_CEILING:
+            raise ValueError(f"max_rsa_bits must lie between {MIN_RSA_BITS} and {MAX_RSA_BITS_CEILING}")
+
+
+def check_key(public_key: object, limits: KeyLimits = KeyLimits(), *, allow_ed25519: bool = False) -> None:
+    """The one key rule: RSA of MIN_RSA_BITS..limits.max_rsa_bits bits with an odd exponent
+    3 < e < 2^32, EC P-256/P-384/P-521, and Ed25519 where `allow_ed25519` (JWS). Only sizes and
+    numbers are read, so it is cheap even for an absurd key: call it before any signature work."""
     if isinstance(public_key, rsa.RSAPublicKey):
-        if public_key.key_size < 2048:
-            raise PolicyViolation(f"RSA key of {public_key.key_size} bits refused: at least 2048 required")
-        if public_key.key_size > 8192:
-            raise PolicyViolation("RSA keys over 8192 bits are refused")
+        bits, e = public_key.key_size, public_key.public_numbers().e
+        if not MIN_RSA_BITS <= bits <= limits.max_rsa_bits:
+            raise BadPublicKey(f"RSA key of {bits} bits refused: {MIN_RSA_BITS} to "
+                               f"{limits.max_rsa_bits} bits are accepted")
+        if e % 2 == 0 or not 3 < e < MAX_RSA_EXPONENT:
+            raise BadPublicKey("RSA public exponent refused: it must be odd, above 3 and below 2^32")
         return
     if isinstance(public_key, ec.EllipticCurvePublicKey):
-        if isinstance(public_key.curve, (ec.SECP256R1, ec.SECP384R1)):
+        if isinstance(public_key.curve, EC_CURVES):
             return
-        raise PolicyViolation(f"EC curve {public_key.curve.name} refused: use P-256 or P-384")
-    raise PolicyViolation("key type refused: use RSA (>= 2048 bits) or EC P-256/P-384")
+        raise BadPublicKey(f"EC curve {public_key.curve.name[:40]} refused: use P-256, P-384 or P-521")
+    if allow_ed25519 and isinstance(public_key, ed25519.Ed25519PublicKey):
+        return
+    raise BadPublicKey("key type refused: use RSA or EC P-256/P-384/P-521"
+                       + (" or Ed25519" if allow_ed25519 else ""))
 
 
 def valid_dns_name(name: str, allow_wildcard: bool = False) -> bool:
@@ -105,11 +134,11 @@ def cn_matches(pattern: str | None, common_name: str | None) -> bool:
 def approve(facts: CsrFacts, profile: Profile, now: dt.datetime,
             validity: dt.timedelta | None = None, ca_not_after: dt.datetime | None = None,
             window: tuple[dt.datetime | None, dt.datetime | None] | None = None,
-            allow_wildcard: bool = False) -> IssuanceRequest:
+            allow_wildcard: bool = False, key_limits: KeyLimits = KeyLimits()) -> IssuanceRequest:
     """`window`: a requested (notBefore, notAfter), e.g. from an ACME order, checked with
     `check_window`; either end may be None (the default then applies). `allow_wildcard`: see
     check_names."""
-    check_key(facts.public_key)
+    check_key(facts.public_key, key_limits)
     check_names(facts.common_name, facts.sans, allow_wildcard)
     start = now.replace(microsecond=0) - dt.timedelta(minutes=5)  # tolerate clients' clock skew
     end = now.replace(microsecond=0) + (validity or profile.validity)

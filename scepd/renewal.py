@@ -13,6 +13,7 @@ certmonger, Apple and Cisco send it), the signer certificate authenticates the r
 """
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from dataclasses import dataclass
 
@@ -73,7 +74,7 @@ class RenewalPolicy:
         return signer.issuer != signer.subject and any(ca.subject == signer.issuer for ca in self.cas)
 
     async def authorize(self, signer: x509.Certificate, facts: CsrFacts, now: dt.datetime) -> RenewalGrant:
-        if issued_by_us(signer, self.cas) is None:
+        if await asyncio.to_thread(issued_by_us, signer, self.cas) is None:  # a signature check
             raise RenewalRefused("the signer certificate was not issued by this CA")
         serial = format(signer.serial_number, "x")
         try:

@@ -242,7 +242,7 @@ async def test_small_rsa_key_refused(client):
     signer_key = rsa_key(1)
     rep, _ = await enroll(client, signer_key, csr=make_csr(small, "small", "static-secret"),
                           signer=(self_signed(signer_key), signer_key))
-    assert rep.status == wire.PkiStatus.FAILURE and rep.fail_info == FailInfo.BAD_REQUEST
+    assert rep.status == wire.PkiStatus.FAILURE and rep.fail_info == FailInfo.BAD_ALG
     assert "2048" in rep.fail_info_text
 
 

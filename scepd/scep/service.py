@@ -34,7 +34,7 @@ from ..logctx import set_transaction_id
 from ..renewal import RenewalPolicy, RenewalSettings
 from ..store import StoreNotFound
 from ..pki import CaMaterial
-from ..policy import Profile
+from ..policy import KeyLimits, Profile, check_key
 from . import wire
 
 log = logging.getLogger("scepd.scep")
@@ -59,6 +59,8 @@ class ScepSettings:
     max_clock_skew: dt.timedelta | None = None
     #: initial enrollments wait for `scepd pending approve` (renewals never do)
     require_approval: bool = False
+    #: `[policy]`: signer certificate keys outside them are refused before any verification
+    key_limits: KeyLimits = KeyLimits()
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,8 @@ class ScepService:
         return self._ca_certs_reply
 
     def next_ca_certs(self) -> bytes | None:
-        """GetNextCACert body, or None when no rollover is prepared."""
+        """GetNextCACert body, or None when no rollover is prepared. It signs: the transport
+        calls it in a worker thread."""
         if not self.next_ca:
             return None
         # signed once per CA set (the reply changes only when next_ca does), not per request
@@ -146,10 +149,16 @@ class ScepService:
     async def _pki_operation(self, message_der: bytes, requester: str | None):
         # RSA and CMS work runs in worker threads (pyca/cryptography releases the GIL), so the
         # event loop keeps serving and a second core is used.
-        msg = await asyncio.to_thread(wire.decode_pki_message, message_der)  # raises HTTP_ERRORS
+        refused = None
+        try:  # raises HTTP_ERRORS
+            msg = await asyncio.to_thread(wire.decode_pki_message, message_der, self._check_key)
+        except wire.SignerKeyRefused as exc:  # a signed FAILURE badAlg; the unverified message
+            msg, refused = exc.message, exc.error  # only addresses it (anyone may sign such a one)
         set_transaction_id(msg.transaction_id)  # on every log line from here on
         digest = msg.digest if self._digest_allowed(msg.digest) else "sha256"
         try:
+            if refused is not None:
+                raise refused
             self._check_algorithms(msg)
             self._check_time(msg)
             if msg.envelope is None:
@@ -173,8 +182,12 @@ class ScepService:
             rep = wire.CertRep(transaction_id=msg.transaction_id, recipient_nonce=msg.sender_nonce,
                                sender_nonce=os.urandom(16), status=wire.PkiStatus.FAILURE,
                                fail_info=int(fail_info), fail_info_text=err.detail)
-            return self._sign(rep, digest), ScepOutcome(msg.message_type, msg.transaction_id,
-                                                        wire.PkiStatus.FAILURE, int(fail_info)), msg
+            return await asyncio.to_thread(self._sign, rep, digest), ScepOutcome(
+                msg.message_type, msg.transaction_id, wire.PkiStatus.FAILURE, int(fail_info)), msg
+
+    def _check_key(self, public_key) -> None:
+        """Signer and CSR keys: checked before their signatures are verified."""
+        check_key(public_key, self.settings.key_limits)
 
     def _digest_allowed(self, digest: str) -> bool:
         return digest not in wire.LEGACY_DIGESTS or self.settings.legacy_algorithms
@@ -199,7 +212,7 @@ class ScepService:
 
     async def _enroll(self, msg: wire.PkiMessage, csr_der: bytes, digest: str,
                       requester: str | None) -> tuple[bytes, ScepOutcome]:
-        facts = decode_csr(csr_der)
+        facts = await asyncio.to_thread(decode_csr, csr_der, True, self._check_key)  # verifies its signature
         # a resent request (lost reply, or a client that polls by resending: certmonger,
         # micromdm scepclient) is the same transaction, answered from what we already decided
         # ...unless it is signed by that very certificate: then it is a same-key renewal
@@ -234,7 +247,7 @@ class ScepService:
                 request, challenge_grant, protocol="scep", transaction_id=msg.transaction_id,
                 requester=requester, spki_sha256=facts.spki_sha256,
                 signer_spki_sha256=_spki_sha256(msg.signer_cert), csr_der=csr_der)
-            return self._pending(msg, digest, pending.id)
+            return await self._pending(msg, digest, pending.id)
         issued = await self.enrollment.issue(
             request, challenge_grant, protocol="scep", transaction_id=msg.transaction_id,
             requester=requester, spki_sha256=facts.spki_sha256, renewal_of=renewal_of)
@@ -242,7 +255,7 @@ class ScepService:
 
     async def _answer_pending(self, msg: wire.PkiMessage, pending, digest: str) -> tuple[bytes, ScepOutcome]:
         if pending.status == "pending":
-            return self._pending(msg, digest, pending.id)
+            return await self._pending(msg, digest, pending.id)
         if pending.status == "rejected":
             raise RequestRejected(f"rejected by an administrator: {pending.reason or 'no reason given'}")
         record = await self.enrollment.store.get_certificate(pending.serial)
@@ -284,9 +297,12 @@ class ScepService:
         if self.crl_provider is None:
             raise BadRequest("no CRL is available")
         crl_der = await self.crl_provider()
-        body = wire.certs_only([], [crl_der])
-        envelope = wire.envelope_to(msg.signer_cert, body, msg.envelope.cipher)
-        return self._reply_success(msg, envelope, digest, None)
+
+        def reply() -> tuple[bytes, ScepOutcome]:
+            body = wire.certs_only([], [crl_der])
+            envelope = wire.envelope_to(msg.signer_cert, body, msg.envelope.cipher)
+            return self._reply_success(msg, envelope, digest, None)
+        return await asyncio.to_thread(reply)
 
     def _success(self, msg: wire.PkiMessage, cert: x509.Certificate, digest: str) -> tuple[bytes, ScepOutcome]:
         leaf = cert.public_bytes(serialization.Encoding.DER)
@@ -300,11 +316,11 @@ class ScepService:
         return self._sign(rep, digest), ScepOutcome(msg.message_type, msg.transaction_id,
                                                     wire.PkiStatus.SUCCESS, serial=serial)
 
-    def _pending(self, msg: wire.PkiMessage, digest: str, pending_id: int) -> tuple[bytes, ScepOutcome]:
+    async def _pending(self, msg: wire.PkiMessage, digest: str, pending_id: int) -> tuple[bytes, ScepOutcome]:
         rep = wire.CertRep(transaction_id=msg.transaction_id, recipient_nonce=msg.sender_nonce,
                            sender_nonce=os.urandom(16), status=wire.PkiStatus.PENDING)
-        return self._sign(rep, digest), ScepOutcome(msg.message_type, msg.transaction_id,
-                                                    wire.PkiStatus.PENDING)
+        return await asyncio.to_thread(self._sign, rep, digest), ScepOutcome(
+            msg.message_type, msg.transaction_id, wire.PkiStatus.PENDING)
 
     def _sign(self, rep: wire.CertRep, digest: str) -> bytes:
         return wire.encode_cert_rep(rep, self.signer_cert, self.signer_key, digest, self.clock.now(),

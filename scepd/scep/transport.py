@@ -6,6 +6,7 @@ any or no Content-Type; the body is capped (413). GET `message=` is decoded tole
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -75,7 +76,7 @@ class ScepHandler:
                 body, ctype = self.service.ca_certs()
                 return web.Response(body=body, content_type=ctype)
             if op == "getnextcacert":
-                body = self.service.next_ca_certs()
+                body = await asyncio.to_thread(self.service.next_ca_certs)  # signs
                 if body is None:
                     return web.Response(status=404, text="no next CA certificate is published\n",
                                         content_type="text/plain")

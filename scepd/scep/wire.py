@@ -11,17 +11,18 @@ import enum
 import hmac
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 from asn1crypto import cms, core
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.decrepit.ciphers.algorithms import TripleDES
 from cryptography.hazmat.primitives import hashes, padding as sym_padding, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from ..errors import MalformedRequest, NotForUs, UnverifiableMessage
+from ..errors import MalformedRequest, NotForUs, ScepdError, UnverifiableMessage
 from . import der
 
 # --- vocabulary -----------------------------------------------------------------------------
@@ -243,8 +244,21 @@ def _verify_signature(cert: x509.Certificate, si: cms.SignerInfo, digest: str, d
         raise UnverifiableMessage("the SCEP message signature does not verify") from None
 
 
-def decode_pki_message(message_der: bytes) -> PkiMessage:
-    """Parse and verify the outer SignedData. The envelope is left encrypted (open_envelope)."""
+class SignerKeyRefused(Exception):
+    """decode_pki_message's `check_signer_key` refused the signer's key: `error` says why, and
+    `message` is the decoded message, NOT verified (enough to address a signed FAILURE)."""
+
+    def __init__(self, error: ScepdError, message: "PkiMessage"):
+        super().__init__(error.detail)
+        self.error, self.message = error, message
+
+
+def decode_pki_message(message_der: bytes,
+                       check_signer_key: Callable[[object], None] | None = None) -> PkiMessage:
+    """Parse and verify the outer SignedData. The envelope is left encrypted (open_envelope).
+    `check_signer_key(public_key)` runs before any digest or signature work; when it raises a
+    ScepdError the signature is not verified and SignerKeyRefused is raised instead."""
+    refused: ScepdError | None = None
     try:
         ci = cms.ContentInfo.load(message_der)
         if ci["content_type"].dotted != OID_SIGNED_DATA:
@@ -268,15 +282,25 @@ def decode_pki_message(message_der: bytes) -> PkiMessage:
         if digest is None:
             raise UnverifiableMessage(f"unsupported digest algorithm {digest_oid}")
         signer_cert, signer_der = _find_signer(sd, si)
-        # messageDigest binds the content to the signed attributes
-        md_value = _attr(attrs, OID_MESSAGE_DIGEST, "messageDigest")
-        expected = md_value.native if isinstance(md_value.native, bytes) else \
-            core.OctetString.load(md_value.dump()).native
-        h = hashes.Hash(DIGESTS[digest][1]())
-        h.update(content)
-        if not hmac.compare_digest(h.finalize(), expected or b""):
-            raise UnverifiableMessage("the SCEP message digest does not match its content")
-        _verify_signature(signer_cert, si, digest, _signed_attrs_to_verify(si))
+        if check_signer_key is not None:
+            try:
+                signer_key = signer_cert.public_key()
+            except (ValueError, UnsupportedAlgorithm):
+                raise UnverifiableMessage("the signer certificate's key cannot be read") from None
+            try:
+                check_signer_key(signer_key)
+            except ScepdError as err:  # an oversized key must not cost a verification
+                refused = err
+        if refused is None:
+            # messageDigest binds the content to the signed attributes
+            md_value = _attr(attrs, OID_MESSAGE_DIGEST, "messageDigest")
+            expected = md_value.native if isinstance(md_value.native, bytes) else \
+                core.OctetString.load(md_value.dump()).native
+            h = hashes.Hash(DIGESTS[digest][1]())
+            h.update(content)
+            if not hmac.compare_digest(h.finalize(), expected or b""):
+                raise UnverifiableMessage("the SCEP message digest does not match its content")
+            _verify_signature(signer_cert, si, digest, _signed_attrs_to_verify(si))
         message_type_text = _printable(core.PrintableString.load(
             _attr(attrs, OID_MESSAGE_TYPE, "messageType").dump()))
         transaction_id = _printable(core.PrintableString.load(
@@ -308,9 +332,12 @@ def decode_pki_message(message_der: bytes) -> PkiMessage:
         raise MalformedRequest("transactionID is empty or too long")
     if not isinstance(nonce, bytes) or len(nonce) != 16:
         raise MalformedRequest("senderNonce must be 16 octets")
-    return PkiMessage(message_type=message_type, transaction_id=transaction_id, sender_nonce=nonce,
-                      signer_cert=signer_cert, signer_cert_der=signer_der, digest=digest,
-                      signing_time=signing_time, envelope=envelope)
+    msg = PkiMessage(message_type=message_type, transaction_id=transaction_id, sender_nonce=nonce,
+                     signer_cert=signer_cert, signer_cert_der=signer_der, digest=digest,
+                     signing_time=signing_time, envelope=envelope)
+    if refused is not None:
+        raise SignerKeyRefused(refused, msg)
+    return msg
 
 
 def _decrypt_content(cipher: str, key: bytes, iv: bytes, ciphertext: bytes) -> bytes:
