@@ -429,7 +429,7 @@ def decode_issuer_and_serial(data: bytes) -> IssuerAndSerial:
     """The decrypted content of GetCert/GetCRL: a failure is an UnreadableEnvelope (one answer)."""
     try:
         ias = cms.IssuerAndSerialNumber.load(data, strict=True)
-        ias.native  # parse it all now (asn1crypto is lazy): anything malformed fails here  # noqa: B018
+        ias.native  # noqa: B018  (asn1crypto is lazy: parse it all now, so anything malformed fails here)
         return IssuerAndSerial(issuer_der=ias["issuer"].dump(), serial=ias["serial_number"].native)
     except (ValueError, TypeError, KeyError, RecursionError):
         raise UnreadableEnvelope("the content is not an IssuerAndSerialNumber") from None
@@ -439,7 +439,7 @@ def decode_issuer_and_subject(data: bytes) -> IssuerAndSubject:
     """The decrypted content of CertPoll: a failure is an UnreadableEnvelope (one answer)."""
     try:
         ias = _IssuerAndSubject.load(data, strict=True)
-        ias.native  # parse it all now (asn1crypto is lazy): anything malformed fails here  # noqa: B018
+        ias.native  # noqa: B018  (asn1crypto is lazy: parse it all now, so anything malformed fails here)
         return IssuerAndSubject(issuer_der=ias["issuer"].dump(), subject_der=ias["subject"].dump())
     except (ValueError, TypeError, KeyError, RecursionError):
         raise UnreadableEnvelope("the content is not an IssuerAndSubject") from None
