@@ -9,6 +9,7 @@ import logging
 from aiohttp import web
 
 from scepd.errors import MalformedRequest, ScepdError, UnsupportedMediaType, mapping_for
+from scepd.http_body import read_body
 from scepd.logctx import set_transaction_id
 
 from . import jws
@@ -105,11 +106,7 @@ def add_routes(app: web.Application, services) -> None:
                     ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
                     if ctype != "application/jose+json":
                         raise UnsupportedMediaType("Content-Type must be application/jose+json")
-                    if request.content_length is not None and request.content_length > MAX_BODY:
-                        raise MalformedRequest("request body too large")
-                    body = await request.content.read(MAX_BODY + 1)
-                    if len(body) > MAX_BODY:
-                        raise MalformedRequest("request body too large")
+                    body = await read_body(request, MAX_BODY)  # 413 problem above the cap
                     req = jws.parse(body)
                     account, key = await service.authenticate(req, str(request.url), jwk_required=jwk,
                                                               allow_jwk=allow_jwk)

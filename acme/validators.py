@@ -18,7 +18,9 @@ import aiohttp
 from cryptography import x509
 from cryptography.x509.oid import ObjectIdentifier
 
-from scepd.errors import ValidationConnection, ValidationDns, ValidationFailed, ValidationTls
+from scepd.errors import (MalformedRequest, PayloadTooLarge, ValidationConnection, ValidationDns,
+                          ValidationFailed, ValidationTls)
+from scepd.http_body import read_stream
 
 from . import jws
 
@@ -74,9 +76,12 @@ async def http01(target: Target, token: str, key_authorization: str, settings: V
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session:
             async with session.get(url, headers={"Host": host}, allow_redirects=False) as resp:
-                body = (await resp.content.read(MAX_BODY)).decode("utf-8", "replace").strip()
+                # the whole body, however many segments it comes in
+                body = (await read_stream(resp.content, MAX_BODY, TIMEOUT)).decode("utf-8", "replace").strip()
                 status = resp.status
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+    except PayloadTooLarge:
+        raise ValidationFailed(f"http-01: {target.value} answered with more than {MAX_BODY} bytes") from None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, MalformedRequest):
         raise ValidationConnection(f"http-01: could not fetch the challenge from {target.value}") from None
     if status != 200 or body != key_authorization:
         raise ValidationFailed(f"http-01: {target.value} answered HTTP {status} "

@@ -57,6 +57,21 @@ class BadMessageCheck(ScepdError):
     """An inner integrity check failed, e.g. the CSR's self-signature."""
 
 
+class UnreadableEnvelope(BadMessageCheck):
+    """SCEP: the pkcsPKIEnvelope could not be opened or its content could not be decoded (key
+    transport, CBC padding, the plaintext's structure, the CSR or IssuerAndSerial inside).
+    Every such failure gets this one answer, whatever the stage: a reply that differed would be
+    a decryption oracle (SCEP runs over plain HTTP, so anyone who captured a request could
+    replay its ciphertext inside a message of their own and learn its plaintext, the challenge
+    password, from the differences). `reason` is for the server's log only."""
+
+    DETAIL = "the pkcsPKIEnvelope cannot be decrypted, or its content cannot be decoded"
+
+    def __init__(self, reason: str = ""):
+        super().__init__(self.DETAIL)
+        self.reason = reason
+
+
 class BadRequest(ScepdError):
     """The request is well formed but refused: wrong challenge, policy violation."""
 
@@ -204,6 +219,7 @@ ERROR_TABLE: dict[type[ScepdError], ErrorMapping] = {
     UnsupportedOperation: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "malformed", 400),
     ForbiddenAlgorithm: ErrorMapping(FailInfo.BAD_ALG, _ACME + "badSignatureAlgorithm", 400),
     BadMessageCheck: ErrorMapping(FailInfo.BAD_MESSAGE_CHECK, _ACME + "badCSR", 400),
+    UnreadableEnvelope: ErrorMapping(FailInfo.BAD_MESSAGE_CHECK, _ACME + "malformed", 400),
     BadRequest: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "malformed", 400),
     ChallengeRejected: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "unauthorized", 403),
     PolicyViolation: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "rejectedIdentifier", 400),

@@ -16,7 +16,8 @@ from aiohttp import web
 
 from .config import parse_duration
 from .crl import CrlService, Signer
-from .errors import NotFound
+from .errors import MalformedRequest, NotFound, PayloadTooLarge
+from .http_body import read_body
 from .logctx import new_request_id, request_id, transaction_id
 from .metrics import CONTENT_TYPE, Metrics
 from .ocsp import MAX_REQUEST_BYTES, OcspResponder
@@ -102,8 +103,13 @@ def add_ops_routes(app: web.Application, services) -> None:
         return web.Response(body=answer.der, content_type="application/ocsp-response", headers=headers)
 
     async def ocsp_post(request: web.Request) -> web.Response:
-        body = await request.content.read(MAX_REQUEST_BYTES + 1)
-        return await _answer(body if len(body) <= MAX_REQUEST_BYTES else b"")
+        try:
+            body = await read_body(request, MAX_REQUEST_BYTES)
+        except PayloadTooLarge as err:
+            return web.Response(status=413, text=err.detail + "\n", content_type="text/plain")
+        except MalformedRequest:
+            body = b""  # answered malformedRequest
+        return await _answer(body)
 
     async def ocsp_get(request: web.Request) -> web.Response:
         text = request.match_info["request"].strip()

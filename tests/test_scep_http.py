@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from scepd.app import SERVICES, create_app
-from scepd.errors import FailInfo
+from scepd.errors import FailInfo, UnreadableEnvelope
 from scepd.scep import wire
 
 from .helpers import ec_key, make_csr, pkcs_req, reply_certs, rsa_key, self_signed
@@ -254,9 +254,11 @@ async def test_csr_with_bad_signature_is_badmessagecheck(client):
     assert rep.status == wire.PkiStatus.FAILURE and rep.fail_info == FailInfo.BAD_MESSAGE_CHECK
 
 
-async def test_garbage_csr_is_badrequest(client):
+async def test_garbage_csr_is_badmessagecheck(client):
+    """Like a padding error (no decryption oracle: see test_padding_oracle.py)."""
     rep, _ = await enroll(client, csr=b"\x30\x03\x02\x01\x00")
-    assert rep.status == wire.PkiStatus.FAILURE and rep.fail_info == FailInfo.BAD_REQUEST
+    assert rep.status == wire.PkiStatus.FAILURE and rep.fail_info == FailInfo.BAD_MESSAGE_CHECK
+    assert rep.fail_info_text == UnreadableEnvelope.DETAIL
 
 
 async def test_unsupported_message_type_is_badrequest(client):

@@ -64,9 +64,15 @@ def algorithm(dotted: str, params: bytes | None = None) -> bytes:
     return seq(oid(dotted), params if params is not None else b"")
 
 
-def read_tlv(data: bytes, pos: int = 0) -> tuple[int, int, int, int]:
-    """(tag, header_end, content_end, next) for the element at pos; BER indefinite lengths
-    are resolved by walking the children. Raises ValueError on truncation."""
+#: Deepest nesting accepted in anything we parse (constructed elements, plus DER carried inside
+#: OCTET/BIT STRINGs). Real SCEP, CSR and OCSP messages stay under 25; the bound keeps every
+#: walker here iterative-and-bounded and keeps asn1crypto (which recurses) far from Python's
+#: recursion limit.
+MAX_DEPTH = 64
+
+
+def _header(data: bytes, pos: int) -> tuple[int, int, int | None]:
+    """(tag, header_end, content_end) of the element at pos; content_end None: indefinite."""
     if pos + 2 > len(data):
         raise ValueError("truncated")
     tag = data[pos]
@@ -74,15 +80,10 @@ def read_tlv(data: bytes, pos: int = 0) -> tuple[int, int, int, int]:
         raise ValueError("high tag numbers are not used in SCEP")
     first = data[pos + 1]
     p = pos + 2
-    if first == 0x80:  # indefinite: children until 00 00
+    if first == 0x80:
         if not tag & 0x20:
             raise ValueError("indefinite length on a primitive")
-        q = p
-        while data[q:q + 2] != b"\x00\x00":
-            q = read_tlv(data, q)[3]
-            if q >= len(data):
-                raise ValueError("truncated")
-        return tag, p, q, q + 2
+        return tag, p, None
     if first & 0x80:
         n = first & 0x7F
         if n == 0 or n > 4 or p + n > len(data):
@@ -93,18 +94,106 @@ def read_tlv(data: bytes, pos: int = 0) -> tuple[int, int, int, int]:
         size = first
     if p + size > len(data):
         raise ValueError("truncated")
-    return tag, p, p + size, p + size
+    return tag, p, p + size
 
 
-def string_octets(element: bytes) -> bytes:
-    """The octets of an (implicitly tagged) OCTET STRING, primitive or BER-constructed (chunks)."""
+def read_tlv(data: bytes, pos: int = 0, max_depth: int = MAX_DEPTH) -> tuple[int, int, int, int]:
+    """(tag, header_end, content_end, next) for the element at pos; BER indefinite lengths
+    are resolved by walking forward (no recursion; at most `max_depth` open indefinite
+    levels). Raises ValueError on truncation or deeper nesting."""
+    tag, start, end = _header(data, pos)
+    if end is not None:
+        return tag, start, end, end
+    open_levels, q = 1, start
+    while True:  # bounded: q advances by at least 2 bytes each turn
+        if q + 2 > len(data):
+            raise ValueError("truncated")
+        if data[q] == 0 and data[q + 1] == 0:
+            open_levels -= 1
+            q += 2
+            if open_levels == 0:
+                return tag, start, q - 2, q
+            continue
+        _t, h, e = _header(data, q)
+        if e is None:
+            open_levels += 1
+            if open_levels > max_depth:
+                raise ValueError("nested too deeply")
+            q = h
+        else:
+            q = e
+
+
+def string_octets(element: bytes, max_depth: int = 8) -> bytes:
+    """The octets of an (implicitly tagged) OCTET STRING, primitive or BER-constructed (chunks,
+    themselves OCTET STRINGs, nested at most `max_depth` levels). Iterative."""
     tag, start, end, _ = read_tlv(element)
     if not tag & 0x20:
         return element[start:end]
     out = bytearray()
-    pos = start
-    while pos < end:
-        _t, _s, _e, nxt = read_tlv(element, pos)
-        out += string_octets(element[pos:nxt])
-        pos = nxt
+    stack = [(start, end, 1)]  # regions still to walk, innermost last
+    while stack:  # bounded: every turn consumes one element or one exhausted region
+        pos, stop, depth = stack.pop()
+        if pos >= stop:
+            continue
+        t, s, e, nxt = read_tlv(element, pos)
+        if nxt > stop or t & 0x1F != 0x04:
+            raise ValueError("a constructed OCTET STRING chunk is not an OCTET STRING")
+        stack.append((nxt, stop, depth))
+        if t & 0x20:
+            if depth >= max_depth:
+                raise ValueError("nested too deeply")
+            stack.append((s, e, depth + 1))
+        else:
+            out += element[s:e]
     return bytes(out)
+
+
+class NestingTooDeep(ValueError):
+    """Nested deeper than the bound (see MAX_DEPTH)."""
+
+
+def check_nesting(data: bytes, max_depth: int = MAX_DEPTH) -> None:
+    """Raise ValueError unless `data` is a run of complete BER elements nested at most
+    `max_depth` deep (NestingTooDeep when too deep). DER carried inside a primitive OCTET STRING
+    or BIT STRING (certificate extensions, subjectPublicKey, eContent) counts one level deeper
+    when it parses as such, since asn1crypto will parse it too; when it does not parse it is
+    just octets. One forward pass, no recursion: a cheap pre-scan before handing untrusted bytes
+    to a parser that recurses."""
+    # open regions, innermost last: (end or None for indefinite, bound, speculative)
+    frames: list[tuple[int | None, int, bool]] = [(len(data), len(data), False)]
+    pos = 0
+    while frames:  # bounded: each turn advances pos or closes a region opened by an earlier turn
+        end, bound, _spec = frames[-1]
+        try:
+            if end is not None and pos == end:
+                frames.pop()
+                continue
+            if end is None and pos + 2 <= bound and data[pos] == 0 and data[pos + 1] == 0:
+                frames.pop()
+                pos += 2
+                continue
+            if pos + 2 > bound:
+                raise ValueError("truncated")
+            if len(frames) > max_depth:
+                raise NestingTooDeep("nested too deeply")
+            tag, start, content_end = _header(data, pos)
+            if content_end is not None and content_end > bound:
+                raise ValueError("an element overruns its parent")
+            if tag & 0x20:
+                frames.append((content_end, bound if content_end is None else content_end, False))
+                pos = start
+                continue
+            pos = content_end
+            inner = start + 1 if tag == 0x03 else start
+            if tag in (0x03, 0x04) and content_end - inner >= 2 and (tag == 0x04 or data[start] == 0):
+                frames.append((content_end, content_end, True))  # maybe encapsulated DER
+                pos = inner
+        except NestingTooDeep:
+            raise
+        except ValueError:
+            while frames and not frames[-1][2]:  # not DER after all: skip that string's octets
+                frames.pop()
+            if not frames:
+                raise
+            pos = frames.pop()[0]

@@ -4,7 +4,10 @@ request -> decode (wire) -> authorize (challenge, policy) -> issue (enrollment: 
         -> encode (wire)
 Anything that fails before we know who asked (undecodable, unverifiable, not for us) raises
 a ScepdError the transport answers with HTTP 400; every later failure becomes a signed CertRep
-FAILURE with the failInfo from the error table.
+FAILURE with the failInfo from the error table. Every failure from the moment decryption starts
+(key transport, CBC padding, the plaintext's structure, the CSR or IssuerAndSerial inside) is
+one UnreadableEnvelope: the same signed FAILURE (badMessageCheck, one fixed failInfoText), so no
+reply tells a padding error from a parse error (no decryption oracle). Only the log says which.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from ..enrollment import EnrollmentService
 from ..errors import (BadCertId, BadRequest, BadTime, ForbiddenAlgorithm, MalformedRequest, NotForUs,
                       RenewalRefused, RequestRejected, ScepdError, UnknownTransaction,
                       UnsupportedMessageType, UnverifiableMessage, mapping_for)
+from ..errors import BadMessageCheck, UnreadableEnvelope
 from ..external_check import CheckRequest, ExternalCheck
 from ..logctx import set_transaction_id
 from ..renewal import RenewalPolicy, RenewalSettings
@@ -173,12 +177,14 @@ class ScepService:
             if msg.message_type == wire.MessageType.GET_CRL:
                 return (*await self._get_crl(msg, data, digest), msg)
             raise UnsupportedMessageType(f"messageType {msg.message_type} is not supported")
-        except NotForUs:
+        except NotForUs:  # decided from recipient identifiers, before any decryption: HTTP 400
             raise
         except ScepdError as err:
             fail_info = mapping_for(err).fail_info
+            # an UnreadableEnvelope's reason (padding, parse, CSR...) goes to the log, never the reply
             log.info("SCEP FAILURE txn=%s type=%s failInfo=%s: %s", msg.transaction_id,
-                     msg.message_type, fail_info.name, err.detail)
+                     msg.message_type, fail_info.name,
+                     f"{err.detail} ({err.reason})" if isinstance(err, UnreadableEnvelope) else err.detail)
             rep = wire.CertRep(transaction_id=msg.transaction_id, recipient_nonce=msg.sender_nonce,
                                sender_nonce=os.urandom(16), status=wire.PkiStatus.FAILURE,
                                fail_info=int(fail_info), fail_info_text=err.detail)
@@ -212,7 +218,8 @@ class ScepService:
 
     async def _enroll(self, msg: wire.PkiMessage, csr_der: bytes, digest: str,
                       requester: str | None) -> tuple[bytes, ScepOutcome]:
-        facts = await asyncio.to_thread(decode_csr, csr_der, True, self._check_key)  # verifies its signature
+        facts = await asyncio.to_thread(_decode_enveloped_csr, csr_der, verify_signature=True,
+                                        check_key=self._check_key)  # verifies its signature
         # a resent request (lost reply, or a client that polls by resending: certmonger,
         # micromdm scepclient) is the same transaction, answered from what we already decided
         # ...unless it is signed by that very certificate: then it is a same-key renewal
@@ -325,6 +332,18 @@ class ScepService:
     def _sign(self, rep: wire.CertRep, digest: str) -> bytes:
         return wire.encode_cert_rep(rep, self.signer_cert, self.signer_key, digest, self.clock.now(),
                                     self._reply_extra_certs)
+
+
+def _decode_enveloped_csr(csr_der: bytes, **options):
+    """decode_csr for a CSR that came out of a pkcsPKIEnvelope: a CSR that does not decode or
+    whose signature does not verify is one more UnreadableEnvelope, answered like a padding
+    error (no oracle). Refusals of a CSR that did decode and verify keep their own answer."""
+    try:
+        return decode_csr(csr_der, **options)
+    except (MalformedRequest, BadMessageCheck) as err:
+        raise UnreadableEnvelope(f"the CSR: {err.detail}") from None
+    except RecursionError:
+        raise UnreadableEnvelope("the CSR: nested too deeply") from None
 
 
 def _spki_sha256(cert: x509.Certificate) -> str:

@@ -17,6 +17,7 @@ from urllib.parse import unquote_to_bytes
 from aiohttp import web
 
 from ..errors import MalformedRequest, PayloadTooLarge, ScepdError, UnsupportedOperation, mapping_for
+from ..http_body import read_body
 from .service import HTTP_ERRORS, ScepService
 
 log = logging.getLogger("scepd.scep.http")
@@ -106,11 +107,7 @@ class ScepHandler:
                 self.observer(op or "unknown", outcome, time.monotonic() - started)
 
     async def _read_body(self, request: web.Request) -> bytes:
-        if request.content_length is not None and request.content_length > self.max_body_bytes:
-            raise PayloadTooLarge(f"request body over {self.max_body_bytes} bytes")
-        body = await request.content.read(self.max_body_bytes + 1)
-        if len(body) > self.max_body_bytes:
-            raise PayloadTooLarge(f"request body over {self.max_body_bytes} bytes")
+        body = await read_body(request, self.max_body_bytes)  # the whole body, however it arrives
         if not body:
             raise MalformedRequest("PKIOperation over POST needs a body")
         return body

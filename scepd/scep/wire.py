@@ -2,7 +2,9 @@
 
 Pure functions from bytes to frozen dataclasses and back; keys, clock values and randomness are
 passed in. Nothing here knows about HTTP, policy or storage. Errors are the typed ScepdErrors:
-MalformedRequest / UnverifiableMessage / NotForUs (answered with HTTP 400 by the transport).
+MalformedRequest / UnverifiableMessage / NotForUs (answered with HTTP 400 by the transport), and
+UnreadableEnvelope for anything that goes wrong once decryption starts (one answer for every
+such failure: see open_envelope).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, padding as sym_padding, seria
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from ..errors import MalformedRequest, NotForUs, ScepdError, UnverifiableMessage
+from ..errors import MalformedRequest, NotForUs, ScepdError, UnreadableEnvelope, UnverifiableMessage
 from . import der
 
 # --- vocabulary -----------------------------------------------------------------------------
@@ -260,6 +262,8 @@ def decode_pki_message(message_der: bytes,
     ScepdError the signature is not verified and SignerKeyRefused is raised instead."""
     refused: ScepdError | None = None
     try:
+        # asn1crypto recurses: bound the nesting before it sees anything (see der.check_nesting)
+        der.check_nesting(message_der[:der.read_tlv(message_der)[3]])
         ci = cms.ContentInfo.load(message_der)
         if ci["content_type"].dotted != OID_SIGNED_DATA:
             raise MalformedRequest("the SCEP message is not a CMS SignedData")
@@ -315,6 +319,7 @@ def decode_pki_message(message_der: bytes,
                 signing_time = None
         envelope = None
         if content:
+            der.check_nesting(content[:der.read_tlv(content)[3]])  # BER chunks were not scanned
             env_ci = _EnvelopeContentInfo.load(content)
             if env_ci["content_type"].dotted != OID_ENVELOPED_DATA:
                 raise MalformedRequest("the pkcsPKIEnvelope is not a CMS EnvelopedData")
@@ -322,7 +327,7 @@ def decode_pki_message(message_der: bytes,
             alg = env["encrypted_content_info"]["content_encryption_algorithm"]["algorithm"].dotted
             envelope = Envelope(enveloped_der=env.untag().dump(),
                                 cipher=_CIPHER_BY_OID.get(alg, f"unknown:{alg}"))
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
         raise MalformedRequest("the SCEP message is not a valid CMS SignedData") from None
     try:
         message_type = int(message_type_text)
@@ -340,10 +345,7 @@ def decode_pki_message(message_der: bytes,
     return msg
 
 
-def _decrypt_content(cipher: str, key: bytes, iv: bytes, ciphertext: bytes) -> bytes:
-    oid, key_len, block = CIPHERS[cipher]
-    if len(key) != key_len or len(iv) != block or len(ciphertext) % block:
-        raise ValueError("key, IV or ciphertext length")
+def _cbc_decrypt(cipher: str, key: bytes, iv: bytes, ciphertext: bytes) -> bytes:
     if cipher == "des-cbc":
         algo = TripleDES(key * 3)  # EDE with K1=K2=K3 is single DES
     elif cipher == "des-ede3-cbc":
@@ -351,15 +353,60 @@ def _decrypt_content(cipher: str, key: bytes, iv: bytes, ciphertext: bytes) -> b
     else:
         algo = algorithms.AES(key)
     dec = Cipher(algo, modes.CBC(iv)).decryptor()
-    padded = dec.update(ciphertext) + dec.finalize()
+    return dec.update(ciphertext) + dec.finalize()
+
+
+def _open_content(cipher: str, key: rsa.RSAPrivateKey, encrypted_key: bytes, iv: bytes,
+                  ciphertext: bytes) -> bytes:
+    """Key transport, CBC decryption, unpadding and the plaintext's structure, with no early
+    exit: every stage runs whatever happened before, and any failure raises the same
+    UnreadableEnvelope (its reason is only logged). Key transport uses implicit rejection, as
+    CMS implementations do against Bleichenbacher's attack: when PKCS#1 v1.5 decryption fails
+    (or, with OpenSSL 3.2+'s own implicit rejection, yields a key of the wrong length) a random
+    key of the right length stands in, and CBC decryption runs with it."""
+    _oid, key_len, block = CIPHERS[cipher]
+    stand_in = os.urandom(key_len)
+    try:
+        cek = key.decrypt(encrypted_key, padding.PKCS1v15())
+    except ValueError:
+        cek = b""
+    key_ok = len(cek) == key_len
+    padded = _cbc_decrypt(cipher, cek if key_ok else stand_in, iv, ciphertext)
     unpadder = sym_padding.PKCS7(block * 8).unpadder()
-    return unpadder.update(padded) + unpadder.finalize()
+    try:
+        plaintext, padding_ok = unpadder.update(padded) + unpadder.finalize(), True
+    except ValueError:
+        plaintext, padding_ok = padded, False
+    structure_ok = _one_element(plaintext)
+    if key_ok and padding_ok and structure_ok:
+        return plaintext
+    raise UnreadableEnvelope("key transport failed" if not key_ok else
+                             "bad CBC padding" if not padding_ok else
+                             "the plaintext is not exactly one well-formed BER element")
+
+
+def _one_element(data: bytes) -> bool:
+    """The plaintext must be one complete element and nothing after it: asn1crypto ignores
+    trailing bytes, which would let blocks appended after a valid request act as an oracle."""
+    try:
+        if der.read_tlv(data)[3] != len(data):
+            return False
+        der.check_nesting(data)
+        return True
+    except ValueError:
+        return False
 
 
 def open_envelope(envelope: Envelope, recipients: list[Recipient]) -> bytes:
-    """Decrypt the pkcsPKIEnvelope with whichever of our certificates it is addressed to."""
+    """Decrypt the pkcsPKIEnvelope with whichever of our certificates it is addressed to.
+
+    What is decided from cleartext alone keeps its own answer: a structure that does not parse
+    or lengths that do not fit the cipher (MalformedRequest), an unsupported cipher or no
+    recipient identifier naming one of our certificates (NotForUs). None of it depends on the
+    plaintext. From the moment decryption starts, every failure is one UnreadableEnvelope."""
     if envelope.cipher not in CIPHERS:
         raise NotForUs(f"unsupported content encryption algorithm {envelope.cipher[8:]}")
+    _oid, _key_len, block = CIPHERS[envelope.cipher]
     try:
         env = _EnvelopedData.load(envelope.enveloped_der)
         eci = env["encrypted_content_info"]
@@ -369,8 +416,20 @@ def open_envelope(envelope: Envelope, recipients: list[Recipient]) -> bytes:
             raise NotForUs("the envelope has no encrypted content")
         ciphertext = der.string_octets(raw._header + raw.contents + raw._trailer)
         rinfos = [ri.chosen for ri in env["recipient_infos"] if ri.name == "ktri"]
-    except (ValueError, TypeError, KeyError):
+        found = _recipient(rinfos, recipients)
+        if found is None:
+            raise NotForUs("the pkcsPKIEnvelope is not encrypted to this server's certificate")
+        ours, encrypted_key = found[0], found[1]["encrypted_key"].native
+    except (ValueError, TypeError, KeyError, RecursionError):
         raise MalformedRequest("the pkcsPKIEnvelope is not a valid CMS EnvelopedData") from None
+    if not isinstance(iv, bytes) or len(iv) != block or not ciphertext or len(ciphertext) % block \
+            or not isinstance(encrypted_key, bytes):
+        raise MalformedRequest("the pkcsPKIEnvelope's IV or ciphertext does not fit its cipher")
+    return _open_content(envelope.cipher, ours.key, encrypted_key, iv, ciphertext)
+
+
+def _recipient(rinfos: list, recipients: list[Recipient]) -> tuple[Recipient, cms.KeyTransRecipientInfo] | None:
+    """The first of our certificates that a RecipientInfo names (by issuer+serial or SKI)."""
     for ours in recipients:
         ours_issuer = ours.cert.issuer.public_bytes()
         ours_ski = _ski(ours.cert)
@@ -381,14 +440,9 @@ def open_envelope(envelope: Envelope, recipients: list[Recipient]) -> bytes:
                     rid.chosen["issuer"].dump() == ours_issuer
             else:
                 match = ours_ski is not None and rid.chosen.native == ours_ski
-            if not match:
-                continue
-            try:
-                cek = ours.key.decrypt(ri["encrypted_key"].native, padding.PKCS1v15())
-                return _decrypt_content(envelope.cipher, cek, bytes(iv or b""), ciphertext)
-            except (ValueError, TypeError):
-                raise NotForUs("the pkcsPKIEnvelope cannot be decrypted") from None
-    raise NotForUs("the pkcsPKIEnvelope is not encrypted to this server's certificate")
+            if match:
+                return ours, ri
+    return None
 
 
 def _ski(cert: x509.Certificate) -> bytes | None:
@@ -399,19 +453,23 @@ def _ski(cert: x509.Certificate) -> bytes | None:
 
 
 def decode_issuer_and_serial(data: bytes) -> IssuerAndSerial:
+    """The decrypted content of GetCert/GetCRL: a failure is an UnreadableEnvelope (one answer)."""
     try:
-        ias = cms.IssuerAndSerialNumber.load(data)
+        ias = cms.IssuerAndSerialNumber.load(data, strict=True)
+        ias.native  # noqa: B018  (asn1crypto is lazy: parse it all now, so anything malformed fails here)
         return IssuerAndSerial(issuer_der=ias["issuer"].dump(), serial=ias["serial_number"].native)
-    except (ValueError, TypeError, KeyError):
-        raise MalformedRequest("the message content is not an IssuerAndSerialNumber") from None
+    except (ValueError, TypeError, KeyError, RecursionError):
+        raise UnreadableEnvelope("the content is not an IssuerAndSerialNumber") from None
 
 
 def decode_issuer_and_subject(data: bytes) -> IssuerAndSubject:
+    """The decrypted content of CertPoll: a failure is an UnreadableEnvelope (one answer)."""
     try:
-        ias = _IssuerAndSubject.load(data)
+        ias = _IssuerAndSubject.load(data, strict=True)
+        ias.native  # noqa: B018  (asn1crypto is lazy: parse it all now, so anything malformed fails here)
         return IssuerAndSubject(issuer_der=ias["issuer"].dump(), subject_der=ias["subject"].dump())
-    except (ValueError, TypeError, KeyError):
-        raise MalformedRequest("the message content is not an IssuerAndSubject") from None
+    except (ValueError, TypeError, KeyError, RecursionError):
+        raise UnreadableEnvelope("the content is not an IssuerAndSubject") from None
 
 
 # --- encoding -------------------------------------------------------------------------------
