@@ -20,7 +20,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
-from .clock import Clock
+from .clock import Clock, SystemClock
+from .config import ConfigError
 from .errors import RateLimited
 
 SCEP_FAILURES_PER_ADDRESS = "scep_failures_per_address"
@@ -138,7 +139,8 @@ class RateLimiter:
         if unknown:
             raise ValueError(f"unknown rate limits: {sorted(unknown)}")
         self.clock = clock
-        # the system clock gives POSIX seconds without building a datetime (a third of the cost)
+        # the system clock gives POSIX seconds without building a datetime (about 0.2 instead of
+        # 1.2 µs a read on the development machine, bench/ratelimit.py)
         self._now = getattr(clock, "timestamp", None) or (lambda: clock.now().timestamp())
         self._limits = {name: _Limit(name, rate, LIMITS[name], max_keys)
                         for name, rate in rates.items() if rate is not None}
@@ -147,13 +149,11 @@ class RateLimiter:
 
     @classmethod
     def disabled(cls, clock: Clock | None = None) -> "RateLimiter":
-        from .clock import SystemClock
         return cls({}, clock or SystemClock())
 
     @classmethod
     def from_config(cls, section, clock: Clock) -> "RateLimiter":
         """From a LimitsConfig ([limits]); ConfigError names the bad key."""
-        from .config import ConfigError
         if not section.enabled:
             return cls({}, clock)
         rates = {}
