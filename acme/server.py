@@ -8,9 +8,11 @@ import logging
 
 from aiohttp import web
 
-from scepd.errors import MalformedRequest, ScepdError, UnsupportedMediaType, mapping_for
+from scepd.errors import MalformedRequest, RateLimited, ScepdError, UnsupportedMediaType, mapping_for
 from scepd.http_body import read_body
 from scepd.logctx import set_transaction_id
+from scepd.ratelimit import (ACME_FAILED_VALIDATIONS_PER_ACCOUNT, ACME_NEW_ACCOUNTS_PER_ADDRESS,
+                             ACME_NEW_NONCES_PER_ADDRESS, ACME_NEW_ORDERS_PER_ACCOUNT, address_key)
 
 from . import jws
 from .service import AcmeService, AcmeSettings, KeyConflict, problem
@@ -31,7 +33,9 @@ def _json(body: dict, status: int = 200, headers: dict | None = None) -> web.Res
 
 def _problem(err: ScepdError) -> web.Response:
     body = problem(err)
-    return web.Response(text=json.dumps(body), status=body["status"], content_type="application/problem+json")
+    headers = {"Retry-After": str(err.retry_after)} if isinstance(err, RateLimited) else None
+    return web.Response(text=json.dumps(body), status=body["status"], content_type="application/problem+json",
+                        headers=headers)
 
 
 def _ts(t) -> str:
@@ -87,6 +91,7 @@ def add_routes(app: web.Application, services) -> None:
         dns_resolver=cfg.dns_resolver, terms_of_service=cfg.terms_of_service,
         eab_required=cfg.eab_required, default_profile=cfg.default_profile))
     app[ACME] = service
+    limits = services.limits
 
     async def _resume(_app):
         await service.resume()
@@ -151,12 +156,27 @@ def add_routes(app: web.Application, services) -> None:
 
     async def new_nonce(request: web.Request) -> web.Response:
         status = 200 if request.method == "HEAD" else 204
+        link = f'<{_base(request)}/directory>;rel="index"'
+        try:
+            limits.acquire(ACME_NEW_NONCES_PER_ADDRESS, address_key(request.remote))
+        except RateLimited as err:
+            services.metrics.acme_problem(mapping_for(err).acme_type)
+            resp = _problem(err)
+            resp.headers.update({"Cache-Control": "no-store", "Link": link})
+            return resp
         return web.Response(status=status, headers={
-            "Replay-Nonce": await service.new_nonce(), "Cache-Control": "no-store",
-            "Link": f'<{_base(request)}/directory>;rel="index"'})
+            "Replay-Nonce": await service.new_nonce(), "Cache-Control": "no-store", "Link": link})
 
     async def new_account(request, base, req, _account, key):
-        acct, created = await service.new_account(req, key)
+        address = address_key(request.remote)
+        if _account is None:  # no account holds this key: the request would create one
+            limits.acquire(ACME_NEW_ACCOUNTS_PER_ADDRESS, address)
+        created = False
+        try:
+            acct, created = await service.new_account(req, key)
+        finally:
+            if _account is None and not created:  # only accounts created count
+                limits.refund(ACME_NEW_ACCOUNTS_PER_ADDRESS, address)
         return _json(_account_json(base, acct), status=201 if created else 200,
                      headers={"Location": f"{base}/acct/{acct['id']}"})
 
@@ -187,7 +207,12 @@ def add_routes(app: web.Application, services) -> None:
         return _json(_account_json(base, acct), headers={"Location": f"{base}/acct/{acct['id']}"})
 
     async def new_order(request, base, req, acct, _key):
-        order = await service.new_order(acct, req)
+        limits.acquire(ACME_NEW_ORDERS_PER_ACCOUNT, acct["id"])
+        try:
+            order = await service.new_order(acct, req)
+        except ScepdError:  # only orders created count
+            limits.refund(ACME_NEW_ORDERS_PER_ACCOUNT, acct["id"])
+            raise
         return _json(_order_json(base, order), status=201, headers={"Location": f"{base}/order/{order['id']}"})
 
     async def order(request, base, req, acct, _key):
@@ -217,6 +242,7 @@ def add_routes(app: web.Application, services) -> None:
             ch, a = await service.challenge(request.match_info["id"], acct)
         else:
             req.payload_json()  # {} to respond
+            limits.ensure(ACME_FAILED_VALIDATIONS_PER_ACCOUNT, acct["id"])  # validations that failed
             ch = await service.respond(request.match_info["id"], acct, key)
         headers = {"Link": f'<{base}/authz/{ch["authz_id"]}>;rel="up"'}
         if ch["status"] == "processing":

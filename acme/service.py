@@ -26,6 +26,7 @@ from scepd.errors import (AccountDeactivated, AccountDoesNotExist, AlreadyReplac
                           Unauthorized, UnsupportedIdentifier, ValidationConnection, ValidationFailed,
                           mapping_for)
 from scepd.policy import PROFILES, check_key, valid_dns_name
+from scepd.ratelimit import ACME_FAILED_VALIDATIONS_PER_ACCOUNT
 from scepd.revocation import RevocationReason
 from scepd.store import Conflict, StoreNotFound
 
@@ -562,6 +563,7 @@ class AcmeService:
         else:
             await self.db.update(challenges, ch["id"], status="invalid", validated=now, error=problem(error))
             await self.db.update(authzs, a["id"], where={"status": "pending"}, status="invalid")
+            self.services.limits.spend(ACME_FAILED_VALIDATIONS_PER_ACCOUNT, a["account_id"])
         log.info("acme %s %s for %s%s", ch["type"], "valid" if error is None else "invalid", a["value"],
                  "" if error is None else f": {error.detail}")
 

@@ -55,7 +55,9 @@ async def main() -> None:
     state = Path(tempfile.mkdtemp(prefix="scepd-bench-acme-"))
     http, https, http01 = free_port(), free_port(), free_port()
     env = {**os.environ, "SCEPD_SERVER_HTTP": f"127.0.0.1:{http}", "SCEPD_SERVER_HTTPS": f"127.0.0.1:{https}",
-           "SCEPD_ACME_HTTP01_PORT": str(http01), "SCEPD_ACME_RESOLVE": "*=127.0.0.1"}
+           "SCEPD_ACME_HTTP01_PORT": str(http01), "SCEPD_ACME_RESOLVE": "*=127.0.0.1",
+           # one account placing --orders orders as fast as it can: measure issuance, not limits
+           "SCEPD_LIMITS_ACME_NEW_ORDERS_PER_ACCOUNT": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "scepd", "serve", "--state-dir", str(state),
                              "--no-demo-challenge"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, env=env, start_new_session=True)

@@ -4,6 +4,7 @@ The factory only assembles; every acquired resource is released by cleanup_ctx.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ from .config import Config, parse_duration
 from .enrollment import EnrollmentService
 from .external_check import ExternalCheck
 from .policy import KeyLimits, profile_named
+from .ratelimit import RateLimiter
 from .renewal import RenewalPolicy, RenewalSettings
 from cryptography.hazmat.primitives.asymmetric import rsa
 from .revocation import RevocationService
@@ -51,6 +53,8 @@ class Services:
     crl: "CrlService | None" = None  # set by ops.attach_ops
     ocsp: "OcspResponder | None" = None
     metrics: "Metrics | None" = None
+    #: rate limits of SCEP and ACME (scepd/ratelimit.py, [limits])
+    limits: RateLimiter = dataclasses.field(default_factory=RateLimiter.disabled)
 
     async def close(self) -> None:
         await self.store.close()
@@ -64,6 +68,7 @@ def passphrase_for(config: Config) -> bytes | None:
 
 async def open_services(config: Config, clock: Clock | None = None) -> Services:
     clock = clock or SystemClock()
+    limits = RateLimiter.from_config(config.limits, clock)  # ConfigError before anything opens
     material = pki.load(config.state_dir, passphrase_for(config))
     store = await SqlStore.open(config.database_url)
     try:
@@ -98,7 +103,7 @@ async def open_services(config: Config, clock: Clock | None = None) -> Services:
         await store.close()
         raise
     services = Services(config, clock, store, material, authority, challenges, enrollment, scep,
-                        RevocationService(store, clock))
+                        RevocationService(store, clock), limits=limits)
     # renewals that supersede (duplicate_subjects = revoke) notify the same listeners
     enrollment.revocation_listeners = services.revocation.listeners
     try:
@@ -120,7 +125,8 @@ def create_app(services: Services, close_services: bool = False) -> web.Applicat
     app = web.Application(client_max_size=max(services.config.scep.max_body_bytes, 1024))
     app[SERVICES] = services
     add_routes(app, ScepHandler(services.scep, services.config.scep.max_body_bytes,
-                                observer=services.metrics.scep_observer if services.metrics else None))
+                                observer=services.metrics.scep_observer if services.metrics else None,
+                                limits=services.limits))
     add_ops_routes(app, services)
     ca_id = services.authority.ca_id
     ca_der = services.ca_material.cert.public_bytes(serialization.Encoding.DER)

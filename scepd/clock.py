@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 from typing import Protocol
 
 
@@ -13,6 +14,10 @@ class Clock(Protocol):
 class SystemClock:
     def now(self) -> dt.datetime:
         return dt.datetime.now(dt.timezone.utc)
+
+    def timestamp(self) -> float:
+        """now() as POSIX seconds, without building a datetime (hot paths: rate limits)."""
+        return time.time()
 
 
 class FixedClock:

@@ -104,6 +104,24 @@ class PolicyConfig:
 
 
 @dataclass
+class LimitsConfig:
+    """Rate limits (scepd/ratelimit.py): "COUNT/PERIOD burst N" per key; "0" disables one."""
+
+    #: false: no rate limit at all
+    enabled: bool = True
+    #: signed SCEP FAILUREs of PKCSReq/RenewalReq per client address (IPv6: per /64)
+    scep_failures_per_address: str = "10/1m burst 20"
+    #: signed SCEP FAILUREs of PKCSReq/RenewalReq per transactionID
+    scep_failures_per_transaction: str = "5/1m burst 10"
+    acme_new_accounts_per_address: str = "20/1m burst 20"
+    acme_new_orders_per_account: str = "300/1h burst 300"
+    acme_failed_validations_per_account: str = "60/1h burst 30"
+    acme_new_nonces_per_address: str = "100/1s burst 200"
+    #: buckets kept per limit (least recently used dropped first): bounds memory under floods
+    max_keys: int = 10000
+
+
+@dataclass
 class DatabaseConfig:
     #: SQLAlchemy async URL; empty = SQLite file DIR/scepd.db.
     url: str = ""
@@ -117,6 +135,7 @@ class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     acme: AcmeConfig = field(default_factory=AcmeConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
     state_dir: Path = Path(".")
 
     @property
@@ -133,7 +152,7 @@ class ConfigError(ValueError):
 
 
 _SECTIONS = {"server": ServerConfig, "ca": CAConfig, "scep": ScepConfig, "database": DatabaseConfig,
-             "acme": AcmeConfig, "policy": PolicyConfig}
+             "acme": AcmeConfig, "policy": PolicyConfig, "limits": LimitsConfig}
 
 
 def _coerce(kind: type, raw: object, where: str) -> object:
@@ -258,6 +277,22 @@ eab_required = false
 # largest RSA key accepted in CSRs, SCEP signer certificates and ACME account keys (2048..8192);
 # RSA exponents must be odd, 3 < e < 2^32; EC keys P-256, P-384, P-521 (Ed25519 for ACME accounts)
 max_rsa_bits = 4096
+
+[limits]
+# rate limits, "COUNT/PERIOD burst N" (period s, m, h, d, w; burst defaults to COUNT); "0" disables one.
+# Refused requests get ACME 429 rateLimited with Retry-After, or a signed SCEP FAILURE (badRequest).
+enabled = true
+# failed SCEP enrollments (PKCSReq/RenewalReq answered FAILURE) per client address (IPv6: per /64)
+scep_failures_per_address = "10/1m burst 20"
+# ...and per transactionID
+scep_failures_per_transaction = "5/1m burst 10"
+acme_new_accounts_per_address = "20/1m burst 20"
+acme_new_orders_per_account = "300/1h burst 300"
+# failed challenge validations per account; over it, challenge responses are refused
+acme_failed_validations_per_account = "60/1h burst 30"
+acme_new_nonces_per_address = "100/1s burst 200"
+# buckets kept per limit (least recently used dropped first): bounds memory
+max_keys = 10000
 
 [database]
 # empty = SQLite file in the state directory; e.g. postgresql+asyncpg://user@host/db

@@ -200,6 +200,15 @@ class NotFound(ScepdError):
     """A named object (certificate, challenge) does not exist."""
 
 
+class RateLimited(ScepdError):
+    """A rate limit (scepd/ratelimit.py) refuses the request; retry after `retry_after` seconds."""
+
+    def __init__(self, detail: str, retry_after: int, limit: str):
+        super().__init__(detail)
+        self.retry_after = retry_after
+        self.limit = limit
+
+
 @dataclass(frozen=True)
 class ErrorMapping:
     fail_info: FailInfo
@@ -251,6 +260,7 @@ ERROR_TABLE: dict[type[ScepdError], ErrorMapping] = {
     UnsupportedIdentifier: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "unsupportedIdentifier", 400),
     InvalidProfile: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "invalidProfile", 400),
     RejectedIdentifiers: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "rejectedIdentifier", 400),
+    RateLimited: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "rateLimited", 429),
 }
 
 

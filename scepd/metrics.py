@@ -58,6 +58,8 @@ class Metrics:
                                  ["endpoint", "status"], registry=r)
         self.acme_problems = Counter("scepd_acme_problems", "ACME problem documents by type", ["type"],
                                      registry=r)
+        self.rate_limited_total = Counter("scepd_rate_limited", "Requests refused by a rate limit",
+                                          ["limit"], registry=r)
         self.pending = Gauge("scepd_pending_approvals", "Requests waiting for approval", registry=r)
         self.agents_seen = Gauge("scepd_agents_seen", "Agents seen within a window", ["within"],
                                  registry=r)
@@ -83,6 +85,10 @@ class Metrics:
 
     def acme_problem(self, problem_type: str) -> None:
         self.acme_problems.labels(type=problem_type.rsplit(":", 1)[-1]).inc()
+
+    def rate_limited(self, limit: str) -> None:
+        """RateLimiter listener: a request was refused by `limit`."""
+        self.rate_limited_total.labels(limit=limit).inc()
 
     def scep_observer(self, operation: str, outcome, seconds: float) -> None:
         """ScepHandler's observer(operation, outcome|None, seconds)."""

@@ -43,6 +43,9 @@ def attach_ops(services, previous: list[tuple[object, object]] = ()) -> None:
     services.enrollment.issued_listeners.append(services.metrics.issued)
     services.metrics.add_scrape_hook(_agents_seen(services))
     services.scep.crl_provider = services.crl.current_der  # SCEP GetCRL
+    services.limits.listeners.append(services.metrics.rate_limited)
+    for name in services.limits.names():  # every enabled limit shows, at 0 until it refuses
+        services.metrics.rate_limited_total.labels(limit=name)
 
 
 def context_middleware(metrics: Metrics | None):

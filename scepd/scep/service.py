@@ -144,13 +144,15 @@ class ScepService:
 
     # --- PKIOperation -----------------------------------------------------------------------
 
-    async def pki_operation(self, message_der: bytes, requester: str | None = None
-                            ) -> tuple[bytes, ScepOutcome]:
-        reply, outcome, msg = await self._pki_operation(message_der, requester)
+    async def pki_operation(self, message_der: bytes, requester: str | None = None,
+                            admit: Callable[[int, str], None] | None = None) -> tuple[bytes, ScepOutcome]:
+        """`admit(message_type, transaction_id)` runs once the message is decoded and verified,
+        before decryption: a ScepdError it raises (a rate limit) is answered as a signed FAILURE."""
+        reply, outcome, msg = await self._pki_operation(message_der, requester, admit)
         return reply, dataclasses.replace(outcome, cipher=msg.envelope.cipher if msg.envelope else None,
                                           digest=msg.digest)
 
-    async def _pki_operation(self, message_der: bytes, requester: str | None):
+    async def _pki_operation(self, message_der: bytes, requester: str | None, admit=None):
         # RSA and CMS work runs in worker threads (pyca/cryptography releases the GIL), so the
         # event loop keeps serving and a second core is used.
         refused = None
@@ -163,6 +165,8 @@ class ScepService:
         try:
             if refused is not None:
                 raise refused
+            if admit is not None:
+                admit(msg.message_type, msg.transaction_id)
             self._check_algorithms(msg)
             self._check_time(msg)
             if msg.envelope is None:

@@ -18,6 +18,9 @@ from aiohttp import web
 
 from ..errors import MalformedRequest, PayloadTooLarge, ScepdError, UnsupportedOperation, mapping_for
 from ..http_body import read_body
+from ..ratelimit import (SCEP_FAILURES_PER_ADDRESS, SCEP_FAILURES_PER_TRANSACTION, RateLimiter,
+                         address_key)
+from . import wire
 from .service import HTTP_ERRORS, ScepService
 
 log = logging.getLogger("scepd.scep.http")
@@ -59,10 +62,12 @@ def _error_response(err: ScepdError) -> web.Response:
 
 
 class ScepHandler:
-    def __init__(self, service: ScepService, max_body_bytes: int, observer=None):
+    def __init__(self, service: ScepService, max_body_bytes: int, observer=None,
+                 limits: RateLimiter | None = None):
         self.service = service
         self.max_body_bytes = max_body_bytes
         self.observer = observer  # callable(operation, outcome|None, seconds) for metrics
+        self.limits = limits or RateLimiter.disabled()
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
@@ -90,7 +95,10 @@ class ScepHandler:
                 else:
                     raise UnsupportedOperation("PKIOperation takes GET or POST")
                 remote = request.remote or "?"
-                reply, outcome = await self.service.pki_operation(message, requester=f"scep:{remote}")
+                gate = _FailureGate(self.limits, address_key(request.remote))
+                reply, outcome = await self.service.pki_operation(message, requester=f"scep:{remote}",
+                                                                  admit=gate.admit)
+                gate.record(outcome)
                 log.info("PKIOperation %s type=%s status=%s txn=%s cipher=%s digest=%s serial=%s",
                          request.method, outcome.message_type, outcome.status.name, outcome.transaction_id,
                          outcome.cipher, outcome.digest, outcome.serial or "-")
@@ -111,6 +119,33 @@ class ScepHandler:
         if not body:
             raise MalformedRequest("PKIOperation over POST needs a body")
         return body
+
+
+_ENROLLMENTS = (wire.MessageType.PKCS_REQ, wire.MessageType.RENEWAL_REQ)
+
+
+class _FailureGate:
+    """Failed enrollments (PKCSReq/RenewalReq answered FAILURE) per address and per
+    transactionID: once either is over its limit, enrollments are answered with a signed FAILURE
+    (badRequest, "retry in N s") before anything is decrypted. Polls, GetCert and GetCRL pass."""
+
+    __slots__ = ("limits", "address", "refused")
+
+    def __init__(self, limits: RateLimiter, address: str):
+        self.limits, self.address, self.refused = limits, address, False
+
+    def admit(self, message_type: int, transaction_id: str) -> None:
+        if message_type in _ENROLLMENTS:
+            self.refused = True  # until both checks pass: a refusal is not itself a failure
+            self.limits.ensure(SCEP_FAILURES_PER_ADDRESS, self.address)
+            self.limits.ensure(SCEP_FAILURES_PER_TRANSACTION, transaction_id)
+            self.refused = False
+
+    def record(self, outcome) -> None:
+        if outcome.status == wire.PkiStatus.FAILURE and outcome.message_type in _ENROLLMENTS \
+                and not self.refused:
+            self.limits.spend(SCEP_FAILURES_PER_ADDRESS, self.address)
+            self.limits.spend(SCEP_FAILURES_PER_TRANSACTION, outcome.transaction_id)
 
 
 def add_routes(app: web.Application, handler: ScepHandler) -> None:
