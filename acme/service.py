@@ -20,10 +20,10 @@ from scepd.challenges import ChallengeGrant
 from scepd.csr import decode_csr
 from scepd.logctx import set_transaction_id
 from scepd.errors import (AccountDoesNotExist, AlreadyReplaced, BadCsr, BadNonce, BadRevocationReason,
-                          BadSignatureAlgorithm, ExternalAccountRequired, InvalidProfile, MalformedRequest,
-                          NotFound, OrderNotReady, PolicyViolation, RejectedIdentifiers, ScepdError,
-                          Unauthorized, UnsupportedIdentifier, ValidationConnection, ValidationFailed,
-                          mapping_for)
+                          BadSignatureAlgorithm, ExternalAccountRequired, ForbiddenAlgorithm, InvalidProfile,
+                          MalformedRequest, NotFound, OrderNotReady, PolicyViolation, RejectedIdentifiers,
+                          ScepdError, Unauthorized, UnsupportedIdentifier, ValidationConnection,
+                          ValidationFailed, mapping_for)
 from scepd.policy import PROFILES, valid_dns_name
 from scepd.revocation import RevocationReason
 from scepd.store import StoreNotFound
@@ -550,7 +550,10 @@ class AcmeService:
             csr_der = jws.b64u_decode(payload.get("csr", ""))
         except MalformedRequest:
             raise BadCsr("csr is not base64url") from None
-        facts = decode_csr(csr_der)
+        try:
+            facts = decode_csr(csr_der)  # SHA-2 signatures only, as Boulder: no SHA-1 CSRs
+        except ForbiddenAlgorithm as err:
+            raise BadCsr(err.detail) from None
         names = {("dns", s.value.lower()) if s.kind == "dns" else (s.kind, s.value) for s in facts.sans}
         if facts.common_name:
             names.add(("ip", facts.common_name) if _is_ip(facts.common_name) else ("dns", facts.common_name.lower()))

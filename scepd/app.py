@@ -15,7 +15,7 @@ from . import pki
 from .authority import CertificateAuthority
 from .challenges import ChallengeService
 from .clock import Clock, SystemClock
-from .config import Config, parse_duration
+from .config import Config, parse_duration, subject_policy
 from .enrollment import EnrollmentService
 from .external_check import ExternalCheck
 from .policy import profile_named
@@ -72,7 +72,8 @@ async def open_services(config: Config, clock: Clock | None = None) -> Services:
                                       config.scep.challenge_required)
         sc = config.scep
         enrollment = EnrollmentService(authority, store, clock, parse_duration(config.ca.default_validity),
-                                       duplicate_subjects=sc.duplicate_subjects)
+                                       duplicate_subjects=sc.duplicate_subjects,
+                                       subject_policy=subject_policy(config))
         ra = pki.load_ra(config.state_dir, passphrase_for(config))
         previous = pki.load_previous(config.state_dir, passphrase_for(config))
         renewal = RenewalPolicy(store, [material.cert] + [c for c, _ in previous],

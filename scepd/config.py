@@ -95,6 +95,17 @@ class AcmeConfig:
 
 
 @dataclass
+class PolicyConfig:
+    #: keep: issue the CSR's subject DN exactly (SCEP); cn-only: CN=<the CSR's CN> alone.
+    #: ACME subjects always come from the order's identifiers.
+    subject: str = "keep"
+    #: Subject attribute types allowed in keep mode, comma separated (names such as CN, O, OU,
+    #: emailAddress, DC, UID, or dotted OIDs); empty = the RFC 5280/4519 set plus PKCS#9
+    #: emailAddress/unstructuredName/unstructuredAddress, DC and UID. Others are refused.
+    subject_attributes: str = ""
+
+
+@dataclass
 class DatabaseConfig:
     #: SQLAlchemy async URL; empty = SQLite file DIR/scepd.db.
     url: str = ""
@@ -107,6 +118,7 @@ class Config:
     scep: ScepConfig = field(default_factory=ScepConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     acme: AcmeConfig = field(default_factory=AcmeConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     state_dir: Path = Path(".")
 
     @property
@@ -123,7 +135,7 @@ class ConfigError(ValueError):
 
 
 _SECTIONS = {"server": ServerConfig, "ca": CAConfig, "scep": ScepConfig, "database": DatabaseConfig,
-             "acme": AcmeConfig}
+             "acme": AcmeConfig, "policy": PolicyConfig}
 
 
 def _coerce(kind: type, raw: object, where: str) -> object:
@@ -167,7 +179,17 @@ def load(state_dir: Path, environ: dict[str, str] | None = None) -> Config:
     unknown = set(data) - set(_SECTIONS)
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}")
+    try:
+        subject_policy(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return cfg
+
+
+def subject_policy(cfg: Config):
+    """The [policy] subject keys as a policy.SubjectPolicy (ValueError when malformed)."""
+    from .policy import SubjectPolicy
+    return SubjectPolicy.from_config(cfg.policy.subject, cfg.policy.subject_attributes)
 
 
 def render_default(http: str = "127.0.0.1:8080") -> str:
@@ -236,6 +258,17 @@ default_profile = "server"
 terms_of_service = ""
 # accounts must be bound with a single-use key from `scepd eab create`
 eab_required = false
+
+[policy]
+# subject DN of SCEP certificates: keep (as in the CSR: same RDNs, order and string types) or
+# cn-only (CN alone). ACME certificates always carry the order's names.
+subject = "keep"
+# attribute types allowed in a kept subject, e.g. "CN, O, OU, C"; empty = CN C O OU L ST street
+# serialNumber title surname givenName initials generationQualifier dnQualifier pseudonym
+# postalCode postalAddress businessCategory name description postOfficeBox
+# physicalDeliveryOfficeName telephoneNumber houseIdentifier organizationIdentifier
+# emailAddress unstructuredName unstructuredAddress DC UID. Any other type is refused (badRequest).
+subject_attributes = ""
 
 [database]
 # empty = SQLite file in the state directory; e.g. postgresql+asyncpg://user@host/db
