@@ -1,8 +1,8 @@
 """A renewal-shaped request with a valid challenge (issue 10): strongSwan `pki --scep --cert old.pem
---key old.key --password CHALLENGE --dn CN=other`, certmonger after a subject change. A PKCSReq
+--key old.key --password CHALLENGE --dn CN=other`, certmonger after a subject change. A request
 signed by one of our certificates that fails the renewal rules but carries a valid challenge is an
-initial enrollment authenticated (and paid for) by that challenge; a RenewalReq stays renewal-only;
-without a valid challenge the renewal refusal is the answer, as before."""
+initial enrollment authenticated (and paid for) by that challenge, whether PKCSReq or RenewalReq
+(strongSwan 5.9 sends RenewalReq); without a valid challenge the renewal refusal stands."""
 from __future__ import annotations
 
 import datetime as dt
@@ -28,8 +28,9 @@ async def one_time(aiohttp_client, make_services):
     return client, services
 
 
+@pytest.mark.parametrize("message_type", [19, 17])
 @pytest.mark.parametrize("case", ["cn-changed", "revoked-signer"])
-async def test_pkcsreq_with_valid_challenge_enrolls_instead(one_time, case):
+async def test_valid_challenge_enrolls_instead(one_time, case, message_type):
     client, services = one_time
     old_key, new_key = rsa_key(0), rsa_key(1)
     old = await _issued(client, old_key, cn="dev-1", challenge=await services.challenges.create(_DAY))
@@ -38,14 +39,15 @@ async def test_pkcsreq_with_valid_challenge_enrolls_instead(one_time, case):
     if case == "revoked-signer":
         await services.revocation.revoke(format(old.serial_number, "x"), RevocationReason.KEY_COMPROMISE, "t")
     challenge = await services.challenges.create(_DAY)
-    # without a valid challenge, or as a RenewalReq (renewal-only), the renewal refusal stands
-    for presented, message_type in ((None, 19), ("wrong", 19), (challenge, 17)):
+    # without a valid challenge the renewal refusal stands
+    for presented in (None, "wrong"):
         rep, _ = await _enroll(client, new_key, cn, challenge=presented, signer=(old, old_key),
                                message_type=message_type)
         assert rep.status == wire.PkiStatus.FAILURE and rep.fail_info == FailInfo.BAD_REQUEST
-        assert refusal in rep.fail_info_text, (presented, message_type, rep.fail_info_text)
-    # a PKCSReq with the valid challenge is an initial enrollment
-    rep, signer = await _enroll(client, new_key, cn, challenge=challenge, signer=(old, old_key))
+        assert refusal in rep.fail_info_text, (presented, rep.fail_info_text)
+    # with the valid challenge it is an initial enrollment
+    rep, signer = await _enroll(client, new_key, cn, challenge=challenge, signer=(old, old_key),
+                                message_type=message_type)
     assert rep.status == wire.PkiStatus.SUCCESS, rep.fail_info_text
     new = reply_certs(rep, *signer)[0]  # encrypted to the signer: the old certificate's key
     assert new.subject.rfc4514_string() == f"CN={cn}" and new.public_key() == new_key.public_key()

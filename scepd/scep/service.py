@@ -241,12 +241,14 @@ class ScepService:
 
     async def _challenge_instead_of_renewal(self, msg: wire.PkiMessage, facts: CsrFacts,
                                             refused: RenewalRefused) -> ChallengeGrant:
-        """A PKCSReq signed by one of our certificates that is no valid renewal (another CN, an
+        """A request signed by one of our certificates that is no valid renewal (another CN, an
         expired or revoked signer), but carries a valid challenge, is an initial enrollment that
         challenge authenticates, and spends: strongSwan `pki --scep --cert old.pem --key old.key
-        --password ... --dn CN=other`, certmonger after a subject change. A RenewalReq stays
-        renewal-only; without a valid challenge the renewal refusal is the answer."""
-        if msg.message_type != wire.MessageType.PKCS_REQ or not facts.challenge_password:
+        --password ... --dn CN=other`, certmonger after a subject change. strongSwan 5.9 sends
+        that as a RenewalReq (17) when Renewal is advertised, so both message types qualify;
+        without a valid challenge (micromdm scepclient's RenewalReq carries none) the renewal
+        refusal is the answer."""
+        if not facts.challenge_password:
             raise refused
         try:
             grant = await self.challenges.verify(facts.challenge_password, facts.common_name)
