@@ -117,8 +117,8 @@ def verify_csr_signature(req: asn1_csr.CertificationRequest, allowed_digests: fr
                 raise ForbiddenAlgorithm("CSR RSA-PSS parameters are not supported (MGF1 only)")
             mgf_digest = mgf["parameters"]["algorithm"].native
             if mgf_digest not in _HASHES or mgf_digest not in allowed_digests:
-                raise ForbiddenAlgorithm(f"the CSR's RSA-PSS mask uses {_DIGEST_NAMES.get(mgf_digest, mgf_digest)}, "
-                                         "which is not accepted here")
+                raise ForbiddenAlgorithm("the CSR's RSA-PSS mask uses "
+                                         f"{_DIGEST_NAMES.get(mgf_digest, mgf_digest)}, which is not accepted here")
             pss_padding = padding.PSS(mgf=padding.MGF1(_HASHES[mgf_digest]()),
                                       salt_length=params["salt_length"].native)
     except (KeyError, ValueError, TypeError):
