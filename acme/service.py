@@ -20,11 +20,10 @@ from scepd.challenges import ChallengeGrant
 from scepd.csr import decode_csr
 from scepd.logctx import set_transaction_id
 from scepd.errors import (AccountDeactivated, AccountDoesNotExist, AlreadyReplaced, BadCsr, BadNonce,
-                          BadRevocationReason, BadSignatureAlgorithm, ExternalAccountRequired, InvalidProfile,
-                          MalformedRequest,
-                          NotFound, OrderNotReady, PolicyViolation, RejectedIdentifiers, ScepdError,
-                          Unauthorized, UnsupportedIdentifier, ValidationConnection, ValidationFailed,
-                          mapping_for)
+                          BadRevocationReason, BadSignatureAlgorithm, ExternalAccountRequired,
+                          ForbiddenAlgorithm, InvalidProfile, MalformedRequest, NotFound, OrderNotReady,
+                          PolicyViolation, RejectedIdentifiers, ScepdError, Unauthorized,
+                          UnsupportedIdentifier, ValidationConnection, ValidationFailed, mapping_for)
 from scepd.policy import PROFILES, check_key, valid_dns_name
 from scepd.ratelimit import ACME_FAILED_VALIDATIONS_PER_ACCOUNT
 from scepd.revocation import RevocationReason
@@ -579,9 +578,10 @@ class AcmeService:
         except MalformedRequest:
             raise BadCsr("csr is not base64url") from None
         limits = self.services.enrollment.key_limits
-        try:  # the key limits before the signature check, which runs in a worker thread
+        try:  # the key limits before the signature check (SHA-2 only, as Boulder: no SHA-1 CSRs),
+            # which runs in a worker thread
             facts = await asyncio.to_thread(decode_csr, csr_der, True, lambda k: check_key(k, limits))
-        except PolicyViolation as err:  # RFC 8555 §6.7: badCSR, "e.g., due to a short key"
+        except (PolicyViolation, ForbiddenAlgorithm) as err:  # RFC 8555 §6.7: badCSR, "e.g., due to a short key"
             raise BadCsr(err.detail) from None
         names = {("dns", s.value.lower()) if s.kind == "dns" else (s.kind, s.value) for s in facts.sans}
         if facts.common_name:

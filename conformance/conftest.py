@@ -146,5 +146,40 @@ def get_only_server(tmp_path_factory):
     stop_server(s)
 
 
+def name_der_of(source) -> bytes:
+    """Subject Name DER, read with asn1crypto (not with scepd's code): from a certificate or CSR
+    (a file, PEM or DER bytes, or a pyca object), an x509.Name, or Name DER itself."""
+    from asn1crypto import csr as asn1_csr, pem, x509 as asn1_x509
+    from cryptography.hazmat.primitives import serialization
+    if isinstance(source, x509.Name):
+        return source.public_bytes()
+    if isinstance(source, (x509.Certificate, x509.CertificateSigningRequest)):
+        source = source.public_bytes(serialization.Encoding.DER)
+    if isinstance(source, Path):
+        source = source.read_bytes()
+    if pem.detect(source):
+        _, _, source = pem.unarmor(source)
+    try:
+        x509.load_der_x509_certificate(source)
+        return asn1_x509.Certificate.load(source)["tbs_certificate"]["subject"].dump()
+    except ValueError:
+        pass
+    try:  # not pyca: strongSwan's CSRs are not DER (unsorted attributes)
+        info = asn1_csr.CertificationRequest.load(source)["certification_request_info"]
+        info["subject_pk_info"].dump()
+        return info["subject"].dump()
+    except (ValueError, TypeError, KeyError):
+        return asn1_x509.Name.load(source).dump()
+
+
+def assert_subject_kept(cert, requested) -> None:
+    """The issued subject is the requested one byte for byte (RDN order, multi-valued RDNs,
+    string types): `requested` is the client's CSR, or the Name it put there."""
+    from asn1crypto import x509 as asn1_x509
+    issued, wanted = name_der_of(cert), name_der_of(requested)
+    assert issued == wanted, (f"issued {asn1_x509.Name.load(issued).human_friendly} ({issued.hex()}) != "
+                              f"requested {asn1_x509.Name.load(wanted).human_friendly} ({wanted.hex()})")
+
+
 def run(cmd: list, timeout: int = 120, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout, **kw)

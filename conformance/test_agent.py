@@ -23,10 +23,12 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from .conftest import free_port, start_server, stop_server
+from .conftest import assert_subject_kept, free_port, start_server, stop_server
 
 pytestmark = pytest.mark.conformance
 
+#: the subject `scepd-agent enroll --cn agent-1` requests (pyca: CN as UTF8String)
+AGENT_NAME = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "agent-1")])
 VALIDITY = "3m"
 RENEW_BEFORE = "2m15s"  # renew 45 s after issuance: two renewals fit in ~2 minutes
 
@@ -76,6 +78,7 @@ def run_until_two_renewals(server, d: Path, first: x509.Certificate, hook_log: P
         hooked = hook_log.read_text().split()
         cert = server.verify(d / "cert.pem", d / "key.pem")
         assert serial_of(cert) != serial_of(first) and cert.public_key() != first.public_key()
+        assert_subject_kept(cert, first.subject)  # renewals request the subject they hold
         assert len(set(hooked)) == len(hooked) and serial_of(first) not in hooked
         return daemon, hooked
     except BaseException:  # the caller never gets the process: stop it here
@@ -109,6 +112,7 @@ def test_agent_enrolls_renews_unattended_follows_rollover_and_is_refused_when_re
         assert "checked in over mTLS" in out.stdout
         first = server.verify(d / "cert.pem", d / "key.pem")
         assert (os.stat(d / "key.pem").st_mode & 0o077) == 0
+        assert_subject_kept(first, AGENT_NAME)  # the Name the agent's CSR carries
 
         # --- the daemon renews by itself, twice at least ---------------------------------------
         daemon, hooked = run_until_two_renewals(server, d, first, hook_log, daemon_log)

@@ -4,19 +4,33 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .conftest import require, run
+from .conftest import assert_subject_kept, require, run
 
 SCRIPT = """set -u
 getcert add-scep-ca -s -c T -u '{url}' || exit 3
 for i in $(seq 1 80); do getcert list-cas -s -c T | grep -q thumbprint && break; sleep 0.25; done
-getcert request -s -c T -I r1 -f {dir}/cert.pem -k {dir}/key.pem -L '{challenge}' -N 'CN={cn}' \
+getcert request -s -c T -I r1 -f {dir}/cert.pem -k {dir}/key.pem -L '{challenge}' -N 'CN={cn}{dn_rest}' \
   -D {cn}.example.test -w --wait-timeout 60 -v
 getcert list -s -i r1
 """
 
 
-def run_certmonger(server, work: Path, cn: str, challenge: str):
-    return certmonger_session(work, SCRIPT.format(url=server.url, dir=work, challenge=challenge, cn=cn))
+def run_certmonger(server, work: Path, cn: str, challenge: str, dn_rest: str = ""):
+    """`dn_rest`: more of the -N subject after CN=<cn>, e.g. ",O=interop-lab"."""
+    return certmonger_session(work, SCRIPT.format(url=server.url, dir=work, challenge=challenge, cn=cn,
+                                                  dn_rest=dn_rest))
+
+
+def requested_csr(work: Path) -> bytes:
+    """The CSR certmonger made, from its request file (`csr=` and its continuation lines)."""
+    for path in (work / "req").iterdir():
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("csr="):
+                pem = [line[4:]] + [ln[1:] for ln in lines[i + 1:] if ln.startswith(" ")]
+                return "\n".join(pem).split("-----END CERTIFICATE REQUEST-----")[0].encode() \
+                    + b"-----END CERTIFICATE REQUEST-----\n"
+    raise AssertionError(f"no csr= in {list((work / 'req').iterdir())}")
 
 
 def certmonger_session(work: Path, script: str):
@@ -37,11 +51,13 @@ def certmonger_session(work: Path, script: str):
 
 
 def test_certmonger_enrolls_over_get_with_aes(server, tmp_path):
-    out = run_certmonger(server, tmp_path, "cm-host1", server.new_challenge())
+    out = run_certmonger(server, tmp_path, "cm-host1", server.new_challenge(), ",OU=MDM,O=interop-lab")
     assert out.returncode == 0, out.stdout + out.stderr
     assert "status: MONITORING" in out.stdout, out.stdout + out.stderr
     cert = server.verify(tmp_path / "cert.pem", tmp_path / "key.pem")
-    assert cert.subject.rfc4514_string() == "CN=cm-host1"
+    # certmonger encodes -N in the order written (CN first), so RFC 4514 shows it reversed
+    assert cert.subject.rfc4514_string() == "O=interop-lab,OU=MDM,CN=cm-host1"
+    assert_subject_kept(cert, requested_csr(tmp_path))
     records = server.scepd("certs", "show", format(cert.serial_number, "x"))
     assert '"protocol": "scep"' in records
     serial = format(cert.serial_number, "x")

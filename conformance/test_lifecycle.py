@@ -177,7 +177,8 @@ def _certmonger(_srv, work, script):
 
 
 def test_certmonger_rekey_renews(server, tmp_path):
-    script = CM_REKEY.format(url=server.url, dir=tmp_path, challenge=server.new_challenge(), cn="cm-rekey")
+    script = CM_REKEY.format(url=server.url, dir=tmp_path, challenge=server.new_challenge(), cn="cm-rekey",
+                             dn_rest="")
     out = _certmonger(server, tmp_path, script)
     assert out.returncode == 0, out.stdout + out.stderr
     assert out.stdout.count("status: MONITORING") >= 2, out.stdout + out.stderr

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from .conftest import run
+from .conftest import assert_subject_kept, run
 
 pytestmark = pytest.mark.skipif(shutil.which("sscep") is None, reason="sscep is not on PATH")
 
@@ -18,7 +18,7 @@ def _getca(server, tmp_path):
 
 def _csr(tmp_path, cn, challenge):
     cnf = tmp_path / "req.cnf"
-    cnf.write_text(f"[req]\nprompt=no\ndistinguished_name=dn\nattributes=attrs\n[dn]\nCN={cn}\n"
+    cnf.write_text(f"[req]\nprompt=no\ndistinguished_name=dn\nattributes=attrs\n[dn]\nO=interop-lab\nCN={cn}\n"
                    f"[attrs]\nchallengePassword={challenge}\n")
     out = run(["openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", tmp_path / "key.pem",
                "-out", tmp_path / "req.csr", "-config", cnf])
@@ -44,7 +44,8 @@ def test_sscep_enroll(server, get_only_server, tmp_path, method, cipher, digest)
                "-t", "1", "-n", "3", "-v"], cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     cert = srv.verify(tmp_path / "cert.pem", tmp_path / "key.pem")
-    assert cert.subject.rfc4514_string() == f"CN={cn}"
+    assert cert.subject.rfc4514_string() == f"CN={cn},O=interop-lab"
+    assert_subject_kept(cert, tmp_path / "req.csr")
 
 
 def test_sscep_wrong_challenge_fails_with_badrequest(server, tmp_path):

@@ -16,7 +16,7 @@ from . import pki
 from .authority import CertificateAuthority
 from .challenges import ChallengeService
 from .clock import Clock, SystemClock
-from .config import Config, parse_duration
+from .config import Config, parse_duration, subject_policy
 from .enrollment import EnrollmentService
 from .external_check import ExternalCheck
 from .policy import KeyLimits, profile_named
@@ -78,7 +78,8 @@ async def open_services(config: Config, clock: Clock | None = None) -> Services:
         sc = config.scep
         enrollment = EnrollmentService(authority, store, clock, parse_duration(config.ca.default_validity),
                                        duplicate_subjects=sc.duplicate_subjects,
-                                       key_limits=KeyLimits(config.policy.max_rsa_bits))
+                                       key_limits=KeyLimits(config.policy.max_rsa_bits),
+                                       subject_policy=subject_policy(config))
         ra = pki.load_ra(config.state_dir, passphrase_for(config))
         previous = pki.load_previous(config.state_dir, passphrase_for(config))
         renewal = RenewalPolicy(store, [material.cert] + [c for c, _ in previous],

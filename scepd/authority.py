@@ -53,8 +53,10 @@ class CertificateAuthority:
 
     def issue(self, req: IssuanceRequest, serial: int) -> x509.Certificate:
         ca = self.material.cert
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, req.common_name)]
-                            if req.common_name else [])
+        # the subject policy approved, as it is: pyca re-encodes a parsed Name byte for byte
+        # (RDN order, multi-valued RDNs, string types)
+        subject = req.subject if req.subject is not None else x509.Name(
+            [x509.NameAttribute(NameOID.COMMON_NAME, req.common_name)] if req.common_name else [])
         is_rsa = isinstance(req.public_key, rsa.RSAPublicKey)
         builder = (
             x509.CertificateBuilder()
@@ -87,7 +89,7 @@ class CertificateAuthority:
         if req.sans:
             builder = builder.add_extension(
                 x509.SubjectAlternativeName([_general_name(s.kind, s.value) for s in req.sans]),
-                critical=not req.common_name)  # RFC 5280 §4.2.1.6: critical when subject is empty
+                critical=len(subject) == 0)  # RFC 5280 §4.2.1.6: critical when subject is empty
         if req.profile.ocsp_no_check:
             builder = builder.add_extension(x509.OCSPNoCheck(), critical=False)
         return builder.sign(self.material.key, hashes.SHA256())

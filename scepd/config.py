@@ -101,6 +101,13 @@ class PolicyConfig:
     #: Largest RSA modulus accepted (CSRs, SCEP signer certificates, ACME account keys):
     #: 2048 to 8192; RSA keys of fewer than 2048 bits are always refused.
     max_rsa_bits: int = 4096
+    #: keep: issue the CSR's subject DN exactly (SCEP); cn-only: CN=<the CSR's CN> alone.
+    #: ACME subjects always come from the order's identifiers.
+    subject: str = "keep"
+    #: Subject attribute types allowed in keep mode, comma separated (names such as CN, O, OU,
+    #: emailAddress, DC, UID, or dotted OIDs); empty = the RFC 5280/4519 set plus PKCS#9
+    #: emailAddress/unstructuredName/unstructuredAddress, DC and UID. Others are refused.
+    subject_attributes: str = ""
 
 
 @dataclass
@@ -201,7 +208,17 @@ def load(state_dir: Path, environ: dict[str, str] | None = None) -> Config:
     if not 2048 <= cfg.policy.max_rsa_bits <= 8192:
         raise ConfigError(f"[policy] max_rsa_bits must lie between 2048 and 8192, "
                           f"got {cfg.policy.max_rsa_bits}")
+    try:
+        subject_policy(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return cfg
+
+
+def subject_policy(cfg: Config):
+    """The [policy] subject keys as a policy.SubjectPolicy (ValueError when malformed)."""
+    from .policy import SubjectPolicy
+    return SubjectPolicy.from_config(cfg.policy.subject, cfg.policy.subject_attributes)
 
 
 def render_default(http: str = "127.0.0.1:8080") -> str:
@@ -277,6 +294,15 @@ eab_required = false
 # largest RSA key accepted in CSRs, SCEP signer certificates and ACME account keys (2048..8192);
 # RSA exponents must be odd, 3 < e < 2^32; EC keys P-256, P-384, P-521 (Ed25519 for ACME accounts)
 max_rsa_bits = 4096
+# subject DN of SCEP certificates: keep (as in the CSR: same RDNs, order and string types) or
+# cn-only (CN alone). ACME certificates always carry the order's names.
+subject = "keep"
+# attribute types allowed in a kept subject, e.g. "CN, O, OU, C"; empty = CN C O OU L ST street
+# serialNumber title surname givenName initials generationQualifier dnQualifier pseudonym
+# postalCode postalAddress businessCategory name description postOfficeBox
+# physicalDeliveryOfficeName telephoneNumber houseIdentifier organizationIdentifier
+# emailAddress unstructuredName unstructuredAddress DC UID. Any other type is refused (badRequest).
+subject_attributes = ""
 
 [limits]
 # rate limits, "COUNT/PERIOD burst N" (period s, m, h, d, w; burst defaults to COUNT); "0" disables one.

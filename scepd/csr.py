@@ -8,12 +8,12 @@ from typing import Callable
 
 from asn1crypto import csr as asn1_csr
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import AttributeOID, NameOID
 
-from .errors import BadMessageCheck, MalformedRequest
+from .errors import BadMessageCheck, ForbiddenAlgorithm, MalformedRequest
 
 
 @dataclass(frozen=True)
@@ -42,6 +42,10 @@ class CsrFacts:
     #: Extension types requested other than SAN (informational; never copied into certificates).
     other_extensions: tuple[str, ...]
     challenge_password: str | None
+    #: The requested subject as parsed (it re-encodes to `subject_der` whenever that is DER) and
+    #: the Name bytes exactly as received. None/b"" for facts not read from a CSR.
+    subject: x509.Name | None = None
+    subject_der: bytes = b""
 
     @property
     def spki_sha256(self) -> str:
@@ -65,41 +69,102 @@ def sans_of(ext: x509.SubjectAlternativeName) -> tuple[SubjectAltName, ...]:
     return tuple(out)
 
 
-def _verify_raw_signature(req: asn1_csr.CertificationRequest, check_key=None) -> bool:
-    """Signature check over the CertificationRequestInfo bytes exactly as received."""
+#: CSR signature algorithms we verify: OID -> (digest name, scheme). RSA-PSS takes its digest
+#: from its parameters; Ed25519/Ed448 sign the message itself.
+_SIGNATURE_ALGORITHMS: dict[str, tuple[str | None, str]] = {
+    "1.2.840.113549.1.1.4": ("md5", "pkcs1"),
+    "1.2.840.113549.1.1.5": ("sha1", "pkcs1"),
+    "1.2.840.113549.1.1.14": ("sha224", "pkcs1"),
+    "1.2.840.113549.1.1.11": ("sha256", "pkcs1"),
+    "1.2.840.113549.1.1.12": ("sha384", "pkcs1"),
+    "1.2.840.113549.1.1.13": ("sha512", "pkcs1"),
+    "1.2.840.113549.1.1.10": (None, "pss"),
+    "1.2.840.10045.4.1": ("sha1", "ecdsa"),
+    "1.2.840.10045.4.3.1": ("sha224", "ecdsa"),
+    "1.2.840.10045.4.3.2": ("sha256", "ecdsa"),
+    "1.2.840.10045.4.3.3": ("sha384", "ecdsa"),
+    "1.2.840.10045.4.3.4": ("sha512", "ecdsa"),
+    "1.3.101.112": (None, "ed25519"),
+    "1.3.101.113": (None, "ed448"),
+}
+_HASHES = {"md5": hashes.MD5, "sha1": hashes.SHA1, "sha224": hashes.SHA224, "sha256": hashes.SHA256,
+           "sha384": hashes.SHA384, "sha512": hashes.SHA512}
+_DIGEST_NAMES = {"md5": "MD5", "sha1": "SHA-1", "sha224": "SHA-224", "sha256": "SHA-256",
+                 "sha384": "SHA-384", "sha512": "SHA-512"}
+#: What ACME (and any caller that names nothing) accepts: SHA-2 only. Boulder refuses SHA-1 CSRs.
+STRONG_DIGESTS = frozenset({"sha224", "sha256", "sha384", "sha512"})
+#: SCEP: SHA-1 is an RFC 8894 algorithm (GetCACaps "SHA-1"); MD5 only behind the legacy switch.
+SCEP_DIGESTS = STRONG_DIGESTS | {"sha1"}
+LEGACY_SCEP_DIGESTS = SCEP_DIGESTS | {"md5"}
+
+
+def verify_csr_signature(req: asn1_csr.CertificationRequest, allowed_digests: frozenset[str]) -> None:
+    """The one CSR signature check: the public key in the CSR, the CSR's own signature
+    algorithm, over the CertificationRequestInfo bytes exactly as received. Raises
+    ForbiddenAlgorithm for a digest outside `allowed_digests` (or an unknown algorithm), and
+    BadMessageCheck when the signature does not verify."""
+    algo = req["signature_algorithm"]
+    oid = algo["algorithm"].dotted
+    if oid not in _SIGNATURE_ALGORITHMS:
+        raise ForbiddenAlgorithm(f"CSR signature algorithm {oid} is not supported")
+    digest, scheme = _SIGNATURE_ALGORITHMS[oid]
     try:
-        key = serialization.load_der_public_key(req["certification_request_info"]["subject_pk_info"].dump())
-        if check_key is not None:
-            check_key(key)  # its error propagates: a refused key costs no verification
-        algo = req["signature_algorithm"]
-        hash_name = algo.hash_algo
-        hash_cls = {"sha1": hashes.SHA1, "sha224": hashes.SHA224, "sha256": hashes.SHA256,
-                    "sha384": hashes.SHA384, "sha512": hashes.SHA512}[hash_name]
-        tbs = req["certification_request_info"].dump()
+        pss_padding = None
+        if scheme == "pss":
+            params = algo["parameters"]
+            digest = params["hash_algorithm"]["algorithm"].native
+            mgf = params["mask_gen_algorithm"]
+            if mgf["algorithm"].native != "mgf1" or params["trailer_field"].native != "trailer_field_bc":
+                raise ForbiddenAlgorithm("CSR RSA-PSS parameters are not supported (MGF1 only)")
+            mgf_digest = mgf["parameters"]["algorithm"].native
+            if mgf_digest not in _HASHES or mgf_digest not in allowed_digests:
+                raise ForbiddenAlgorithm("the CSR's RSA-PSS mask uses "
+                                         f"{_DIGEST_NAMES.get(mgf_digest, mgf_digest)}, which is not accepted here")
+            pss_padding = padding.PSS(mgf=padding.MGF1(_HASHES[mgf_digest]()),
+                                      salt_length=params["salt_length"].native)
+    except (KeyError, ValueError, TypeError):
+        raise MalformedRequest("the CSR's RSA-PSS parameters cannot be decoded") from None
+    if digest is not None and (digest not in _HASHES or digest not in allowed_digests):
+        raise ForbiddenAlgorithm(f"the CSR is signed with {_DIGEST_NAMES.get(digest, digest)}, "
+                                 "which is not accepted here")
+    try:
+        info = req["certification_request_info"]
+        tbs = info.dump()  # unmodified: the bytes received
         sig = req["signature"].native
-        if isinstance(key, rsa.RSAPublicKey) and algo.signature_algo == "rsassa_pkcs1v15":
-            key.verify(sig, tbs, padding.PKCS1v15(), hash_cls())
-        elif isinstance(key, ec.EllipticCurvePublicKey) and algo.signature_algo == "ecdsa":
-            key.verify(sig, tbs, ec.ECDSA(hash_cls()))
-        else:
-            return False
-        return True
-    except (InvalidSignature, ValueError, KeyError, TypeError):
-        return False
-
-
-def _load_tolerant(csr_der: bytes, check_key=None) -> tuple[x509.CertificateSigningRequest, bool | None]:
-    """cryptography parses strict DER only. strongSwan's pki sends its attributes SET OF unsorted
-    (extensionRequest before challengePassword): verify the signature over the received bytes,
-    then re-encode the attributes canonically so the facts can be read.
-    Returns (csr, signature_ok or None when cryptography should check it)."""
+        key = serialization.load_der_public_key(info["subject_pk_info"].dump())
+    except (ValueError, TypeError, KeyError, UnsupportedAlgorithm):
+        raise MalformedRequest("the CSR public key cannot be read") from None
     try:
-        return x509.load_der_x509_csr(csr_der), None
+        if scheme in ("pkcs1", "pss") and isinstance(key, rsa.RSAPublicKey):
+            key.verify(sig, tbs, pss_padding or padding.PKCS1v15(), _HASHES[digest]())  # type: ignore[index]
+        elif scheme == "ecdsa" and isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(sig, tbs, ec.ECDSA(_HASHES[digest]()))  # type: ignore[index]
+        elif scheme == "ed25519" and isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(sig, tbs)
+        elif scheme == "ed448" and isinstance(key, ed448.Ed448PublicKey):
+            key.verify(sig, tbs)
+        else:
+            raise BadMessageCheck("the CSR signature algorithm does not match its key")
+    except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm):
+        raise BadMessageCheck("the CSR signature does not verify") from None
+
+
+def _load_tolerant(csr_der: bytes) -> tuple[x509.CertificateSigningRequest, asn1_csr.CertificationRequest]:
+    """cryptography parses strict DER only. strongSwan's pki sends its attributes SET OF unsorted
+    (extensionRequest before challengePassword): then the attributes are re-encoded canonically
+    so the facts can be read. The signature is always checked on the received bytes (the
+    asn1crypto view returned beside the cryptography one)."""
+    try:
+        req = asn1_csr.CertificationRequest.load(csr_der)
+        req["certification_request_info"]["subject"].dump()  # parse what the checks need, now
+        req["signature_algorithm"]["algorithm"].dotted
+    except (ValueError, TypeError, KeyError):
+        raise MalformedRequest("the request content is not a PKCS#10 certificate request") from None
+    try:
+        return x509.load_der_x509_csr(csr_der), req
     except ValueError:
         pass
     try:
-        req = asn1_csr.CertificationRequest.load(csr_der)
-        ok = _verify_raw_signature(req, check_key)
         info = req["certification_request_info"]
         attrs = asn1_csr.CRIAttributes(list(info["attributes"]))
         canonical = asn1_csr.CertificationRequest({
@@ -108,35 +173,32 @@ def _load_tolerant(csr_der: bytes, check_key=None) -> tuple[x509.CertificateSign
                 "subject_pk_info": info["subject_pk_info"], "attributes": attrs}),
             "signature_algorithm": req["signature_algorithm"], "signature": req["signature"],
         }).dump(force=True)
-        return x509.load_der_x509_csr(canonical), ok
+        return x509.load_der_x509_csr(canonical), asn1_csr.CertificationRequest.load(csr_der)
     except (ValueError, TypeError, KeyError):
         raise MalformedRequest("the request content is not a PKCS#10 certificate request") from None
 
 
 def decode_csr(csr_der: bytes, verify_signature: bool = True,
-               check_key: Callable[[object], None] | None = None) -> CsrFacts:
-    """`check_key(public_key)` (policy's key limits) runs before the signature is verified."""
-    csr, raw_signature_ok = _load_tolerant(csr_der, check_key)
+               check_key: Callable[[object], None] | None = None,
+               allowed_digests: frozenset[str] = STRONG_DIGESTS) -> CsrFacts:
+    """`check_key(public_key)` (policy's key limits) runs before the signature is verified: a
+    refused key costs no verification. `allowed_digests`: the signature digests accepted
+    (STRONG_DIGESTS, SCEP_DIGESTS, LEGACY_SCEP_DIGESTS); Ed25519/Ed448 have none and are always
+    verified."""
+    csr, req = _load_tolerant(csr_der)
     try:
         public_key = csr.public_key()
     except (ValueError, Exception):
         raise MalformedRequest("the CSR public key cannot be read") from None
     if check_key is not None:
         check_key(public_key)
-    if verify_signature and raw_signature_ok is not None:
-        if not raw_signature_ok:
-            raise BadMessageCheck("the CSR signature does not verify")
-    elif verify_signature:
-        try:
-            ok = csr.is_signature_valid
-        except Exception:
-            ok = False
-        if not ok:
-            raise BadMessageCheck("the CSR signature does not verify")
+    if verify_signature:
+        verify_csr_signature(req, allowed_digests)
     try:
         cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         cn = cns[0].value if cns else None
         subject = csr.subject.rfc4514_string()
+        subject_der = req["certification_request_info"]["subject"].dump()
     except ValueError:
         raise MalformedRequest("the CSR subject cannot be decoded") from None
     sans: tuple[SubjectAltName, ...] = ()
@@ -161,7 +223,7 @@ def decode_csr(csr_der: bytes, verify_signature: bool = True,
                                    serialization.PublicFormat.SubjectPublicKeyInfo)
     return CsrFacts(public_key=public_key, spki_der=spki, common_name=cn if isinstance(cn, str) else None,
                     subject_rfc4514=subject, sans=sans, other_extensions=tuple(others),
-                    challenge_password=challenge)
+                    challenge_password=challenge, subject=csr.subject, subject_der=subject_der)
 
 
 def is_ip(value: str) -> bool:

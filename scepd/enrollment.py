@@ -17,15 +17,25 @@ from cryptography.hazmat.primitives import serialization
 from .authority import CertificateAuthority, random_serial
 from .challenges import ChallengeGrant
 from .clock import Clock
-from .csr import CsrFacts, decode_csr
+from .csr import LEGACY_SCEP_DIGESTS, CsrFacts, decode_csr
 from .errors import ChallengeRejected, NotFound, PolicyViolation, RequestRejected
-from .policy import IssuanceRequest, KeyLimits, Profile, approve, check_window, profile_named
+from .policy import IssuanceRequest, KeyLimits, Profile, SubjectPolicy, approve, check_window, profile_named
 from .store import AuditRecord, CertificateRecord, Conflict, PendingRecord, SqlStore, StoreNotFound
 
 #: duplicate-subject policies: keep both | revoke the renewed certificate | refuse a second one
 DUPLICATE_POLICIES = ("allow", "revoke", "refuse")
 
+#: protocols whose certificates carry the requested subject DN (ACME's come from identifiers)
+REQUESTED_SUBJECT_PROTOCOLS = frozenset({"scep", "est"})
+
 log = logging.getLogger("scepd.enrollment")
+
+
+def _subject_string(request: IssuanceRequest) -> str:
+    """The issued subject as the inventory renders it (cert.subject.rfc4514_string())."""
+    if request.subject is not None:
+        return request.subject.rfc4514_string()
+    return f"CN={request.common_name}" if request.common_name else ""
 
 
 def serial_hex(serial: int) -> str:
@@ -42,7 +52,7 @@ class Issued:
 class EnrollmentService:
     def __init__(self, ca: CertificateAuthority, store: SqlStore, clock: Clock,
                  validity: dt.timedelta | None = None, duplicate_subjects: str = "allow",
-                 key_limits: KeyLimits = KeyLimits()):
+                 key_limits: KeyLimits = KeyLimits(), subject_policy: SubjectPolicy | None = None):
         if duplicate_subjects not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicate_subjects must be one of {DUPLICATE_POLICIES}")
         self.ca = ca
@@ -52,6 +62,8 @@ class EnrollmentService:
         self.duplicate_subjects = duplicate_subjects
         #: `[policy]`: the keys approve() accepts; ACME and SCEP check other keys against them too
         self.key_limits = key_limits
+        #: how requested subjects are issued (SCEP; ACME names come from identifiers)
+        self.subject_policy = subject_policy or SubjectPolicy()
         #: told of certificates revoked as superseded here; the app shares RevocationService's list
         #: so CRL publication and metrics see these revocations like any other
         self.revocation_listeners: list = []
@@ -59,11 +71,14 @@ class EnrollmentService:
         self.issued_listeners: list = []
 
     def approve(self, facts: CsrFacts, profile: Profile, window=None,
-                allow_wildcard: bool = False) -> IssuanceRequest:
+                allow_wildcard: bool = False, requested_subject: bool = False) -> IssuanceRequest:
         """`window`: a requested (notBefore, notAfter) checked by policy.check_window;
-        `allow_wildcard` only for names whose wildcard was proven (ACME dns-01)."""
+        `allow_wildcard` only for names whose wildcard was proven (ACME dns-01);
+        `requested_subject`: issue the CSR's subject DN under the subject policy (SCEP), rather
+        than CN-only (ACME, internal)."""
         return approve(facts, profile, self.clock.now(), self.validity,
-                       self.ca.material.cert.not_valid_after_utc, window, allow_wildcard, self.key_limits)
+                       self.ca.material.cert.not_valid_after_utc, window, allow_wildcard, self.key_limits,
+                       self.subject_policy if requested_subject else None)
 
     def check_window(self, window, profile: Profile) -> None:
         check_window(window, self.clock.now(), self.validity or profile.validity,
@@ -76,8 +91,9 @@ class EnrollmentService:
         """Sign and store. `renewal_of`: the serial this renews (revoked as superseded when the
         duplicate policy is "revoke"); `pending_id`: the pending request this answers."""
         now = self.clock.now()
-        if self.duplicate_subjects == "refuse" and request.common_name:
-            subject = f"CN={request.common_name}"  # as the inventory renders the subjects we issue
+        issued_subject = _subject_string(request)
+        if self.duplicate_subjects == "refuse" and issued_subject:
+            subject = issued_subject  # as the inventory renders the subjects we issue
             clash = [r for r in await self.store.find_valid_by_subject(subject, now) if r.serial != renewal_of]
             if clash:
                 raise PolicyViolation(f"a valid certificate for {subject} already exists "
@@ -172,7 +188,7 @@ class EnrollmentService:
         """Record a request for an administrator; the one-time challenge is spent now, so it
         cannot be used twice while the request waits."""
         now = self.clock.now()
-        subject = f"CN={request.common_name}" if request.common_name else ""
+        subject = _subject_string(request)
         rec = PendingRecord(id=0, transaction_id=transaction_id, spki_sha256=spki_sha256,
                             signer_spki_sha256=signer_spki_sha256, csr_der=csr_der, subject=subject,
                             profile=request.profile.name, protocol=protocol, requester=requester,
@@ -195,8 +211,10 @@ class EnrollmentService:
             raise NotFound(f"no pending request {pending_id}") from None
         if pending.status != "pending":
             raise RequestRejected(f"request {pending_id} is already {pending.status}")
-        facts = await asyncio.to_thread(decode_csr, pending.csr_der)  # signature check off the loop
-        request = self.approve(facts, profile_named(pending.profile))
+        # verified on receipt with the digests its protocol allowed; the check runs off the loop
+        facts = await asyncio.to_thread(decode_csr, pending.csr_der, allowed_digests=LEGACY_SCEP_DIGESTS)
+        request = self.approve(facts, profile_named(pending.profile),
+                               requested_subject=pending.protocol in REQUESTED_SUBJECT_PROTOCOLS)
         return await self.issue(request, ChallengeGrant("approved"), protocol=pending.protocol,
                                 transaction_id=pending.transaction_id, requester=pending.requester,
                                 spki_sha256=pending.spki_sha256, renewal_of=pending.renewal_of,

@@ -1,7 +1,9 @@
 """Issuance policy: turns requested facts into an approved IssuanceRequest, or refuses.
 
-An ordered pipeline (validate key -> validate names -> build): nothing is copied from a CSR
-wholesale. Only the CN and allowed SAN types survive; profile decides KU/EKU and lifetime.
+An ordered pipeline (validate key -> validate names -> validate subject -> build): nothing is
+copied from a CSR wholesale. The subject DN is issued as requested (SCEP; `[policy] subject`,
+attribute types from `[policy] subject_attributes`) or reduced to its CN (ACME, `cn-only`);
+allowed SAN types survive; the profile decides KU/EKU and lifetime.
 """
 from __future__ import annotations
 
@@ -10,8 +12,9 @@ import fnmatch
 import re
 from dataclasses import dataclass
 
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, ObjectIdentifier
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from .csr import CsrFacts, SubjectAltName, is_ip
 from .errors import BadPublicKey, PolicyViolation
@@ -48,6 +51,85 @@ class IssuanceRequest:
     profile: Profile
     not_before: dt.datetime
     not_after: dt.datetime
+    #: the subject DN to issue, exactly (policy built or checked it); None: CN-only from common_name
+    subject: x509.Name | None = None
+
+
+#: Subject attribute types by the names `[policy] subject_attributes` accepts (case-insensitive;
+#: a dotted OID is accepted too). RFC 5280 §4.1.2.4 / RFC 4519 / X.520 names, PKCS#9 ones, DC, UID.
+SUBJECT_ATTRIBUTE_TYPES: dict[str, ObjectIdentifier] = {
+    "CN": NameOID.COMMON_NAME, "C": NameOID.COUNTRY_NAME, "O": NameOID.ORGANIZATION_NAME,
+    "OU": NameOID.ORGANIZATIONAL_UNIT_NAME, "L": NameOID.LOCALITY_NAME,
+    "ST": NameOID.STATE_OR_PROVINCE_NAME, "street": NameOID.STREET_ADDRESS,
+    "serialNumber": NameOID.SERIAL_NUMBER, "title": NameOID.TITLE, "surname": NameOID.SURNAME,
+    "givenName": NameOID.GIVEN_NAME, "initials": NameOID.INITIALS,
+    "generationQualifier": NameOID.GENERATION_QUALIFIER, "dnQualifier": NameOID.DN_QUALIFIER,
+    "pseudonym": NameOID.PSEUDONYM, "postalCode": NameOID.POSTAL_CODE,
+    "postalAddress": NameOID.POSTAL_ADDRESS, "businessCategory": NameOID.BUSINESS_CATEGORY,
+    "name": ObjectIdentifier("2.5.4.41"), "description": ObjectIdentifier("2.5.4.13"),
+    "postOfficeBox": ObjectIdentifier("2.5.4.18"),
+    "physicalDeliveryOfficeName": ObjectIdentifier("2.5.4.19"),
+    "telephoneNumber": ObjectIdentifier("2.5.4.20"), "houseIdentifier": ObjectIdentifier("2.5.4.51"),
+    "organizationIdentifier": NameOID.ORGANIZATION_IDENTIFIER,
+    "emailAddress": NameOID.EMAIL_ADDRESS, "unstructuredName": NameOID.UNSTRUCTURED_NAME,
+    "unstructuredAddress": ObjectIdentifier("1.2.840.113549.1.9.8"),
+    "DC": NameOID.DOMAIN_COMPONENT, "UID": NameOID.USER_ID,
+}
+_ATTRIBUTE_NAME = {oid: name for name, oid in SUBJECT_ATTRIBUTE_TYPES.items()}
+SUBJECT_MODES = ("keep", "cn-only")
+
+
+@dataclass(frozen=True)
+class SubjectPolicy:
+    """`keep`: issue the requested subject DN exactly (RDN order, multi-valued RDNs, string
+    types), refusing attribute types outside `allowed`; `cn-only`: issue CN=<the CSR's CN>."""
+
+    mode: str = "keep"
+    allowed: frozenset[ObjectIdentifier] = frozenset(SUBJECT_ATTRIBUTE_TYPES.values())
+
+    @classmethod
+    def from_config(cls, mode: str, attributes: str) -> "SubjectPolicy":
+        """`attributes`: comma-separated names of SUBJECT_ATTRIBUTE_TYPES or dotted OIDs; empty =
+        the default set. Raises ValueError naming what is wrong."""
+        if mode not in SUBJECT_MODES:
+            raise ValueError(f"[policy] subject must be one of {', '.join(SUBJECT_MODES)}, not {mode!r}")
+        if not attributes.strip():
+            return cls(mode)
+        by_lower = {name.lower(): oid for name, oid in SUBJECT_ATTRIBUTE_TYPES.items()}
+        allowed = set()
+        for item in (part.strip() for part in attributes.split(",")):
+            if not item:
+                continue
+            if item.lower() in by_lower:
+                allowed.add(by_lower[item.lower()])
+            elif re.fullmatch(r"[0-2](\.(0|[1-9][0-9]*))+", item):
+                allowed.add(ObjectIdentifier(item))
+            else:
+                raise ValueError(f"[policy] subject_attributes: unknown attribute type {item!r} "
+                                 "(use a name such as CN, O, OU, or a dotted OID)")
+        return cls(mode, frozenset(allowed))
+
+
+def attribute_type_name(oid: ObjectIdentifier) -> str:
+    name = _ATTRIBUTE_NAME.get(oid)
+    return f"{name} ({oid.dotted_string})" if name else oid.dotted_string
+
+
+def check_subject(facts: CsrFacts, subject_policy: SubjectPolicy) -> x509.Name:
+    """The subject to issue under `subject_policy` (names were checked by check_names)."""
+    if subject_policy.mode == "cn-only" or facts.subject is None:
+        return _cn_only(facts.common_name)
+    for attr in facts.subject:
+        if attr.oid not in subject_policy.allowed:
+            raise PolicyViolation(f"subject attribute type {attribute_type_name(attr.oid)} is not "
+                                  "allowed by this server's policy")
+        if attr.oid == NameOID.COMMON_NAME:
+            _check_cn(attr.value if isinstance(attr.value, str) else "")
+    return facts.subject
+
+
+def _cn_only(common_name: str | None) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)] if common_name else [])
 
 
 ALLOWED_SAN_KINDS = frozenset({"dns", "ip", "email", "uri"})
@@ -111,10 +193,7 @@ def check_names(common_name: str | None, sans: tuple[SubjectAltName, ...], allow
     if not common_name and not sans:
         raise PolicyViolation("the request names no subject: a CN or a subjectAltName is required")
     if common_name is not None:
-        if len(common_name) > MAX_CN:
-            raise PolicyViolation(f"CN longer than {MAX_CN} characters")
-        if any(ord(ch) < 0x20 for ch in common_name):
-            raise PolicyViolation("CN contains control characters")
+        _check_cn(common_name)
     for san in sans:
         if san.kind not in ALLOWED_SAN_KINDS:
             raise PolicyViolation(f"subjectAltName type {san.value} is not allowed")
@@ -122,6 +201,13 @@ def check_names(common_name: str | None, sans: tuple[SubjectAltName, ...], allow
             raise PolicyViolation(f"invalid DNS name {san.value!r}")
         if san.kind == "ip" and not is_ip(san.value):
             raise PolicyViolation(f"invalid IP address {san.value!r}")
+
+
+def _check_cn(common_name: str) -> None:
+    if len(common_name) > MAX_CN:
+        raise PolicyViolation(f"CN longer than {MAX_CN} characters")
+    if any(ord(ch) < 0x20 for ch in common_name):
+        raise PolicyViolation("CN contains control characters")
 
 
 def cn_matches(pattern: str | None, common_name: str | None) -> bool:
@@ -134,12 +220,15 @@ def cn_matches(pattern: str | None, common_name: str | None) -> bool:
 def approve(facts: CsrFacts, profile: Profile, now: dt.datetime,
             validity: dt.timedelta | None = None, ca_not_after: dt.datetime | None = None,
             window: tuple[dt.datetime | None, dt.datetime | None] | None = None,
-            allow_wildcard: bool = False, key_limits: KeyLimits = KeyLimits()) -> IssuanceRequest:
+            allow_wildcard: bool = False, key_limits: KeyLimits = KeyLimits(),
+            subject_policy: SubjectPolicy | None = None) -> IssuanceRequest:
     """`window`: a requested (notBefore, notAfter), e.g. from an ACME order, checked with
     `check_window`; either end may be None (the default then applies). `allow_wildcard`: see
-    check_names."""
+    check_names. `subject_policy`: issue the requested subject under it (SCEP); None: CN-only
+    (ACME, where names come from identifiers, and the server's own certificates)."""
     check_key(facts.public_key, key_limits)
     check_names(facts.common_name, facts.sans, allow_wildcard)
+    subject = check_subject(facts, subject_policy) if subject_policy else _cn_only(facts.common_name)
     start = now.replace(microsecond=0) - dt.timedelta(minutes=5)  # tolerate clients' clock skew
     end = now.replace(microsecond=0) + (validity or profile.validity)
     if window is not None:
@@ -152,7 +241,8 @@ def approve(facts: CsrFacts, profile: Profile, now: dt.datetime,
     if ca_not_after is not None and end > ca_not_after:
         end = ca_not_after
     return IssuanceRequest(public_key=facts.public_key, common_name=facts.common_name,
-                           sans=facts.sans, profile=profile, not_before=start, not_after=end)
+                           sans=facts.sans, profile=profile, not_before=start, not_after=end,
+                           subject=subject)
 
 
 #: how far ahead a requested notBefore may lie

@@ -23,6 +23,7 @@ from scepd.scep import der, wire
 from scepd.store import CertificateRecord
 
 from .helpers import VECTORS, make_csr, pkcs_req, reply_certs, rsa_key, self_signed
+from .test_subject import cert_subject_der, csr_subject_der
 from .test_vectors import CAPTURE_TIME, _openssl_open, load_pair, sidecar
 
 
@@ -56,6 +57,7 @@ async def test_replayed_renewal_signed_by_old_cert(aiohttp_client, vector_state,
     leaf = reply_certs(rep, load_pair("old").cert, key)[0]
     csr = x509.load_pem_x509_csr((VECTORS / meta["csr_file"].split(" ")[0]).read_bytes())
     assert leaf.public_key() == csr.public_key()
+    assert cert_subject_der(leaf) == csr_subject_der(csr.public_bytes(serialization.Encoding.DER))
     records = await services.store.list_certificates()
     assert len(records) == 1
     audit = await services.store.list_audit()

@@ -18,6 +18,7 @@ from scepd.errors import FailInfo, NotForUs, UnverifiableMessage
 from scepd.scep import wire
 
 from .helpers import VECTORS
+from .test_subject import cert_subject_der, csr_subject_der
 
 ALL = sorted(p.name[:-4] for p in VECTORS.glob("*.der")
              if not p.name.endswith((".pending-reply.der",)) and p.name != "getcacert-ca.der")
@@ -142,6 +143,8 @@ async def test_replayed_enrollment_succeeds(aiohttp_client, vector_state, tmp_pa
     else:
         certs = _openssl_open(body, key_file, tmp_path)
     assert certs[0].public_key() == csr.public_key()
+    # the requested subject, byte for byte (RDN order and string types as the client chose)
+    assert cert_subject_der(certs[0]) == csr_subject_der(csr.public_bytes(serialization.Encoding.DER))
     certs[0].verify_directly_issued_by(load_pair("ca").cert)
     # and it is in the inventory
     store = client.server.app[__import__("scepd.app", fromlist=["SERVICES"]).SERVICES].store

@@ -27,10 +27,10 @@ from typing import Awaitable, Callable
 
 from ..challenges import ChallengeGrant, ChallengeService
 from ..clock import Clock
-from ..csr import decode_csr
+from ..csr import LEGACY_SCEP_DIGESTS, SCEP_DIGESTS, CsrFacts, decode_csr
 from ..enrollment import EnrollmentService
-from ..errors import (BadCertId, BadRequest, BadTime, ForbiddenAlgorithm, MalformedRequest, NotForUs,
-                      RenewalRefused, RequestRejected, ScepdError, UnknownTransaction,
+from ..errors import (BadCertId, BadRequest, BadTime, ChallengeRejected, ForbiddenAlgorithm, MalformedRequest,
+                      NotForUs, RenewalRefused, RequestRejected, ScepdError, UnknownTransaction,
                       UnsupportedMessageType, UnverifiableMessage, mapping_for)
 from ..errors import BadMessageCheck, UnreadableEnvelope
 from ..external_check import CheckRequest, ExternalCheck
@@ -222,8 +222,10 @@ class ScepService:
 
     async def _enroll(self, msg: wire.PkiMessage, csr_der: bytes, digest: str,
                       requester: str | None) -> tuple[bytes, ScepOutcome]:
-        facts = await asyncio.to_thread(_decode_enveloped_csr, csr_der, verify_signature=True,
-                                        check_key=self._check_key)  # verifies its signature
+        digests = LEGACY_SCEP_DIGESTS if self.settings.legacy_algorithms else SCEP_DIGESTS
+        # the digests a SCEP message may use, for its CSR too; the key limits before the signature
+        facts = await asyncio.to_thread(_decode_enveloped_csr, csr_der, check_key=self._check_key,
+                                        allowed_digests=digests)
         # a resent request (lost reply, or a client that polls by resending: certmonger,
         # micromdm scepclient) is the same transaction, answered from what we already decided
         # ...unless it is signed by that very certificate: then it is a same-key renewal
@@ -240,14 +242,17 @@ class ScepService:
                 return await self._answer_pending(msg, pending, digest)
         renewal_of = None
         if self.renewal.is_candidate(msg.signer_cert):
-            grant = await self.renewal.authorize(msg.signer_cert, facts, self.clock.now())
-            renewal_of = grant.old_serial
-            challenge_grant = ChallengeGrant("renewal")
+            try:
+                grant = await self.renewal.authorize(msg.signer_cert, facts, self.clock.now())
+                renewal_of = grant.old_serial
+                challenge_grant = ChallengeGrant("renewal")
+            except RenewalRefused as refused:
+                challenge_grant = await self._challenge_instead_of_renewal(msg, facts, refused)
         elif msg.message_type == wire.MessageType.RENEWAL_REQ:
             raise RenewalRefused("a RenewalReq must be signed by a certificate issued by this CA")
         else:
             challenge_grant = await self.challenges.verify(facts.challenge_password, facts.common_name)
-        request = self.enrollment.approve(facts, self.profile)
+        request = self.enrollment.approve(facts, self.profile, requested_subject=True)
         if self.external_check.enabled:
             await self.external_check.check(CheckRequest(
                 csr_pem=_pem_csr(csr_der), challenge=facts.challenge_password,
@@ -263,6 +268,25 @@ class ScepService:
             request, challenge_grant, protocol="scep", transaction_id=msg.transaction_id,
             requester=requester, spki_sha256=facts.spki_sha256, renewal_of=renewal_of)
         return await asyncio.to_thread(self._success, msg, issued.cert, digest)
+
+    async def _challenge_instead_of_renewal(self, msg: wire.PkiMessage, facts: CsrFacts,
+                                            refused: RenewalRefused) -> ChallengeGrant:
+        """A request signed by one of our certificates that is no valid renewal (another CN, an
+        expired or revoked signer), but carries a valid challenge, is an initial enrollment that
+        challenge authenticates, and spends: strongSwan `pki --scep --cert old.pem --key old.key
+        --password ... --dn CN=other`, certmonger after a subject change. strongSwan 5.9 sends
+        that as a RenewalReq (17) when Renewal is advertised, so both message types qualify;
+        without a valid challenge (micromdm scepclient's RenewalReq carries none) the renewal
+        refusal is the answer."""
+        if not facts.challenge_password:
+            raise refused
+        try:
+            grant = await self.challenges.verify(facts.challenge_password, facts.common_name)
+        except ChallengeRejected:
+            raise refused from None
+        log.info("txn=%s: not a renewal (%s); enrolled with its challenge instead",
+                 msg.transaction_id, refused.detail)
+        return grant
 
     async def _answer_pending(self, msg: wire.PkiMessage, pending, digest: str) -> tuple[bytes, ScepOutcome]:
         if pending.status == "pending":
