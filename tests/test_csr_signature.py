@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from scepd.app import SERVICES, create_app
 from scepd.csr import LEGACY_SCEP_DIGESTS, SCEP_DIGESTS, STRONG_DIGESTS, decode_csr
-from scepd.errors import BadMessageCheck, FailInfo, ForbiddenAlgorithm
+from scepd.errors import BadMessageCheck, FailInfo, ForbiddenAlgorithm, UnreadableEnvelope
 from scepd.scep import wire
 
 from .helpers import pkcs_req, reply_certs, rsa_key, self_signed
@@ -141,7 +141,8 @@ async def test_sha1_csr_enrolls_over_scep(client, tmp_path):
     csr = openssl_csr(tmp_path, "-sha1", dn=("O=interop-lab", "CN=sha1-device"))
     rep, _ = await _enroll_csr(client, tampered(csr), csr_key(tmp_path))
     assert rep.status == wire.PkiStatus.FAILURE and rep.fail_info == FailInfo.BAD_MESSAGE_CHECK
-    assert rep.fail_info_text == "the CSR signature does not verify"
+    # a CSR inside the envelope that does not verify gets the one no-oracle answer (issue 11 item 1)
+    assert rep.fail_info_text == UnreadableEnvelope.DETAIL
     rep, signer = await _enroll_csr(client, csr, csr_key(tmp_path))
     assert rep.status == wire.PkiStatus.SUCCESS, rep.fail_info_text
     leaf = reply_certs(rep, *signer)[0]
