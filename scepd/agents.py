@@ -38,7 +38,7 @@ agents = sa.Table(
     sa.Index("ix_agents_serial", "serial"),
 )
 
-#: component "agents" (applied from the ordered list, scepd.frontends.migrations)
+#: component "agents" (applied from the ordered list, scepd.assembly.migrations)
 MIGRATIONS = [
     (1, [agents]),
     # "agents seen within" (metrics) filters on the last check-in time

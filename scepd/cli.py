@@ -40,7 +40,10 @@ def _setup_logging(cfg: config_mod.Config, verbose: bool = False) -> None:
 
 async def _open_services(cfg: config_mod.Config):
     from .app import open_services
-    return await open_services(cfg)
+    try:
+        return await open_services(cfg)
+    except pki.PkiError as exc:
+        fail(str(exc))
 
 
 @click.group()
