@@ -1,11 +1,11 @@
-"""ACME commands for the `scepd` CLI (registered in scepd/cli.py)."""
+"""ACME commands for the `scepd` CLI (added by scepd.assembly through acme.frontend)."""
 from __future__ import annotations
 
 import asyncio
 
 import click
 
-from scepd.cli import STATE_DIR, _fail, _load_config, _with_services
+from scepd.cli_support import STATE_DIR, fail, load_config, serial_argument, with_services
 from scepd.errors import ScepdError
 
 
@@ -15,13 +15,12 @@ from scepd.errors import ScepdError
 def renew_now(state_dir, serial):
     """Move a certificate's ARI renewal window into the past (ACME clients that read ARI renew)."""
     from .service import AcmeService, AcmeSettings
-    cfg = _load_config(state_dir)
-    key = serial.lower().removeprefix("0x").replace(":", "").lstrip("0") or "0"
+    cfg = load_config(state_dir)
+    key = serial_argument(serial)
     try:
-        asyncio.run(_with_services(cfg, lambda s: AcmeService(s, AcmeSettings()).mark_renew_now(key)))
+        asyncio.run(with_services(cfg, lambda s: AcmeService(s, AcmeSettings()).mark_renew_now(key)))
     except ScepdError as exc:
-        _fail(exc.detail)
-        return
+        fail(exc.detail)
     click.echo(f"{key}: ARI window moved into the past")
 
 
@@ -42,10 +41,9 @@ def eab_create(state_dir, identifiers, ttl):
     try:
         lifetime = parse_duration(ttl)
     except ConfigError as exc:
-        _fail(str(exc))
-        return
-    cfg = _load_config(state_dir)
-    kid, key = asyncio.run(_with_services(cfg, lambda s: AcmeService(s, AcmeSettings()).create_eab(
+        fail(str(exc))
+    cfg = load_config(state_dir)
+    kid, key = asyncio.run(with_services(cfg, lambda s: AcmeService(s, AcmeSettings()).create_eab(
         lifetime, identifiers, "cli")))
     click.echo(f"kid: {kid}")
     click.echo(f"hmac: {key}")
@@ -64,8 +62,8 @@ def accounts_list(state_dir, as_json):
     import json
 
     from .service import AcmeService, AcmeSettings
-    cfg = _load_config(state_dir)
-    rows = asyncio.run(_with_services(cfg, lambda s: AcmeService(s, AcmeSettings()).list_accounts()))
+    cfg = load_config(state_dir)
+    rows = asyncio.run(with_services(cfg, lambda s: AcmeService(s, AcmeSettings()).list_accounts()))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -80,11 +78,10 @@ def accounts_list(state_dir, as_json):
 def account_deactivate(state_dir, account_id):
     """Deactivate an account (RFC 8555 §7.3.6 done by the operator): no more orders or revocations."""
     from .service import AcmeService, AcmeSettings
-    cfg = _load_config(state_dir)
+    cfg = load_config(state_dir)
     try:
-        asyncio.run(_with_services(cfg, lambda s: AcmeService(s, AcmeSettings()).deactivate_account(
+        asyncio.run(with_services(cfg, lambda s: AcmeService(s, AcmeSettings()).deactivate_account(
             account_id, "cli")))
     except ScepdError as exc:
-        _fail(exc.detail)
-        return
+        fail(exc.detail)
     click.echo(f"{account_id}: deactivated")

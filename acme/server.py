@@ -278,3 +278,20 @@ def add_routes(app: web.Application, services) -> None:
     r.add_post("/acme/authz/{id}", post(authz))
     r.add_post("/acme/chall/{id}", post(challenge))
     r.add_post("/acme/cert/{serial}", post(certificate))
+
+
+def add_admin_routes(app: web.Application, services) -> None:
+    """ACME's part of the admin API: POST /api/v1/admin/eab creates an external account binding key."""
+    from scepd.admin_http import PREFIX, admin_endpoint, json_body, ttl_param
+    from scepd.errors import BadRequest
+
+    async def create_eab(request: web.Request, actor: str) -> web.Response:
+        body = await json_body(request)
+        pattern = body.get("identifiers")
+        if pattern is not None and not isinstance(pattern, str):
+            raise BadRequest("ttl and identifiers are strings")
+        ttl = ttl_param(body, "7d")
+        kid, key = await AcmeService(services, AcmeSettings()).create_eab(ttl, pattern, f"admin-api:{actor}")
+        return web.json_response({"kid": kid, "hmac_key": key, "identifiers": pattern}, status=201)
+
+    app.router.add_post(f"{PREFIX}/eab", admin_endpoint(services, create_eab))

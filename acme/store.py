@@ -7,7 +7,7 @@ import json
 import sqlalchemy as sa
 import sqlalchemy.exc  # noqa: F401
 
-from scepd.store import Conflict, SqlStore, register_migrations
+from scepd.store import Conflict, SqlStore
 from scepd.store.sql import _aware, _naive
 
 metadata = sa.MetaData()
@@ -117,10 +117,11 @@ def _add_missing_columns(*tables: sa.Table):
     return step
 
 
-register_migrations("acme", [(1, [accounts, orders, authzs, challenges, nonces]),
-                             (2, [replacements, renew_now]),
-                             (3, [eab_keys]),
-                             (4, _add_missing_columns(orders, authzs))])
+#: component "acme" (applied from the ordered list of every migration, scepd.assembly.migrations)
+MIGRATIONS = [(1, [accounts, orders, authzs, challenges, nonces]),
+              (2, [replacements, renew_now]),
+              (3, [eab_keys]),
+              (4, _add_missing_columns(orders, authzs))]
 
 
 def _row(row) -> dict:

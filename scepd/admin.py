@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-import re
 import secrets
 from dataclasses import dataclass
 
@@ -26,7 +25,8 @@ from .challenges import ChallengeGrant
 from .csr import CsrFacts
 from .errors import BadRequest
 from .policy import PROFILES
-from .store import AuditRecord, CertificateRecord, SqlStore, register_migrations
+from .render import cert_json, pending_json, serial_key  # noqa: F401  (cert_json, pending_json: the admin API's JSON)
+from .store import AuditRecord, CertificateRecord, SqlStore
 from .store.sql import _aware, _naive
 
 log = logging.getLogger("scepd.admin")
@@ -43,18 +43,18 @@ admin_tokens = sa.Table(
     sa.Column("revoked_at", sa.DateTime),
 )
 
-register_migrations("ops", [(3, [admin_tokens])])
+#: component "ops", version 3 (applied from the ordered list, scepd.assembly.migrations)
+MIGRATIONS = [(3, [admin_tokens])]
 
 TOKEN_PREFIX = "scepd_"
-_SERIAL = re.compile(r"^[0-9a-f]{1,64}$")
 
 
 def normalize_serial(text: str) -> str:
-    """Hex as `certs list` prints it; also accepts 0x, colons and leading zeros."""
-    key = str(text).strip().lower().removeprefix("0x").replace(":", "").lstrip("0") or "0"
-    if not _SERIAL.match(key):
-        raise BadRequest("a serial number is hexadecimal")
-    return key
+    """Hex as `certs list` prints it; also accepts 0x, colons and leading zeros (BadRequest if not hex)."""
+    try:
+        return serial_key(text)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
 
 
 def token_hash(token: str) -> str:
@@ -146,22 +146,3 @@ class AdminService:
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                     serialization.NoEncryption())
         return AdminCertificate(issued.cert, key_pem, issued.record)
-
-
-def cert_json(rec: CertificateRecord, now: dt.datetime, with_pem: bool = False) -> dict:
-    out = {"serial": rec.serial, "subject": rec.subject, "sans": list(rec.sans),
-           "not_before": rec.not_before.isoformat(), "not_after": rec.not_after.isoformat(),
-           "state": rec.state(now), "profile": rec.profile, "protocol": rec.protocol,
-           "transaction_id": rec.transaction_id, "requester": rec.requester, "ca_id": rec.ca_id,
-           "issued_at": rec.issued_at.isoformat(),
-           "revoked_at": rec.revoked_at.isoformat() if rec.revoked_at else None,
-           "revocation_reason": rec.revocation_reason}
-    if with_pem:
-        out["pem"] = x509.load_der_x509_certificate(rec.der).public_bytes(serialization.Encoding.PEM).decode()
-    return out
-
-
-def pending_json(r) -> dict:
-    return {"id": r.id, "status": r.status, "subject": r.subject, "transaction_id": r.transaction_id,
-            "protocol": r.protocol, "requester": r.requester, "created_at": r.created_at.isoformat(),
-            "renewal_of": r.renewal_of, "serial": r.serial, "reason": r.reason}

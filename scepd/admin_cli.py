@@ -35,21 +35,15 @@ def _config(state_dir: Path):
         _fail(str(exc))
 
 
-async def _with_admin(cfg, fn, full: bool = False):
+def _with_admin(cfg, fn, full: bool = False):
+    """A coroutine: fn(AdminService, services or None), with the store or (full) the services
+    the `scepd` command opens (scepd.cli_support)."""
     from .admin import AdminService
+    from .cli_support import with_services, with_store
     if full:
-        from .app import open_services
-        services = await open_services(cfg)
-        try:
-            return await fn(AdminService(services.store, services.clock, services.enrollment), services)
-        finally:
-            await services.close()
-    from .store import SqlStore
-    store = await SqlStore.open(cfg.database_url)
-    try:
-        return await fn(AdminService(store, SystemClock()), None)
-    finally:
-        await store.close()
+        return with_services(cfg, lambda services: fn(
+            AdminService(services.store, services.clock, services.enrollment), services))
+    return with_store(cfg, lambda store: fn(AdminService(store, SystemClock()), None))
 
 
 @click.group("admin")

@@ -11,10 +11,11 @@ from aiohttp import web
 from sqlalchemy.exc import SQLAlchemyError
 from cryptography.hazmat.primitives import serialization
 
-from .admin import AdminService, cert_json, normalize_serial, pending_json
+from .admin import AdminService, normalize_serial
 from .audit import audit_json, list_audit, parse_since
 from .config import ConfigError, parse_duration
 from .errors import BadRequest, ScepdError, mapping_for
+from .render import cert_json, pending_json
 from .store import CertificateRecord, StoreNotFound
 
 log = logging.getLogger("scepd.admin.http")
@@ -97,6 +98,11 @@ def _ttl(body: dict, default: str) -> dt.timedelta:
     return ttl
 
 
+#: for front-end plug-ins adding admin routes (acme/: POST /api/v1/admin/eab)
+json_body = _body
+ttl_param = _ttl
+
+
 def _int_param(request: web.Request, name: str, default: int, maximum: int) -> int:
     raw = request.query.get(name)
     if raw is None:
@@ -106,23 +112,31 @@ def _int_param(request: web.Request, name: str, default: int, maximum: int) -> i
     return int(raw)
 
 
+def admin_endpoint(services, handler, admin: AdminService | None = None):
+    """An aiohttp handler from `handler(request, actor)`: authenticated (bearer token or admin
+    certificate), errors mapped to JSON. Front-end plug-ins (acme/) add their admin routes with it."""
+    admin = admin or AdminService(services.store, services.clock, services.enrollment)
+
+    async def wrapped(request: web.Request) -> web.Response:
+        try:
+            actor = await authenticate(request, services, admin)
+            return await handler(request, actor)
+        except _Denied as denied:
+            log.info("admin API %s %s refused: %s", request.method, request.path, denied.message)
+            return _json_error(denied.status, denied.message)
+        except ScepdError as err:
+            return _json_error(mapping_for(err).http_status, err.detail)
+        except (SQLAlchemyError, OSError):  # the store is unreachable: nothing was done
+            log.exception("admin API %s %s: store unavailable", request.method, request.path)
+            return _json_error(503, "the store is temporarily unavailable")
+    return wrapped
+
+
 def add_admin_routes(app: web.Application, services) -> None:
     admin = AdminService(services.store, services.clock, services.enrollment)
 
     def route(handler):
-        async def wrapped(request: web.Request) -> web.Response:
-            try:
-                actor = await authenticate(request, services, admin)
-                return await handler(request, actor)
-            except _Denied as denied:
-                log.info("admin API %s %s refused: %s", request.method, request.path, denied.message)
-                return _json_error(denied.status, denied.message)
-            except ScepdError as err:
-                return _json_error(mapping_for(err).http_status, err.detail)
-            except (SQLAlchemyError, OSError):  # the store is unreachable: nothing was done
-                log.exception("admin API %s %s: store unavailable", request.method, request.path)
-                return _json_error(503, "the store is temporarily unavailable")
-        return wrapped
+        return admin_endpoint(services, handler, admin)
 
     async def list_certs(request: web.Request, _actor: str) -> web.Response:
         now = services.clock.now()
@@ -215,16 +229,6 @@ def add_admin_routes(app: web.Application, services) -> None:
         now = services.clock.now()
         return web.json_response({"agents": [r.to_json(now) for r in rows]})
 
-    async def create_eab(request: web.Request, actor: str) -> web.Response:
-        from acme.service import AcmeService, AcmeSettings
-        body = await _body(request)
-        pattern = body.get("identifiers")
-        if pattern is not None and not isinstance(pattern, str):
-            raise BadRequest("ttl and identifiers are strings")
-        ttl = _ttl(body, "7d")
-        kid, key = await AcmeService(services, AcmeSettings()).create_eab(ttl, pattern, f"admin-api:{actor}")
-        return web.json_response({"kid": kid, "hmac_key": key, "identifiers": pattern}, status=201)
-
     async def whoami(_request: web.Request, actor: str) -> web.Response:
         return web.json_response({"actor": actor})
 
@@ -236,7 +240,6 @@ def add_admin_routes(app: web.Application, services) -> None:
     r.add_post(f"{PREFIX}/challenges", route(create_challenge))
     r.add_get(f"{PREFIX}/audit", route(get_audit))
     r.add_get(f"{PREFIX}/agents", route(list_agents))
-    r.add_post(f"{PREFIX}/eab", route(create_eab))
     if hasattr(services.enrollment, "approve_pending") and hasattr(services.store, "list_pending"):
         r.add_get(f"{PREFIX}/pending", route(list_pending))
         r.add_post(f"{PREFIX}/pending/{{pending_id}}/approve", route(approve_pending))

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 
 from .clock import Clock, SystemClock
 from .errors import MalformedRequest, mapping_for
-from .store import SqlStore, register_migrations
+from .store import SqlStore
 from .store.sql import _aware, _naive
 
 metadata = sa.MetaData()
@@ -38,12 +38,13 @@ agents = sa.Table(
     sa.Index("ix_agents_serial", "serial"),
 )
 
-register_migrations("agents", [
+#: component "agents" (applied from the ordered list, scepd.assembly.migrations)
+MIGRATIONS = [
     (1, [agents]),
     # "agents seen within" (metrics) filters on the last check-in time
     (2, lambda c: c.exec_driver_sql(
         "CREATE INDEX IF NOT EXISTS ix_agents_last_checkin ON agents (last_checkin_at)")),
-])
+]
 
 MAX_HOSTNAME = 255
 MAX_VERSION = 64
@@ -189,14 +190,9 @@ def agents_list(state_dir, as_json, limit):
     except (config_mod.ConfigError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 
-    async def _run() -> list[AgentRecord]:
-        store = await SqlStore.open(cfg.database_url)
-        try:
-            return await AgentInventory(store, SystemClock()).list(limit)
-        finally:
-            await store.close()
+    from .cli_support import with_store
     now = SystemClock().now()
-    records = asyncio.run(_run())
+    records = asyncio.run(with_store(cfg, lambda store: AgentInventory(store, SystemClock()).list(limit)))
     if as_json:
         click.echo(json.dumps([r.to_json(now) for r in records], indent=2))
         return

@@ -1,4 +1,5 @@
 """Assembly: open the store, load the CA, build the services, and the aiohttp app factory.
+The protocol front-ends (acme/) and the ordered migrations come from scepd.assembly.
 
 The factory only assembles; every acquired resource is released by cleanup_ctx.
 """
@@ -30,6 +31,7 @@ from .scep.transport import ScepHandler, add_routes
 from .store import SqlStore
 from .ops import add_https_context, add_ops_routes, attach_ops
 from .admin_http import add_admin_routes
+from .assembly import frontends, migrations
 
 if TYPE_CHECKING:
     from .crl import CrlService
@@ -70,7 +72,7 @@ async def open_services(config: Config, clock: Clock | None = None) -> Services:
     clock = clock or SystemClock()
     limits = RateLimiter.from_config(config.limits, clock)  # ConfigError before anything opens
     material = pki.load(config.state_dir, passphrase_for(config))
-    store = await SqlStore.open(config.database_url)
+    store = await SqlStore.open(config.database_url, migrations())
     try:
         authority = CertificateAuthority(material, config.base_url)
         challenges = ChallengeService(store, clock, config.scep.static_challenge,
@@ -189,7 +191,8 @@ async def _ca_key_signs(services: Services) -> None:
     await asyncio.to_thread(_check)
 
 
-#: Packages that serve on the HTTPS listener (ACME, admin API) append a callable(app, services).
+#: scepd's own HTTPS routes (the admin API), a callable(app, services) each; protocol front-ends
+#: (acme/) come from scepd.assembly.frontends().
 HTTPS_ROUTES: list = []
 #: Packages that serve on the mTLS listener (agent API) append a callable(app, services).
 MTLS_ROUTES: list = []
@@ -209,6 +212,9 @@ def create_https_app(services: Services) -> web.Application:
     _root_routes(app, services)
     for add in HTTPS_ROUTES:
         add(app, services)
+    for frontend in frontends():
+        if frontend.https_routes is not None:
+            frontend.https_routes(app, services)
     return app
 
 
@@ -253,11 +259,3 @@ def create_mtls_app(services: Services) -> web.Application:
     for add in MTLS_ROUTES:
         add(app, services)
     return app
-
-
-def _register_acme() -> None:
-    from acme.server import add_routes
-    HTTPS_ROUTES.append(add_routes)
-
-
-_register_acme()

@@ -11,7 +11,7 @@ import json
 
 import sqlalchemy as sa
 
-from .store import AuditRecord, SqlStore, register_migrations
+from .store import AuditRecord, SqlStore
 from .store.sql import _aware, _naive, audit
 
 _SQLITE = [
@@ -38,7 +38,8 @@ def _append_only(conn: sa.Connection) -> None:
         conn.exec_driver_sql(statement)
 
 
-register_migrations("ops", [(2, _append_only)])
+#: component "ops", version 2 (applied from the ordered list, scepd.assembly.migrations)
+MIGRATIONS = [(2, _append_only)]
 
 
 async def list_audit(store: SqlStore, *, event: str | None = None, serial: str | None = None,

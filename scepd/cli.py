@@ -18,25 +18,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from . import __version__, config as config_mod, pki
+from .assembly import frontends, open_store
+from .cli_support import STATE_DIR, CliHost, fail, load_config, serial_argument, with_services, with_store
 from .clock import SystemClock
 from .config import ConfigError, parse_duration
+from .render import cert_json, pending_json, serial_key
 
-STATE_DIR = click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
-                         envvar="SCEPD_STATE_DIR", default="scepd-data", show_default=True,
-                         help="Directory holding the CA, configuration and database.")
-
-
-def _fail(message: str) -> None:
-    click.echo(f"scepd: {message}", err=True)
-    sys.exit(1)
-
-
-def _load_config(state_dir: Path) -> config_mod.Config:
-    try:
-        return config_mod.load(state_dir)
-    except (ConfigError, ValueError) as exc:
-        _fail(str(exc))
-        raise  # unreachable
+_fail = fail
+_load_config = load_config
 
 
 def _setup_logging(cfg: config_mod.Config, verbose: bool = False) -> None:
@@ -49,10 +38,21 @@ def _setup_logging(cfg: config_mod.Config, verbose: bool = False) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+async def _open_services(cfg: config_mod.Config):
+    from .app import open_services
+    try:
+        return await open_services(cfg)
+    except pki.PkiError as exc:
+        fail(str(exc))
+
+
 @click.group()
 @click.version_option(__version__, prog_name="scepd")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context) -> None:
     """scepd: certificate enrollment server (SCEP) with its own CA."""
+    if ctx.obj is None:  # what every subcommand (and a front-end's) opens the store and services with
+        ctx.obj = CliHost(open_services=_open_services, open_store=open_store)
 
 
 # --- init -------------------------------------------------------------------------------------
@@ -104,8 +104,7 @@ def _init(state_dir: Path, cn: str, org: str | None, http: str | None, import_ce
         _fail("an EC issuing CA cannot decrypt SCEP requests: add --ra")
 
     async def _db() -> None:
-        from .store import SqlStore
-        store = await SqlStore.open(cfg.database_url)
+        store = await open_store(cfg.database_url)
         await store.close()
     asyncio.run(_db())
     return material
@@ -452,10 +451,10 @@ def activate_next(state_dir):
 
 
 def _audit(cfg, event: str, details: dict) -> None:
-    from .store import AuditRecord, SqlStore
+    from .store import AuditRecord
 
     async def _run():
-        store = await SqlStore.open(cfg.database_url)
+        store = await open_store(cfg.database_url)
         try:
             async with store.transaction() as tx:
                 await tx.audit(AuditRecord(at=SystemClock().now(), event=event, actor="cli", details=details))
@@ -497,35 +496,8 @@ def certs() -> None:
     """The inventory of issued certificates."""
 
 
-def _cert_json(rec, now: dt.datetime) -> dict:
-    return {"serial": rec.serial, "subject": rec.subject, "sans": list(rec.sans),
-            "not_before": rec.not_before.isoformat(), "not_after": rec.not_after.isoformat(),
-            "state": rec.state(now), "profile": rec.profile, "protocol": rec.protocol,
-            "transaction_id": rec.transaction_id, "requester": rec.requester, "ca_id": rec.ca_id,
-            "issued_at": rec.issued_at.isoformat(), "revoked_at": rec.revoked_at.isoformat()
-            if rec.revoked_at else None, "revocation_reason": rec.revocation_reason}
-
-
-async def _with_services(cfg, fn):
-    """The same services the server runs (CLI and server share one service layer)."""
-    from .app import open_services
-    try:
-        services = await open_services(cfg)
-    except pki.PkiError as exc:
-        _fail(str(exc))
-    try:
-        return await fn(services)
-    finally:
-        await services.close()
-
-
-async def _with_store(cfg, fn):
-    from .store import SqlStore
-    store = await SqlStore.open(cfg.database_url)
-    try:
-        return await fn(store)
-    finally:
-        await store.close()
+_with_services = with_services
+_with_store = with_store
 
 
 @certs.command("list")
@@ -545,7 +517,7 @@ def certs_list(state_dir, as_json, expiring_within, limit):
     cfg = _load_config(state_dir)
     records = asyncio.run(_with_store(cfg, lambda s: s.list_certificates(expiring_before=before, limit=limit)))
     if as_json:
-        click.echo(json.dumps([_cert_json(r, now) for r in records], indent=2))
+        click.echo(json.dumps([cert_json(r, now) for r in records], indent=2))
         return
     click.echo(f"{'SERIAL':34} {'STATE':8} {'NOT AFTER':20} {'PROTO':5} SUBJECT")
     for r in records:
@@ -560,7 +532,7 @@ def certs_show(state_dir, serial, as_pem):
     """Show one certificate (serial in hex, as `certs list` prints it)."""
     from .store import StoreNotFound
     cfg = _load_config(state_dir)
-    key = serial.lower().removeprefix("0x").replace(":", "").lstrip("0") or "0"
+    key = serial_argument(serial)
     try:
         rec = asyncio.run(_with_store(cfg, lambda s: s.get_certificate(key)))
     except StoreNotFound:
@@ -570,9 +542,7 @@ def certs_show(state_dir, serial, as_pem):
         cert = x509.load_der_x509_certificate(rec.der)
         click.echo(cert.public_bytes(serialization.Encoding.PEM).decode(), nl=False)
         return
-    out = _cert_json(rec, SystemClock().now())
-    out["pem"] = x509.load_der_x509_certificate(rec.der).public_bytes(serialization.Encoding.PEM).decode()
-    click.echo(json.dumps(out, indent=2))
+    click.echo(json.dumps(cert_json(rec, SystemClock().now(), with_pem=True), indent=2))
 
 
 @certs.command("revoke")
@@ -586,7 +556,7 @@ def certs_revoke(state_dir, serial, reason):
     from .errors import ScepdError
     from .revocation import RevocationReason
     cfg = _load_config(state_dir)
-    key = serial.lower().removeprefix("0x").replace(":", "").lstrip("0") or "0"
+    key = serial_argument(serial)
 
     async def _run():
         return await _with_services(cfg, lambda sv: sv.revocation.revoke(
@@ -612,9 +582,7 @@ def pending_list(state_dir, show_all, as_json):
     """List pending requests."""
     cfg = _load_config(state_dir)
     rows = asyncio.run(_with_store(cfg, lambda s: s.list_pending(None if show_all else "pending")))
-    items = [{"id": r.id, "status": r.status, "subject": r.subject, "transaction_id": r.transaction_id,
-              "protocol": r.protocol, "requester": r.requester, "created_at": r.created_at.isoformat(),
-              "renewal_of": r.renewal_of, "serial": r.serial, "reason": r.reason} for r in rows]
+    items = [pending_json(r) for r in rows]
     if as_json:
         click.echo(json.dumps(items, indent=2))
         return
@@ -667,13 +635,12 @@ def audit() -> None:
 @click.option("--since", default=None, help="Only records at/after an ISO 8601 time or a duration ago (24h, 7d).")
 def audit_list(state_dir, limit, event, serial, since):
     """Newest audit records first, one JSON object a line."""
-    from .admin import normalize_serial
     from .audit import audit_json, list_audit, parse_since
     from .errors import ScepdError
     cfg = _load_config(state_dir)
     try:
         since_at = parse_since(since, SystemClock().now()) if since else None
-        key = normalize_serial(serial) if serial else None
+        key = serial_key(serial) if serial else None
     except ValueError as exc:
         _fail(str(exc))
         return
@@ -694,11 +661,9 @@ from .agents import agents_cli  # noqa: E402
 main.add_command(agents_cli)
 
 
-from acme.cli import acme_group as _acme_group, eab as _acme_eab, renew_now as _acme_renew_now  # noqa: E402
-
-certs.add_command(_acme_renew_now)
-main.add_command(_acme_eab)
-main.add_command(_acme_group)
+for _frontend in frontends():  # protocol front-ends (acme/): their commands, under `scepd` or a group
+    for _parent, _command in _frontend.cli_commands():
+        (main.commands[_parent] if _parent else main).add_command(_command)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from .clock import Clock
 from .errors import NotFound
 from .revocation import RevocationReason
-from .store import CertificateRecord, SqlStore, register_migrations
+from .store import CertificateRecord, SqlStore
 from .store.sql import _aware, _naive, certificates
 
 log = logging.getLogger("scepd.crl")
@@ -42,7 +42,8 @@ crl_state = sa.Table(
     sa.Column("der", sa.LargeBinary, nullable=False),
 )
 
-register_migrations("ops", [(1, [crl_state])])
+#: component "ops", version 1 (applied from the ordered list, scepd.assembly.migrations)
+MIGRATIONS = [(1, [crl_state])]
 
 DEFAULT_VALIDITY = dt.timedelta(hours=24)
 

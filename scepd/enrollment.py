@@ -20,6 +20,7 @@ from .clock import Clock
 from .csr import LEGACY_SCEP_DIGESTS, CsrFacts, decode_csr
 from .errors import ChallengeRejected, NotFound, PolicyViolation, RequestRejected
 from .policy import IssuanceRequest, KeyLimits, Profile, SubjectPolicy, approve, check_window, profile_named
+from .render import serial_hex
 from .store import AuditRecord, CertificateRecord, Conflict, PendingRecord, SqlStore, StoreNotFound
 
 #: duplicate-subject policies: keep both | revoke the renewed certificate | refuse a second one
@@ -36,10 +37,6 @@ def _subject_string(request: IssuanceRequest) -> str:
     if request.subject is not None:
         return request.subject.rfc4514_string()
     return f"CN={request.common_name}" if request.common_name else ""
-
-
-def serial_hex(serial: int) -> str:
-    return format(serial, "x")
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from cryptography.x509 import ocsp
 
 from .clock import Clock
 from .crl import Signer
+from .render import serial_hex
 from .store import SqlStore, StoreNotFound
 
 log = logging.getLogger("scepd.ocsp")
@@ -160,7 +161,7 @@ class OcspResponder:
         if serial <= 0:
             return _error(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, "malformedRequest")
         try:
-            status, revoked_at, reason = await self._status(signer, format(serial, "x"))
+            status, revoked_at, reason = await self._status(signer, serial_hex(serial))
         except Exception:  # store unreachable: RFC 6960 tryLater, never an HTTP 500
             log.exception("OCSP status lookup failed")
             return _error(ocsp.OCSPResponseStatus.TRY_LATER, "tryLater")

@@ -23,6 +23,7 @@ from cryptography.x509.oid import NameOID
 
 from .csr import CsrFacts, certificate_sans
 from .errors import RenewalRefused
+from .render import serial_hex
 from .store import CertificateRecord, SqlStore, StoreNotFound
 
 
@@ -76,7 +77,7 @@ class RenewalPolicy:
     async def authorize(self, signer: x509.Certificate, facts: CsrFacts, now: dt.datetime) -> RenewalGrant:
         if await asyncio.to_thread(issued_by_us, signer, self.cas) is None:  # a signature check
             raise RenewalRefused("the signer certificate was not issued by this CA")
-        serial = format(signer.serial_number, "x")
+        serial = serial_hex(signer.serial_number)
         try:
             record: CertificateRecord | None = await self.store.get_certificate(serial)
         except StoreNotFound:

@@ -186,8 +186,9 @@ async def test_append_only_and_crl_numbers_on_both_backends(database_url, servic
     """SQLite and PostgreSQL: the audit triggers refuse UPDATE/DELETE; two CRL services on one
     database (two replicas) never reuse a CRL number."""
     from scepd.crl import CrlService, Signer
-    from scepd.store import AuditRecord, SqlStore
-    store = await SqlStore.open(database_url)
+    from scepd.assembly import open_store
+    from scepd.store import AuditRecord
+    store = await open_store(database_url)
     try:
         async with store.transaction() as tx:
             await tx.audit(AuditRecord(at=services.clock.now(), event="test.event"))

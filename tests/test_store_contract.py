@@ -32,8 +32,59 @@ async def store(database_url):
 
 
 async def test_migrations_are_idempotent(database_url):
+    from scepd.assembly import open_store
     for _ in range(2):
-        s = await SqlStore.open(database_url)
+        s = await open_store(database_url)
+        await s.close()
+
+
+def test_one_ordered_list_names_every_migration():
+    """scepd.assembly.migrations() is the one list: every component's versions once, ascending,
+    core first; the component modules only declare their steps, nothing registers on import."""
+    from acme import store as acme_store
+    from scepd.assembly import migrations
+    from scepd import admin, agents, audit, crl
+    from scepd.store import sql
+    listed = [(component, version) for component, version, _ in migrations()]
+    assert len(set(listed)) == len(listed)
+    assert listed[:len(sql.MIGRATIONS["core"])] == [("core", v) for v, _ in sql.MIGRATIONS["core"]]
+    for component in {c for c, _ in listed}:
+        versions = [v for c, v in listed if c == component]
+        assert versions == sorted(versions) == list(range(1, len(versions) + 1)), component
+    declared = {("ops", v) for m in (crl, audit, admin) for v, _ in m.MIGRATIONS}
+    declared |= {("agents", v) for v, _ in agents.MIGRATIONS} | {("acme", v) for v, _ in acme_store.MIGRATIONS}
+    assert declared <= set(listed)
+    assert not hasattr(sql, "register_migrations")
+
+
+async def test_what_a_database_gets_does_not_depend_on_what_was_imported(database_url):
+    """Component modules used to register their migrations on import, so a new database got
+    whatever the process had imported. SqlStore.open applies the list it is given (default: the
+    store's own tables); scepd.assembly.open_store applies the one ordered list."""
+    import sqlalchemy as sa
+
+    import acme.store  # noqa: F401  (imported: must not change what SqlStore.open applies)
+    import scepd.agents  # noqa: F401
+    import scepd.crl  # noqa: F401
+    from scepd.store.sql import schema_version
+
+    async def applied(s) -> set[tuple[str, int]]:
+        async with s.engine.connect() as conn:
+            return {(r[0], r[1]) for r in await conn.execute(
+                sa.select(schema_version.c.component, schema_version.c.version))}
+    s = await SqlStore.open(database_url)
+    try:
+        assert {c for c, _ in await applied(s)} == {"core"}
+    finally:
+        await s.close()
+    from scepd.assembly import migrations, open_store
+    s = await open_store(database_url)
+    try:
+        assert await applied(s) == {(c, v) for c, v, _ in migrations()}
+        async with s.engine.connect() as conn:
+            tables = await conn.run_sync(lambda c: set(sa.inspect(c).get_table_names()))
+        assert {"acme_accounts", "acme_orders", "crl_state", "admin_tokens", "agents"} <= tables
+    finally:
         await s.close()
 
 
@@ -169,7 +220,8 @@ async def test_acme_v4_adds_its_columns_to_a_v3_database(database_url):
             id="o1", account_id="a1", status="pending", identifiers="[]", expires=NOW.replace(tzinfo=None),
             created_at=NOW.replace(tzinfo=None)))
     await engine.dispose()
-    s = await SqlStore.open(database_url)
+    from scepd.assembly import open_store
+    s = await open_store(database_url)
     try:
         db = acme_store.AcmeStore(s)
         row = await db.get(acme_store.orders, "o1")

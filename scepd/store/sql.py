@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-from typing import AsyncIterator, Callable
+from typing import AsyncIterator, Callable, Sequence
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -108,19 +108,21 @@ pending_requests = sa.Table(
 #: A migration step: a list of tables to create, or a callable(sync_connection) for DDL changes.
 Step = list[sa.Table] | Callable[[sa.Connection], None]
 
-#: Migrations per component: (version, step). New versions append; never edit an applied one.
-#: Other packages (acme/, the agent inventory) register their own component with
-#: `register_migrations`, keeping their tables in their own modules.
+#: The store's own migrations: (version, step). New versions append; never edit an applied one.
+#: Other components (ops, the agent inventory, acme/) keep their tables in their own modules; the
+#: one ordered list of every migration is scepd.assembly.migrations(), given to SqlStore.open.
 MIGRATIONS: dict[str, list[tuple[int, Step]]] = {
     "core": [(1, [certificates, challenges, audit]), (2, [pending_requests])],
 }
 
 
-def register_migrations(component: str, steps: list[tuple[int, Step]]) -> None:
-    existing = MIGRATIONS.setdefault(component, [])
-    known = {v for v, _ in existing}
-    existing.extend((v, st) for v, st in steps if v not in known)
-    existing.sort(key=lambda item: item[0])
+#: One migration: (component, version, step), applied in list order, each once per database.
+Migration = tuple[str, int, Step]
+
+
+def core_migrations() -> list[Migration]:
+    """The store's own tables only (what SqlStore.open applies when given no list)."""
+    return [(component, version, step) for component, steps in MIGRATIONS.items() for version, step in steps]
 
 
 def _naive(t: dt.datetime | None) -> dt.datetime | None:
@@ -253,7 +255,9 @@ class SqlStore:
         self._write_lock = asyncio.Lock() if self._is_sqlite else contextlib.nullcontext()
 
     @classmethod
-    async def open(cls, url: str) -> "SqlStore":
+    async def open(cls, url: str, migrations: Sequence[Migration] | None = None) -> "SqlStore":
+        """Connect and apply `migrations` (default: the store's own, core_migrations(); the server
+        and the CLI pass scepd.assembly.migrations(), every component's)."""
         kwargs: dict = {}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 30}
@@ -280,35 +284,35 @@ class SqlStore:
                 immediate = conn.get_execution_options().get("sqlite_immediate")
                 conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
         store = cls(engine)
-        await store.migrate()
+        await store.migrate(core_migrations() if migrations is None else migrations)
         return store
 
     async def close(self) -> None:
         await self.engine.dispose()
 
-    async def migrate(self) -> None:
-        """Apply every registered migration not yet recorded, in one transaction."""
+    async def migrate(self, migrations: Sequence[Migration]) -> None:
+        """Apply, in order, every migration of the list not yet recorded, in one transaction."""
         async with self.transaction() as tx:
             conn = tx.connection
             await conn.run_sync(lambda c: schema_version.create(c, checkfirst=True))
             done = {(r[0], r[1]) for r in await conn.execute(
                 sa.select(schema_version.c.component, schema_version.c.version))}
-            for component, steps in MIGRATIONS.items():
-                for version, step in steps:
-                    if (component, version) in done:
-                        continue
-                    if callable(step):
-                        await conn.run_sync(step)
-                    else:
-                        for table in step:
-                            await conn.run_sync(lambda c, t=table: t.create(c, checkfirst=True))
-                    try:
-                        async with conn.begin_nested():
-                            await conn.execute(schema_version.insert().values(
-                                component=component, version=version,
-                                applied_at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)))
-                    except IntegrityError:  # another replica migrated concurrently
-                        pass
+            for component, version, step in migrations:
+                if (component, version) in done:
+                    continue
+                if callable(step):
+                    await conn.run_sync(step)
+                else:
+                    for table in step:
+                        await conn.run_sync(lambda c, t=table: t.create(c, checkfirst=True))
+                done.add((component, version))
+                try:
+                    async with conn.begin_nested():
+                        await conn.execute(schema_version.insert().values(
+                            component=component, version=version,
+                            applied_at=dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)))
+                except IntegrityError:  # another replica migrated concurrently
+                    pass
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:

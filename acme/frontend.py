@@ -1,0 +1,19 @@
+"""ACME as a scepd front-end (scepd.frontend.Frontend): listed by scepd.assembly, the one place
+in scepd that knows about this package."""
+from __future__ import annotations
+
+from scepd.frontend import Frontend
+
+
+def _https_routes(app, services) -> None:
+    from .server import add_admin_routes, add_routes
+    add_routes(app, services)  # /acme/...
+    add_admin_routes(app, services)  # POST /api/v1/admin/eab
+
+
+def _cli_commands():
+    from .cli import acme_group, eab, renew_now
+    return [("certs", renew_now), ("", eab), ("", acme_group)]
+
+
+FRONTEND = Frontend("acme", https_routes=_https_routes, cli_commands=_cli_commands)
