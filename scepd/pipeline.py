@@ -233,3 +233,23 @@ def pem_csr(csr_der: bytes) -> str:
     b64 = base64.b64encode(csr_der).decode()
     return "-----BEGIN CERTIFICATE REQUEST-----\n" + "\n".join(
         b64[i:i + 64] for i in range(0, len(b64), 64)) + "\n-----END CERTIFICATE REQUEST-----\n"
+
+
+def startup_warnings(config) -> list[str]:
+    """What `serve` warns about once at start: deprecated keys, and a static challenge that
+    authorizes any name while its profile includes serverAuth (whoever knows the shared secret
+    could get a TLS server certificate for any DNS name, which ACME would make him prove)."""
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    warnings = list(config.deprecations)
+    scep = config.scep
+    if scep.static_challenge and not scep.static_challenge_names.strip():
+        try:
+            profile = profile_named(scep.profile)
+        except PolicyViolation:
+            profile = None
+        if profile is not None and ExtendedKeyUsageOID.SERVER_AUTH in profile.extended_key_usages:
+            warnings.append(f"the static challenge authorizes any name and [scep] profile = "
+                            f"{profile.name!r} includes serverAuth: set [scep] static_challenge_names "
+                            "(e.g. \"*.devices.example\") or a clientAuth-only profile")
+    return warnings
