@@ -210,13 +210,6 @@ def _check_cn(common_name: str) -> None:
         raise PolicyViolation("CN contains control characters")
 
 
-def cn_matches(pattern: str | None, common_name: str | None) -> bool:
-    """Challenge/token binding: a shell-style pattern the CN must match (None = any)."""
-    if not pattern:
-        return True
-    return common_name is not None and fnmatch.fnmatchcase(common_name, pattern)
-
-
 def approve(facts: CsrFacts, profile: Profile, now: dt.datetime,
             validity: dt.timedelta | None = None, ca_not_after: dt.datetime | None = None,
             window: tuple[dt.datetime | None, dt.datetime | None] | None = None,
