@@ -1,6 +1,7 @@
 """The SCEP service: bytes in, bytes out. No HTTP here (see transport.py).
 
-request -> decode (wire) -> authorize (challenge, policy) -> issue (enrollment: CA + store)
+request -> decode (wire) -> authenticate (challenge or renewal: an Authorization)
+        -> pipeline (scepd/pipeline.py: names, profile, policy, external check, approval, issue)
         -> encode (wire)
 Anything that fails before we know who asked (undecodable, unverifiable, not for us) raises
 a ScepdError the transport answers with HTTP 400; every later failure becomes a signed CertRep
