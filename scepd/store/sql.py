@@ -119,15 +119,6 @@ MIGRATIONS: dict[str, list[tuple[int, Step]]] = {
 }
 
 
-def _add_missing_columns(conn: sa.Connection, table: sa.Table) -> None:
-    """Columns a table gained after it was first created (a fresh database has them)."""
-    have = {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
-    for col in table.columns:
-        if col.name not in have:
-            ddl = col.type.compile(dialect=conn.dialect)
-            conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {col.name} {ddl}"))
-
-
 def register_migrations(component: str, steps: list[tuple[int, Step]]) -> None:
     existing = MIGRATIONS.setdefault(component, [])
     known = {v for v, _ in existing}
@@ -182,6 +173,15 @@ def _challenge_record(row) -> ChallengeRecord:
                            created_at=_aware(m["created_at"]), expires_at=_aware(m["expires_at"]),
                            used_at=_aware(m["used_at"]), used_by_serial=m["used_by_serial"],
                            names=names or None, profile=m["profile"])
+
+
+def _add_missing_columns(conn: sa.Connection, table: sa.Table) -> None:
+    """Columns a table gained after it was first created (a fresh database has them)."""
+    have = {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
+    for col in table.columns:
+        if col.name not in have:
+            ddl = col.type.compile(dialect=conn.dialect)
+            conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {col.name} {ddl}"))
 
 
 class Transaction:
