@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .clock import Clock
 from .errors import ChallengeRejected
-from .policy import profile_named
+from .policy import enrollment_profile
 from .store import AuditRecord, SqlStore
 
 
@@ -72,7 +72,7 @@ class ChallengeService:
             raise ValueError("a challenge needs a positive lifetime")
         scope = clean_names([*(names or ()), *([cn_pattern] if cn_pattern else [])])
         if profile:
-            profile_named(profile)  # PolicyViolation for an unknown profile
+            enrollment_profile(profile)  # PolicyViolation for an unknown or internal profile
         secret = secrets.token_hex(16)
         now = self.clock.now()
         async with self.store.transaction() as tx:

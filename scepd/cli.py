@@ -487,7 +487,7 @@ def challenge_create(state_dir, ttl, names, profile):
     """Print one new one-time challenge password (and nothing else)."""
     from .challenges import clean_names
     from .errors import ScepdError
-    from .policy import profile_named
+    from .policy import enrollment_profile
     try:
         lifetime = parse_duration(ttl)
         scope = clean_names(names)
@@ -495,7 +495,7 @@ def challenge_create(state_dir, ttl, names, profile):
         _fail(str(exc))
     if profile:
         try:
-            profile_named(profile)
+            enrollment_profile(profile)
         except ScepdError as exc:
             _fail(exc.detail)
     cfg = _load_config(state_dir)

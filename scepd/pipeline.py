@@ -28,7 +28,7 @@ from .csr import CsrFacts
 from .enrollment import REQUESTED_SUBJECT_PROTOCOLS, EnrollmentService, Issued
 from .errors import PolicyViolation
 from .external_check import CheckRequest, ExternalCheck
-from .policy import IssuanceRequest, Profile, profile_named
+from .policy import ENROLLMENT_PROFILES, IssuanceRequest, Profile, profile_named
 from .store import PendingRecord, StoreNotFound
 
 log = logging.getLogger("scepd.pipeline")
@@ -187,7 +187,8 @@ class Pipeline:
 
     async def profile_for(self, auth: Authorization) -> Profile:
         """Step 2. A renewal keeps the profile of the certificate it renews (an ACME `agent`
-        certificate renewed over SCEP stays clientAuth) unless `renewal_profile = default`."""
+        certificate renewed over SCEP stays clientAuth) unless `renewal_profile = default`, or
+        the profile is one the server keeps for itself (admin, ocsp): then the protocol's."""
         if auth.profile:
             return profile_named(auth.profile)
         if auth.renewal_of and self.renewal_profile == "keep":
@@ -195,7 +196,8 @@ class Pipeline:
                 old = await self.enrollment.store.get_certificate(auth.renewal_of)
             except StoreNotFound:
                 old = None  # signed by our CA key before the inventory existed
-            if old is not None:
+            # the server's own profiles (admin, ocsp) are never extended by a client's renewal
+            if old is not None and old.profile in ENROLLMENT_PROFILES:
                 return profile_named(old.profile)
         return profile_named(self.default_profiles.get(auth.protocol, "device"))
 

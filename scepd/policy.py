@@ -259,6 +259,19 @@ def check_window(window: tuple[dt.datetime | None, dt.datetime | None], now: dt.
             raise PolicyViolation("notAfter is later than the issuing CA's own notAfter")
 
 
+#: the profiles a request may be given (a challenge's --profile, a renewal keeping its own);
+#: `admin` and `ocsp` certificates are made by the server itself only
+ENROLLMENT_PROFILES = ("agent", "server", "device")
+
+
+def enrollment_profile(name: str) -> Profile:
+    """The profile `name`, if a challenge may grant it (PolicyViolation otherwise)."""
+    if name not in ENROLLMENT_PROFILES:
+        raise PolicyViolation(f"profile {name!r} cannot be granted to a request; use one of "
+                              + ", ".join(ENROLLMENT_PROFILES))
+    return profile_named(name)
+
+
 def profile_named(name: str) -> Profile:
     try:
         return PROFILES[name]

@@ -312,7 +312,8 @@ async def test_challenge_scoped_to_names_and_profile_through_the_api(services, h
                           json={"ttl": "10m", "names": ["dev-*.example"], "profile": "agent"}) as r:
             body = await r.json()
             assert r.status == 201 and body["names"] == ["dev-*.example"] and body["profile"] == "agent"
-        for bad, message in (({"names": "x", "profile": "gold"}, "unknown profile"),
+        for bad, message in (({"names": "x", "profile": "gold"}, "cannot be granted"),
+                             ({"profile": "admin"}, "cannot be granted"),
                              ({"names": [1]}, "names is a list"), ({"names": ["a\nb"]}, "printable")):
             async with s.post(f"{https}{API}/challenges", headers=auth, ssl=ctx, json=bad) as r:
                 assert r.status == 400 and message in (await r.json())["error"], bad

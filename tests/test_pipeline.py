@@ -95,6 +95,12 @@ async def test_profile_from_authorization_protocol_default_and_renewal(services)
     assert d.issued.record.profile == "agent" and ekus(d.issued.cert) == [ExtendedKeyUsageOID.CLIENT_AUTH]
     d = await pipeline(services, renewal_profile="default").enroll(renewal, csr(key_index=5))
     assert d.issued.record.profile == "device"
+    # an admin API certificate renewed by its holder does not stay an admin certificate
+    admin = (await p.enroll(Authorization("tls-client", protocol="scep", profile="admin", transaction_id="A1"),
+                            csr(key_index=6))).issued.record
+    d = await p.enroll(Authorization("renewal", protocol="scep", renewal_of=admin.serial, transaction_id="A2"),
+                       csr(key_index=7))
+    assert d.issued.record.profile == "device"
     with pytest.raises(PolicyViolation, match="unknown profile"):
         await p.enroll(challenge(profile="nope"), csr())
 
@@ -220,8 +226,9 @@ def test_cli_challenge_create_names_profile_and_cn_alias(state_dir):
     assert out.exit_code == 0, out.output
     alias = runner.invoke(main, ["challenge", "create", "--state-dir", str(state_dir), "--cn", "router-*"])
     assert alias.exit_code == 0, alias.output
-    bad = runner.invoke(main, ["challenge", "create", "--state-dir", str(state_dir), "--profile", "gold"])
-    assert bad.exit_code == 1 and "unknown profile" in bad.output and "Traceback" not in bad.output
+    for profile in ("gold", "admin", "ocsp"):  # unknown, or made by the server itself only
+        bad = runner.invoke(main, ["challenge", "create", "--state-dir", str(state_dir), "--profile", profile])
+        assert bad.exit_code == 1 and "cannot be granted" in bad.output and "Traceback" not in bad.output
 
     async def records():
         services = await open_services(config_mod.load(state_dir, environ={}))
