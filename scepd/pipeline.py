@@ -20,7 +20,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import fnmatch
-import logging
 from dataclasses import dataclass, field
 
 from .challenges import ChallengeGrant
@@ -30,8 +29,6 @@ from .errors import PolicyViolation
 from .external_check import CheckRequest, ExternalCheck
 from .policy import ENROLLMENT_PROFILES, IssuanceRequest, Profile, profile_named
 from .store import PendingRecord, StoreNotFound
-
-log = logging.getLogger("scepd.pipeline")
 
 #: what authenticated a request
 AUTHORIZATION_KINDS = ("challenge", "renewal", "acme-account", "tls-client")
