@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import fnmatch
+import glob
 import ipaddress
 import json
 import logging
@@ -16,14 +17,14 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hmac, serialization
 
-from scepd.challenges import ChallengeGrant
 from scepd.csr import decode_csr
 from scepd.logctx import set_transaction_id
 from scepd.errors import (AccountDeactivated, AccountDoesNotExist, AlreadyReplaced, BadCsr, BadNonce,
                           BadRevocationReason, BadSignatureAlgorithm, ExternalAccountRequired,
                           ForbiddenAlgorithm, InvalidProfile, MalformedRequest, NotFound, OrderNotReady,
-                          PolicyViolation, RejectedIdentifiers, ScepdError, Unauthorized,
+                          PolicyViolation, RejectedIdentifiers, RequestRejected, ScepdError, Unauthorized,
                           UnsupportedIdentifier, ValidationConnection, ValidationFailed, mapping_for)
+from scepd.pipeline import Approved, Authorization, CsrRequest, Pipeline
 from scepd.policy import PROFILES, check_key, valid_dns_name
 from scepd.ratelimit import ACME_FAILED_VALIDATIONS_PER_ACCOUNT
 from scepd.revocation import RevocationReason
@@ -458,11 +459,24 @@ class AcmeService:
 
     async def _recover_processing(self, order: dict) -> dict:
         """An order left `processing` by a process that stopped mid-issuance (or by another
-        replica): once the issuance is certainly over, the store says how it ended."""
-        if self.clock.now() - (order.get("processing_at") or order["created_at"]) < ISSUANCE_DEADLINE:
-            return order
-        certs, _pending = await self.services.store.find_transaction(order["id"])
+        replica), or waiting for an administrator (`scepd pending approve`/`reject`, which
+        another process runs): the store says how it ended."""
+        certs, pendings = await self.services.store.find_transaction(order["id"])
         mine = [c for c in certs if c.protocol == "acme"]
+        waiting = [p for p in pendings if p.protocol == "acme"]
+        if not mine and any(p.status == "pending" for p in waiting):
+            return order  # still `processing`, Retry-After
+        rejected = [p for p in waiting if p.status == "rejected"]
+        if not mine and rejected:
+            err = RequestRejected(f"rejected by an administrator: {rejected[0].reason or 'no reason given'}")
+            await self.db.update(orders, order["id"], where={"status": "processing"}, status="invalid",
+                                 error=problem(err))
+            fresh = await self.db.get(orders, order["id"])
+            order.update(status=fresh["status"], cert_serial=fresh["cert_serial"], error=fresh["error"])
+            return order
+        if not mine and self.clock.now() - (order.get("processing_at") or order["created_at"]) \
+                < ISSUANCE_DEADLINE:
+            return order
         if mine:
             await self.db.update(orders, order["id"], where={"status": "processing"}, status="valid",
                                  cert_serial=mine[0].serial)
@@ -593,19 +607,25 @@ class AcmeService:
                                                             serialization.PublicFormat.SubjectPublicKeyInfo)
         if account_spki == facts.spki_der:
             raise BadCsr("the certificate key must differ from the account key")
-        profile = PROFILES[order.get("profile") or self.settings.default_profile]
         window = (order.get("not_before"), order.get("not_after"))
-        try:
-            request = self.services.enrollment.approve(
-                facts, profile, window if window != (None, None) else None,
-                allow_wildcard=any(a.get("wildcard") for a in order["authzs"]))
+        bound = await self.db.find(eab_keys, account_id=account["id"])
+        # the account proved exactly the order's identifiers (and its EAB key may bind a pattern)
+        authorization = Authorization(
+            "acme-account", protocol="acme", names=tuple(glob.escape(i["value"]) for i in order["identifiers"]),
+            bound_names=(bound[0]["identifiers"],) if bound and bound[0]["identifiers"] else None,
+            profile=order.get("profile") or self.settings.default_profile, challenge_kind="acme",
+            requester=f"acme:{account['id']}", transaction_id=order_id,
+            allow_wildcard=any(a.get("wildcard") for a in order["authzs"]))
+        try:  # name scope, profile, policy now; external check, approval, issuance in the background
+            approved = await self._pipeline.authorize(
+                authorization, CsrRequest(facts, csr_der, window if window != (None, None) else None))
         except PolicyViolation as err:
             raise BadCsr(err.detail) from None
         if not await self.db.update(orders, order_id, where={"status": "pending"}, status="processing",
                                     processing_at=self.clock.now()):
             raise OrderNotReady("the order is already being finalized")
         self._finalizing.add(order_id)
-        task = asyncio.create_task(self._issue(order_id, account, request, facts))
+        task = asyncio.create_task(self._issue(order_id, approved))
         self._tasks.add(task)
         task.add_done_callback(_reap)
         task.add_done_callback(self._tasks.discard)
@@ -614,13 +634,21 @@ class AcmeService:
             raise task.exception()
         return await self.order(order_id, account)
 
-    async def _issue(self, order_id: str, account: dict, request, facts) -> None:
-        """The certificate is in the store (enrollment.issue) before the order says `valid`."""
+    @property
+    def _pipeline(self) -> Pipeline:
+        pipeline = getattr(self.services, "pipeline", None)
+        if pipeline is None:  # services assembled without one: the plain path, ACME defaults
+            pipeline = self.services.pipeline = Pipeline(
+                self.services.enrollment, default_profiles={"acme": self.settings.default_profile})
+        return pipeline
+
+    async def _issue(self, order_id: str, approved: Approved) -> None:
+        """The rest of the pipeline (external check, approval, issuance). The certificate is in
+        the store before the order says `valid`; a request waiting for an administrator leaves
+        the order `processing` (the store settles it: see _recover_processing)."""
         try:
             try:
-                issued = await self.services.enrollment.issue(
-                    request, ChallengeGrant("acme"), protocol="acme", transaction_id=order_id,
-                    requester=f"acme:{account['id']}", spki_sha256=facts.spki_sha256)
+                decision = await self._pipeline.complete(approved)
             except ScepdError as err:
                 await self.db.update(orders, order_id, status="invalid", error=problem(err))
                 raise
@@ -629,7 +657,10 @@ class AcmeService:
                 await self.db.update(orders, order_id, status="invalid",
                                      error=problem(ScepdError("the issuance failed")))
                 raise ScepdError("the issuance failed") from None
-            await self.db.update(orders, order_id, status="valid", cert_serial=issued.record.serial)
+            if decision.pending is not None:
+                log.info("acme order %s waits for approval (pending request %s)", order_id, decision.pending.id)
+                return
+            await self.db.update(orders, order_id, status="valid", cert_serial=decision.issued.record.serial)
         finally:
             self._finalizing.discard(order_id)
 

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from .admin import AdminService, normalize_serial
 from .audit import audit_json, list_audit, parse_since
 from .config import ConfigError, parse_duration
+from .challenges import clean_names
 from .errors import BadRequest, ScepdError, mapping_for
 from .render import cert_json, pending_json
 from .store import CertificateRecord, StoreNotFound
@@ -176,13 +177,25 @@ def add_admin_routes(app: web.Application, services) -> None:
 
     async def create_challenge(request: web.Request, actor: str) -> web.Response:
         body = await _body(request)
-        cn = body.get("cn")
+        cn, names, profile = body.get("cn"), body.get("names"), body.get("profile")
         if cn is not None and not isinstance(cn, str):
             raise BadRequest("ttl and cn are strings")
+        if isinstance(names, str):
+            names = [names]
+        if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+            raise BadRequest("names is a list of name patterns (strings)")
+        if profile is not None and not isinstance(profile, str):
+            raise BadRequest("profile is a profile name (string)")
         ttl = _ttl(body, "1h")
-        secret = await services.challenges.create(ttl, cn or None, actor=f"admin-api:{actor}")
+        try:  # `cn` is the older spelling of one name pattern
+            scope = clean_names([*(names or ()), *([cn] if cn else [])])
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        secret = await services.challenges.create(ttl, names=scope, profile=profile or None,
+                                                  actor=f"admin-api:{actor}")
         return web.json_response({"challenge": secret,
                                   "expires_at": (services.clock.now() + ttl).isoformat(),
+                                  "names": list(scope) if scope else None, "profile": profile or None,
                                   "cn_pattern": cn or None}, status=201)
 
     async def list_pending(request: web.Request, _actor: str) -> web.Response:

@@ -17,9 +17,11 @@ from . import pki
 from .authority import CertificateAuthority
 from .challenges import ChallengeService
 from .clock import Clock, SystemClock
-from .config import Config, parse_duration, subject_policy
+from .challenges import clean_names
+from .config import Config, approval_policy, parse_duration, subject_policy
 from .enrollment import EnrollmentService
 from .external_check import ExternalCheck
+from .pipeline import Pipeline
 from .policy import KeyLimits, profile_named
 from .ratelimit import RateLimiter
 from .renewal import RenewalPolicy, RenewalSettings
@@ -52,6 +54,8 @@ class Services:
     enrollment: EnrollmentService
     scep: ScepService
     revocation: RevocationService
+    #: the one enrollment path of every protocol (scepd/pipeline.py)
+    pipeline: Pipeline | None = None
     crl: "CrlService | None" = None  # set by ops.attach_ops
     ocsp: "OcspResponder | None" = None
     metrics: "Metrics | None" = None
@@ -76,8 +80,9 @@ async def open_services(config: Config, clock: Clock | None = None) -> Services:
     try:
         authority = CertificateAuthority(material, config.base_url)
         challenges = ChallengeService(store, clock, config.scep.static_challenge,
-                                      config.scep.challenge_required)
-        sc = config.scep
+                                      config.scep.challenge_required,
+                                      clean_names(config.scep.static_challenge_names))
+        sc, pc = config.scep, config.policy
         enrollment = EnrollmentService(authority, store, clock, parse_duration(config.ca.default_validity),
                                        duplicate_subjects=sc.duplicate_subjects,
                                        key_limits=KeyLimits(config.policy.max_rsa_bits),
@@ -89,16 +94,19 @@ async def open_services(config: Config, clock: Clock | None = None) -> Services:
                                                 allow_same_key=sc.renewal_same_key))
         next_ca = pki.load_next(config.state_dir)
         skew = config.scep.max_clock_skew
+        external_check = ExternalCheck(pc.csr_check_command, pc.csr_check_url, pc.csr_check_timeout,
+                                       pc.csr_check_allow_http)
+        pipeline = Pipeline(enrollment, external_check, approval_policy(config),
+                            {"scep": config.scep.profile, "acme": config.acme.default_profile},
+                            renewal_profile=pc.renewal_profile)
         scep = ScepService(material, enrollment, challenges, profile_named(config.scep.profile), clock,
                            ScepSettings(legacy_algorithms=config.scep.legacy_algorithms,
                                         getcacert_chain=config.scep.getcacert_chain,
                                         advertise_post=config.scep.advertise_post,
                                         max_clock_skew=dt.timedelta(seconds=skew) if skew else None,
-                                        require_approval=sc.require_approval,
                                         key_limits=enrollment.key_limits),
                            ra=wire.Recipient(*ra) if ra else None, renewal=renewal,
-                           external_check=ExternalCheck(sc.csr_check_command, sc.csr_check_url,
-                                                        sc.csr_check_timeout, sc.csr_check_allow_http),
+                           external_check=external_check, pipeline=pipeline,
                            next_ca=(next_ca,) if next_ca else (),
                            previous_recipients=tuple(wire.Recipient(c, k) for c, k in previous
                                                      if isinstance(k, rsa.RSAPrivateKey)))
@@ -106,7 +114,7 @@ async def open_services(config: Config, clock: Clock | None = None) -> Services:
         await store.close()
         raise
     services = Services(config, clock, store, material, authority, challenges, enrollment, scep,
-                        RevocationService(store, clock), limits=limits)
+                        RevocationService(store, clock), pipeline=pipeline, limits=limits)
     # renewals that supersede (duplicate_subjects = revoke) notify the same listeners
     enrollment.revocation_listeners = services.revocation.listeners
     try:

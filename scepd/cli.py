@@ -334,6 +334,9 @@ async def _serve(cfg: config_mod.Config, demo_challenge: bool) -> None:
         click.echo(f"Root CA SHA-256 fingerprint: {_fingerprint(services.ca_material.root)}")
         if cfg.scep.static_challenge:
             click.echo("Static challenge password: configured (SCEPD_SCEP_STATIC_CHALLENGE)")
+        from .pipeline import startup_warnings
+        for warning in startup_warnings(cfg):  # once, at start
+            logging.getLogger("scepd").warning("%s", warning)
         if demo_challenge:
             secret = await services.challenges.create(dt.timedelta(hours=1), actor="serve")
             click.echo(f"One-time challenge password (valid 1 hour): {secret}")
@@ -474,18 +477,32 @@ def challenge() -> None:
 @challenge.command("create")
 @STATE_DIR
 @click.option("--ttl", default="1h", show_default=True, help="Lifetime, e.g. 30m, 1h, 7d.")
-@click.option("--cn", "cn_pattern", default=None, help="Shell pattern the requested CN must match.")
-def challenge_create(state_dir, ttl, cn_pattern):
+@click.option("--names", "--cn", "names", multiple=True, metavar="PATTERN",
+              help="Shell pattern (repeatable): the CN and every SAN of the request must match one "
+                   "(--cn is the older spelling). Default: any name.")
+@click.option("--profile", default=None, help="Profile the certificate gets (agent, server, device, ...); "
+                                              "default: the protocol's ([scep] profile).")
+def challenge_create(state_dir, ttl, names, profile):
     """Print one new one-time challenge password (and nothing else)."""
+    from .challenges import clean_names
+    from .errors import ScepdError
+    from .policy import enrollment_profile
     try:
         lifetime = parse_duration(ttl)
-    except ConfigError as exc:
+        scope = clean_names(names)
+    except (ConfigError, ValueError) as exc:
         _fail(str(exc))
+    if profile:
+        try:
+            enrollment_profile(profile)
+        except ScepdError as exc:
+            _fail(exc.detail)
     cfg = _load_config(state_dir)
 
     if not pki.exists(state_dir):
         _fail(f"no CA in {state_dir}; run `scepd init --state-dir {state_dir}`")
-    click.echo(asyncio.run(_with_services(cfg, lambda sv: sv.challenges.create(lifetime, cn_pattern))))
+    click.echo(asyncio.run(_with_services(cfg, lambda sv: sv.challenges.create(
+        lifetime, names=scope, profile=profile))))
 
 
 # --- certificates -----------------------------------------------------------------------------
@@ -571,7 +588,7 @@ def certs_revoke(state_dir, serial, reason):
 
 @main.group()
 def pending() -> None:
-    """Requests waiting for approval (scep.require_approval)."""
+    """Requests waiting for approval ([policy] require_approval): SCEP and ACME."""
 
 
 @pending.command("list")

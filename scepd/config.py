@@ -62,7 +62,7 @@ class ScepConfig:
     max_body_bytes: int = 256 * 1024
     #: Maximum |signingTime - now| in seconds; 0 disables the check (devices without NTP).
     max_clock_skew: int = 0
-    #: Initial enrollments answer PENDING until `scepd pending approve` (renewals never wait).
+    #: Deprecated: `[policy] require_approval = "scep"` (true here means that).
     require_approval: bool = False
     #: How long after expiry a certificate may still authorize its own renewal ("0" = not at all).
     renewal_grace: str = "0"
@@ -71,12 +71,19 @@ class ScepConfig:
     #: allow | revoke (the renewed certificate is revoked as superseded) | refuse (a second valid
     #: certificate for the same subject is refused)
     duplicate_subjects: str = "allow"
-    #: External CSR check: an executable (JSON on stdin, exit 0 = allow) and/or a webhook URL.
+    #: Deprecated: the `[policy]` keys of the same names (every protocol's requests).
     csr_check_command: str = ""
     csr_check_url: str = ""
     csr_check_timeout: int = 10
-    #: Allow an http:// csr_check_url (the payload carries the challenge password): off, https only.
     csr_check_allow_http: bool = False
+    #: Name patterns (comma separated) the static challenge authorizes: the CN and every SAN of
+    #: a request it authenticates must match one. Empty = any name.
+    static_challenge_names: str = ""
+
+
+#: `[scep]` keys that moved to `[policy]` (they keep working, with a warning at start)
+DEPRECATED_SCEP_KEYS = ("csr_check_command", "csr_check_url", "csr_check_timeout",
+                        "csr_check_allow_http", "require_approval")
 
 
 @dataclass
@@ -108,6 +115,18 @@ class PolicyConfig:
     #: emailAddress, DC, UID, or dotted OIDs); empty = the RFC 5280/4519 set plus PKCS#9
     #: emailAddress/unstructuredName/unstructuredAddress, DC and UID. Others are refused.
     subject_attributes: str = ""
+    #: External CSR check of every request (SCEP, ACME): an executable (JSON on stdin, exit 0 =
+    #: allow) and/or a webhook URL (https; http only with csr_check_allow_http).
+    csr_check_command: str = ""
+    csr_check_url: str = ""
+    csr_check_timeout: int = 10
+    #: Allow an http:// csr_check_url (the payload carries the challenge password): off, https only.
+    csr_check_allow_http: bool = False
+    #: Initial enrollments that wait for `scepd pending approve`: "false", "true" (all), or a comma
+    #: list of protocols (scep, acme) and profiles ("profile:server"). Renewals never wait.
+    require_approval: str = "false"
+    #: keep: a renewal keeps the profile of the certificate it renews; default: the protocol's
+    renewal_profile: str = "keep"
 
 
 @dataclass
@@ -144,6 +163,8 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     state_dir: Path = Path(".")
+    #: deprecation warnings about the keys given (`serve` logs them once at start)
+    deprecations: list[str] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
@@ -187,6 +208,7 @@ def load(state_dir: Path, environ: dict[str, str] | None = None) -> Config:
     if path.exists():
         data = tomllib.loads(path.read_text())
     cfg = Config(state_dir=state_dir)
+    given: set[tuple[str, str]] = set()  # (section, key) set in the file or the environment
     for section, cls in _SECTIONS.items():
         target = getattr(cfg, section)
         types = {f.name: f.type for f in dataclasses.fields(cls)}
@@ -196,15 +218,35 @@ def load(state_dir: Path, environ: dict[str, str] | None = None) -> Config:
             if key not in kinds:
                 raise ConfigError(f"{path}: unknown key [{section}] {key}")
             setattr(target, key, _coerce(kinds[key], raw, f"[{section}] {key}"))
+            given.add((section, key))
         for key, kind in kinds.items():
             env = f"SCEPD_{section.upper()}_{key.upper()}"
             if env in environ:
                 setattr(target, key, _coerce(kind, environ[env], env))
+                given.add((section, key))
     unknown = set(data) - set(_SECTIONS)
     if unknown:
         raise ConfigError(f"{path}: unknown section(s) {sorted(unknown)}")
+    for key in DEPRECATED_SCEP_KEYS:
+        if ("scep", key) not in given:
+            continue
+        cfg.deprecations.append(f"[scep] {key} (SCEPD_SCEP_{key.upper()}) is deprecated: use [policy] "
+                                f"{key} (SCEPD_POLICY_{key.upper()}), which covers every protocol")
+        # the [policy] key wins when it is given a value of its own (not its default, which
+        # `scepd init` writes into every new file)
+        if getattr(cfg.policy, key) == getattr(PolicyConfig(), key):
+            value = getattr(cfg.scep, key)
+            if key == "require_approval":
+                value = "scep" if value else "false"
+            setattr(cfg.policy, key, value)
     from .external_check import validate_url  # the webhook gets the challenge: https unless allowed
-    validate_url(cfg.scep.csr_check_url, cfg.scep.csr_check_allow_http)
+    validate_url(cfg.policy.csr_check_url, cfg.policy.csr_check_allow_http)
+    try:
+        approval_policy(cfg)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.policy.renewal_profile not in ("keep", "default"):
+        raise ConfigError(f"[policy] renewal_profile must be keep or default, got {cfg.policy.renewal_profile!r}")
     if not 2048 <= cfg.policy.max_rsa_bits <= 8192:
         raise ConfigError(f"[policy] max_rsa_bits must lie between 2048 and 8192, "
                           f"got {cfg.policy.max_rsa_bits}")
@@ -213,6 +255,16 @@ def load(state_dir: Path, environ: dict[str, str] | None = None) -> Config:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return cfg
+
+
+def approval_policy(cfg: Config):
+    """`[policy] require_approval` as a pipeline.ApprovalPolicy (ValueError when malformed)."""
+    from .errors import ScepdError
+    from .pipeline import ApprovalPolicy
+    try:
+        return ApprovalPolicy.parse(cfg.policy.require_approval)
+    except ScepdError as exc:  # an unknown profile:NAME
+        raise ValueError(f"[policy] require_approval: {exc.detail}") from None
 
 
 def subject_policy(cfg: Config):
@@ -261,20 +313,15 @@ profile = "device"
 max_body_bytes = {256 * 1024}
 # maximum signingTime skew in seconds; 0 = not checked
 max_clock_skew = 0
-# initial enrollments wait for `scepd pending approve` (renewals never wait)
-require_approval = false
 # how long after expiry a certificate may still authorize its renewal ("0", "7d", ...)
 renewal_grace = "0"
 # allow renewal with the same key (micromdm scepclient renews that way)
 renewal_same_key = false
 # allow | revoke (renewed certificate revoked as superseded) | refuse (one valid cert per subject)
 duplicate_subjects = "allow"
-# external CSR check: executable (JSON on stdin; exit 0 allows) and/or webhook URL
-csr_check_command = ""
-csr_check_url = ""
-csr_check_timeout = 10
-# the webhook receives the challenge password: http:// URLs are refused unless this is true
-csr_check_allow_http = false
+# name patterns the static challenge authorizes (comma separated; CN and every SAN must match
+# one), e.g. "*.devices.example"; empty = any name
+static_challenge_names = ""
 
 [acme]
 # ports the http-01 and tls-alpn-01 validators connect to; name=address overrides
@@ -303,6 +350,18 @@ subject = "keep"
 # physicalDeliveryOfficeName telephoneNumber houseIdentifier organizationIdentifier
 # emailAddress unstructuredName unstructuredAddress DC UID. Any other type is refused (badRequest).
 subject_attributes = ""
+# external CSR check of every request (SCEP and ACME): executable (JSON on stdin; exit 0 allows,
+# its first output line is the reason) and/or webhook URL
+csr_check_command = ""
+csr_check_url = ""
+csr_check_timeout = 10
+# the webhook receives the challenge password: http:// URLs are refused unless this is true
+csr_check_allow_http = false
+# initial enrollments that wait for `scepd pending approve`: false, true (all), or a list of
+# protocols and profiles, e.g. "scep, profile:server". Renewals never wait.
+require_approval = "false"
+# keep: a renewal keeps the profile of the certificate it renews; default: the protocol's profile
+renewal_profile = "keep"
 
 [limits]
 # rate limits, "COUNT/PERIOD burst N" (period s, m, h, d, w; burst defaults to COUNT); "0" disables one.

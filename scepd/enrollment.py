@@ -210,7 +210,9 @@ class EnrollmentService:
             raise RequestRejected(f"request {pending_id} is already {pending.status}")
         # verified on receipt with the digests its protocol allowed; the check runs off the loop
         facts = await asyncio.to_thread(decode_csr, pending.csr_der, allowed_digests=LEGACY_SCEP_DIGESTS)
-        request = self.approve(facts, profile_named(pending.profile),
+        # the request passed the whole pipeline up to approval when it was recorded; ACME names
+        # (wildcards included) were proven by the account's authorizations
+        request = self.approve(facts, profile_named(pending.profile), allow_wildcard=pending.protocol == "acme",
                                requested_subject=pending.protocol in REQUESTED_SUBJECT_PROTOCOLS)
         return await self.issue(request, ChallengeGrant("approved"), protocol=pending.protocol,
                                 transaction_id=pending.transaction_id, requester=pending.requester,

@@ -8,11 +8,12 @@ denies. Timeouts, crashes, unreachable webhooks and answers over 64 KiB deny (fa
 a clear reason.
 
 The payload carries the challenge password, so the webhook must be https:// unless
-`csr_check_allow_http = true` (refused at start otherwise), and the challenge is never logged
-nor echoed into a denial reason (a check that prints its input has it replaced by "[challenge]").
+`[policy] csr_check_allow_http = true` (refused at start otherwise), and the challenge is never
+logged nor echoed into a denial reason (a check that prints its input has it replaced by "[challenge]").
 
 The JSON: {"csr_pem", "challenge", "transaction_id", "common_name", "sans", "protocol",
-"renewal_of"}.
+"renewal_of", "profile", "authorization"}; `protocol` is the request's (scep, acme), and
+`challenge` is null for requests no challenge authenticated (ACME, renewals).
 """
 from __future__ import annotations
 
@@ -41,12 +42,17 @@ class CheckRequest:
     sans: tuple[str, ...]
     protocol: str
     renewal_of: str | None = None
+    #: the profile the certificate would get, and what authenticated the request
+    #: (challenge | renewal | acme-account | tls-client)
+    profile: str | None = None
+    authorization: str | None = None
 
     def payload(self) -> bytes:
         return json.dumps({"csr_pem": self.csr_pem, "challenge": self.challenge,
                            "transaction_id": self.transaction_id, "common_name": self.common_name,
                            "sans": list(self.sans), "protocol": self.protocol,
-                           "renewal_of": self.renewal_of}).encode()
+                           "renewal_of": self.renewal_of, "profile": self.profile,
+                           "authorization": self.authorization}).encode()
 
 
 def _without(secret: str | None, text: str) -> str:

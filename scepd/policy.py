@@ -210,13 +210,6 @@ def _check_cn(common_name: str) -> None:
         raise PolicyViolation("CN contains control characters")
 
 
-def cn_matches(pattern: str | None, common_name: str | None) -> bool:
-    """Challenge/token binding: a shell-style pattern the CN must match (None = any)."""
-    if not pattern:
-        return True
-    return common_name is not None and fnmatch.fnmatchcase(common_name, pattern)
-
-
 def approve(facts: CsrFacts, profile: Profile, now: dt.datetime,
             validity: dt.timedelta | None = None, ca_not_after: dt.datetime | None = None,
             window: tuple[dt.datetime | None, dt.datetime | None] | None = None,
@@ -264,6 +257,19 @@ def check_window(window: tuple[dt.datetime | None, dt.datetime | None], now: dt.
             raise PolicyViolation(f"the requested validity exceeds the maximum of {max_validity}")
         if ca_not_after is not None and na > ca_not_after:
             raise PolicyViolation("notAfter is later than the issuing CA's own notAfter")
+
+
+#: the profiles a request may be given (a challenge's --profile, a renewal keeping its own);
+#: `admin` and `ocsp` certificates are made by the server itself only
+ENROLLMENT_PROFILES = ("agent", "server", "device")
+
+
+def enrollment_profile(name: str) -> Profile:
+    """The profile `name`, if a challenge may grant it (PolicyViolation otherwise)."""
+    if name not in ENROLLMENT_PROFILES:
+        raise PolicyViolation(f"profile {name!r} cannot be granted to a request; use one of "
+                              + ", ".join(ENROLLMENT_PROFILES))
+    return profile_named(name)
 
 
 def profile_named(name: str) -> Profile:

@@ -295,3 +295,41 @@ async def test_admin_api_creates_eab_keys(services, https, tmp_path, token):
     from acme.store import AcmeStore
     row = await AcmeStore(services.store).get_eab(body["kid"])
     assert row["identifiers"] == "*.lab.test" and row["hmac_key"] == body["hmac_key"]
+
+
+async def test_challenge_scoped_to_names_and_profile_through_the_api(services, https, tmp_path, token):
+    """A challenge created with names and a profile over the API binds every name of the SCEP
+    request (CN and each SAN) and gives its profile."""
+    from scepd.scep import wire
+
+    from .helpers import make_csr, pkcs_req, reply_certs, self_signed
+
+    services.challenges.clock = services.scep.clock = services.clock  # the https fixture's clock
+    auth = {"Authorization": f"Bearer {token}"}
+    ctx = _ctx(services, tmp_path)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(f"{https}{API}/challenges", headers=auth, ssl=ctx,
+                          json={"ttl": "10m", "names": ["dev-*.example"], "profile": "agent"}) as r:
+            body = await r.json()
+            assert r.status == 201 and body["names"] == ["dev-*.example"] and body["profile"] == "agent"
+        for bad, message in (({"names": "x", "profile": "gold"}, "cannot be granted"),
+                             ({"profile": "admin"}, "cannot be granted"),
+                             ({"names": [1]}, "names is a list"), ({"names": ["a\nb"]}, "printable")):
+            async with s.post(f"{https}{API}/challenges", headers=auth, ssl=ctx, json=bad) as r:
+                assert r.status == 400 and message in (await r.json())["error"], bad
+
+    async def scep(cn, sans):
+        key = rsa_key(1)
+        csr = make_csr(key, cn, body["challenge"], [x509.DNSName(n) for n in sans] or None)
+        signer = (self_signed(key), key)
+        der, _, _ = pkcs_req(services.ca_material.cert, key, csr, signer=signer)
+        reply, _ = await services.scep.pki_operation(der)
+        rep = wire.decode_cert_rep(reply)
+        return rep, (reply_certs(rep, *signer)[0] if rep.status == wire.PkiStatus.SUCCESS else None)
+    rep, _ = await scep("dev-1.example", ["www.other.example"])
+    assert rep.status == wire.PkiStatus.FAILURE and rep.fail_info == 2  # badRequest
+    assert "'www.other.example' is outside the subject names this challenge authorizes" in rep.fail_info_text
+    rep, cert = await scep("dev-1.example", [])
+    assert rep.status == wire.PkiStatus.SUCCESS, rep.fail_info_text
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]  # the challenge's profile, not device

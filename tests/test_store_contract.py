@@ -237,6 +237,43 @@ async def test_acme_v4_adds_its_columns_to_a_v3_database(database_url):
         await s.close()
 
 
+async def test_core_v3_adds_challenge_names_and_profile_to_a_v2_database(database_url):
+    """A database migrated before core v3 gains the challenges' names and profile columns; a
+    challenge created then (bound by cn_pattern alone) reads that pattern as its one name."""
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from scepd.challenges import secret_hash
+    from scepd.store.sql import audit, certificates, challenges, pending_requests, schema_version
+    old = sa.MetaData()
+    for table in (certificates, audit, pending_requests):
+        table.to_metadata(old)
+    sa.Table(challenges.name, old, *[sa.Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+                                     for c in challenges.columns if c.name not in ("names", "profile")])
+    engine = create_async_engine(database_url)
+    async with engine.begin() as conn:
+        await conn.run_sync(old.create_all)
+        await conn.run_sync(lambda c: schema_version.create(c, checkfirst=True))
+        for version in (1, 2):
+            await conn.execute(schema_version.insert().values(component="core", version=version,
+                                                              applied_at=NOW.replace(tzinfo=None)))
+        await conn.execute(old.tables["challenges"].insert().values(
+            secret_sha256=secret_hash("old"), cn_pattern="router-*", created_at=NOW.replace(tzinfo=None),
+            expires_at=(NOW + dt.timedelta(hours=1)).replace(tzinfo=None)))
+    await engine.dispose()
+    s = await SqlStore.open(database_url)
+    try:
+        rec = await s.find_challenge(secret_hash("old"))
+        assert (rec.cn_pattern, rec.names, rec.profile) == ("router-*", ("router-*",), None)
+        async with s.transaction() as tx:
+            await tx.insert_challenge(secret_hash("new"), None, NOW, NOW + dt.timedelta(hours=1),
+                                      names=("a-*", "*.b"), profile="agent")
+        rec = await s.find_challenge(secret_hash("new"))
+        assert (rec.names, rec.profile) == (("a-*", "*.b"), "agent")
+    finally:
+        await s.close()
+
+
 async def test_acme_across_two_replicas(database_url, state_dir, clock, aiohttp_client, responder):
     """ACME behind a load balancer: a nonce from one replica is good (once) at the other, and an
     order created on one is validated, finalized and downloaded through the other."""

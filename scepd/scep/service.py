@@ -1,6 +1,7 @@
 """The SCEP service: bytes in, bytes out. No HTTP here (see transport.py).
 
-request -> decode (wire) -> authorize (challenge, policy) -> issue (enrollment: CA + store)
+request -> decode (wire) -> authenticate (challenge or renewal: an Authorization)
+        -> pipeline (scepd/pipeline.py: names, profile, policy, external check, approval, issue)
         -> encode (wire)
 Anything that fails before we know who asked (undecodable, unverifiable, not for us) raises
 a ScepdError the transport answers with HTTP 400; every later failure becomes a signed CertRep
@@ -33,8 +34,9 @@ from ..errors import (BadCertId, BadRequest, BadTime, ChallengeRejected, Forbidd
                       NotForUs, RenewalRefused, RequestRejected, ScepdError, UnknownTransaction,
                       UnsupportedMessageType, UnverifiableMessage, mapping_for)
 from ..errors import BadMessageCheck, UnreadableEnvelope
-from ..external_check import CheckRequest, ExternalCheck
+from ..external_check import ExternalCheck
 from ..logctx import set_transaction_id
+from ..pipeline import ApprovalPolicy, Authorization, CsrRequest, Pipeline
 from ..renewal import RenewalPolicy, RenewalSettings
 from ..store import StoreNotFound
 from ..pki import CaMaterial
@@ -61,7 +63,8 @@ class ScepSettings:
     #: false: omit POSTPKIOperation and SCEPStandard, so clients fall back to GET (old NDES style)
     advertise_post: bool = True
     max_clock_skew: dt.timedelta | None = None
-    #: initial enrollments wait for `scepd pending approve` (renewals never do)
+    #: initial enrollments wait for `scepd pending approve` (renewals never do); only used when
+    #: no pipeline is given (the app passes one built from `[policy] require_approval`)
     require_approval: bool = False
     #: `[policy]`: signer certificate keys outside them are refused before any verification
     key_limits: KeyLimits = KeyLimits()
@@ -87,10 +90,15 @@ class ScepService:
                  external_check: ExternalCheck | None = None,
                  crl_provider: Callable[[], Awaitable[bytes]] | None = None,
                  next_ca: tuple[x509.Certificate, ...] = (),
-                 previous_recipients: tuple[wire.Recipient, ...] = ()):
+                 previous_recipients: tuple[wire.Recipient, ...] = (),
+                 pipeline: Pipeline | None = None):
         self.ca = ca
         self.renewal = renewal or RenewalPolicy(enrollment.store, [ca.cert], RenewalSettings())
         self.external_check = external_check or ExternalCheck()
+        #: the one enrollment path (scepd/pipeline.py): this front end only authenticates
+        self.pipeline = pipeline or Pipeline(enrollment, self.external_check,
+                                             ApprovalPolicy.parse(settings.require_approval),
+                                             {"scep": profile.name})
         self.crl_provider = crl_provider
         self.next_ca = next_ca
         self.enrollment = enrollment
@@ -240,34 +248,28 @@ class ScepService:
         for pending in pendings:
             if pending.spki_sha256 == facts.spki_sha256:
                 return await self._answer_pending(msg, pending, digest)
-        renewal_of = None
+        # authenticate: a renewal signed by one of our certificates, or a challenge
+        auth = dict(protocol="scep", requester=requester, transaction_id=msg.transaction_id,
+                    presented_challenge=facts.challenge_password)
         if self.renewal.is_candidate(msg.signer_cert):
             try:
                 grant = await self.renewal.authorize(msg.signer_cert, facts, self.clock.now())
-                renewal_of = grant.old_serial
-                challenge_grant = ChallengeGrant("renewal")
+                authorization = Authorization("renewal", renewal_of=grant.old_serial,
+                                              challenge_kind="renewal", **auth)
             except RenewalRefused as refused:
                 challenge_grant = await self._challenge_instead_of_renewal(msg, facts, refused)
+                authorization = _challenge_authorization(challenge_grant, auth)
         elif msg.message_type == wire.MessageType.RENEWAL_REQ:
             raise RenewalRefused("a RenewalReq must be signed by a certificate issued by this CA")
         else:
             challenge_grant = await self.challenges.verify(facts.challenge_password, facts.common_name)
-        request = self.enrollment.approve(facts, self.profile, requested_subject=True)
-        if self.external_check.enabled:
-            await self.external_check.check(CheckRequest(
-                csr_pem=_pem_csr(csr_der), challenge=facts.challenge_password,
-                transaction_id=msg.transaction_id, common_name=facts.common_name,
-                sans=tuple(str(s) for s in facts.sans), protocol="scep", renewal_of=renewal_of))
-        if self.settings.require_approval and renewal_of is None:
-            pending = await self.enrollment.create_pending(
-                request, challenge_grant, protocol="scep", transaction_id=msg.transaction_id,
-                requester=requester, spki_sha256=facts.spki_sha256,
-                signer_spki_sha256=_spki_sha256(msg.signer_cert), csr_der=csr_der)
-            return await self._pending(msg, digest, pending.id)
-        issued = await self.enrollment.issue(
-            request, challenge_grant, protocol="scep", transaction_id=msg.transaction_id,
-            requester=requester, spki_sha256=facts.spki_sha256, renewal_of=renewal_of)
-        return await asyncio.to_thread(self._success, msg, issued.cert, digest)
+            authorization = _challenge_authorization(challenge_grant, auth)
+        # everything else (names, profile, policy, external check, approval, issuance): the pipeline
+        decision = await self.pipeline.enroll(authorization, CsrRequest(
+            facts, csr_der, signer_spki_sha256=_spki_sha256(msg.signer_cert)))
+        if decision.pending is not None:
+            return await self._pending(msg, digest, decision.pending.id)
+        return await asyncio.to_thread(self._success, msg, decision.issued.cert, digest)
 
     async def _challenge_instead_of_renewal(self, msg: wire.PkiMessage, facts: CsrFacts,
                                             refused: RenewalRefused) -> ChallengeGrant:
@@ -374,13 +376,12 @@ def _decode_enveloped_csr(csr_der: bytes, **options):
         raise UnreadableEnvelope("the CSR: nested too deeply") from None
 
 
+def _challenge_authorization(grant: ChallengeGrant, auth: dict) -> Authorization:
+    """A challenge grant as the pipeline's Authorization (its name scope and profile)."""
+    return Authorization("challenge", names=grant.names, profile=grant.profile,
+                         challenge_id=grant.one_time_id, challenge_kind=grant.kind, **auth)
+
+
 def _spki_sha256(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_key().public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)).hexdigest()
-
-
-def _pem_csr(csr_der: bytes) -> str:
-    import base64
-    b64 = base64.b64encode(csr_der).decode()
-    return "-----BEGIN CERTIFICATE REQUEST-----\n" + "\n".join(
-        b64[i:i + 64] for i in range(0, len(b64), 64)) + "\n-----END CERTIFICATE REQUEST-----\n"

@@ -39,6 +39,11 @@ class ChallengeRecord:
     expires_at: dt.datetime
     used_at: dt.datetime | None = None
     used_by_serial: str | None = None
+    #: name patterns the challenge authorizes (None: any); a row from before the `names`
+    #: column reads its cn_pattern as its one pattern
+    names: tuple[str, ...] | None = None
+    #: the profile the challenge grants (None: the protocol's default)
+    profile: str | None = None
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,8 @@ challenges = sa.Table(
     sa.Column("expires_at", sa.DateTime, nullable=False),
     sa.Column("used_at", sa.DateTime),
     sa.Column("used_by_serial", sa.String(64)),
+    sa.Column("names", sa.Text),  # v3: JSON list of name patterns; NULL: cn_pattern (or any name)
+    sa.Column("profile", sa.String(64)),  # v3: the profile the challenge grants
 )
 
 audit = sa.Table(
@@ -112,7 +114,8 @@ Step = list[sa.Table] | Callable[[sa.Connection], None]
 #: Other components (ops, the agent inventory, acme/) keep their tables in their own modules; the
 #: one ordered list of every migration is scepd.assembly.migrations(), given to SqlStore.open.
 MIGRATIONS: dict[str, list[tuple[int, Step]]] = {
-    "core": [(1, [certificates, challenges, audit]), (2, [pending_requests])],
+    "core": [(1, [certificates, challenges, audit]), (2, [pending_requests]),
+             (3, lambda conn: _add_missing_columns(conn, challenges))],
 }
 
 
@@ -165,9 +168,22 @@ def _pending_record(row) -> PendingRecord:
 
 def _challenge_record(row) -> ChallengeRecord:
     m = row._mapping
+    names = tuple(json.loads(m["names"])) if m["names"] else None
+    if names is None and m["cn_pattern"]:
+        names = (m["cn_pattern"],)  # a challenge created before the names column
     return ChallengeRecord(id=m["id"], secret_sha256=m["secret_sha256"], cn_pattern=m["cn_pattern"],
                            created_at=_aware(m["created_at"]), expires_at=_aware(m["expires_at"]),
-                           used_at=_aware(m["used_at"]), used_by_serial=m["used_by_serial"])
+                           used_at=_aware(m["used_at"]), used_by_serial=m["used_by_serial"],
+                           names=names or None, profile=m["profile"])
+
+
+def _add_missing_columns(conn: sa.Connection, table: sa.Table) -> None:
+    """Columns a table gained after it was first created (a fresh database has them)."""
+    have = {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
+    for col in table.columns:
+        if col.name not in have:
+            ddl = col.type.compile(dialect=conn.dialect)
+            conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {col.name} {ddl}"))
 
 
 class Transaction:
@@ -199,10 +215,12 @@ class Transaction:
         return result.rowcount == 1
 
     async def insert_challenge(self, secret_sha256: str, cn_pattern: str | None, now: dt.datetime,
-                               expires_at: dt.datetime) -> int:
+                               expires_at: dt.datetime, names: tuple[str, ...] | None = None,
+                               profile: str | None = None) -> int:
         result = await self._conn.execute(challenges.insert().values(
             secret_sha256=secret_sha256, cn_pattern=cn_pattern, created_at=_naive(now),
-            expires_at=_naive(expires_at)))
+            expires_at=_naive(expires_at), names=json.dumps(list(names)) if names else None,
+            profile=profile))
         return int(result.inserted_primary_key[0])
 
     async def revoke_certificate(self, serial: str, reason: str, at: dt.datetime) -> bool:
