@@ -84,7 +84,7 @@ class JwsRequest:
             raise MalformedRequest("this resource needs a JSON payload")
         try:
             value = json.loads(self.payload)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
             raise MalformedRequest("the payload is not JSON") from None
         if not isinstance(value, dict):
             raise MalformedRequest("the payload must be a JSON object")
@@ -95,7 +95,7 @@ def parse(body: bytes, inner: bool = False) -> JwsRequest:
     """`inner`: the nested JWS of a keyChange (RFC 8555 §7.3.5): jwk required, no nonce allowed."""
     try:
         outer = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
         raise MalformedRequest("the request body is not JSON") from None
     if not isinstance(outer, dict) or set(outer) != {"protected", "payload", "signature"}:
         raise MalformedRequest("only the flattened JWS serialization with a protected header is accepted")
@@ -104,12 +104,12 @@ def parse(body: bytes, inner: bool = False) -> JwsRequest:
         raise MalformedRequest("JWS members must be strings")
     try:
         protected = json.loads(b64u_decode(protected_b64))
-    except ValueError:
+    except (ValueError, RecursionError):
         raise MalformedRequest("the protected header is not JSON") from None
     if not isinstance(protected, dict):
         raise MalformedRequest("the protected header must be a JSON object")
     alg = protected.get("alg")
-    if alg not in ALGORITHMS:
+    if not isinstance(alg, str) or alg not in ALGORITHMS:  # a list or object is unhashable
         raise BadSignatureAlgorithm(f"algorithm {str(alg)[:20]!r} is not accepted; use RS256, ES256 or EdDSA")
     jwk, kid = protected.get("jwk"), protected.get("kid")
     if (jwk is None) == (kid is None):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from asn1crypto import csr as asn1_csr
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import AttributeOID, NameOID
@@ -81,7 +81,7 @@ def _verify_raw_signature(req: asn1_csr.CertificationRequest) -> bool:
         else:
             return False
         return True
-    except (InvalidSignature, ValueError, KeyError, TypeError):
+    except (InvalidSignature, UnsupportedAlgorithm, ValueError, KeyError, TypeError):
         return False
 
 
@@ -92,7 +92,7 @@ def _load_tolerant(csr_der: bytes) -> tuple[x509.CertificateSigningRequest, bool
     Returns (csr, signature_ok or None when cryptography should check it)."""
     try:
         return x509.load_der_x509_csr(csr_der), None
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):  # InvalidVersion is no ValueError
         pass
     try:
         req = asn1_csr.CertificationRequest.load(csr_der)
@@ -106,7 +106,7 @@ def _load_tolerant(csr_der: bytes) -> tuple[x509.CertificateSigningRequest, bool
             "signature_algorithm": req["signature_algorithm"], "signature": req["signature"],
         }).dump(force=True)
         return x509.load_der_x509_csr(canonical), ok
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, x509.InvalidVersion):
         raise MalformedRequest("the request content is not a PKCS#10 certificate request") from None
 
 

@@ -220,7 +220,7 @@ def _find_signer(sd: cms.SignedData, si: cms.SignerInfo) -> tuple[x509.Certifica
     cert_der = cand.dump()
     try:
         return x509.load_der_x509_certificate(cert_der), cert_der
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):  # InvalidVersion is no ValueError
         raise MalformedRequest("the signer certificate cannot be parsed") from None
 
 
@@ -342,6 +342,8 @@ def open_envelope(envelope: Envelope, recipients: list[Recipient]) -> bytes:
             raise NotForUs("the envelope has no encrypted content")
         ciphertext = der.string_octets(raw._header + raw.contents + raw._trailer)
         rinfos = [ri.chosen for ri in env["recipient_infos"] if ri.name == "ktri"]
+        for ri in rinfos:  # asn1crypto parses lazily: decode them here, not in the loop below
+            ri.native
     except (ValueError, TypeError, KeyError):
         raise MalformedRequest("the pkcsPKIEnvelope is not a valid CMS EnvelopedData") from None
     for ours in recipients:
