@@ -1,7 +1,8 @@
 """Inputs that crashed a fuzz harness (fuzz/), each now answered with a typed ScepdError.
 
-Files are under tests/data/fuzz/ (see its README); the JSON cases are small enough to be inline.
-Every case raised something outside the ScepdError hierarchy before its fix (an HTTP 500)."""
+Inputs are under tests/data/fuzz/<harness>/ (see its README), where tests/test_fuzz_short.py
+also replays them through the harnesses. Every case raised something outside the ScepdError
+hierarchy before its fix (an HTTP 500)."""
 from __future__ import annotations
 
 import asyncio
@@ -54,11 +55,11 @@ def _resign(data: bytes) -> bytes:
 
 def test_signer_certificate_with_an_invalid_version_is_malformed(vectors):
     with pytest.raises(MalformedRequest):
-        wire.decode_pki_message((DATA / "scep-signer-invalid-version.der").read_bytes())
+        wire.decode_pki_message((DATA / "scep_message" / "signer-invalid-version.der").read_bytes())
 
 
 def test_envelope_with_an_undecodable_recipient_info_is_refused(vectors):
-    msg = wire.decode_pki_message(_resign((DATA / "scep-envelope-bad-recipient-info.bin").read_bytes()))
+    msg = wire.decode_pki_message(_resign((DATA / "scep_envelope" / "bad-recipient-info.bin").read_bytes()))
     assert msg.envelope is not None
     with pytest.raises((MalformedRequest, NotForUs)):
         wire.open_envelope(msg.envelope, _recipients())
@@ -67,11 +68,11 @@ def test_envelope_with_an_undecodable_recipient_info_is_refused(vectors):
 # --- CSR ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["csr-unsupported-curve.der", "csr-invalid-version.der"])
+@pytest.mark.parametrize("name", ["unsupported-curve.der", "invalid-version.der"])
 @pytest.mark.parametrize("verify", [True, False])
 def test_undecodable_csr_is_refused(name, verify):
     with pytest.raises((MalformedRequest, BadMessageCheck)):
-        decode_csr((DATA / name).read_bytes(), verify_signature=verify)
+        decode_csr((DATA / "csr" / name).read_bytes(), verify_signature=verify)
 
 
 # --- ACME JWS and payloads ----------------------------------------------------------------------
@@ -85,11 +86,11 @@ def _body(header: dict | bytes, payload: bytes = b"{}") -> bytes:
 
 def test_jws_body_nested_deeper_than_the_stack_is_malformed():
     with pytest.raises(MalformedRequest):
-        jws.parse(b"[" * 50_000)
+        jws.parse((DATA / "jws" / "deep-nesting.json").read_bytes())
 
 
 def test_jws_protected_header_nested_deeper_than_the_stack_is_malformed():
-    with pytest.raises(MalformedRequest):
+    with pytest.raises(MalformedRequest):  # the body is fine, the header inside it is not
         jws.parse(_body(b"[" * 50_000))
 
 
@@ -100,6 +101,11 @@ def test_jws_payload_nested_deeper_than_the_stack_is_malformed():
         req.payload_json()
 
 
+def test_jws_alg_list_from_the_corpus_is_refused():
+    with pytest.raises(BadSignatureAlgorithm):
+        jws.parse((DATA / "jws" / "alg-not-a-string.json").read_bytes())
+
+
 @pytest.mark.parametrize("alg", [["ES256"], {"a": 1}])
 def test_jws_alg_that_is_not_a_string_is_refused(alg):
     with pytest.raises(BadSignatureAlgorithm):
@@ -108,7 +114,7 @@ def test_jws_alg_that_is_not_a_string_is_refused(alg):
 
 def test_eab_protected_header_nested_deeper_than_the_stack_is_malformed():
     outer = jws.parse(_body({"alg": "ES256", "jwk": {"kty": "EC"}, "nonce": "n", "url": "u"}))
-    binding = {"protected": jws.b64u_encode(b"[" * 50_000), "payload": "", "signature": ""}
+    binding = json.loads((DATA / "acme_payloads" / "eab-deep-nesting.json").read_bytes())["externalAccountBinding"]
     with pytest.raises(MalformedRequest):
         asyncio.run(AcmeService._verify_eab(None, binding, outer))  # refused before any lookup
 
@@ -118,3 +124,17 @@ def test_order_time_outside_the_datetime_range_in_utc_is_malformed(value):
     with pytest.raises(MalformedRequest):
         AcmeService._time({"notBefore": value}, "notBefore")
 
+
+
+# --- known, fixed on another branch -------------------------------------------------------------
+
+_KNOWN = "known crash (RecursionError on nested BER), being fixed in scepd/scep/der.py on the harden branch"
+
+
+@pytest.mark.xfail(strict=True, raises=RecursionError, reason=_KNOWN)
+@pytest.mark.parametrize("data", [b"\x30\x80" * 3000, b"\x24\x80" * 3000 + b"\x00\x00" * 3000],
+                         ids=["indefinite", "constructed-octet-string"])
+def test_deeply_nested_ber_is_a_value_error(data):
+    with pytest.raises(ValueError):
+        der.read_tlv(data)
+        der.string_octets(data)
