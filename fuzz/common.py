@@ -84,3 +84,40 @@ def main(name: str, test_one_input, seeds, dictionary: str | None = None) -> Non
         write_seeds(first, seeds())
     atheris.Setup(args, test_one_input)
     atheris.Fuzz()
+
+
+#: strings a structured JSON value is drawn from (ACME/JOSE names and values, edge cases)
+JSON_WORDS = ["alg", "jwk", "kid", "nonce", "url", "kty", "crv", "x", "y", "n", "e", "d", "k", "EC", "RSA", "OKP",
+              "oct", "P-256", "P-384", "P-521", "Ed25519", "RS256", "ES256", "ES384", "ES512", "EdDSA", "HS256",
+              "none", "AQAB", "", "mailto:a@example.com", "deactivated", "valid", "dns", "ip", "a.example",
+              "*.a.example", "192.0.2.1", "::1", "server", "agent", "2026-11-27T12:00:00Z",
+              "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "https://127.0.0.1/acme/acct/abc",
+              "contact", "status", "identifiers", "type", "value", "profile", "notBefore", "notAfter",
+              "replaces", "csr", "certificate", "reason", "account", "oldKey", "onlyReturnExisting",
+              "externalAccountBinding", "protected", "payload", "signature", "termsOfServiceAgreed"]
+
+
+def json_value(fdp, depth: int = 0):
+    """A JSON value of any type drawn from an atheris FuzzedDataProvider: the structure-aware
+    half of the JSON harnesses (type confusion is what byte mutations of JSON text rarely reach)."""
+    kind = fdp.ConsumeIntInRange(0, 9 if depth < 4 else 6)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return fdp.ConsumeBool()
+    if kind == 2:
+        return fdp.ConsumeInt(fdp.ConsumeIntInRange(1, 9))
+    if kind == 3:
+        return fdp.ConsumeRegularFloat()
+    if kind in (4, 5):
+        return JSON_WORDS[fdp.ConsumeIntInRange(0, len(JSON_WORDS) - 1)]
+    if kind == 6:
+        return fdp.ConsumeUnicodeNoSurrogates(fdp.ConsumeIntInRange(0, 40))
+    if kind == 7:
+        return [json_value(fdp, depth + 1) for _ in range(fdp.ConsumeIntInRange(0, 4))]
+    return json_object(fdp, depth + 1)
+
+
+def json_object(fdp, depth: int = 0) -> dict:
+    return {JSON_WORDS[fdp.ConsumeIntInRange(0, len(JSON_WORDS) - 1)]: json_value(fdp, depth)
+            for _ in range(fdp.ConsumeIntInRange(0, 6))}

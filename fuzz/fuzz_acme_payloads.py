@@ -143,8 +143,23 @@ def check(data: bytes) -> None:
                 json.dumps(problem(err))
 
 
+def payload_of(data: bytes) -> bytes:
+    """First byte 0x01: a payload object of JSON values of any type drawn from the rest
+    (structure-aware: type confusion). Anything else: the payload as it is."""
+    if data[:1] != b"\1":
+        return data
+    fdp = atheris.FuzzedDataProvider(data[1:])
+    obj = {k: common.json_value(fdp) for k in ("identifiers", "notBefore", "notAfter", "profile", "contact",
+                                               "status", "reason", "certificate", "csr", "replaces",
+                                               "externalAccountBinding") if fdp.ConsumeBool()}
+    if fdp.ConsumeBool():
+        obj["identifiers"] = [common.json_object(fdp) for _ in range(fdp.ConsumeIntInRange(0, 3))]
+    obj.update(common.json_object(fdp))
+    return json.dumps(obj).encode()
+
+
 def TestOneInput(data: bytes) -> None:
-    check(data)
+    check(payload_of(data))
 
 
 def _eab(kid: str = "kid-1") -> dict:
@@ -185,6 +200,7 @@ def seeds() -> list[bytes]:
         {"account": "https://127.0.0.1/acme/acct/abc", "oldKey": ACCOUNT_JWK.to_partial_json()}).encode(),
         nonce=None, url=URL)
     out.append(inner)
+    out += [b"\1" + bytes(range(i, i + 64)) for i in range(0, 192, 16)]  # structured: any bytes do
     return out
 
 

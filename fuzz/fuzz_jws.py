@@ -47,12 +47,23 @@ def check(body: bytes) -> None:
 
 
 def body_of(data: bytes) -> bytes:
-    """Inputs starting with "{" are bodies as they are. Others are the three decoded JWS parts
+    """The request body an input stands for. First byte NUL: the three decoded JWS parts
     (protected header JSON, payload, signature) joined by NUL bytes, base64url-encoded here so
-    that mutations reach the header's JSON rather than breaking its base64."""
-    if data[:1] == b"{":
+    that mutations reach the header's JSON rather than break its base64. First byte 0x01: a
+    header of JSON values of any type drawn from the rest (structure-aware: type confusion).
+    Anything else: the body as it is."""
+    if data[:1] == b"\0":
+        parts = (data[1:].split(b"\0", 2) + [b"", b""])[:3]
+    elif data[:1] == b"\1":
+        fdp = atheris.FuzzedDataProvider(data[1:])
+        header = {k: common.json_value(fdp) for k in ("alg", "nonce", "url", "jwk", "kid") if fdp.ConsumeBool()}
+        if fdp.ConsumeBool():
+            header["jwk"] = common.json_object(fdp)
+        header.update(common.json_object(fdp))
+        payload = json.dumps(common.json_object(fdp)).encode() if fdp.ConsumeBool() else b""
+        parts = [json.dumps(header).encode(), payload, fdp.ConsumeBytes(fdp.ConsumeIntInRange(0, 140))]
+    else:
         return data
-    parts = (data.split(b"\0", 2) + [b"", b""])[:3]
     return json.dumps(dict(zip(("protected", "payload", "signature"), map(jws.b64u_encode, parts)))).encode()
 
 
@@ -111,7 +122,8 @@ def seeds() -> list[bytes]:
     out.append(make_jws(keys[0][0], "RS256", inner, kid="https://127.0.0.1/acme/acct/abc"))
     for body in list(out):  # the same requests as decoded parts
         obj = json.loads(body)
-        out.append(b"\0".join(jws.b64u_decode(obj[k]) for k in ("protected", "payload", "signature")))
+        out.append(b"\0" + b"\0".join(jws.b64u_decode(obj[k]) for k in ("protected", "payload", "signature")))
+    out += [b"\1" + bytes(range(i, i + 64)) for i in range(0, 192, 16)]  # structured: any bytes do
     return out
 
 
