@@ -138,8 +138,8 @@ def load_jwk(jwk: dict) -> josepy.JWK | OkpJwk:
         return OkpJwk(jwk)
     try:
         key = josepy.JWK.from_json(jwk)
-    except (josepy.errors.DeserializationError, ValueError, TypeError, KeyError):
-        raise MalformedRequest("the jwk cannot be read") from None
+    except (josepy.errors.DeserializationError, ValueError, TypeError, KeyError, AttributeError):
+        raise MalformedRequest("the jwk cannot be read") from None  # AttributeError: a number for x
     if isinstance(key, josepy.JWKOct):
         raise BadSignatureAlgorithm("symmetric keys cannot sign ACME requests")
     return key

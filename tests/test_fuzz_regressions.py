@@ -112,6 +112,12 @@ def test_jws_alg_that_is_not_a_string_is_refused(alg):
         jws.parse(_body({"alg": alg, "kid": "https://x/acct/1", "nonce": "n", "url": "u"}))
 
 
+def test_jwk_with_a_number_for_a_coordinate_is_malformed():
+    req = jws.parse((DATA / "jws" / "jwk-member-not-a-string.json").read_bytes())
+    with pytest.raises(MalformedRequest):
+        jws.load_jwk(req.jwk)
+
+
 def test_eab_protected_header_nested_deeper_than_the_stack_is_malformed():
     outer = jws.parse(_body({"alg": "ES256", "jwk": {"kty": "EC"}, "nonce": "n", "url": "u"}))
     binding = json.loads((DATA / "acme_payloads" / "eab-deep-nesting.json").read_bytes())["externalAccountBinding"]
