@@ -21,7 +21,7 @@ import common  # noqa: E402
 
 with atheris.instrument_imports(include=["acme", "scepd", "josepy"]):
     import josepy
-    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
     from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
@@ -73,12 +73,11 @@ def TestOneInput(data: bytes) -> None:
 
 def _jwk_of(key) -> dict:
     if isinstance(key, ed25519.Ed25519PrivateKey):
-        from cryptography.hazmat.primitives import serialization
         raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         return {"kty": "OKP", "crv": "Ed25519", "x": jws.b64u_encode(raw)}
-    return josepy.JWK.load_public_key if False else (
-        josepy.JWKRSA(key=key.public_key()) if isinstance(key, rsa.RSAPrivateKey)
-        else josepy.JWKEC(key=key.public_key())).to_partial_json()
+    if isinstance(key, rsa.RSAPrivateKey):
+        return josepy.JWKRSA(key=key.public_key()).to_partial_json()
+    return josepy.JWKEC(key=key.public_key()).to_partial_json()
 
 
 def _sign(key, alg: str, data: bytes) -> bytes:
