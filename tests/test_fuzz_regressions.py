@@ -68,7 +68,7 @@ def test_envelope_with_an_undecodable_recipient_info_is_refused(vectors):
 # --- CSR ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["unsupported-curve.der", "invalid-version.der"])
+@pytest.mark.parametrize("name", ["unsupported-curve.der", "invalid-version.der", "reencode-attribute-error.der"])
 @pytest.mark.parametrize("verify", [True, False])
 def test_undecodable_csr_is_refused(name, verify):
     with pytest.raises((MalformedRequest, BadMessageCheck)):
