@@ -109,7 +109,7 @@ def parse(body: bytes, inner: bool = False) -> JwsRequest:
     if not isinstance(protected, dict):
         raise MalformedRequest("the protected header must be a JSON object")
     alg = protected.get("alg")
-    if alg not in ALGORITHMS:
+    if not isinstance(alg, str) or alg not in ALGORITHMS:  # a list or object is unhashable
         raise BadSignatureAlgorithm(f"algorithm {str(alg)[:20]!r} is not accepted; use RS256, ES256 or EdDSA")
     jwk, kid = protected.get("jwk"), protected.get("kid")
     if (jwk is None) == (kid is None):
@@ -138,8 +138,8 @@ def load_jwk(jwk: dict) -> josepy.JWK | OkpJwk:
         return OkpJwk(jwk)
     try:
         key = josepy.JWK.from_json(jwk)
-    except (josepy.errors.DeserializationError, ValueError, TypeError, KeyError):
-        raise MalformedRequest("the jwk cannot be read") from None
+    except (josepy.errors.DeserializationError, ValueError, TypeError, KeyError, AttributeError):
+        raise MalformedRequest("the jwk cannot be read") from None  # AttributeError: a number for x
     if isinstance(key, josepy.JWKOct):
         raise BadSignatureAlgorithm("symmetric keys cannot sign ACME requests")
     return key

@@ -186,7 +186,7 @@ class AcmeService:
             protected = json.loads(jws.b64u_decode(binding.get("protected", "")))
             payload = json.loads(jws.b64u_decode(binding.get("payload", "")))
             signature = jws.b64u_decode(binding.get("signature", ""))
-        except (ValueError, TypeError, AttributeError):
+        except (ValueError, TypeError, AttributeError, RecursionError):
             raise MalformedRequest("externalAccountBinding is not a valid JWS") from None
         if set(binding) != {"protected", "payload", "signature"} or not isinstance(protected, dict):
             raise MalformedRequest("externalAccountBinding must be a flattened JWS")
@@ -335,7 +335,10 @@ class AcmeService:
             parsed = None
         if parsed is None or parsed.tzinfo is None:
             raise MalformedRequest(f"{field} must be an RFC 3339 date-time with a time zone")
-        return parsed.astimezone(dt.timezone.utc)
+        try:
+            return parsed.astimezone(dt.timezone.utc)
+        except OverflowError:  # 0001-01-01T00:00:00+01:00 is before datetime.min in UTC
+            raise MalformedRequest(f"{field} is out of range") from None
 
     async def new_order(self, account: dict, req: jws.JwsRequest) -> dict:
         payload = req.payload_json()

@@ -162,7 +162,7 @@ def _load_tolerant(csr_der: bytes) -> tuple[x509.CertificateSigningRequest, asn1
         raise MalformedRequest("the request content is not a PKCS#10 certificate request") from None
     try:
         return x509.load_der_x509_csr(csr_der), req
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):  # InvalidVersion is no ValueError
         pass
     try:
         info = req["certification_request_info"]
@@ -174,7 +174,7 @@ def _load_tolerant(csr_der: bytes) -> tuple[x509.CertificateSigningRequest, asn1
             "signature_algorithm": req["signature_algorithm"], "signature": req["signature"],
         }).dump(force=True)
         return x509.load_der_x509_csr(canonical), asn1_csr.CertificationRequest.load(csr_der)
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, AttributeError, x509.InvalidVersion):  # AttributeError: from dump()
         raise MalformedRequest("the request content is not a PKCS#10 certificate request") from None
 
 

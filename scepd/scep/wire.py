@@ -223,7 +223,7 @@ def _find_signer(sd: cms.SignedData, si: cms.SignerInfo) -> tuple[x509.Certifica
     cert_der = cand.dump()
     try:
         return x509.load_der_x509_certificate(cert_der), cert_der
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):  # InvalidVersion is no ValueError
         raise MalformedRequest("the signer certificate cannot be parsed") from None
 
 
