@@ -67,6 +67,9 @@ class _Db:
         return {"kid": kid, "hmac_key": jws.b64u_encode(EAB_KEY), "used_at": None,
                 "expires_at": NOW + dt.timedelta(days=1)}
 
+    async def create_account(self, *args):
+        raise _Reached
+
     async def create_account_bound(self, *args):
         raise _Reached
 
@@ -87,6 +90,8 @@ class _Db:
 
 
 class _Enrollment:
+    key_limits = policy.KeyLimits()
+
     def check_window(self, window, profile):
         policy.check_window(window, NOW, profile.validity, CA.not_valid_after_utc)
 
