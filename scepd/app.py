@@ -18,11 +18,11 @@ from .authority import CertificateAuthority
 from .challenges import ChallengeService
 from .clock import Clock, SystemClock
 from .challenges import clean_names
-from .config import Config, approval_policy, parse_duration, subject_policy
+from .config import Config, parse_duration
 from .enrollment import EnrollmentService
 from .external_check import ExternalCheck
-from .pipeline import Pipeline
-from .policy import KeyLimits, profile_named
+from .pipeline import Pipeline, approval_policy
+from .policy import KeyLimits, profile_named, subject_policy
 from .ratelimit import RateLimiter
 from .renewal import RenewalPolicy, RenewalSettings
 from cryptography.hazmat.primitives.asymmetric import rsa

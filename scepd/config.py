@@ -13,6 +13,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 CONFIG_NAME = "scepd.toml"
 
@@ -239,38 +240,37 @@ def load(state_dir: Path, environ: dict[str, str] | None = None) -> Config:
             if key == "require_approval":
                 value = "scep" if value else "false"
             setattr(cfg.policy, key, value)
-    from .external_check import validate_url  # the webhook gets the challenge: https unless allowed
     validate_url(cfg.policy.csr_check_url, cfg.policy.csr_check_allow_http)
-    try:
-        approval_policy(cfg)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
     if cfg.policy.renewal_profile not in ("keep", "default"):
         raise ConfigError(f"[policy] renewal_profile must be keep or default, got {cfg.policy.renewal_profile!r}")
     if not 2048 <= cfg.policy.max_rsa_bits <= 8192:
         raise ConfigError(f"[policy] max_rsa_bits must lie between 2048 and 8192, "
                           f"got {cfg.policy.max_rsa_bits}")
-    try:
-        subject_policy(cfg)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
     return cfg
 
 
-def approval_policy(cfg: Config):
-    """`[policy] require_approval` as a pipeline.ApprovalPolicy (ValueError when malformed)."""
-    from .errors import ScepdError
-    from .pipeline import ApprovalPolicy
+def safe_url(url: str) -> str:
+    """The webhook URL for log lines: scheme, host, port and path (no credentials, no query)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
+
+
+def validate_url(url: str, allow_http: bool) -> None:
+    """The webhook gets the challenge password: https:// only, unless allow_http says otherwise."""
+    if not url:
+        return
     try:
-        return ApprovalPolicy.parse(cfg.policy.require_approval)
-    except ScepdError as exc:  # an unknown profile:NAME
-        raise ValueError(f"[policy] require_approval: {exc.detail}") from None
-
-
-def subject_policy(cfg: Config):
-    """The [policy] subject keys as a policy.SubjectPolicy (ValueError when malformed)."""
-    from .policy import SubjectPolicy
-    return SubjectPolicy.from_config(cfg.policy.subject, cfg.policy.subject_attributes)
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError("csr_check_url is not a valid URL") from None
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(f"csr_check_url must be an https:// URL, got {safe_url(url)!r}")
+    if parts.scheme == "http" and not allow_http:
+        raise ConfigError(f"csr_check_url {safe_url(url)} is plain http: the request payload carries the "
+                          "challenge password. Use https://, or set csr_check_allow_http = true "
+                          "(e.g. a webhook on the loopback interface)")
 
 
 def render_default(http: str = "127.0.0.1:8080") -> str:

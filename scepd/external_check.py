@@ -22,9 +22,8 @@ import json
 import logging
 from dataclasses import dataclass
 
-from urllib.parse import urlsplit
 
-from .config import ConfigError
+from .config import ConfigError, safe_url, validate_url
 from .errors import ExternalCheckDenied
 
 log = logging.getLogger("scepd.external_check")
@@ -67,30 +66,6 @@ def _without(secret: str | None, text: str) -> str:
 def _first_line(data: bytes, secret: str | None) -> str:
     text = _without(secret, data.decode("utf-8", "replace")).strip()
     return text.splitlines()[0][:200] if text else ""
-
-
-def _safe_url(url: str) -> str:
-    """The webhook URL for log lines: scheme, host, port and path (no credentials, no query)."""
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
-
-
-def validate_url(url: str, allow_http: bool) -> None:
-    """The webhook gets the challenge password: https:// only, unless allow_http says otherwise."""
-    if not url:
-        return
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        raise ConfigError("csr_check_url is not a valid URL") from None
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ConfigError(f"csr_check_url must be an https:// URL, got {_safe_url(url)!r}")
-    if parts.scheme == "http" and not allow_http:
-        raise ConfigError(f"csr_check_url {_safe_url(url)} is plain http: the request payload carries the "
-                          "challenge password. Use https://, or set csr_check_allow_http = true "
-                          "(e.g. a webhook on the loopback interface)")
 
 
 class ExternalCheck:
@@ -145,13 +120,13 @@ class ExternalCheck:
                         body += chunk
                         if len(body) > MAX_RESPONSE_BYTES:
                             log.error("CSR webhook %s answered more than %d bytes: denied",
-                                      _safe_url(self.url), MAX_RESPONSE_BYTES)
+                                      safe_url(self.url), MAX_RESPONSE_BYTES)
                             raise ExternalCheckDenied("the CSR webhook answer is too large")
         except asyncio.TimeoutError:
-            log.error("CSR webhook %s timed out", _safe_url(self.url))
+            log.error("CSR webhook %s timed out", safe_url(self.url))
             raise ExternalCheckDenied("the CSR webhook timed out") from None
         except aiohttp.ClientError as exc:
-            log.error("CSR webhook %s unreachable (%s)", _safe_url(self.url), type(exc).__name__)
+            log.error("CSR webhook %s unreachable (%s)", safe_url(self.url), type(exc).__name__)
             raise ExternalCheckDenied("the CSR webhook is unavailable") from None
         try:
             answer = json.loads(body or b"{}")

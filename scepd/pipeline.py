@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from .challenges import ChallengeGrant
 from .csr import CsrFacts
 from .enrollment import REQUESTED_SUBJECT_PROTOCOLS, EnrollmentService, Issued
-from .errors import PolicyViolation
+from .config import Config, ConfigError
+from .errors import PolicyViolation, ScepdError
 from .external_check import CheckRequest, ExternalCheck
 from .policy import ENROLLMENT_PROFILES, IssuanceRequest, Profile, profile_named
 from .store import PendingRecord, StoreNotFound
@@ -252,3 +253,13 @@ def startup_warnings(config) -> list[str]:
                             f"{profile.name!r} includes serverAuth: set [scep] static_challenge_names "
                             "(e.g. \"*.devices.example\") or a clientAuth-only profile")
     return warnings
+
+
+def approval_policy(cfg: Config) -> ApprovalPolicy:
+    """`[policy] require_approval` as an ApprovalPolicy; ConfigError naming what is wrong."""
+    try:
+        return ApprovalPolicy.parse(cfg.policy.require_approval)
+    except ScepdError as exc:  # an unknown profile:NAME
+        raise ConfigError(f"[policy] require_approval: {exc.detail}") from None
+    except ValueError as exc:  # a word that is neither a protocol nor profile:NAME
+        raise ConfigError(str(exc)) from None

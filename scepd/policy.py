@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from .csr import CsrFacts, SubjectAltName, is_ip
+from .config import Config, ConfigError
 from .errors import BadPublicKey, PolicyViolation
 
 
@@ -277,3 +278,11 @@ def profile_named(name: str) -> Profile:
         return PROFILES[name]
     except KeyError:
         raise PolicyViolation(f"unknown profile {name!r}") from None
+
+
+def subject_policy(cfg: Config) -> SubjectPolicy:
+    """The `[policy] subject` keys as a SubjectPolicy; ConfigError naming what is wrong."""
+    try:
+        return SubjectPolicy.from_config(cfg.policy.subject, cfg.policy.subject_attributes)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None

@@ -13,7 +13,7 @@ from scepd.cli import main
 from scepd.config import ConfigError
 from scepd.csr import decode_csr
 from scepd.errors import BadPublicKey, ExternalCheckDenied, PolicyViolation
-from scepd.pipeline import ApprovalPolicy, Authorization, CsrRequest, Pipeline, startup_warnings
+from scepd.pipeline import ApprovalPolicy, Authorization, CsrRequest, Pipeline, approval_policy, startup_warnings
 
 from .helpers import make_csr, rsa_key
 
@@ -181,15 +181,15 @@ def test_policy_keys_and_deprecated_scep_keys(state_dir):
     assert (cfg.policy.csr_check_command, cfg.policy.require_approval, cfg.policy.csr_check_timeout) == \
         ("/bin/check", "scep", 3)
     assert len(cfg.deprecations) == 3 and all("deprecated" in d and "[policy]" in d for d in cfg.deprecations)
-    assert config_mod.approval_policy(cfg) == ApprovalPolicy(protocols=frozenset({"scep"}))
+    assert approval_policy(cfg) == ApprovalPolicy(protocols=frozenset({"scep"}))
     # the [policy] key wins over the deprecated one
     cfg = config_mod.load(state_dir, environ={**env, "SCEPD_POLICY_CSR_CHECK_COMMAND": "/bin/other",
                                               "SCEPD_POLICY_REQUIRE_APPROVAL": "acme"})
     assert (cfg.policy.csr_check_command, cfg.policy.require_approval) == ("/bin/other", "acme")
     cfg = config_mod.load(state_dir, environ={"SCEPD_POLICY_REQUIRE_APPROVAL": "acme,profile:server"})
-    assert cfg.deprecations == [] and config_mod.approval_policy(cfg).requires("scep", "server")
+    assert cfg.deprecations == [] and approval_policy(cfg).requires("scep", "server")
     with pytest.raises(ConfigError, match="require_approval"):
-        config_mod.load(state_dir, environ={"SCEPD_POLICY_REQUIRE_APPROVAL": "maybe"})
+        approval_policy(config_mod.load(state_dir, environ={"SCEPD_POLICY_REQUIRE_APPROVAL": "maybe"}))
     with pytest.raises(ConfigError, match="renewal_profile"):
         config_mod.load(state_dir, environ={"SCEPD_POLICY_RENEWAL_PROFILE": "upgrade"})
     with pytest.raises(ConfigError, match="csr_check_allow_http"):

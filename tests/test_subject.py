@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.x509.oid import NameOID
 
 from scepd import config as config_mod
+from scepd import policy as policy_mod
 from scepd.app import SERVICES, create_app
 from scepd.csr import decode_csr
 from scepd.errors import FailInfo, PolicyViolation
@@ -149,17 +150,17 @@ def test_every_cn_of_a_kept_subject_is_checked(cn, text):
 def test_policy_config_keys(tmp_path):
     cfg = config_mod.load(tmp_path, environ={"SCEPD_POLICY_SUBJECT": "cn-only",
                                              "SCEPD_POLICY_SUBJECT_ATTRIBUTES": "CN,O"})
-    assert config_mod.subject_policy(cfg) == SubjectPolicy("cn-only", frozenset(
+    assert policy_mod.subject_policy(cfg) == SubjectPolicy("cn-only", frozenset(
         {NameOID.COMMON_NAME, NameOID.ORGANIZATION_NAME}))
-    default = config_mod.subject_policy(config_mod.load(tmp_path, environ={}))
+    default = policy_mod.subject_policy(config_mod.load(tmp_path, environ={}))
     assert default.mode == "keep" and NameOID.DOMAIN_COMPONENT in default.allowed
     for env, text in [({"SCEPD_POLICY_SUBJECT": "drop"}, "keep, cn-only"),
                       ({"SCEPD_POLICY_SUBJECT_ATTRIBUTES": "CN, colour"}, "'colour'")]:
-        with pytest.raises(config_mod.ConfigError) as err:
-            config_mod.load(tmp_path, environ=env)
+        with pytest.raises(config_mod.ConfigError) as err:  # at start, when the services are built
+            policy_mod.subject_policy(config_mod.load(tmp_path, environ=env))
         assert text in str(err.value)
     (tmp_path / config_mod.CONFIG_NAME).write_text('[policy]\nsubject = "cn-only"\nsubject_attributes = "CN"\n')
-    assert config_mod.subject_policy(config_mod.load(tmp_path, environ={})).mode == "cn-only"
+    assert policy_mod.subject_policy(config_mod.load(tmp_path, environ={})).mode == "cn-only"
 
 
 # --- SCEP through the app --------------------------------------------------------------------------
