@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass
 
 
-from .config import ConfigError, safe_url, validate_url
+from .config import safe_url, validate_url
 from .errors import ExternalCheckDenied
 
 log = logging.getLogger("scepd.external_check")
