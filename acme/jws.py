@@ -158,7 +158,7 @@ def verify(req: JwsRequest, jwk: josepy.JWK) -> None:
     kind, hash_cls, curve = ALGORITHMS[req.alg]
     key = public_key_of(jwk)
     try:
-        if kind == "rsa" and isinstance(key, rsa.RSAPublicKey):  # size: scepd.policy.check_key
+        if kind == "rsa" and isinstance(key, rsa.RSAPublicKey):  # size: scepd.ca.policy.check_key
             key.verify(req.signature, req.signing_input, padding.PKCS1v15(), hash_cls())
         elif kind == "okp" and isinstance(key, ed25519.Ed25519PublicKey):
             key.verify(req.signature, req.signing_input)

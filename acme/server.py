@@ -10,9 +10,8 @@ from aiohttp import web
 
 from scepd.errors import MalformedRequest, RateLimited, ScepdError, UnsupportedMediaType, mapping_for
 from scepd.http_body import read_body
-from scepd.logctx import set_transaction_id
-from scepd.ratelimit import (ACME_FAILED_VALIDATIONS_PER_ACCOUNT, ACME_NEW_ACCOUNTS_PER_ADDRESS,
-                             ACME_NEW_NONCES_PER_ADDRESS, ACME_NEW_ORDERS_PER_ACCOUNT, address_key)
+from scepd.ops.logctx import set_transaction_id
+from scepd.ops.ratelimit import ACME_FAILED_VALIDATIONS_PER_ACCOUNT, ACME_NEW_ACCOUNTS_PER_ADDRESS, ACME_NEW_NONCES_PER_ADDRESS, ACME_NEW_ORDERS_PER_ACCOUNT, address_key
 
 from . import jws
 from .service import AcmeService, AcmeSettings, KeyConflict, problem
@@ -282,7 +281,7 @@ def add_routes(app: web.Application, services) -> None:
 
 def add_admin_routes(app: web.Application, services) -> None:
     """ACME's part of the admin API: POST /api/v1/admin/eab creates an external account binding key."""
-    from scepd.admin_http import PREFIX, admin_endpoint, json_body, ttl_param
+    from scepd.admin.http import PREFIX, admin_endpoint, json_body, ttl_param
     from scepd.errors import BadRequest
 
     async def create_eab(request: web.Request, actor: str) -> web.Response:

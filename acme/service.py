@@ -17,17 +17,17 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hmac, serialization
 
-from scepd.csr import decode_csr
-from scepd.logctx import set_transaction_id
+from scepd.ca.csr import decode_csr
+from scepd.ops.logctx import set_transaction_id
 from scepd.errors import (AccountDeactivated, AccountDoesNotExist, AlreadyReplaced, BadCsr, BadNonce,
                           BadRevocationReason, BadSignatureAlgorithm, ExternalAccountRequired,
                           ForbiddenAlgorithm, InvalidProfile, MalformedRequest, NotFound, OrderNotReady,
                           PolicyViolation, RejectedIdentifiers, RequestRejected, ScepdError, Unauthorized,
                           UnsupportedIdentifier, ValidationConnection, ValidationFailed, mapping_for)
-from scepd.pipeline import Approved, Authorization, CsrRequest, Pipeline
-from scepd.policy import PROFILES, check_key, valid_dns_name
-from scepd.ratelimit import ACME_FAILED_VALIDATIONS_PER_ACCOUNT
-from scepd.revocation import RevocationReason
+from scepd.enroll.pipeline import Approved, Authorization, CsrRequest, Pipeline
+from scepd.ca.policy import PROFILES, check_key, valid_dns_name
+from scepd.ops.ratelimit import ACME_FAILED_VALIDATIONS_PER_ACCOUNT
+from scepd.ca.revocation import RevocationReason
 from scepd.store import Conflict, StoreNotFound
 
 from . import jws, validators

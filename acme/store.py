@@ -117,7 +117,7 @@ def _add_missing_columns(*tables: sa.Table):
     return step
 
 
-#: component "acme" (applied from the ordered list of every migration, scepd.assembly.migrations)
+#: component "acme" (applied from the ordered list of every migration, scepd.http.assembly.migrations)
 MIGRATIONS = [(1, [accounts, orders, authzs, challenges, nonces]),
               (2, [replacements, renew_now]),
               (3, [eab_keys]),

@@ -151,7 +151,7 @@ def enroll(directory, server, cn, sans, challenge, eab_kid, eab_hmac, protocol, 
 
 
 def _dns_name(value: str) -> bool:
-    from scepd.policy import valid_dns_name
+    from scepd.ca.policy import valid_dns_name
     return valid_dns_name(value)
 
 

@@ -28,7 +28,7 @@ from typing import Callable
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from scepd.keyfile import PRIVATE_MODE, fsync_dir, write_private_key
+from scepd.ca.keyfile import PRIVATE_MODE, fsync_dir, write_private_key
 
 PAIR_FILES = ("key.pem", "cert.pem", "chain.pem", "fullchain.pem")
 

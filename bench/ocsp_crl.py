@@ -25,8 +25,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scepd import config as config_mod, pki  # noqa: E402
-from scepd.app import create_app, open_services  # noqa: E402
+from scepd import config as config_mod
+from scepd.ca import pki  # noqa: E402
+from scepd.http.app import create_app, open_services  # noqa: E402
 from scepd.clock import FixedClock  # noqa: E402
 from scepd.store import CertificateRecord  # noqa: E402
 
@@ -77,7 +78,7 @@ async def main() -> None:
             await site.start()
             port = site._server.sockets[0].getsockname()[1]
             issuer = services.ca_material.cert
-            from scepd.ocsp import _issuer_hashes
+            from scepd.ca.ocsp import _issuer_hashes
             name_hash, key_hash = _issuer_hashes(issuer, "sha1")
             bodies = [ocsp.OCSPRequestBuilder().add_certificate_by_hash(
                 name_hash, key_hash, int(serials[i % len(serials)], 16) if serials else 1, hashes.SHA1()

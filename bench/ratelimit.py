@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scepd.clock import SystemClock  # noqa: E402
 from scepd.errors import RateLimited  # noqa: E402
-from scepd.ratelimit import Rate, RateLimiter, address_key  # noqa: E402
+from scepd.ops.ratelimit import Rate, RateLimiter, address_key  # noqa: E402
 
 HUGE = Rate(10**9, 1.0, 10**9)  # never refuses: what is measured is the bookkeeping
 SLOW = Rate(10**9, 10**9 * 3600.0, 10**9)  # never refuses and never refills: buckets stay, the cap evicts

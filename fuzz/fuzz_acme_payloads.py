@@ -35,7 +35,7 @@ with atheris.instrument_imports(include=["acme", "scepd"]):
 
     from acme import jws
     from acme.service import AcmeService, AcmeSettings, problem
-    from scepd import policy
+    from scepd.ca import policy
     from scepd.clock import FixedClock
     from scepd.errors import ScepdError
     from scepd.store import StoreNotFound

@@ -24,7 +24,7 @@ with atheris.instrument_imports(include=["scepd", "asn1crypto"]):
     from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
     from cryptography.x509.oid import AttributeOID, NameOID
 
-    from scepd.csr import decode_csr
+    from scepd.ca.csr import decode_csr
     from scepd.errors import ScepdError
 
 NAME = "csr"

@@ -28,8 +28,8 @@ with atheris.instrument_imports(include=["scepd"]):
     from cryptography.x509 import ocsp
 
     from scepd.clock import FixedClock
-    from scepd.crl import Signer
-    from scepd.ocsp import OcspResponder, _issuer_hashes
+    from scepd.ca.crl import Signer
+    from scepd.ca.ocsp import OcspResponder, _issuer_hashes
     from scepd.store import StoreNotFound
 
 NAME = "ocsp"

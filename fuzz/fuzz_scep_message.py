@@ -23,7 +23,7 @@ with atheris.instrument_imports(include=["scepd", "asn1crypto"]):
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    from scepd.csr import decode_csr
+    from scepd.ca.csr import decode_csr
     from scepd.errors import ScepdError
     from scepd.scep import wire
 

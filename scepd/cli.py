@@ -17,8 +17,9 @@ import click
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from . import __version__, config as config_mod, pki
-from .assembly import frontends, open_store
+from . import __version__, config as config_mod
+from .ca import pki
+from .http.assembly import frontends, open_store
 from .cli_support import STATE_DIR, CliHost, fail, load_config, serial_argument, with_services, with_store
 from .clock import SystemClock
 from .config import ConfigError, parse_duration
@@ -30,7 +31,7 @@ _load_config = load_config
 
 def _setup_logging(cfg: config_mod.Config, verbose: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.INFO
-    from .logctx import ContextFilter, JsonFormatter, TextFormatter
+    from .ops.logctx import ContextFilter, JsonFormatter, TextFormatter
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(ContextFilter())  # request id and transaction id on every record
     handler.setFormatter(JsonFormatter() if cfg.server.log_format == "json" else TextFormatter())
@@ -39,7 +40,7 @@ def _setup_logging(cfg: config_mod.Config, verbose: bool = False) -> None:
 
 
 async def _open_services(cfg: config_mod.Config):
-    from .app import open_services
+    from .http.app import open_services
     try:
         return await open_services(cfg)
     except pki.PkiError as exc:
@@ -84,7 +85,7 @@ def _init(state_dir: Path, cn: str, org: str | None, http: str | None, import_ce
     if not cfg_path.exists():
         cfg_path.write_text(config_mod.render_default(http or "127.0.0.1:8080"))
     cfg = _load_config(state_dir)
-    from .app import passphrase_for
+    from .http.app import passphrase_for
     passphrase = passphrase_for(cfg)
     if import_cert or import_key or import_chain:
         if not (import_cert and import_key and import_chain):
@@ -266,7 +267,7 @@ def _split_hostport(text: str) -> tuple[str, int]:
 
 async def _start_site(app, hostport: str, ssl_context=None):
     from aiohttp import web
-    from .app import HTTP_HANDLER_ARGS
+    from .http.app import HTTP_HANDLER_ARGS
     runner = web.AppRunner(app, access_log=None, handle_signals=False, **HTTP_HANDLER_ARGS)
     await runner.setup()
     host, port = _split_hostport(hostport)
@@ -296,8 +297,8 @@ async def _renew_server_cert(server_cert, stop: asyncio.Event) -> None:
 
 
 async def _serve(cfg: config_mod.Config, demo_challenge: bool) -> None:
-    from .app import create_app, create_https_app, create_mtls_app, open_services
-    from .tls import ServerCertificate, names_for
+    from .http.app import create_app, create_https_app, create_mtls_app, open_services
+    from .http.tls import ServerCertificate, names_for
 
     try:
         services = await open_services(cfg)
@@ -334,7 +335,7 @@ async def _serve(cfg: config_mod.Config, demo_challenge: bool) -> None:
         click.echo(f"Root CA SHA-256 fingerprint: {_fingerprint(services.ca_material.root)}")
         if cfg.scep.static_challenge:
             click.echo("Static challenge password: configured (SCEPD_SCEP_STATIC_CHALLENGE)")
-        from .pipeline import startup_warnings
+        from .enroll.pipeline import startup_warnings
         for warning in startup_warnings(cfg):  # once, at start
             logging.getLogger("scepd").warning("%s", warning)
         if demo_challenge:
@@ -420,7 +421,7 @@ def rollover(state_dir, root_key, root_passphrase_env):
     """Create the next issuing CA under the same root; GetNextCACert publishes it.
 
     The root key passphrase comes from $SCEPD_ROOT_KEY_PASSPHRASE or is asked on the terminal."""
-    from .app import passphrase_for
+    from .http.app import passphrase_for
     cfg = _load_config(state_dir)
     key_path = root_key or pki.ca_dir(state_dir) / "root.key"
     if not key_path.exists():
@@ -484,9 +485,9 @@ def challenge() -> None:
                                               "default: the protocol's ([scep] profile).")
 def challenge_create(state_dir, ttl, names, profile):
     """Print one new one-time challenge password (and nothing else)."""
-    from .challenges import clean_names
+    from .enroll.challenges import clean_names
     from .errors import ScepdError
-    from .policy import enrollment_profile
+    from .ca.policy import enrollment_profile
     try:
         lifetime = parse_duration(ttl)
         scope = clean_names(names)
@@ -571,7 +572,7 @@ def certs_show(state_dir, serial, as_pem):
 def certs_revoke(state_dir, serial, reason):
     """Revoke a certificate (recorded before this returns)."""
     from .errors import ScepdError
-    from .revocation import RevocationReason
+    from .ca.revocation import RevocationReason
     cfg = _load_config(state_dir)
     key = serial_argument(serial)
 
@@ -652,7 +653,7 @@ def audit() -> None:
 @click.option("--since", default=None, help="Only records at/after an ISO 8601 time or a duration ago (24h, 7d).")
 def audit_list(state_dir, limit, event, serial, since):
     """Newest audit records first, one JSON object a line."""
-    from .audit import audit_json, list_audit, parse_since
+    from .ops.audit import audit_json, list_audit, parse_since
     from .errors import ScepdError
     cfg = _load_config(state_dir)
     try:
@@ -670,10 +671,10 @@ def audit_list(state_dir, limit, event, serial, since):
         click.echo(json.dumps(audit_json(rec), sort_keys=True))
 
 
-from .admin_cli import admin as _admin_group  # noqa: E402
+from .admin.cli import admin as _admin_group  # noqa: E402
 main.add_command(_admin_group)
 
-from .agents import agents_cli  # noqa: E402
+from .ops.agents import agents_cli  # noqa: E402
 
 main.add_command(agents_cli)
 

@@ -5,8 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from scepd import config as config_mod, pki
-from scepd.app import create_app, open_services
+from scepd import config as config_mod
+from scepd.ca import pki
+from scepd.http.app import create_app, open_services
 from scepd.clock import FixedClock
 
 from .helpers import VECTORS
@@ -66,7 +67,7 @@ async def services(make_services):
 async def client(aiohttp_client, services):
     from aiohttp.test_utils import TestServer
 
-    from scepd.app import HTTP_HANDLER_ARGS
+    from scepd.http.app import HTTP_HANDLER_ARGS
     server = TestServer(create_app(services))
     await server.start_server(**HTTP_HANDLER_ARGS)  # the limits `scepd serve` uses
     return await aiohttp_client(server)

@@ -12,8 +12,8 @@ from aiohttp import web
 from click.testing import CliRunner
 from cryptography import x509
 
-from scepd.app import create_https_app
-from scepd.revocation import RevocationReason
+from scepd.http.app import create_https_app
+from scepd.ca.revocation import RevocationReason
 
 from .helpers import make_csr, rsa_key
 from .test_acme_jws import P, Acme, b64, problem_type
@@ -174,7 +174,7 @@ async def test_finalize_checks_csr_names_and_key(acme):
 async def test_acme_log_lines_carry_the_order_id(acme, caplog):
     import logging
 
-    from scepd.logctx import ContextFilter
+    from scepd.ops.logctx import ContextFilter
     caplog.set_level(logging.INFO)
     caplog.handler.addFilter(ContextFilter())  # as `scepd serve` installs it on its handler
     resp = await acme.post("/acme/new-order", {"identifiers": [{"type": "dns", "value": "log.example.test"}]})

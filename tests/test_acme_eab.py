@@ -8,7 +8,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, hmac
 
 from acme.service import AcmeService, AcmeSettings
-from scepd.app import create_https_app
+from scepd.http.app import create_https_app
 
 from .helpers import rsa_key
 from .test_acme_jws import P, Acme, b64, problem_type, rsa_jwk

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives import hashes, hmac as crypto_hmac
 from cryptography.hazmat.primitives.asymmetric import ec, padding
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from scepd.app import create_https_app
+from scepd.http.app import create_https_app
 
 from .helpers import make_csr, rsa_key
 
@@ -215,7 +215,7 @@ async def test_key_change_conflict(acme):
 
 
 async def test_problems_are_counted_in_metrics(acme, services, aiohttp_client):
-    from scepd.app import create_app
+    from scepd.http.app import create_app
 
     from .test_metrics_audit import _get, _scrape
     await acme.post("/acme/new-order", {"identifiers": []}, nonce="stale")

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from acme import jws
-from scepd.app import create_https_app
+from scepd.http.app import create_https_app
 
 from .helpers import make_csr, rsa_key
 from .odd_keys import huge_exponent, rsa_with_exponent

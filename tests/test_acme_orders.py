@@ -15,7 +15,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from acme import validators
 from acme.service import ACME_PROFILES
 from acme.store import challenges, orders
-from scepd.app import create_https_app
+from scepd.http.app import create_https_app
 
 from .acme_responders import DnsServer, free_port, tls_alpn_certificate
 from .helpers import make_csr, rsa_key

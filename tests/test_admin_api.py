@@ -10,10 +10,10 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from scepd.admin import AdminService
-from scepd.app import create_https_app
-from scepd.revocation import RevocationReason
-from scepd.tls import ServerCertificate, names_for
+from scepd.admin.service import AdminService
+from scepd.http.app import create_https_app
+from scepd.ca.revocation import RevocationReason
+from scepd.http.tls import ServerCertificate, names_for
 
 from .helpers import rsa_key
 from .test_revocation_tls import _issue
@@ -111,7 +111,7 @@ async def test_revoked_token_stops_working(services, https, tmp_path):
 
 async def test_tokens_are_stored_hashed(services, token):
     import sqlalchemy as sa
-    from scepd.admin import admin_tokens, token_hash
+    from scepd.admin.service import admin_tokens, token_hash
     async with services.store.engine.connect() as conn:
         rows = (await conn.execute(sa.select(admin_tokens))).all()
     assert len(rows) == 1 and rows[0].token_sha256 == token_hash(token)
@@ -193,9 +193,9 @@ async def test_bad_input_is_4xx_with_message(services, https, tmp_path, token, m
 
 
 async def test_pending_approve_and_reject_through_api(services, https, tmp_path, token):
-    from scepd.challenges import ChallengeGrant
-    from scepd.csr import decode_csr
-    from scepd.policy import PROFILES
+    from scepd.enroll.challenges import ChallengeGrant
+    from scepd.ca.csr import decode_csr
+    from scepd.ca.policy import PROFILES
 
     from .helpers import make_csr
     ids = []
@@ -262,8 +262,8 @@ def test_admin_cli_tokens_issue_cert_and_crl(state_dir, tmp_path):
 async def test_admin_api_lists_agents_and_metrics_count_them(services, https, tmp_path, token, aiohttp_client):
     import datetime as dt
 
-    from scepd.agents import AgentInventory, Checkin
-    from scepd.app import create_app
+    from scepd.ops.agents import AgentInventory, Checkin
+    from scepd.http.app import create_app
 
     from .test_metrics_audit import _get, _scrape
     inventory = AgentInventory(services.store, services.clock)

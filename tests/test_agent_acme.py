@@ -19,7 +19,7 @@ from agent.core import acme_client_for
 from agent.files import AgentDir
 from agent.protocol import AgentError, Identity, TrustError, fingerprint
 from agent.scep_client import new_key
-from scepd.app import create_https_app
+from scepd.http.app import create_https_app
 
 from .acme_responders import free_port
 from .helpers import self_signed, rsa_key

@@ -18,10 +18,10 @@ from agent.core import Agent
 from agent.files import AgentDir
 from agent.protocol import AgentError, Identity, TrustError, fingerprint
 from agent.scep_client import ScepClient, new_key
-from scepd.agents import AgentInventory
-from scepd.app import create_app, create_mtls_app
-from scepd.revocation import RevocationReason
-from scepd.tls import ServerCertificate, names_for
+from scepd.ops.agents import AgentInventory
+from scepd.http.app import create_app, create_mtls_app
+from scepd.ca.revocation import RevocationReason
+from scepd.http.tls import ServerCertificate, names_for
 
 DAY = dt.timedelta(days=1)
 
@@ -229,7 +229,7 @@ async def test_renewal_by_pkcsreq_when_the_server_lacks_renewal(server, tmp_path
 async def test_rollover_is_announced_then_followed(server, tmp_path, clock, state_dir):
     """GetNextCACert announces the next CA (verified against the pinned root); the renewal after
     the switch installs a certificate from it with the new chain."""
-    from scepd import pki
+    from scepd.ca import pki
     services = server["services"]
     d = await _enrolled(server, tmp_path, mtls=False)
     nxt = pki.rollover(state_dir, clock, (state_dir / "ca" / "root.key").read_bytes(), None, None)
@@ -272,7 +272,7 @@ def test_enroll_refuses_trust_on_first_use_unless_asked(tmp_path):
 
 
 async def test_reuse_key_only_when_the_server_allows_it(server, tmp_path, clock):
-    from scepd.renewal import RenewalSettings
+    from scepd.enroll.renewal import RenewalSettings
     d = await _enrolled(server, tmp_path, mtls=False)
     first = d.load_pair()
     agent = Agent(d, schedule.Policy(), clock=clock, reuse_key=True)

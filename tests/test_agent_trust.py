@@ -18,8 +18,9 @@ from cryptography.x509.oid import NameOID
 
 from agent.protocol import AgentError, Identity, TrustError, Usage, issued_path
 from agent.scep_client import ScepClient
-from scepd import config as config_mod, pki
-from scepd.app import create_app, open_services
+from scepd import config as config_mod
+from scepd.ca import pki
+from scepd.http.app import create_app, open_services
 from scepd.errors import NotForUs
 from scepd.scep import wire
 

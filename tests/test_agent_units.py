@@ -44,6 +44,6 @@ def test_the_agent_reuses_the_codec_never_the_server():
     assert out.returncode == 0, out.stderr
     loaded = {m for m in out.stdout.split() if m.startswith("scepd")}
     assert "scepd.scep.wire" in loaded
-    server = {"scepd.app", "scepd.scep.service", "scepd.scep.transport", "scepd.store", "scepd.authority",
-              "scepd.enrollment", "scepd.policy", "scepd.agents", "sqlalchemy"}
+    server = {"scepd.http.app", "scepd.scep.service", "scepd.scep.transport", "scepd.store", "scepd.ca.authority",
+              "scepd.enroll.enrollment", "scepd.ca.policy", "scepd.ops.agents", "sqlalchemy"}
     assert not (loaded | set(out.stdout.split())) & server

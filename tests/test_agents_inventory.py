@@ -12,20 +12,20 @@ from cryptography.hazmat.primitives import serialization
 
 from agent.checkin import checkin
 from agent.protocol import AgentError
-from scepd.agents import AgentInventory, Checkin
-from scepd.app import create_mtls_app
+from scepd.ops.agents import AgentInventory, Checkin
+from scepd.http.app import create_mtls_app
 from scepd.cli import main as scepd_main
 from scepd.errors import MalformedRequest
-from scepd.revocation import RevocationReason
-from scepd.tls import ServerCertificate, names_for
+from scepd.ca.revocation import RevocationReason
+from scepd.http.tls import ServerCertificate, names_for
 
 from .helpers import make_csr, rsa_key
 
 
 async def _issue(services, cn: str, key):
-    from scepd.challenges import ChallengeGrant
-    from scepd.csr import decode_csr
-    from scepd.policy import PROFILES
+    from scepd.enroll.challenges import ChallengeGrant
+    from scepd.ca.csr import decode_csr
+    from scepd.ca.policy import PROFILES
     facts = decode_csr(make_csr(key, cn))
     req = services.enrollment.approve(facts, PROFILES["agent"])
     return await services.enrollment.issue(req, ChallengeGrant("none"), protocol="test", transaction_id=None,

@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from scepd import pki
+from scepd.ca import pki
 from scepd.cli import main
 
 

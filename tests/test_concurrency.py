@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 
-from scepd.app import SERVICES
+from scepd.http.app import SERVICES
 from scepd.scep import wire
 
 from .helpers import make_csr, pkcs_req, rsa_key, self_signed

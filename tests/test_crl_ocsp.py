@@ -14,8 +14,8 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.x509 import ocsp
 
 from scepd import config as config_mod
-from scepd.app import create_app, open_services
-from scepd.revocation import RevocationReason
+from scepd.http.app import create_app, open_services
+from scepd.ca.revocation import RevocationReason
 
 from .helpers import rsa_key
 from .test_revocation_tls import _issue
@@ -92,7 +92,7 @@ async def test_crl_notices_revocations_by_another_process(client, services, make
     issued = await _issue(services, "crl-cli", rsa_key(0))
     assert _number(await _crl(client, services)) == 1
     # `scepd certs revoke` runs in its own process: its RevocationService has no CRL listener
-    from scepd.revocation import RevocationService
+    from scepd.ca.revocation import RevocationService
     await RevocationService(services.store, services.clock).revoke(
         issued.record.serial, RevocationReason.SUPERSEDED, "cli")
     crl = await _crl(client, services)
@@ -203,7 +203,7 @@ async def test_ocsp_get_form(client, services):
 
 
 async def test_ocsp_sees_revocation_by_another_process_at_once(client, services):
-    from scepd.revocation import RevocationService
+    from scepd.ca.revocation import RevocationService
     ca = services.ca_material.cert
     issued = await _issue(services, "ocsp-cli", rsa_key(0))
     assert (await _post(client, _request(issued.cert, ca))).certificate_status == ocsp.OCSPCertStatus.GOOD
@@ -248,7 +248,7 @@ async def test_ocsp_oversized_nonce_is_malformed(client, services):
 
 async def test_previous_ca_after_rollover_keeps_crl_and_ocsp(state_dir, clock, aiohttp_client):
     """Certificates of a previous issuing CA (after `ca activate-next`) still get CRL and OCSP."""
-    from scepd import pki
+    from scepd.ca import pki
     cfg = config_mod.load(state_dir, environ={})
     services = await open_services(cfg, clock)
     try:

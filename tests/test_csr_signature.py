@@ -12,8 +12,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from scepd.app import SERVICES, create_app
-from scepd.csr import LEGACY_SCEP_DIGESTS, SCEP_DIGESTS, STRONG_DIGESTS, decode_csr
+from scepd.http.app import SERVICES, create_app
+from scepd.ca.csr import LEGACY_SCEP_DIGESTS, SCEP_DIGESTS, STRONG_DIGESTS, decode_csr
 from scepd.errors import BadMessageCheck, FailInfo, ForbiddenAlgorithm, UnreadableEnvelope
 from scepd.scep import wire
 

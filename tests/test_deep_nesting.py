@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
-from scepd.app import SERVICES, create_https_app
+from scepd.http.app import SERVICES, create_https_app
 from scepd.errors import MalformedRequest
 from scepd.scep import der, wire
 

@@ -9,11 +9,11 @@ from aiohttp import web
 from click.testing import CliRunner
 
 from scepd import config as config_mod
-from scepd.app import create_app
+from scepd.http.app import create_app
 from scepd.cli import main
 from scepd.config import ConfigError
 from scepd.errors import ExternalCheckDenied, FailInfo
-from scepd.external_check import MAX_RESPONSE_BYTES, CheckRequest, ExternalCheck
+from scepd.enroll.external_check import MAX_RESPONSE_BYTES, CheckRequest, ExternalCheck
 from scepd.scep import wire
 
 from .helpers import make_csr, pkcs_req, rsa_key, self_signed

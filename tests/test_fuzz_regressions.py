@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 
 from acme import jws
 from acme.service import AcmeService
-from scepd.csr import decode_csr
+from scepd.ca.csr import decode_csr
 from scepd.errors import BadMessageCheck, BadSignatureAlgorithm, MalformedRequest, NotForUs
 from scepd.scep import der, wire
 

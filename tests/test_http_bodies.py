@@ -14,8 +14,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
-from scepd.app import SERVICES, create_app, create_https_app
-from scepd.ocsp import MAX_REQUEST_BYTES, _issuer_hashes
+from scepd.http.app import SERVICES, create_app, create_https_app
+from scepd.ca.ocsp import MAX_REQUEST_BYTES, _issuer_hashes
 from scepd.scep import wire
 
 from .helpers import make_csr, pkcs_req, rsa_key

@@ -6,7 +6,7 @@ import hashlib
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from scepd.app import create_https_app
+from scepd.http.app import create_https_app
 
 
 async def test_root_by_fingerprint_and_all_roots(aiohttp_client, services):

@@ -1,4 +1,4 @@
-"""Key limits (scepd.policy.check_key, `[policy] max_rsa_bits`): one rule for CSR keys, SCEP
+"""Key limits (scepd.ca.policy.check_key, `[policy] max_rsa_bits`): one rule for CSR keys, SCEP
 signer certificate keys and ACME account keys (see test_acme_keys.py). A SCEP signer key outside
 the limits gets a signed FAILURE badAlg without its signature being verified."""
 from __future__ import annotations
@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
 from scepd import config as config_mod
-from scepd.app import SERVICES, create_app
+from scepd.http.app import SERVICES, create_app
 from scepd.errors import BadPublicKey, FailInfo, mapping_for
-from scepd.policy import KeyLimits, check_key
+from scepd.ca.policy import KeyLimits, check_key
 from scepd.scep import wire
 
 from .helpers import make_csr, pkcs_req, rsa_key, self_signed

@@ -13,9 +13,10 @@ from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from scepd import cli, pki
+from scepd import cli
+from scepd.ca import pki
 from scepd.cli import main
-from scepd.keyfile import write_private_key
+from scepd.ca.keyfile import write_private_key
 
 from .helpers import rsa_key
 

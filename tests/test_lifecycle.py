@@ -14,11 +14,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from scepd import config as config_mod, pki
-from scepd.app import SERVICES, create_app, open_services
+from scepd import config as config_mod
+from scepd.ca import pki
+from scepd.http.app import SERVICES, create_app, open_services
 from scepd.clock import FixedClock
 from scepd.errors import FailInfo
-from scepd.revocation import RevocationReason
+from scepd.ca.revocation import RevocationReason
 from scepd.scep import der, wire
 from scepd.store import CertificateRecord
 

@@ -12,11 +12,11 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from prometheus_client.parser import text_string_to_metric_families
 
-from scepd.app import create_app
-from scepd.audit import list_audit
+from scepd.http.app import create_app
+from scepd.ops.audit import list_audit
 from scepd.cli import main
-from scepd.logctx import ContextFilter, JsonFormatter
-from scepd.revocation import RevocationReason
+from scepd.ops.logctx import ContextFilter, JsonFormatter
+from scepd.ca.revocation import RevocationReason
 from scepd.store.sql import audit as audit_table
 
 from .helpers import rsa_key
@@ -173,7 +173,7 @@ async def test_logs_carry_transaction_id_and_never_the_challenge(client, service
     assert issued[0].request_id
     line = json.loads(JsonFormatter().format(issued[0]))
     assert line["transaction_id"] == rep.transaction_id and line["message"].startswith("issued")
-    from scepd.logctx import TextFormatter
+    from scepd.ops.logctx import TextFormatter
     assert f"transaction_id={rep.transaction_id}]" in TextFormatter().format(issued[0])
     text = caplog.text + "".join(r.getMessage() for r in caplog.records)
     assert secret not in text
@@ -185,8 +185,8 @@ async def test_logs_carry_transaction_id_and_never_the_challenge(client, service
 async def test_append_only_and_crl_numbers_on_both_backends(database_url, services):
     """SQLite and PostgreSQL: the audit triggers refuse UPDATE/DELETE; two CRL services on one
     database (two replicas) never reuse a CRL number."""
-    from scepd.crl import CrlService, Signer
-    from scepd.assembly import open_store
+    from scepd.ca.crl import CrlService, Signer
+    from scepd.http.assembly import open_store
     from scepd.store import AuditRecord
     store = await open_store(database_url)
     try:
@@ -218,7 +218,7 @@ def test_bad_crl_validity_is_a_one_line_error(state_dir, monkeypatch):
 async def test_superseded_by_renewal_is_counted_and_in_the_crl(aiohttp_client, make_services):
     from cryptography import x509 as _x509
 
-    from scepd.app import create_app
+    from scepd.http.app import create_app
 
     from .test_lifecycle import _enroll, _issued
     services = await make_services({"SCEPD_SCEP_STATIC_CHALLENGE": "static-secret",

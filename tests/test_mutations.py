@@ -5,8 +5,9 @@ import random
 
 import pytest
 
-from scepd import config as config_mod, pki
-from scepd.app import create_app, open_services
+from scepd import config as config_mod
+from scepd.ca import pki
+from scepd.http.app import create_app, open_services
 from scepd.clock import FixedClock
 from scepd.scep import wire
 
@@ -81,7 +82,7 @@ async def test_mutated_acme_requests_get_problem_documents(aiohttp_client, make_
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import padding
 
-    from scepd.app import create_https_app
+    from scepd.http.app import create_https_app
 
     from .helpers import make_csr, rsa_key
     from .test_acme_jws import Acme, b64, sign

@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 
-import scepd.renewal
+import scepd.enroll.renewal
 import scepd.scep.service
 from acme import jws
-from scepd.app import SERVICES, create_app, create_https_app
+from scepd.http.app import SERVICES, create_app, create_https_app
 from scepd.scep import der, wire
 
 from .helpers import make_csr, pkcs_req, reply_certs, rsa_key, self_signed
@@ -79,7 +79,7 @@ async def test_renewal_signer_is_verified_off_the_loop(client, on_loop):
     key = rsa_key(0)
     signer = (self_signed(key), key)
     cert = reply_certs(await post_scep(client, request(client, key, "renew-me", signer=signer)), *signer)[0]
-    checked = on_loop(scepd.renewal, "issued_by_us")
+    checked = on_loop(scepd.enroll.renewal, "issued_by_us")
     new_key = rsa_key(1)
     rep = await post_scep(client, request(client, new_key, "renew-me", challenge=None, signer=(cert, key),
                                           csr=make_csr(new_key, "renew-me")))

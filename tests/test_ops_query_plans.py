@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 from sqlalchemy import event
 
-from scepd.admin import AdminService
-from scepd.revocation import RevocationReason
+from scepd.admin.service import AdminService
+from scepd.ca.revocation import RevocationReason
 
 from .helpers import rsa_key
 from .test_revocation_tls import _issue

@@ -8,12 +8,12 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from scepd import config as config_mod
-from scepd.challenges import ChallengeGrant
+from scepd.enroll.challenges import ChallengeGrant
 from scepd.cli import main
 from scepd.config import ConfigError
-from scepd.csr import decode_csr
+from scepd.ca.csr import decode_csr
 from scepd.errors import BadPublicKey, ExternalCheckDenied, PolicyViolation
-from scepd.pipeline import ApprovalPolicy, Authorization, CsrRequest, Pipeline, approval_policy, startup_warnings
+from scepd.enroll.pipeline import ApprovalPolicy, Authorization, CsrRequest, Pipeline, approval_policy, startup_warnings
 
 from .helpers import make_csr, rsa_key
 
@@ -218,8 +218,8 @@ async def test_static_challenge_names_scope_the_static_challenge(make_services):
 def test_cli_challenge_create_names_profile_and_cn_alias(state_dir):
     import asyncio
 
-    from scepd.app import open_services
-    from scepd.challenges import secret_hash
+    from scepd.http.app import open_services
+    from scepd.enroll.challenges import secret_hash
     runner = CliRunner()
     out = runner.invoke(main, ["challenge", "create", "--state-dir", str(state_dir), "--names", "dev-*.example",
                                "--names", "*.dev.example", "--profile", "agent"])
@@ -244,7 +244,7 @@ def test_cli_challenge_create_names_profile_and_cn_alias(state_dir):
 async def test_a_challenge_row_from_before_the_names_column_reads_its_cn_pattern(services, clock):
     import datetime as dt
 
-    from scepd.challenges import secret_hash
+    from scepd.enroll.challenges import secret_hash
     async with services.store.transaction() as tx:  # as the old code wrote it
         await tx.insert_challenge(secret_hash("old-one"), "router-*", clock.now(),
                                   clock.now() + dt.timedelta(hours=1))

@@ -12,10 +12,10 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from scepd.app import SERVICES, create_https_app
+from scepd.http.app import SERVICES, create_https_app
 from scepd.errors import FailInfo
-from scepd.csr import decode_csr
-from scepd.pipeline import Authorization, CsrRequest
+from scepd.ca.csr import decode_csr
+from scepd.enroll.pipeline import Authorization, CsrRequest
 from scepd.scep import wire
 
 from .helpers import make_csr, pkcs_req, rsa_key, self_signed
@@ -52,7 +52,7 @@ async def test_scep_challenge_scoped_to_names(client):
 
 
 async def test_scep_static_challenge_scoped_by_static_challenge_names(aiohttp_client, make_services):
-    from scepd.app import create_app
+    from scepd.http.app import create_app
     services = await make_services({"SCEPD_SCEP_STATIC_CHALLENGE": "static-secret",
                                     "SCEPD_SCEP_STATIC_CHALLENGE_NAMES": "*.devices.example"})
     client = await aiohttp_client(create_app(services))
@@ -92,7 +92,7 @@ def check_script(tmp_path, allow: bool, reason: str = "not in the CMDB") -> str:
 
 
 async def test_scep_external_check_gets_protocol_scep_from_policy_key(aiohttp_client, make_services, tmp_path):
-    from scepd.app import create_app
+    from scepd.http.app import create_app
     services = await make_services({"SCEPD_SCEP_STATIC_CHALLENGE": "static-secret",
                                     "SCEPD_POLICY_CSR_CHECK_COMMAND": check_script(tmp_path, False)})
     client = await aiohttp_client(create_app(services))

@@ -8,7 +8,7 @@ import sqlite3
 
 from sqlalchemy import event
 
-from scepd.app import SERVICES
+from scepd.http.app import SERVICES
 from scepd.scep import der, wire
 
 from .helpers import make_csr, pkcs_req, reply_certs, rsa_key

@@ -13,10 +13,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from scepd import config as config_mod
-from scepd.app import create_app, create_https_app
+from scepd.http.app import create_app, create_https_app
 from scepd.clock import FixedClock
 from scepd.errors import FailInfo, RateLimited, mapping_for
-from scepd.ratelimit import LIMITS, Rate, RateLimiter, address_key
+from scepd.ops.ratelimit import LIMITS, Rate, RateLimiter, address_key
 from scepd.scep import der, wire
 
 from .helpers import make_csr, pkcs_req, rsa_key, self_signed

@@ -9,9 +9,9 @@ import datetime as dt
 
 import pytest
 
-from scepd.app import create_app
+from scepd.http.app import create_app
 from scepd.errors import FailInfo
-from scepd.revocation import RevocationReason
+from scepd.ca.revocation import RevocationReason
 from scepd.scep import wire
 
 from .helpers import reply_certs, rsa_key

@@ -8,19 +8,19 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
-from scepd.app import create_mtls_app
+from scepd.http.app import create_mtls_app
 from scepd.errors import AlreadyRevoked, BadRequest, NotFound
-from scepd.revocation import RevocationReason
-from scepd.tls import ServerCertificate, names_for
+from scepd.ca.revocation import RevocationReason
+from scepd.http.tls import ServerCertificate, names_for
 
 from .helpers import make_csr, rsa_key
 
 
 async def _issue(services, cn: str, key):
-    from scepd.challenges import ChallengeGrant
-    from scepd.csr import decode_csr
+    from scepd.enroll.challenges import ChallengeGrant
+    from scepd.ca.csr import decode_csr
     facts = decode_csr(make_csr(key, cn))
-    req = services.enrollment.approve(facts, __import__("scepd.policy", fromlist=["PROFILES"]).PROFILES["agent"])
+    req = services.enrollment.approve(facts, __import__("scepd.ca.policy", fromlist=["PROFILES"]).PROFILES["agent"])
     return await services.enrollment.issue(req, ChallengeGrant("none"), protocol="test", transaction_id=None,
                                            requester="test", spki_sha256=facts.spki_sha256)
 
@@ -42,7 +42,7 @@ async def test_revoke_records_and_audits(services):
 def test_disallowed_reasons(text):
     with pytest.raises(BadRequest):
         reason = RevocationReason.parse(text)
-        from scepd.revocation import ALLOWED_REASONS
+        from scepd.ca.revocation import ALLOWED_REASONS
         if reason not in ALLOWED_REASONS:
             raise BadRequest("not allowed")
 

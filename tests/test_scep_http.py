@@ -11,7 +11,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from scepd.app import SERVICES, create_app
+from scepd.http.app import SERVICES, create_app
 from scepd.errors import FailInfo, UnreadableEnvelope
 from scepd.scep import wire
 

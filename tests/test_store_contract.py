@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 
 from scepd import config as config_mod
-from scepd.app import create_app, open_services
+from scepd.http.app import create_app, open_services
 from scepd.store import AuditRecord, CertificateRecord, Conflict, PendingRecord, SqlStore, StoreNotFound
 
 from .conftest import NOW
@@ -32,7 +32,7 @@ async def store(database_url):
 
 
 async def test_migrations_are_idempotent(database_url):
-    from scepd.assembly import open_store
+    from scepd.http.assembly import open_store
     for _ in range(2):
         s = await open_store(database_url)
         await s.close()
@@ -42,8 +42,10 @@ def test_one_ordered_list_names_every_migration():
     """scepd.assembly.migrations() is the one list: every component's versions once, ascending,
     core first; the component modules only declare their steps, nothing registers on import."""
     from acme import store as acme_store
-    from scepd.assembly import migrations
-    from scepd import admin, agents, audit, crl
+    from scepd.http.assembly import migrations
+    from scepd.admin import service as admin
+    from scepd.ops import agents, audit
+    from scepd.ca import crl
     from scepd.store import sql
     listed = [(component, version) for component, version, _ in migrations()]
     assert len(set(listed)) == len(listed)
@@ -60,12 +62,12 @@ def test_one_ordered_list_names_every_migration():
 async def test_what_a_database_gets_does_not_depend_on_what_was_imported(database_url):
     """Component modules used to register their migrations on import, so a new database got
     whatever the process had imported. SqlStore.open applies the list it is given (default: the
-    store's own tables); scepd.assembly.open_store applies the one ordered list."""
+    store's own tables); scepd.http.assembly.open_store applies the one ordered list."""
     import sqlalchemy as sa
 
     import acme.store  # noqa: F401  (imported: must not change what SqlStore.open applies)
-    import scepd.agents  # noqa: F401
-    import scepd.crl  # noqa: F401
+    import scepd.ops.agents  # noqa: F401
+    import scepd.ca.crl  # noqa: F401
     from scepd.store.sql import schema_version
 
     async def applied(s) -> set[tuple[str, int]]:
@@ -77,7 +79,7 @@ async def test_what_a_database_gets_does_not_depend_on_what_was_imported(databas
         assert {c for c, _ in await applied(s)} == {"core"}
     finally:
         await s.close()
-    from scepd.assembly import migrations, open_store
+    from scepd.http.assembly import migrations, open_store
     s = await open_store(database_url)
     try:
         assert await applied(s) == {(c, v) for c, v, _ in migrations()}
@@ -220,7 +222,7 @@ async def test_acme_v4_adds_its_columns_to_a_v3_database(database_url):
             id="o1", account_id="a1", status="pending", identifiers="[]", expires=NOW.replace(tzinfo=None),
             created_at=NOW.replace(tzinfo=None)))
     await engine.dispose()
-    from scepd.assembly import open_store
+    from scepd.http.assembly import open_store
     s = await open_store(database_url)
     try:
         db = acme_store.AcmeStore(s)
@@ -243,7 +245,7 @@ async def test_core_v3_adds_challenge_names_and_profile_to_a_v2_database(databas
     import sqlalchemy as sa
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    from scepd.challenges import secret_hash
+    from scepd.enroll.challenges import secret_hash
     from scepd.store.sql import audit, certificates, challenges, pending_requests, schema_version
     old = sa.MetaData()
     for table in (certificates, audit, pending_requests):
@@ -279,7 +281,7 @@ async def test_acme_across_two_replicas(database_url, state_dir, clock, aiohttp_
     order created on one is validated, finalized and downloaded through the other."""
     from cryptography import x509
 
-    from scepd.app import create_https_app
+    from scepd.http.app import create_https_app
 
     from .test_acme_ari import path_of, thumb
     from .test_acme_jws import P, Acme, b64, problem_type

@@ -11,11 +11,11 @@ from cryptography.hazmat.primitives.asymmetric import padding
 from cryptography.x509.oid import NameOID
 
 from scepd import config as config_mod
-from scepd import policy as policy_mod
-from scepd.app import SERVICES, create_app
-from scepd.csr import decode_csr
+from scepd.ca import policy as policy_mod
+from scepd.http.app import SERVICES, create_app
+from scepd.ca.csr import decode_csr
 from scepd.errors import FailInfo, PolicyViolation
-from scepd.policy import PROFILES, SubjectPolicy, approve
+from scepd.ca.policy import PROFILES, SubjectPolicy, approve
 from scepd.scep import wire
 
 from .conftest import NOW

@@ -12,7 +12,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from scepd import config as config_mod
-from scepd.app import create_app, open_services
+from scepd.http.app import create_app, open_services
 from scepd.clock import FixedClock
 from scepd.errors import FailInfo, NotForUs, UnverifiableMessage
 from scepd.scep import wire
@@ -147,7 +147,7 @@ async def test_replayed_enrollment_succeeds(aiohttp_client, vector_state, tmp_pa
     assert cert_subject_der(certs[0]) == csr_subject_der(csr.public_bytes(serialization.Encoding.DER))
     certs[0].verify_directly_issued_by(load_pair("ca").cert)
     # and it is in the inventory
-    store = client.server.app[__import__("scepd.app", fromlist=["SERVICES"]).SERVICES].store
+    store = client.server.app[__import__("scepd.http.app", fromlist=["SERVICES"]).SERVICES].store
     rec = await store.get_certificate(format(certs[0].serial_number, "x"))
     assert rec.transaction_id == meta["transactionID"]["printable"]
 
@@ -161,5 +161,5 @@ async def test_replayed_legacy_vector_gets_badalg_by_default(aiohttp_client, vec
     assert rep.status == wire.PkiStatus.FAILURE
     assert rep.fail_info == FailInfo.BAD_ALG
     assert "RFC 8894" in rep.fail_info_text
-    services = client.server.app[__import__("scepd.app", fromlist=["SERVICES"]).SERVICES]
+    services = client.server.app[__import__("scepd.http.app", fromlist=["SERVICES"]).SERVICES]
     assert await services.store.list_certificates() == []

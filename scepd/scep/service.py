@@ -26,21 +26,21 @@ import dataclasses
 import hashlib
 from typing import Awaitable, Callable
 
-from ..challenges import ChallengeGrant, ChallengeService
+from ..enroll.challenges import ChallengeGrant, ChallengeService
 from ..clock import Clock
-from ..csr import LEGACY_SCEP_DIGESTS, SCEP_DIGESTS, CsrFacts, decode_csr
-from ..enrollment import EnrollmentService
+from ..ca.csr import LEGACY_SCEP_DIGESTS, SCEP_DIGESTS, CsrFacts, decode_csr
+from ..enroll.enrollment import EnrollmentService
 from ..errors import (BadCertId, BadRequest, BadTime, ChallengeRejected, ForbiddenAlgorithm, MalformedRequest,
                       NotForUs, RenewalRefused, RequestRejected, ScepdError, UnknownTransaction,
                       UnsupportedMessageType, UnverifiableMessage, mapping_for)
 from ..errors import BadMessageCheck, UnreadableEnvelope
-from ..external_check import ExternalCheck
-from ..logctx import set_transaction_id
-from ..pipeline import ApprovalPolicy, Authorization, CsrRequest, Pipeline
-from ..renewal import RenewalPolicy, RenewalSettings
+from ..enroll.external_check import ExternalCheck
+from ..ops.logctx import set_transaction_id
+from ..enroll.pipeline import ApprovalPolicy, Authorization, CsrRequest, Pipeline
+from ..enroll.renewal import RenewalPolicy, RenewalSettings
 from ..store import StoreNotFound
-from ..pki import CaMaterial
-from ..policy import KeyLimits, Profile, check_key
+from ..ca.pki import CaMaterial
+from ..ca.policy import KeyLimits, Profile, check_key
 from . import wire
 
 log = logging.getLogger("scepd.scep")

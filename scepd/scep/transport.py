@@ -18,8 +18,7 @@ from aiohttp import web
 
 from ..errors import MalformedRequest, PayloadTooLarge, ScepdError, UnsupportedOperation, mapping_for
 from ..http_body import read_body
-from ..ratelimit import (SCEP_FAILURES_PER_ADDRESS, SCEP_FAILURES_PER_TRANSACTION, RateLimiter,
-                         address_key)
+from ..ops.ratelimit import SCEP_FAILURES_PER_ADDRESS, SCEP_FAILURES_PER_TRANSACTION, RateLimiter, address_key
 from . import wire
 from .service import HTTP_ERRORS, ScepService
 

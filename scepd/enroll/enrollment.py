@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from .authority import CertificateAuthority, random_serial
+from ..ca.authority import CertificateAuthority, random_serial
 from .challenges import ChallengeGrant
-from .clock import Clock
-from .csr import LEGACY_SCEP_DIGESTS, CsrFacts, decode_csr
-from .errors import ChallengeRejected, NotFound, PolicyViolation, RequestRejected
-from .policy import IssuanceRequest, KeyLimits, Profile, SubjectPolicy, approve, check_window, profile_named
-from .render import serial_hex
-from .store import AuditRecord, CertificateRecord, Conflict, PendingRecord, SqlStore, StoreNotFound
+from ..clock import Clock
+from ..ca.csr import LEGACY_SCEP_DIGESTS, CsrFacts, decode_csr
+from ..errors import ChallengeRejected, NotFound, PolicyViolation, RequestRejected
+from ..ca.policy import IssuanceRequest, KeyLimits, Profile, SubjectPolicy, approve, check_window, profile_named
+from ..render import serial_hex
+from ..store import AuditRecord, CertificateRecord, Conflict, PendingRecord, SqlStore, StoreNotFound
 
 #: duplicate-subject policies: keep both | revoke the renewed certificate | refuse a second one
 DUPLICATE_POLICIES = ("allow", "revoke", "refuse")
@@ -147,7 +147,7 @@ class EnrollmentService:
         raise RuntimeError("could not draw an unused serial number")
 
     async def _tell_superseded(self, serial: str) -> None:
-        from .revocation import RevocationReason
+        from ..ca.revocation import RevocationReason
         try:
             old = await self.store.get_certificate(serial)
         except StoreNotFound:

@@ -22,11 +22,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from .clock import Clock
-from .errors import NotFound
+from ..clock import Clock
+from ..errors import NotFound
 from .revocation import RevocationReason
-from .store import CertificateRecord, SqlStore
-from .store.sql import _aware, _naive, certificates
+from ..store import CertificateRecord, SqlStore
+from ..store.sql import _aware, _naive, certificates
 
 log = logging.getLogger("scepd.crl")
 

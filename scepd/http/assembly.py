@@ -7,8 +7,8 @@ imports acme (tests/test_import_graph.py).
 """
 from __future__ import annotations
 
-from .frontend import Frontend
-from .store import Migration, SqlStore
+from ..frontend import Frontend
+from ..store import Migration, SqlStore
 
 
 def frontends() -> tuple[Frontend, ...]:
@@ -22,8 +22,10 @@ def migrations() -> list[Migration]:
     that shipped). Each component's versions are applied once, recorded in schema_version."""
     from acme import store as acme_store
 
-    from . import admin, agents, audit, crl
-    from .store.sql import MIGRATIONS as store_own
+    from ..admin import service as admin
+    from ..ops import agents, audit
+    from ..ca import crl
+    from ..store.sql import MIGRATIONS as store_own
     ordered: list[Migration] = []
     for component, steps in (("core", store_own["core"]),   # certificates, challenges, audit, pending
                              ("ops", crl.MIGRATIONS),          # 1: CRL state

@@ -23,13 +23,13 @@ import fnmatch
 from dataclasses import dataclass, field
 
 from .challenges import ChallengeGrant
-from .csr import CsrFacts
+from ..ca.csr import CsrFacts
 from .enrollment import REQUESTED_SUBJECT_PROTOCOLS, EnrollmentService, Issued
-from .config import Config, ConfigError
-from .errors import PolicyViolation, ScepdError
+from ..config import Config, ConfigError
+from ..errors import PolicyViolation, ScepdError
 from .external_check import CheckRequest, ExternalCheck
-from .policy import ENROLLMENT_PROFILES, IssuanceRequest, Profile, profile_named
-from .store import PendingRecord, StoreNotFound
+from ..ca.policy import ENROLLMENT_PROFILES, IssuanceRequest, Profile, profile_named
+from ..store import PendingRecord, StoreNotFound
 
 #: what authenticated a request
 AUTHORIZATION_KINDS = ("challenge", "renewal", "acme-account", "tls-client")

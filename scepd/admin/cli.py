@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from .clock import SystemClock
+from ..clock import SystemClock
 
 
 def _state_dir_option(fn):
@@ -26,7 +26,8 @@ def _fail(message: str) -> None:
 
 
 def _config(state_dir: Path):
-    from . import config as config_mod, pki
+    from .. import config as config_mod
+    from ..ca import pki
     if not pki.exists(state_dir):
         _fail(f"no CA in {state_dir}; run `scepd init --state-dir {state_dir}`")
     try:
@@ -38,8 +39,8 @@ def _config(state_dir: Path):
 def _with_admin(cfg, fn, full: bool = False):
     """A coroutine: fn(AdminService, services or None), with the store or (full) the services
     the `scepd` command opens (scepd.cli_support)."""
-    from .admin import AdminService
-    from .cli_support import with_services, with_store
+    from .service import AdminService
+    from ..cli_support import with_services, with_store
     if full:
         return with_services(cfg, lambda services: fn(
             AdminService(services.store, services.clock, services.enrollment), services))
@@ -61,7 +62,7 @@ def token() -> None:
 @click.option("--name", required=True, help="What the token is for (shown in `token list` and the audit).")
 def token_create(state_dir, name):
     """Print a new token once (it cannot be shown again)."""
-    from .errors import ScepdError
+    from ..errors import ScepdError
     cfg = _config(state_dir)
     try:
         _id, value = asyncio.run(_with_admin(cfg, lambda a, _s: a.create_token(name, actor="cli")))
@@ -101,8 +102,8 @@ def token_revoke(state_dir, token_id):
               help="Where to write the new private key (PEM, mode 0600).")
 def issue_cert(state_dir, cn, out_cert, out_key):
     """Issue an admin client certificate (profile "admin") for the HTTPS admin API."""
-    from .errors import ScepdError
-    from .pki import PkiError, pem, write_private, write_public
+    from ..errors import ScepdError
+    from ..ca.pki import PkiError, pem, write_private, write_public
     cfg = _config(state_dir)
     for path in (out_cert, out_key):
         if path.exists():

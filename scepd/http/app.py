@@ -13,32 +13,32 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
-from . import pki
-from .authority import CertificateAuthority
-from .challenges import ChallengeService
-from .clock import Clock, SystemClock
-from .challenges import clean_names
-from .config import Config, parse_duration
-from .enrollment import EnrollmentService
-from .external_check import ExternalCheck
-from .pipeline import Pipeline, approval_policy
-from .policy import KeyLimits, profile_named, subject_policy
-from .ratelimit import RateLimiter
-from .renewal import RenewalPolicy, RenewalSettings
+from ..ca import pki
+from ..ca.authority import CertificateAuthority
+from ..enroll.challenges import ChallengeService
+from ..clock import Clock, SystemClock
+from ..enroll.challenges import clean_names
+from ..config import Config, parse_duration
+from ..enroll.enrollment import EnrollmentService
+from ..enroll.external_check import ExternalCheck
+from ..enroll.pipeline import Pipeline, approval_policy
+from ..ca.policy import KeyLimits, profile_named, subject_policy
+from ..ops.ratelimit import RateLimiter
+from ..enroll.renewal import RenewalPolicy, RenewalSettings
 from cryptography.hazmat.primitives.asymmetric import rsa
-from .revocation import RevocationService
-from .scep import wire
-from .scep.service import ScepService, ScepSettings
-from .scep.transport import ScepHandler, add_routes
-from .store import SqlStore
-from .ops import add_https_context, add_ops_routes, attach_ops
-from .admin_http import add_admin_routes
+from ..ca.revocation import RevocationService
+from ..scep import wire
+from ..scep.service import ScepService, ScepSettings
+from ..scep.transport import ScepHandler, add_routes
+from ..store import SqlStore
+from ..ops.routes import add_https_context, add_ops_routes, attach_ops
+from ..admin.http import add_admin_routes
 from .assembly import frontends, migrations
 
 if TYPE_CHECKING:
-    from .crl import CrlService
-    from .metrics import Metrics
-    from .ocsp import OcspResponder
+    from ..ca.crl import CrlService
+    from ..ops.metrics import Metrics
+    from ..ca.ocsp import OcspResponder
 
 import datetime as dt
 
@@ -206,7 +206,7 @@ HTTPS_ROUTES: list = []
 MTLS_ROUTES: list = []
 HTTPS_ROUTES.append(add_admin_routes)  # the admin API (scepd/admin_http.py)
 
-from .agents import add_checkin_route  # noqa: E402  (agent inventory: its migrations + check-in route)
+from ..ops.agents import add_checkin_route  # noqa: E402  (agent inventory: its migrations + check-in route)
 
 MTLS_ROUTES.append(add_checkin_route)
 

@@ -20,9 +20,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
-from .clock import Clock, SystemClock
-from .config import ConfigError
-from .errors import RateLimited
+from ..clock import Clock, SystemClock
+from ..config import ConfigError
+from ..errors import RateLimited
 
 SCEP_FAILURES_PER_ADDRESS = "scep_failures_per_address"
 SCEP_FAILURES_PER_TRANSACTION = "scep_failures_per_transaction"

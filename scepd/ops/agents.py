@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import click
 import sqlalchemy as sa
 
-from .clock import Clock, SystemClock
-from .errors import MalformedRequest, mapping_for
-from .store import SqlStore
-from .store.sql import _aware, _naive
+from ..clock import Clock, SystemClock
+from ..errors import MalformedRequest, mapping_for
+from ..store import SqlStore
+from ..store.sql import _aware, _naive
 
 metadata = sa.MetaData()
 
@@ -142,7 +142,7 @@ def add_checkin_route(app, services) -> None:
     client certificate (ours, in the inventory, not revoked; see scepd.tls)."""
     from aiohttp import web
 
-    from .tls import PEER
+    from ..http.tls import PEER
 
     inventory = AgentInventory(services.store, services.clock)
 
@@ -183,14 +183,14 @@ def agents_list(state_dir, as_json, limit):
     """Every agent with its certificate's expiry and last check-in, soonest expiry first."""
     from pathlib import Path
 
-    from . import config as config_mod
+    from .. import config as config_mod
 
     try:
         cfg = config_mod.load(Path(state_dir))
     except (config_mod.ConfigError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 
-    from .cli_support import with_store
+    from ..cli_support import with_store
     now = SystemClock().now()
     records = asyncio.run(with_store(cfg, lambda store: AgentInventory(store, SystemClock()).list(limit)))
     if as_json:

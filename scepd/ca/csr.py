@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, padding, rsa
 from cryptography.x509.oid import AttributeOID, NameOID
 
-from .errors import BadMessageCheck, ForbiddenAlgorithm, MalformedRequest
+from ..errors import BadMessageCheck, ForbiddenAlgorithm, MalformedRequest
 
 
 @dataclass(frozen=True)

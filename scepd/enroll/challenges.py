@@ -14,10 +14,10 @@ import hmac
 import secrets
 from dataclasses import dataclass
 
-from .clock import Clock
-from .errors import ChallengeRejected
-from .policy import enrollment_profile
-from .store import AuditRecord, SqlStore
+from ..clock import Clock
+from ..errors import ChallengeRejected
+from ..ca.policy import enrollment_profile
+from ..store import AuditRecord, SqlStore
 
 
 def secret_hash(secret: str) -> str:

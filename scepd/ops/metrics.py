@@ -16,10 +16,10 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .clock import Clock
-from .errors import FailInfo
-from .store import CertificateRecord, SqlStore
-from .store.sql import _naive, certificates
+from ..clock import Clock
+from ..errors import FailInfo
+from ..store import CertificateRecord, SqlStore
+from ..store.sql import _naive, certificates
 
 log = logging.getLogger("scepd.metrics")
 

@@ -27,10 +27,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp
 
-from .clock import Clock
+from ..clock import Clock
 from .crl import Signer
-from .render import serial_hex
-from .store import SqlStore, StoreNotFound
+from ..render import serial_hex
+from ..store import SqlStore, StoreNotFound
 
 log = logging.getLogger("scepd.ocsp")
 

@@ -11,13 +11,13 @@ from aiohttp import web
 from sqlalchemy.exc import SQLAlchemyError
 from cryptography.hazmat.primitives import serialization
 
-from .admin import AdminService, normalize_serial
-from .audit import audit_json, list_audit, parse_since
-from .config import ConfigError, parse_duration
-from .challenges import clean_names
-from .errors import BadRequest, ScepdError, mapping_for
-from .render import cert_json, pending_json
-from .store import CertificateRecord, StoreNotFound
+from .service import AdminService, normalize_serial
+from ..ops.audit import audit_json, list_audit, parse_since
+from ..config import ConfigError, parse_duration
+from ..enroll.challenges import clean_names
+from ..errors import BadRequest, ScepdError, mapping_for
+from ..render import cert_json, pending_json
+from ..store import CertificateRecord, StoreNotFound
 
 log = logging.getLogger("scepd.admin.http")
 
@@ -45,8 +45,8 @@ async def authenticate(request: web.Request, services, admin: AdminService) -> s
         if rec is None:
             raise _Denied(401, "invalid or revoked token")
         return f"token:{rec.id}:{rec.name}"
-    from .enrollment import serial_hex
-    from .tls import peer_certificate
+    from ..enroll.enrollment import serial_hex
+    from ..http.tls import peer_certificate
     cert = peer_certificate(request)
     if cert is None:
         raise _Denied(401, "an admin client certificate or a bearer token is required")
@@ -153,7 +153,7 @@ def add_admin_routes(app: web.Application, services) -> None:
         return web.json_response({"certificates": [cert_json(r, now) for r in records]})
 
     async def _get(serial_text: str) -> CertificateRecord:
-        from .errors import NotFound
+        from ..errors import NotFound
         serial = normalize_serial(serial_text)
         try:
             return await services.store.get_certificate(serial)
@@ -165,7 +165,7 @@ def add_admin_routes(app: web.Application, services) -> None:
         return web.json_response(cert_json(rec, services.clock.now(), with_pem=True))
 
     async def revoke_cert(request: web.Request, actor: str) -> web.Response:
-        from .revocation import RevocationReason
+        from ..ca.revocation import RevocationReason
         body = await _body(request)
         reason_text = body.get("reason", "unspecified")
         if not isinstance(reason_text, (str, int)) or isinstance(reason_text, bool):
@@ -236,7 +236,7 @@ def add_admin_routes(app: web.Application, services) -> None:
         return web.json_response({"audit": [audit_json(r) for r in records]})
 
     async def list_agents(request: web.Request, _actor: str) -> web.Response:
-        from .agents import AgentInventory
+        from ..ops.agents import AgentInventory
         limit = _int_param(request, "limit", 1000, 10000)
         rows = await AgentInventory(services.store, services.clock).list(limit)
         now = services.clock.now()

@@ -20,11 +20,11 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from .csr import SubjectAltName, certificate_sans
-from .enrollment import EnrollmentService, serial_hex
-from .pki import CaMaterial, pem, write_private, write_public
-from .policy import PROFILES
-from .store import SqlStore, StoreNotFound
+from ..ca.csr import SubjectAltName, certificate_sans
+from ..enroll.enrollment import EnrollmentService, serial_hex
+from ..ca.pki import CaMaterial, pem, write_private, write_public
+from ..ca.policy import PROFILES
+from ..store import SqlStore, StoreNotFound
 
 log = logging.getLogger("scepd.tls")
 

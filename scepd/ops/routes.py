@@ -14,13 +14,13 @@ import time
 
 from aiohttp import web
 
-from .config import parse_duration
-from .crl import CrlService, Signer
-from .errors import MalformedRequest, NotFound, PayloadTooLarge
-from .http_body import read_body
+from ..config import parse_duration
+from ..ca.crl import CrlService, Signer
+from ..errors import MalformedRequest, NotFound, PayloadTooLarge
+from ..http_body import read_body
 from .logctx import new_request_id, request_id, transaction_id
 from .metrics import CONTENT_TYPE, Metrics
-from .ocsp import MAX_REQUEST_BYTES, OcspResponder
+from ..ca.ocsp import MAX_REQUEST_BYTES, OcspResponder
 
 log = logging.getLogger("scepd.ops")
 
@@ -34,7 +34,7 @@ def attach_ops(services, previous: list[tuple[object, object]] = ()) -> None:
     services.crl = CrlService(services.store, services.clock, signers, crl_validity)
     delegate = None
     if services.config.ca.ocsp_delegated:
-        from .ocsp import DelegatedResponder
+        from ..ca.ocsp import DelegatedResponder
         delegate = DelegatedResponder(services.config.state_dir / "ocsp", services.enrollment)
     services.ocsp = OcspResponder(services.store, services.clock, signers, delegate=delegate)
     services.crl.listeners.append(services.metrics.crl_published)

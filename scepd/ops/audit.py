@@ -11,8 +11,8 @@ import json
 
 import sqlalchemy as sa
 
-from .store import AuditRecord, SqlStore
-from .store.sql import _aware, _naive, audit
+from ..store import AuditRecord, SqlStore
+from ..store.sql import _aware, _naive, audit
 
 _SQLITE = [
     "CREATE INDEX IF NOT EXISTS ix_audit_event ON audit (event, id)",
@@ -69,7 +69,7 @@ def audit_json(rec: AuditRecord) -> dict:
 
 def parse_since(text: str, now: dt.datetime) -> dt.datetime:
     """An ISO 8601 instant (UTC if no offset) or a duration back from now ("24h", "7d")."""
-    from .config import ConfigError, parse_duration
+    from ..config import ConfigError, parse_duration
     try:
         return now - parse_duration(text)
     except ConfigError:

@@ -21,10 +21,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from .csr import CsrFacts, certificate_sans
-from .errors import RenewalRefused
-from .render import serial_hex
-from .store import CertificateRecord, SqlStore, StoreNotFound
+from ..ca.csr import CsrFacts, certificate_sans
+from ..errors import RenewalRefused
+from ..render import serial_hex
+from ..store import CertificateRecord, SqlStore, StoreNotFound
 
 
 @dataclass(frozen=True)

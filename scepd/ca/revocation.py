@@ -9,9 +9,9 @@ import enum
 import logging
 from typing import Awaitable, Callable
 
-from .clock import Clock
-from .errors import AlreadyRevoked, BadRequest, NotFound
-from .store import AuditRecord, CertificateRecord, SqlStore, StoreNotFound
+from ..clock import Clock
+from ..errors import AlreadyRevoked, BadRequest, NotFound
+from ..store import AuditRecord, CertificateRecord, SqlStore, StoreNotFound
 
 log = logging.getLogger("scepd.revocation")
 

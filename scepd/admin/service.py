@@ -21,13 +21,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from .challenges import ChallengeGrant
-from .csr import CsrFacts
-from .errors import BadRequest
-from .policy import PROFILES
-from .render import cert_json, pending_json, serial_key  # noqa: F401  (cert_json, pending_json: the admin API's JSON)
-from .store import AuditRecord, CertificateRecord, SqlStore
-from .store.sql import _aware, _naive
+from ..enroll.challenges import ChallengeGrant
+from ..ca.csr import CsrFacts
+from ..errors import BadRequest
+from ..ca.policy import PROFILES
+from ..render import cert_json, pending_json, serial_key  # noqa: F401  (cert_json, pending_json: the admin API's JSON)
+from ..store import AuditRecord, CertificateRecord, SqlStore
+from ..store.sql import _aware, _naive
 
 log = logging.getLogger("scepd.admin")
 

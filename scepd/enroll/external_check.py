@@ -23,8 +23,8 @@ import logging
 from dataclasses import dataclass
 
 
-from .config import safe_url, validate_url
-from .errors import ExternalCheckDenied
+from ..config import safe_url, validate_url
+from ..errors import ExternalCheckDenied
 
 log = logging.getLogger("scepd.external_check")
 

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 from .csr import CsrFacts, SubjectAltName, is_ip
-from .config import Config, ConfigError
-from .errors import BadPublicKey, PolicyViolation
+from ..config import Config, ConfigError
+from ..errors import BadPublicKey, PolicyViolation
 
 
 @dataclass(frozen=True)

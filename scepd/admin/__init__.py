@@ -1,0 +1,1 @@
+"""Administration: the admin service, its HTTP API and CLI."""

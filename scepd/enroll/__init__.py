@@ -1,0 +1,1 @@
+"""Enrollment: the pipeline, enrollment service, challenges, renewal, the external check."""

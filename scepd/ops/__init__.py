@@ -1,0 +1,1 @@
+"""Operations: metrics, audit, logging context, rate limits, the agent inventory, the ops routes."""
