@@ -1,4 +1,4 @@
-"""ACME commands for the `scepd` CLI (added by scepd.assembly through acme.frontend)."""
+"""ACME commands for the `scepd` CLI (added by scepd.http.assembly through acme.frontend)."""
 from __future__ import annotations
 
 import asyncio

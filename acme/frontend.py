@@ -1,4 +1,4 @@
-"""ACME as a scepd front-end (scepd.frontend.Frontend): listed by scepd.assembly, the one place
+"""ACME as a scepd front-end (scepd.frontend.Frontend): listed by scepd.http.assembly, the one place
 in scepd that knows about this package."""
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ class SimulatedCrash(BaseException):
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """temp file (created with `mode`, so a key is never readable by others, not even briefly),
     fsync, rename over `path`, fsync the directory. Private files (0600: keys, state) go through
-    the one key writer, scepd.keyfile: temp file O_EXCL|O_NOFOLLOW, a symlink at `path` refused."""
+    the one key writer, scepd.ca.keyfile: temp file O_EXCL|O_NOFOLLOW, a symlink at `path` refused."""
     if mode == PRIVATE_MODE:
         write_private_key(path, data, replace=True)
         return

@@ -45,7 +45,7 @@ def serial_argument(text: str) -> str:
 
 @dataclass(frozen=True)
 class CliHost:
-    #: config -> the services the server runs (scepd.app.open_services)
+    #: config -> the services the server runs (scepd.http.app.open_services)
     open_services: Callable[[Any], Awaitable[Any]]
     #: database url -> an SqlStore with every migration applied
     open_store: Callable[[str], Awaitable[Any]]

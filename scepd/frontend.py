@@ -1,6 +1,6 @@
 """The contract of a protocol front-end plug-in (acme/ is one): what it adds to scepd.
 
-A front-end never assembles scepd itself: scepd.assembly lists the front-ends and calls these
+A front-end never assembles scepd itself: scepd.http.assembly lists the front-ends and calls these
 hooks; the front-end's CLI commands get the store and the services from the `scepd` command
 (scepd.cli_support.with_services), not by importing scepd's entry points.
 """

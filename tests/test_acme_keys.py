@@ -1,4 +1,4 @@
-"""ACME account keys within scepd.policy's key limits: RSA 2048..max_rsa_bits with an odd
+"""ACME account keys within scepd.ca.policy's key limits: RSA 2048..max_rsa_bits with an odd
 exponent 3 < e < 2^32, EC P-256/P-384/P-521, Ed25519. Anything else is badPublicKey, refused
 before the signature is verified (a huge exponent makes each verification ~100x dearer)."""
 from __future__ import annotations

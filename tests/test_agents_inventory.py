@@ -175,7 +175,7 @@ async def test_checkin_path_uses_indexes(services, state_dir, clock):
 
 
 async def test_expired_and_foreign_certificates_fail_the_handshake(services, mtls, tmp_path, clock):
-    """The rule (scepd.tls): foreign and expired client certificates are refused by the TLS
+    """The rule (scepd.http.tls): foreign and expired client certificates are refused by the TLS
     handshake; the agent reports it in one line."""
     from .helpers import self_signed
     key = rsa_key(1)

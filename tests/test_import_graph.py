@@ -4,7 +4,7 @@ issue 12 was one).
 
 * No cycle between packages (a module belongs to its parent package: scepd, scepd.scep,
   scepd.store, acme, agent, and any subpackage added later).
-* The assembly (the entry points and scepd.assembly, which lists the front-ends and the ordered
+* The assembly (the entry points and scepd.http.assembly, which lists the front-ends and the ordered
   migrations) is the top of the graph: nothing else imports it, and it is the only part of
   scepd/ that imports acme/.
 * The core (CA, policy, store, errors, enrollment) imports no web framework or wire codec.
@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TOP_PACKAGES = ("scepd", "acme", "agent")
 
 #: The composition root: `scepd` (scepd.cli:main, python -m scepd), the aiohttp app factory and
-#: scepd.assembly. They may import anything; nothing outside this set may import them.
+#: scepd.http.assembly. They may import anything; nothing outside this set may import them.
 ASSEMBLY = {"scepd.__main__", "scepd.cli", "scepd.http.app", "scepd.http.assembly"}
 
 #: Core modules: transitively (through scepd's own modules) no aiohttp, asn1crypto or josepy.
@@ -182,6 +182,6 @@ def test_core_modules_import_no_web_framework_or_wire_codec():
         reach = _reach(core, graph)
         assert "aiohttp" not in reach and "josepy" not in reach, (core, reach)
     # errors and the store reach no ASN.1 codec either; policy, authority and enrollment do, through
-    # scepd.csr (CsrFacts lives beside the asn1crypto CSR decoder)
+    # scepd.ca.csr (CsrFacts lives beside the asn1crypto CSR decoder)
     for core in ("scepd.errors", "scepd.store", "scepd.store.records", "scepd.store.sql"):
         assert "asn1crypto" not in _reach(core, graph), core

@@ -39,7 +39,7 @@ async def test_migrations_are_idempotent(database_url):
 
 
 def test_one_ordered_list_names_every_migration():
-    """scepd.assembly.migrations() is the one list: every component's versions once, ascending,
+    """scepd.http.assembly.migrations() is the one list: every component's versions once, ascending,
     core first; the component modules only declare their steps, nothing registers on import."""
     from acme import store as acme_store
     from scepd.http.assembly import migrations

@@ -1,7 +1,7 @@
 """`scepd admin ...`: admin API credentials (tokens, client certificates) and CRL/OCSP helpers.
 
 Every command calls the same service layer the server uses (scepd.admin.AdminService,
-scepd.crl.CrlService).
+scepd.ca.crl.CrlService).
 """
 from __future__ import annotations
 

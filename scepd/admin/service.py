@@ -43,7 +43,7 @@ admin_tokens = sa.Table(
     sa.Column("revoked_at", sa.DateTime),
 )
 
-#: component "ops", version 3 (applied from the ordered list, scepd.assembly.migrations)
+#: component "ops", version 3 (applied from the ordered list, scepd.http.assembly.migrations)
 MIGRATIONS = [(3, [admin_tokens])]
 
 TOKEN_PREFIX = "scepd_"

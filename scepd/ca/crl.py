@@ -42,7 +42,7 @@ crl_state = sa.Table(
     sa.Column("der", sa.LargeBinary, nullable=False),
 )
 
-#: component "ops", version 1 (applied from the ordered list, scepd.assembly.migrations)
+#: component "ops", version 1 (applied from the ordered list, scepd.http.assembly.migrations)
 MIGRATIONS = [(1, [crl_state])]
 
 DEFAULT_VALIDITY = dt.timedelta(hours=24)

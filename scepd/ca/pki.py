@@ -6,7 +6,7 @@ Layout of DIR/ca/:
                    `init --root-key-out FILE` writes it elsewhere and keeps none here)
   ca.pem, ca.key   the online issuing intermediate (RSA for SCEP) and its key
   chain.pem        ca.pem followed by root.pem
-Keys are written 0600 (scepd.keyfile), optionally encrypted with a passphrase; the root key
+Keys are written 0600 (scepd.ca.keyfile), optionally encrypted with a passphrase; the root key
 has its own passphrase. Every key under DIR/ca, DIR/tls and DIR/ocsp must stay 0600: loading
 refuses the CA when one is readable by group or others.
 """
@@ -63,7 +63,7 @@ def ca_dir(state_dir: Path) -> Path:
 
 
 def write_private(path: Path, data: bytes, replace: bool = False) -> None:
-    """A private key file, 0600, never written through a symlink (see scepd.keyfile);
+    """A private key file, 0600, never written through a symlink (see scepd.ca.keyfile);
     replace=False refuses an existing file."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:

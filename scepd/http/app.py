@@ -1,5 +1,5 @@
 """Assembly: open the store, load the CA, build the services, and the aiohttp app factory.
-The protocol front-ends (acme/) and the ordered migrations come from scepd.assembly.
+The protocol front-ends (acme/) and the ordered migrations come from scepd.http.assembly.
 
 The factory only assembles; every acquired resource is released by cleanup_ctx.
 """
@@ -200,7 +200,7 @@ async def _ca_key_signs(services: Services) -> None:
 
 
 #: scepd's own HTTPS routes (the admin API), a callable(app, services) each; protocol front-ends
-#: (acme/) come from scepd.assembly.frontends().
+#: (acme/) come from scepd.http.assembly.frontends().
 HTTPS_ROUTES: list = []
 #: Packages that serve on the mTLS listener (agent API) append a callable(app, services).
 MTLS_ROUTES: list = []
@@ -253,7 +253,7 @@ def _root_routes(app: web.Application, services: Services) -> None:
 
 def create_mtls_app(services: Services) -> web.Application:
     """The mutual-TLS listener: every request carries a client certificate from our CA that is
-    in the inventory and not revoked (see scepd.tls for the rule)."""
+    in the inventory and not revoked (see scepd.http.tls for the rule)."""
     from .tls import PEER, mtls_gate
 
     app = web.Application(client_max_size=64 * 1024, middlewares=[mtls_gate(services.store)])

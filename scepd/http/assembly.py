@@ -1,7 +1,7 @@
 """The one place that assembles scepd with its protocol front-ends: which front-ends this build
 serves (acme/), and the one ordered list of every schema migration.
 
-Only the entry points (scepd.cli, scepd.app) consult this module; scepd's core (CA, policy,
+Only the entry points (scepd.cli, scepd.http.app) consult this module; scepd's core (CA, policy,
 store, errors, enrollment) and the front-ends never import it, and nothing else under scepd/
 imports acme (tests/test_import_graph.py).
 """

@@ -38,7 +38,7 @@ agents = sa.Table(
     sa.Index("ix_agents_serial", "serial"),
 )
 
-#: component "agents" (applied from the ordered list, scepd.assembly.migrations)
+#: component "agents" (applied from the ordered list, scepd.http.assembly.migrations)
 MIGRATIONS = [
     (1, [agents]),
     # "agents seen within" (metrics) filters on the last check-in time
@@ -138,8 +138,8 @@ class AgentInventory:
 
 
 def add_checkin_route(app, services) -> None:
-    """Mounted on the mTLS listener (scepd.app.MTLS_ROUTES): the gate has already verified the
-    client certificate (ours, in the inventory, not revoked; see scepd.tls)."""
+    """Mounted on the mTLS listener (scepd.http.app.MTLS_ROUTES): the gate has already verified the
+    client certificate (ours, in the inventory, not revoked; see scepd.http.tls)."""
     from aiohttp import web
 
     from ..http.tls import PEER

@@ -38,7 +38,7 @@ def _append_only(conn: sa.Connection) -> None:
         conn.exec_driver_sql(statement)
 
 
-#: component "ops", version 2 (applied from the ordered list, scepd.assembly.migrations)
+#: component "ops", version 2 (applied from the ordered list, scepd.http.assembly.migrations)
 MIGRATIONS = [(2, _append_only)]
 
 

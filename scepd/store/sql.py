@@ -112,7 +112,7 @@ Step = list[sa.Table] | Callable[[sa.Connection], None]
 
 #: The store's own migrations: (version, step). New versions append; never edit an applied one.
 #: Other components (ops, the agent inventory, acme/) keep their tables in their own modules; the
-#: one ordered list of every migration is scepd.assembly.migrations(), given to SqlStore.open.
+#: one ordered list of every migration is scepd.http.assembly.migrations(), given to SqlStore.open.
 MIGRATIONS: dict[str, list[tuple[int, Step]]] = {
     "core": [(1, [certificates, challenges, audit]), (2, [pending_requests]),
              (3, lambda conn: _add_missing_columns(conn, challenges))],
@@ -275,7 +275,7 @@ class SqlStore:
     @classmethod
     async def open(cls, url: str, migrations: Sequence[Migration] | None = None) -> "SqlStore":
         """Connect and apply `migrations` (default: the store's own, core_migrations(); the server
-        and the CLI pass scepd.assembly.migrations(), every component's)."""
+        and the CLI pass scepd.http.assembly.migrations(), every component's)."""
         kwargs: dict = {}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 30}
