@@ -106,7 +106,7 @@ def _load_tolerant(csr_der: bytes) -> tuple[x509.CertificateSigningRequest, bool
             "signature_algorithm": req["signature_algorithm"], "signature": req["signature"],
         }).dump(force=True)
         return x509.load_der_x509_csr(canonical), ok
-    except (ValueError, TypeError, KeyError, AttributeError, x509.InvalidVersion):  # AttributeError: from dump()
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, x509.InvalidVersion):  # asn1crypto dump()
         raise MalformedRequest("the request content is not a PKCS#10 certificate request") from None
 
 

@@ -58,8 +58,9 @@ def test_signer_certificate_with_an_invalid_version_is_malformed(vectors):
         wire.decode_pki_message((DATA / "scep_message" / "signer-invalid-version.der").read_bytes())
 
 
-def test_envelope_with_an_undecodable_recipient_info_is_refused(vectors):
-    msg = wire.decode_pki_message(_resign((DATA / "scep_envelope" / "bad-recipient-info.bin").read_bytes()))
+@pytest.mark.parametrize("name", ["bad-recipient-info.bin", "recipient-info-attribute-error.bin"])
+def test_envelope_with_an_undecodable_recipient_info_is_refused(vectors, name):
+    msg = wire.decode_pki_message(_resign((DATA / "scep_envelope" / name).read_bytes()))
     assert msg.envelope is not None
     with pytest.raises((MalformedRequest, NotForUs)):
         wire.open_envelope(msg.envelope, _recipients())
@@ -68,7 +69,8 @@ def test_envelope_with_an_undecodable_recipient_info_is_refused(vectors):
 # --- CSR ---------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["unsupported-curve.der", "invalid-version.der", "reencode-attribute-error.der"])
+@pytest.mark.parametrize("name", ["unsupported-curve.der", "invalid-version.der", "reencode-attribute-error.der",
+                                  "reencode-index-error.der"])
 @pytest.mark.parametrize("verify", [True, False])
 def test_undecodable_csr_is_refused(name, verify):
     with pytest.raises((MalformedRequest, BadMessageCheck)):

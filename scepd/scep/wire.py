@@ -344,7 +344,7 @@ def open_envelope(envelope: Envelope, recipients: list[Recipient]) -> bytes:
         rinfos = [ri.chosen for ri in env["recipient_infos"] if ri.name == "ktri"]
         for ri in rinfos:  # asn1crypto parses lazily: decode them here, not in the loop below
             ri.native
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, AttributeError):  # AttributeError: asn1crypto on odd tags
         raise MalformedRequest("the pkcsPKIEnvelope is not a valid CMS EnvelopedData") from None
     for ours in recipients:
         ours_issuer = ours.cert.issuer.public_bytes()
