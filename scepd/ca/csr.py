@@ -158,7 +158,7 @@ def _load_tolerant(csr_der: bytes) -> tuple[x509.CertificateSigningRequest, asn1
         req = asn1_csr.CertificationRequest.load(csr_der)
         req["certification_request_info"]["subject"].dump()  # parse what the checks need, now
         req["signature_algorithm"]["algorithm"].dotted
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError):  # asn1crypto on odd encodings
         raise MalformedRequest("the request content is not a PKCS#10 certificate request") from None
     try:
         return x509.load_der_x509_csr(csr_der), req
@@ -174,7 +174,7 @@ def _load_tolerant(csr_der: bytes) -> tuple[x509.CertificateSigningRequest, asn1
             "signature_algorithm": req["signature_algorithm"], "signature": req["signature"],
         }).dump(force=True)
         return x509.load_der_x509_csr(canonical), asn1_csr.CertificationRequest.load(csr_der)
-    except (ValueError, TypeError, KeyError, AttributeError, x509.InvalidVersion):  # AttributeError: from dump()
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, x509.InvalidVersion):  # asn1crypto dump()
         raise MalformedRequest("the request content is not a PKCS#10 certificate request") from None
 
 

@@ -420,7 +420,7 @@ def open_envelope(envelope: Envelope, recipients: list[Recipient]) -> bytes:
         if found is None:
             raise NotForUs("the pkcsPKIEnvelope is not encrypted to this server's certificate")
         ours, encrypted_key = found[0], found[1]["encrypted_key"].native
-    except (ValueError, TypeError, KeyError, RecursionError):
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError):  # asn1crypto on odd encodings
         raise MalformedRequest("the pkcsPKIEnvelope is not a valid CMS EnvelopedData") from None
     if not isinstance(iv, bytes) or len(iv) != block or not ciphertext or len(ciphertext) % block \
             or not isinstance(encrypted_key, bytes):
