@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 from acme import jws
 from acme.service import AcmeService
 from scepd.ca.csr import decode_csr
-from scepd.errors import BadMessageCheck, BadSignatureAlgorithm, MalformedRequest, NotForUs, ScepdError
+from scepd.errors import BadMessageCheck, BadSignatureAlgorithm, MalformedRequest, ScepdError
 from scepd.scep import der, wire
 
 from .helpers import VECTORS
