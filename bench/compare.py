@@ -27,7 +27,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import dataclasses
 import datetime as dt
+import ipaddress
 import json
 import logging
 import os
@@ -39,7 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -123,7 +125,7 @@ class Row:
     elapsed: float = 0.0
     cpu: float = 0.0
     http01_answered: int | None = None
-    errors: list[str] = field(default_factory=list)
+    errors: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def ok_per_s(self) -> float:
@@ -313,7 +315,6 @@ def tls_pair(work: Path) -> tuple[Path, Path, Path]:
           .not_valid_after(now + dt.timedelta(days=1))
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
           .sign(ca_key, hashes.SHA256()))
-    import ipaddress
     leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
             .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
