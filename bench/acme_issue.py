@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -27,23 +26,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from agent.acme_client import AcmeClient, Http01Responder  # noqa: E402
+from agent.acme_client import AcmeClient  # noqa: E402
 from agent.protocol import Identity  # noqa: E402
+from bench.common import SharedResponder, server_cpu, start_scepd  # noqa: E402
 from tests.acme_responders import free_port  # noqa: E402
-
-
-def server_cpu(pid: int) -> float:
-    """user + system CPU seconds of the server process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-class SharedResponder(Http01Responder):
-    """One responder for every concurrent order: entered once by the bench, not per order."""
-
-    @contextlib.asynccontextmanager
-    async def per_order(self):
-        yield self
 
 
 async def main() -> None:
@@ -58,15 +44,8 @@ async def main() -> None:
            "SCEPD_ACME_HTTP01_PORT": str(http01), "SCEPD_ACME_RESOLVE": "*=127.0.0.1",
            # one account placing --orders orders as fast as it can: measure issuance, not limits
            "SCEPD_LIMITS_ACME_NEW_ORDERS_PER_ACCOUNT": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "scepd", "serve", "--state-dir", str(state),
-                             "--no-demo-challenge"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env=env, start_new_session=True)
+    proc = start_scepd(state, env)
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if line.startswith("Root CA") or not line:
-                break
         root = x509.load_pem_x509_certificate((state / "ca" / "root.pem").read_bytes())
         directory = f"https://127.0.0.1:{https}/acme/directory"
         responder = SharedResponder("127.0.0.1", http01)

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scepd.scep import wire  # noqa: E402
+from bench.common import start_scepd  # noqa: E402
 from tests.helpers import make_csr, pkcs_req, self_signed  # noqa: E402
 
 
@@ -44,15 +45,8 @@ async def main() -> None:
     state = Path(tempfile.mkdtemp(prefix="scepd-bench-"))
     port = free_port()
     env = {**os.environ, "SCEPD_SERVER_HTTP": f"127.0.0.1:{port}", "SCEPD_SCEP_STATIC_CHALLENGE": "bench"}
-    proc = subprocess.Popen([sys.executable, "-m", "scepd", "serve", "--state-dir", str(state),
-                             "--no-demo-challenge"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                            text=True, env=env, start_new_session=True)
+    proc = start_scepd(state, env)
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if line.startswith("Root CA") or not line:
-                break
         url = f"http://127.0.0.1:{port}/scep"
         async with aiohttp.ClientSession() as session:
             async with session.get(url + "?operation=GetCACert") as resp:

@@ -1,0 +1,485 @@
+"""Side by side: scepd against micromdm's scepserver (SCEP) and pebble (ACME), same load, same run.
+
+    .venv/bin/python bench/compare.py [--quick] [--scep-requests 200] [--acme-orders 60]
+                                      [--max-seconds 60] [--json FILE]
+
+The whole run happens in a private network namespace with only loopback up (`unshare --net`, as
+root, else `unshare --map-root-user --net`): scepserver binds every interface, so nothing here can
+be reached from outside the run. The namespace goes away with the run's last process.
+
+SCEP: PKCSReq (RSA-2048 keys pre-generated, AES-128-CBC, SHA-256, static challenge) at 1, 8 and 32
+concurrent clients against `scepd serve` and `scepserver`. Requests are built before the clock
+starts; replies are kept and verified after it stops (CertRep signature by a GetCACert
+certificate, transactionID and nonce, envelope decrypted with the request key, the issued
+certificate is for the request key and signed by the CA, duplicate serials).
+ACME: full orders (ES256 account, newOrder, http-01 validated by the server against a responder on
+127.0.0.1, finalize with an RSA-2048 CSR, download; chain checked to the server's root and key
+matched by scepd-agent's client) at 1 and 16 concurrent clients against `scepd serve --https` and
+`pebble` (its DNS from `pebble-challtestsrv`, everything resolving to 127.0.0.1). Both clients poll
+every 50 ms whatever Retry-After says, so neither server is measured by the client's politeness.
+
+Server CPU per request is the utime+stime delta (/proc/PID/stat, the process and its children)
+over each setting; the load generator runs in this process, on the same cores. Every setting is
+bounded in count and in time; failures are counted and printed, never dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import atexit
+import dataclasses
+import datetime as dt
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from agent.acme_client import AcmeClient  # noqa: E402
+from agent.protocol import Identity  # noqa: E402
+from bench.common import (ScepRequest, SharedResponder, build_requests, check_cert_rep,  # noqa: E402
+                          recipient_of, start_scepd, tree_cpu)
+from scepd.scep import wire  # noqa: E402
+from tests.helpers import self_signed  # noqa: E402
+
+INNER = "SCEPD_BENCH_COMPARE_NETNS"
+CHALLENGE = "bench-static-challenge"
+POLL_SECONDS = 0.05
+PROCS: list[subprocess.Popen] = []
+WORKDIRS: list[Path] = []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(cmd: list[str], env: dict | None = None, log: Path | None = None) -> subprocess.Popen:
+    out = open(log, "ab") if log else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    PROCS.append(proc)
+    return proc
+
+
+def stop_all() -> None:
+    for proc in reversed(PROCS):
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+    for proc in reversed(PROCS):
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+    PROCS.clear()
+
+
+async def wait_http(url: str, ssl_ctx=None, seconds: float = 60) -> bytes:
+    """GET url until it answers 200, for at most `seconds`."""
+    deadline = time.monotonic() + seconds
+    last = None
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        while time.monotonic() < deadline:
+            try:
+                async with session.get(url, ssl=ssl_ctx) as resp:
+                    if resp.status == 200:
+                        return await resp.read()
+                    last = f"HTTP {resp.status}"
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                last = repr(exc)
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{url} not ready after {seconds:.0f} s: {last}")
+
+
+# --- results -------------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    protocol: str
+    clients: int
+    server: str
+    sent: int = 0
+    ok: int = 0
+    failures: int = 0
+    duplicate_serials: int = 0
+    elapsed: float = 0.0
+    cpu: float = 0.0
+    http01_answered: int | None = None
+    errors: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def ok_per_s(self) -> float:
+        """Throughput: verified successes a second (a failure is no operation done)."""
+        return self.ok / self.elapsed if self.elapsed else 0.0
+
+    @property
+    def cpu_ms_per_req(self) -> float:
+        """Server CPU per request sent, successful or not."""
+        return self.cpu * 1000 / self.sent if self.sent else 0.0
+
+
+class CountingResponder(SharedResponder):
+    """The shared http-01 responder, counting the validation requests it answered."""
+
+    answered = 0
+
+    async def handle(self, request):
+        resp = await super().handle(request)
+        if resp.status == 200:
+            self.answered += 1
+        return resp
+
+
+def count_duplicates(serials: list[tuple]) -> int:
+    return len(serials) - len(set(serials))
+
+
+# --- SCEP ----------------------------------------------------------------------------------------
+
+async def get_ca_certs(url: str) -> list[x509.Certificate]:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url + "?operation=GetCACert") as resp:
+            body, ctype = await resp.read(), resp.content_type
+    if ctype == "application/x-x509-ca-cert":
+        return [x509.load_der_x509_certificate(body)]
+    return wire.certs_from_certs_only(body)
+
+
+async def scep_setting(name: str, url: str, pids: list[int], ca_certs: list[x509.Certificate],
+                       requests: list[ScepRequest], clients: int, max_seconds: float) -> Row:
+    row = Row("SCEP", clients, name)
+    replies: list[tuple[ScepRequest, int, bytes]] = []
+    todo = list(reversed(requests))
+    stop_at = time.monotonic() + max_seconds
+
+    async def worker(session: aiohttp.ClientSession) -> None:
+        while todo and time.monotonic() < stop_at:
+            req = todo.pop()
+            try:
+                async with session.post(url + "?operation=PKIOperation", data=req.der,
+                                        headers={"Content-Type": "application/x-pki-message"}) as resp:
+                    replies.append((req, resp.status, await resp.read()))
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                replies.append((req, 0, repr(exc).encode()))
+
+    conn = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as session:
+        cpu0 = sum(tree_cpu(p) for p in pids)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(session) for _ in range(clients)))
+        row.elapsed = time.perf_counter() - t0
+        row.cpu = sum(tree_cpu(p) for p in pids) - cpu0
+    serials = []
+    for req, status, body in replies:  # verified after the clock stopped
+        row.sent += 1
+        try:
+            leaf = check_cert_rep(req, status, body, ca_certs)
+        except Exception as exc:  # counted and reported, never hidden
+            row.failures += 1
+            row.errors.append(str(exc)[:200] or type(exc).__name__)
+            continue
+        row.ok += 1
+        serials.append((leaf.issuer.public_bytes(), leaf.serial_number))
+    row.duplicate_serials = count_duplicates(serials)
+    return row
+
+
+async def run_scep(name: str, url: str, pids: list[int], keys, signers, counts: dict[int, int],
+                   max_seconds: float) -> list[Row]:
+    ca_certs = await get_ca_certs(url)
+    recipient = recipient_of(ca_certs)
+    rows = []
+    for clients, count in counts.items():
+        reqs = await asyncio.to_thread(build_requests, recipient, keys, signers, count,
+                                       f"{name}-c{clients}", CHALLENGE)
+        rows.append(await scep_setting(name, url, pids, ca_certs, reqs, clients, max_seconds))
+    return rows
+
+
+# --- ACME ----------------------------------------------------------------------------------------
+
+async def poll_sleep(seconds: float) -> None:
+    await asyncio.sleep(min(seconds, POLL_SECONDS))
+
+
+async def acme_setting(name: str, directory: str, anchor: x509.Certificate, tls: ssl.SSLContext,
+                       responder: CountingResponder, pids: list[int], keys, count: int, clients: int,
+                       max_seconds: float) -> Row:
+    row = Row("ACME", clients, name)
+    accounts = []
+    for _ in range(clients):  # one ES256 account per concurrent client, made before the clock starts
+        c = AcmeClient(directory, anchor, ssl_context=tls, sleep=poll_sleep)
+        await c.ensure_account(None)
+        c.responder = responder.per_order
+        accounts.append(c)
+    todo = list(reversed(range(count)))
+    issued: list[x509.Certificate] = []
+    stop_at = time.monotonic() + max_seconds
+
+    async def worker(client: AcmeClient) -> None:
+        while todo and time.monotonic() < stop_at:
+            i = todo.pop()
+            row.sent += 1
+            try:  # the client checks the chain to `anchor` and the key of the leaf
+                dns = f"o{i}-c{clients}.{name}.example.test"  # in CN and SAN: pebble wants the SAN
+                got = await client.enroll(keys[i % len(keys)], Identity(dns, (f"DNS:{dns}",)), "")
+                issued.append(got.cert)
+                row.ok += 1
+            except Exception as exc:  # counted and reported, never hidden
+                row.failures += 1
+                row.errors.append(str(exc)[:200] or type(exc).__name__)
+
+    answered0 = responder.answered
+    cpu0 = sum(tree_cpu(p) for p in pids)
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(c) for c in accounts))
+    row.elapsed = time.perf_counter() - t0
+    row.cpu = sum(tree_cpu(p) for p in pids) - cpu0
+    row.http01_answered = responder.answered - answered0
+    row.duplicate_serials = count_duplicates([(c.issuer.public_bytes(), c.serial_number) for c in issued])
+    return row
+
+
+async def run_acme(name: str, directory: str, anchor, tls, http01_port: int, pids: list[int], keys,
+                   counts: dict[int, int], max_seconds: float) -> list[Row]:
+    rows = []
+    async with CountingResponder("127.0.0.1", http01_port) as responder:
+        for clients, count in counts.items():
+            rows.append(await acme_setting(name, directory, anchor, tls, responder, pids, keys, count,
+                                           clients, max_seconds))
+    return rows
+
+
+# --- servers -------------------------------------------------------------------------------------
+
+async def bench_scepd(work: Path, args, keys, signers, acme_keys) -> list[Row]:
+    http, https, http01 = free_port(), free_port(), free_port()
+    env = {**os.environ, "SCEPD_SERVER_HTTP": f"127.0.0.1:{http}", "SCEPD_SERVER_HTTPS": f"127.0.0.1:{https}",
+           "SCEPD_SCEP_STATIC_CHALLENGE": CHALLENGE, "SCEPD_LIMITS_ENABLED": "0",
+           "SCEPD_ROOT_KEY_PASSPHRASE": "bench-root-passphrase",
+           "SCEPD_ACME_HTTP01_PORT": str(http01), "SCEPD_ACME_RESOLVE": "*=127.0.0.1"}
+    state = work / "scepd"
+    proc = start_scepd(state, env)
+    PROCS.append(proc)
+    url = f"http://127.0.0.1:{http}/scep"
+    await wait_http(url + "?operation=GetCACert")
+    rows = await run_scep("scepd", url, [proc.pid], keys, signers, args.scep_counts, args.max_seconds)
+    root = x509.load_pem_x509_certificate((state / "ca" / "root.pem").read_bytes())
+    tls = ssl.create_default_context(cadata=root.public_bytes(serialization.Encoding.PEM).decode())
+    rows += await run_acme("scepd", f"https://127.0.0.1:{https}/acme/directory", root, tls, http01,
+                           [proc.pid], acme_keys, args.acme_counts, args.max_seconds)
+    return rows
+
+
+async def bench_scepserver(work: Path, args, keys, signers) -> list[Row]:
+    depot = work / "depot"
+    out = subprocess.run(["scepserver", "ca", "-init", "-depot", str(depot), "-keySize", "2048"],
+                         capture_output=True, text=True, timeout=120, cwd=work)
+    if out.returncode != 0:
+        raise RuntimeError(f"scepserver ca -init failed: {out.stderr.strip()}")
+    port = free_port()
+    proc = spawn(["scepserver", "-depot", str(depot), "-port", str(port), "-challenge", CHALLENGE,
+                  "-allowrenew", "0"], log=work / "scepserver.log")
+    url = f"http://127.0.0.1:{port}/scep"
+    await wait_http(url + "?operation=GetCACert")
+    return await run_scep("micromdm", url, [proc.pid], keys, signers, args.scep_counts, args.max_seconds)
+
+
+def tls_pair(work: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a 127.0.0.1/localhost certificate for pebble's HTTPS listener."""
+    now = dt.datetime.now(dt.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench pebble TLS CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(hours=1))
+          .not_valid_after(now + dt.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = work / "tls-ca.pem", work / "tls-cert.pem", work / "tls-key.pem"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return paths
+
+
+async def bench_pebble(work: Path, args, acme_keys) -> list[Row]:
+    ca_pem, cert_pem, key_pem = tls_pair(work)
+    port, mgmt, http01, tlsalpn, dns, dns_mgmt = (free_port() for _ in range(6))
+    config = {"pebble": {"listenAddress": f"127.0.0.1:{port}", "managementListenAddress": f"127.0.0.1:{mgmt}",
+                         "certificate": str(cert_pem), "privateKey": str(key_pem), "httpPort": http01,
+                         "tlsPort": tlsalpn, "ocspResponderURL": "", "externalAccountBindingRequired": False}}
+    (work / "pebble.json").write_text(json.dumps(config))
+    spawn(["pebble-challtestsrv", "-defaultIPv4", "127.0.0.1", "-defaultIPv6", "", "-dns01", f"127.0.0.1:{dns}",
+           "-http01", "", "-https01", "", "-tlsalpn01", "", "-management", f"127.0.0.1:{dns_mgmt}"],
+          log=work / "challtestsrv.log")
+    env = {**os.environ, "PEBBLE_VA_NOSLEEP": "1", "PEBBLE_WFE_NONCEREJECT": "0", "PEBBLE_AUTHZREUSE": "0"}
+    proc = spawn(["pebble", "-config", str(work / "pebble.json"), "-dnsserver", f"127.0.0.1:{dns}"],
+                 env=env, log=work / "pebble.log")
+    tls = ssl.create_default_context(cafile=str(ca_pem))
+    await wait_http(f"https://127.0.0.1:{port}/dir", tls)
+    root = x509.load_pem_x509_certificate(await wait_http(f"https://127.0.0.1:{mgmt}/roots/0", tls))
+    # pebble's CPU only: the mock DNS server stands in for the resolver scepd is told to skip
+    return await run_acme("pebble", f"https://127.0.0.1:{port}/dir", root, tls, http01, [proc.pid],
+                          acme_keys, args.acme_counts, args.max_seconds)
+
+
+# --- report --------------------------------------------------------------------------------------
+
+REFERENCE = {"SCEP": "micromdm", "ACME": "pebble"}
+
+
+def table(rows: list[Row]) -> str:
+    head = (f"{'protocol':8} {'clients':>7} {'server':9} {'sent':>5} {'ok':>5} {'fail':>5} {'dupser':>6} "
+            f"{'secs':>7} {'ok/s':>8} {'cpu ms/req':>10} {'x ok/s':>7} {'x cpu':>6}")
+    lines = [head, "-" * len(head)]
+    by_key = {(r.protocol, r.clients, r.server): r for r in rows}
+    for r in rows:
+        ref = by_key.get((r.protocol, r.clients, REFERENCE[r.protocol]))
+        ratio_ops = ratio_cpu = ""
+        if r.server == "scepd" and ref is not None and ref.ok_per_s and ref.cpu_ms_per_req:
+            ratio_ops = f"{r.ok_per_s / ref.ok_per_s:.2f}"
+            ratio_cpu = f"{r.cpu_ms_per_req / ref.cpu_ms_per_req:.1f}"
+        lines.append(f"{r.protocol:8} {r.clients:>7} {r.server:9} {r.sent:>5} {r.ok:>5} {r.failures:>5} "
+                     f"{r.duplicate_serials:>6} {r.elapsed:>7.2f} {r.ok_per_s:>8.1f} {r.cpu_ms_per_req:>10.1f} "
+                     f"{ratio_ops:>7} {ratio_cpu:>6}")
+    return "\n".join(lines)
+
+
+async def inner(args) -> int:
+    logging.basicConfig(level=logging.ERROR)
+    loadavg = Path("/proc/loadavg").read_text().split()[:3]
+    # /proc/self/net is this process's namespace (/sys/class/net is the one sysfs was mounted in)
+    ifaces = sorted(line.split(":")[0].strip() for line in Path("/proc/self/net/dev").read_text().splitlines()[2:])
+    print(f"loadavg at start: {' '.join(loadavg)} ({os.cpu_count()} cores, shared with other jobs); "
+          f"network namespace interfaces: {', '.join(ifaces)}", flush=True)
+    if ifaces != ["lo"]:
+        print("refusing to run: this network namespace has interfaces besides loopback", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="scepd-bench-compare-"))
+    WORKDIRS.append(work)
+    nkeys = max(args.scep_counts.values())
+    print(f"generating {min(nkeys, 32)} SCEP and {min(max(args.acme_counts.values()), 64)} ACME RSA-2048 keys ...",
+          flush=True)
+    keys = [rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(min(nkeys, 32))]
+    signers = [self_signed(k) for k in keys]
+    acme_keys = [rsa.generate_private_key(public_exponent=65537, key_size=2048)
+                 for _ in range(min(max(args.acme_counts.values()), 64))]
+    rows: list[Row] = []
+    try:
+        for label, job in (("scepd", lambda: bench_scepd(work, args, keys, signers, acme_keys)),
+                           ("micromdm scepserver", lambda: bench_scepserver(work, args, keys, signers)),
+                           ("pebble", lambda: bench_pebble(work, args, acme_keys))):
+            print(f"running {label} ...", flush=True)
+            try:
+                rows += await job()
+            finally:
+                stop_all()
+    finally:
+        stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+    order = {"SCEP": 0, "ACME": 1}
+    rows.sort(key=lambda r: (order[r.protocol], r.clients, r.server != "scepd"))
+    print()
+    print(table(rows))
+    print("ok/s: verified successes a second; cpu ms/req: server CPU (user+sys, with children) per request sent; "
+          "dupser: serial numbers issued twice; x ok/s = scepd ok/s / reference ok/s (higher is better); "
+          "x cpu = scepd cpu ms/req / reference (lower is better); references: micromdm scepserver for SCEP, "
+          "pebble for ACME")
+    for r in rows:
+        if r.http01_answered is not None:
+            print(f"{r.protocol} {r.clients} {r.server}: {r.http01_answered} http-01 validation requests answered "
+                  f"for {r.ok} certificates")
+    for r in rows:
+        if r.errors:
+            print(f"{r.protocol} {r.clients} {r.server}: {r.failures} failures, e.g. {sorted(set(r.errors))[:3]}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"loadavg": loadavg, "rows": [{**{k: v for k, v in r.__dict__.items() if k != "errors"},
+                                           "errors": r.errors[:10], "ok_per_s": r.ok_per_s,
+                                           "cpu_ms_per_req": r.cpu_ms_per_req} for r in rows]}, indent=1))
+    return 0
+
+
+def outer(argv: list[str]) -> int:
+    """Run this script again inside a fresh network namespace with only loopback up."""
+    unshare = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--map-root-user", "--net"]
+    cmd = [*unshare, "--", "sh", "-c", 'ip link set lo up && exec "$@"', "sh",
+           sys.executable, str(Path(__file__).resolve()), *argv]
+    proc = subprocess.Popen(cmd, env={**os.environ, INNER: "1"})
+    try:
+        return proc.wait(timeout=3600)
+    except (KeyboardInterrupt, subprocess.TimeoutExpired):
+        proc.send_signal(signal.SIGINT)
+        try:
+            return proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small counts (a smoke test, not a measurement)")
+    ap.add_argument("--scep-requests", type=int, default=200, help="PKCSReq per setting")
+    ap.add_argument("--acme-orders", type=int, default=60, help="orders per setting")
+    ap.add_argument("--max-seconds", type=float, default=120, help="time bound of each setting")
+    ap.add_argument("--json", help="also write the rows to this file")
+    args = ap.parse_args()
+    if os.environ.get(INNER) != "1":
+        return outer(sys.argv[1:])
+    if args.quick:
+        args.scep_requests, args.acme_orders, args.max_seconds = 6, 4, min(args.max_seconds, 20)
+    args.scep_counts = {1: args.scep_requests, 8: args.scep_requests, 32: args.scep_requests}
+    args.acme_counts = {1: args.acme_orders, 16: args.acme_orders}
+    if args.quick:
+        args.scep_counts[1] = args.acme_counts[1] = 2
+        args.scep_counts[8], args.scep_counts[32] = 8, 32
+        args.acme_counts[16] = 16
+
+    def on_signal(signum, frame):
+        # not asyncio's SIGINT handling: a cancellation can be swallowed on its way up; stop the
+        # servers here, remove the work directory and leave
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stop_all()
+        for work in WORKDIRS:
+            shutil.rmtree(work, ignore_errors=True)
+        print(f"interrupted by signal {signum}; servers stopped", file=sys.stderr, flush=True)
+        os._exit(130)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    atexit.register(stop_all)
+    return asyncio.run(inner(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
