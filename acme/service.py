@@ -28,6 +28,7 @@ from scepd.enroll.pipeline import Approved, Authorization, CsrRequest, Pipeline
 from scepd.ca.policy import PROFILES, check_key, valid_dns_name
 from scepd.ops.ratelimit import ACME_FAILED_VALIDATIONS_PER_ACCOUNT
 from scepd.ca.revocation import RevocationReason
+from scepd.render import serial_hex
 from scepd.store import Conflict, StoreNotFound
 
 from . import jws, validators
@@ -689,7 +690,7 @@ class AcmeService:
             parsed = RevocationReason.parse(reason)
         except ScepdError:
             raise BadRevocationReason(f"revocation reason {reason} is not allowed") from None
-        serial = format(cert.serial_number, "x")
+        serial = serial_hex(cert.serial_number)
         try:
             rec = await self.services.store.get_certificate(serial)
         except StoreNotFound:

@@ -34,6 +34,7 @@ from ..errors import (BadCertId, BadRequest, BadTime, ChallengeRejected, Forbidd
                       NotForUs, RenewalRefused, RequestRejected, ScepdError, UnknownTransaction,
                       UnsupportedMessageType, UnverifiableMessage, mapping_for)
 from ..errors import BadMessageCheck, UnreadableEnvelope
+from ..render import serial_hex
 from ..enroll.external_check import ExternalCheck
 from ..ops.logctx import set_transaction_id
 from ..enroll.pipeline import ApprovalPolicy, Authorization, CsrRequest, Pipeline
@@ -316,7 +317,7 @@ class ScepService:
     async def _get_cert(self, msg: wire.PkiMessage, data: bytes, digest: str) -> tuple[bytes, ScepOutcome]:
         ias = wire.decode_issuer_and_serial(data)
         try:
-            record = await self.enrollment.store.get_certificate(format(ias.serial, "x"))
+            record = await self.enrollment.store.get_certificate(serial_hex(ias.serial))
         except StoreNotFound:
             raise BadCertId("no certificate with this issuer and serial number") from None
         cert = x509.load_der_x509_certificate(record.der)
@@ -344,7 +345,7 @@ class ScepService:
     def _success(self, msg: wire.PkiMessage, cert: x509.Certificate, digest: str) -> tuple[bytes, ScepOutcome]:
         leaf = cert.public_bytes(serialization.Encoding.DER)
         envelope = wire.envelope_to(msg.signer_cert, wire.certs_only([leaf]), msg.envelope.cipher)
-        return self._reply_success(msg, envelope, digest, format(cert.serial_number, "x"))
+        return self._reply_success(msg, envelope, digest, serial_hex(cert.serial_number))
 
     def _reply_success(self, msg, envelope: bytes, digest: str, serial: str | None) -> tuple[bytes, ScepOutcome]:
         rep = wire.CertRep(transaction_id=msg.transaction_id, recipient_nonce=msg.sender_nonce,
