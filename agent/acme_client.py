@@ -85,6 +85,14 @@ def cert_id(cert: x509.Certificate) -> str:
     return f"{b64u(aki)}.{b64u(serial.to_bytes(serial.bit_length() // 8 + 1, 'big'))}"
 
 
+def csr_identity(identity: Identity) -> Identity:
+    """The identity an ACME CSR names: every order identifier as a subjectAltName, the CN included
+    (RFC 8555 §7.4 and every public ACME CA read the names from the SAN; pebble refuses a CSR whose
+    CN is not among its SANs)."""
+    sans = tuple(f"{'IP' if i['type'] == 'ip' else 'DNS'}:{i['value']}" for i in identifiers_of(identity))
+    return Identity(identity.common_name, sans)
+
+
 def identifiers_of(identity: Identity) -> list[dict]:
     """ACME identifiers from the CN and DNS/IP SANs (the server wants the CSR to name exactly these)."""
     out: list[dict] = []
@@ -422,7 +430,7 @@ class AcmeClient:
         order = await self._poll(order_url, ("pending",), deadline)
         if order.get("status") != "ready":
             raise AgentError(f"the order is {order.get('status')}, not ready: {order.get('error')}")
-        csr = build_csr(key, identity, None)
+        csr = build_csr(key, csr_identity(identity), None)
         order, _ = await self.post_json(order["finalize"], {"csr": b64u(csr)})
         if order.get("status") != "valid":
             order = await self._poll(order_url, ("processing", "ready"), deadline)

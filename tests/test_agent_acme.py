@@ -82,6 +82,19 @@ async def test_enroll_renew_with_replaces_and_ari(lab, tmp_path):
     assert third.cert.serial_number not in (cert.serial_number, renewed.cert.serial_number)
 
 
+async def test_the_finalize_csr_names_every_identifier_as_a_san(lab, tmp_path, monkeypatch):
+    """Public ACME CAs (and pebble) read the names from the SAN only: the CN must be one too."""
+    import agent.acme_client as acme_client
+    sent = []
+    real = acme_client.build_csr
+    monkeypatch.setattr(acme_client, "build_csr", lambda *a: sent.append(real(*a)) or sent[-1])
+    client, _ = client_for(lab, tmp_path)
+    await client.enroll(new_key(), Identity("cn.lab.test", ("DNS:alt.lab.test",)), lab.token)
+    csr = x509.load_der_x509_csr(sent[-1])
+    san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sorted(san.get_values_for_type(x509.DNSName)) == ["alt.lab.test", "cn.lab.test"]
+
+
 async def test_enrollment_token_is_required_and_single_use(lab, tmp_path):
     client, _ = client_for(lab, tmp_path)
     with pytest.raises(AgentError, match="enrollment token"):
