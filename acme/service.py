@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import fnmatch
 import glob
+import hmac as hmac_mod
 import ipaddress
 import json
 import logging
@@ -36,6 +37,13 @@ from .store import AcmeStore, accounts, authzs, challenges, eab_keys, orders, re
 log = logging.getLogger("scepd.acme")
 
 NONCE_LIFETIME = dt.timedelta(minutes=30)
+#: a nonce issued this far in the future (a replica's clock ahead) is still good, and a used
+#: nonce's record is kept this long past its expiry (a replica's clock behind)
+NONCE_CLOCK_SKEW = dt.timedelta(minutes=5)
+NONCE_PRUNE_EVERY = dt.timedelta(minutes=1)  # expired used-nonce records go at most this often
+_NONCE_ID_BYTES, _NONCE_MAC_BYTES = 16, 16
+_NONCE_BYTES = _NONCE_ID_BYTES + 8 + _NONCE_MAC_BYTES
+_NONCE_CHARS = (_NONCE_BYTES * 4 + 2) // 3  # unpadded base64url
 ORDER_LIFETIME = dt.timedelta(days=7)
 AUTHZ_LIFETIME = dt.timedelta(days=30)  # a valid authorization (revocation by authorization holders)
 VALIDATION_TIMEOUT = 30.0
@@ -49,6 +57,10 @@ ACME_PROFILES = {
     "agent": "TLS client certificate (clientAuth): scepd-agent, mutual TLS",
     "device": "TLS client and server (clientAuth + serverAuth)",
 }
+
+
+def _nonce_mac(key: bytes, body: bytes) -> bytes:
+    return hmac_mod.new(key, b"scepd-acme-nonce\0" + body, "sha256").digest()[:_NONCE_MAC_BYTES]
 
 
 def new_id() -> str:
@@ -93,19 +105,54 @@ class AcmeService:
         self.finalize_wait = 2.0  # seconds finalize waits before answering `processing`
         self.respond_wait = 1.0  # seconds a challenge response waits for its validation
         self.orders_page_size = 50
+        self._nonce_key: bytes | None = None
+        self._nonce_key_lock = asyncio.Lock()
+        self._nonces_pruned: dt.datetime | None = None
 
     # --- nonces and authentication ---------------------------------------------------------------
 
+    async def _key(self) -> bytes:
+        if self._nonce_key is None:
+            async with self._nonce_key_lock:
+                if self._nonce_key is None:
+                    self._nonce_key = await self.db.nonce_key()
+        return self._nonce_key
+
     async def new_nonce(self) -> str:
-        value = jws.b64u_encode(secrets.token_bytes(16))
+        """Issuing writes nothing (RFC 8555 §6.5 asks only that a nonce be used once): the nonce
+        is a random id, its issue time and an HMAC over both under the key every replica on the
+        database shares. Redeeming it inserts the id into the used-nonces table."""
+        body = secrets.token_bytes(_NONCE_ID_BYTES) + int(self.clock.now().timestamp()).to_bytes(8, "big")
+        return jws.b64u_encode(body + _nonce_mac(await self._key(), body))
+
+    async def use_nonce(self, value) -> bool:
+        """True once per nonce this service (or a replica on the same database) issued, within
+        NONCE_LIFETIME; False for anything else (forged, malformed, expired or replayed)."""
+        if not isinstance(value, str) or len(value) != _NONCE_CHARS:
+            return False
+        try:
+            raw = jws.b64u_decode(value)
+        except ScepdError:
+            return False
+        body, mac = raw[:-_NONCE_MAC_BYTES], raw[-_NONCE_MAC_BYTES:]
+        if len(raw) != _NONCE_BYTES or not hmac_mod.compare_digest(mac, _nonce_mac(await self._key(), body)):
+            return False
+        issued = dt.datetime.fromtimestamp(int.from_bytes(body[_NONCE_ID_BYTES:], "big"), dt.timezone.utc)
         now = self.clock.now()
-        await self.db.add_nonce(value, now + NONCE_LIFETIME, now)
-        return value
+        expires = issued + NONCE_LIFETIME
+        if not (issued - NONCE_CLOCK_SKEW <= now <= expires):
+            return False
+        prune = None
+        if self._nonces_pruned is None or now - self._nonces_pruned >= NONCE_PRUNE_EVERY:
+            # records are kept NONCE_CLOCK_SKEW past expiry, so a replica whose clock lags
+            # still finds them
+            prune, self._nonces_pruned = now - NONCE_CLOCK_SKEW, now
+        return await self.db.redeem_nonce(jws.b64u_encode(body[:_NONCE_ID_BYTES]), expires, prune)
 
     async def authenticate(self, req: jws.JwsRequest, url: str, *, jwk_required: bool = False,
                            allow_jwk: bool = False) -> tuple[dict | None, object]:
         """Check nonce, url and signature. Returns (account or None, josepy JWK)."""
-        if not await self.db.use_nonce(req.nonce, self.clock.now()):
+        if not await self.use_nonce(req.nonce):
             raise BadNonce("the nonce is unknown, used or expired")
         if req.url != url:
             raise Unauthorized("the url in the protected header does not match the request")
