@@ -125,34 +125,39 @@ class AcmeService:
         body = secrets.token_bytes(_NONCE_ID_BYTES) + int(self.clock.now().timestamp()).to_bytes(8, "big")
         return jws.b64u_encode(body + _nonce_mac(await self._key(), body))
 
-    async def use_nonce(self, value) -> bool:
-        """True once per nonce this service (or a replica on the same database) issued, within
-        NONCE_LIFETIME; False for anything else (forged, malformed, expired or replayed)."""
+    async def use_nonce(self, value, account_id: str | None = None) -> tuple[bool, dict | None]:
+        """(True, ...) once per nonce this service (or a replica on the same database) issued,
+        within NONCE_LIFETIME; (False, None) for anything else (forged, malformed, expired or
+        replayed). With `account_id`, a redeemed nonce comes with that account (or None)."""
         if not isinstance(value, str) or len(value) != _NONCE_CHARS:
-            return False
+            return False, None
         try:
             raw = jws.b64u_decode(value)
         except ScepdError:
-            return False
+            return False, None
         body, mac = raw[:-_NONCE_MAC_BYTES], raw[-_NONCE_MAC_BYTES:]
         if len(raw) != _NONCE_BYTES or not hmac_mod.compare_digest(mac, _nonce_mac(await self._key(), body)):
-            return False
+            return False, None
         issued = dt.datetime.fromtimestamp(int.from_bytes(body[_NONCE_ID_BYTES:], "big"), dt.timezone.utc)
         now = self.clock.now()
         expires = issued + NONCE_LIFETIME
         if not (issued - NONCE_CLOCK_SKEW <= now <= expires):
-            return False
+            return False, None
         prune = None
         if self._nonces_pruned is None or now - self._nonces_pruned >= NONCE_PRUNE_EVERY:
             # records are kept NONCE_CLOCK_SKEW past expiry, so a replica whose clock lags
             # still finds them
             prune, self._nonces_pruned = now - NONCE_CLOCK_SKEW, now
-        return await self.db.redeem_nonce(jws.b64u_encode(body[:_NONCE_ID_BYTES]), expires, prune)
+        return await self.db.redeem_nonce(jws.b64u_encode(body[:_NONCE_ID_BYTES]), expires, prune, account_id)
 
     async def authenticate(self, req: jws.JwsRequest, url: str, *, jwk_required: bool = False,
                            allow_jwk: bool = False) -> tuple[dict | None, object]:
         """Check nonce, url and signature. Returns (account or None, josepy JWK)."""
-        if not await self.use_nonce(req.nonce):
+        account_id = None
+        if req.jwk is None and isinstance(req.kid, str):
+            account_id = req.kid.rstrip("/").rsplit("/", 1)[-1]
+        redeemed, kid_account = await self.use_nonce(req.nonce, account_id)
+        if not redeemed:
             raise BadNonce("the nonce is unknown, used or expired")
         if req.url != url:
             raise Unauthorized("the url in the protected header does not match the request")
@@ -167,8 +172,7 @@ class AcmeService:
             return account, key
         if jwk_required:
             raise MalformedRequest("this resource needs a jwk, not a kid")
-        account_id = req.kid.rstrip("/").rsplit("/", 1)[-1]
-        account = await self.db.get(accounts, account_id)
+        account = kid_account  # read with the nonce redemption
         if account is None or not req.kid.endswith(f"/acct/{account_id}"):
             raise AccountDoesNotExist("no account with this kid")
         key = jws.load_jwk(json.loads(account["jwk"]))

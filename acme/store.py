@@ -169,18 +169,25 @@ class AcmeStore:
                 row = (await conn.execute(sa.select(nonce_keys.c.key).where(nonce_keys.c.id == 1))).first()
         return bytes.fromhex(row[0])
 
-    async def redeem_nonce(self, nonce_id: str, expires_at: dt.datetime, prune_before: dt.datetime | None) -> bool:
-        """Record a (verified, unexpired) nonce as used: one insert; False if it was used before.
-        `prune_before`: also drop the records that expired before then (indexed range delete)."""
+    async def redeem_nonce(self, nonce_id: str, expires_at: dt.datetime, prune_before: dt.datetime | None,
+                           account_id: str | None = None) -> tuple[bool, dict | None]:
+        """Record a (verified, unexpired) nonce as used: one insert; (False, None) if it was used
+        before. `prune_before`: also drop the records that expired before then (indexed range
+        delete). `account_id`: the account row too, read in the same transaction (a request
+        signed with a kid needs it next; this saves it a connection of its own)."""
+        account = None
         try:
             async with self.store.transaction() as tx:
-                await tx.connection.execute(used_nonces.insert().values(id=nonce_id, expires_at=_naive(expires_at)))
+                c = tx.connection
+                await c.execute(used_nonces.insert().values(id=nonce_id, expires_at=_naive(expires_at)))
                 if prune_before is not None:
-                    await tx.connection.execute(used_nonces.delete().where(
-                        used_nonces.c.expires_at < _naive(prune_before)))
+                    await c.execute(used_nonces.delete().where(used_nonces.c.expires_at < _naive(prune_before)))
+                if account_id is not None:
+                    row = (await c.execute(sa.select(accounts).where(accounts.c.id == account_id))).first()
+                    account = None if row is None else _row(row)
         except sa.exc.IntegrityError:
-            return False
-        return True
+            return False, None
+        return True, account
 
     # --- generic helpers --------------------------------------------------------------------------
 

@@ -280,6 +280,19 @@ async def test_new_nonce_writes_nothing(acme, services):
     assert [w.split()[:3] for w in writes] == [["INSERT", "INTO", "acme_used_nonces"]]
 
 
+async def test_kid_account_is_read_in_the_nonce_transaction(acme, services):
+    """A kid-signed POST redeems its nonce and reads its account in one transaction: the
+    account costs no connection (BEGIN) of its own."""
+    import sqlalchemy as sa
+
+    seen: list[str] = []
+    sa.event.listen(services.store.engine.sync_engine, "before_cursor_execute",
+                    lambda _c, _cur, statement, *_r: seen.append(" ".join(statement.split()[:4])))
+    assert (await acme.post("/acme/acct/" + acme.kid.rsplit("/", 1)[1], {})).status == 200
+    assert [s.split()[:3] for s in seen[:3]] == [["BEGIN", "IMMEDIATE"], ["INSERT", "INTO", "acme_used_nonces"],
+                                                 ["SELECT", "acme_accounts.id,", "acme_accounts.thumbprint,"]]
+
+
 @pytest.mark.parametrize("case", ["mac-flipped", "id-changed", "other-key", "truncated", "expired", "future"])
 async def test_forged_or_expired_nonce_is_bad_nonce(acme, services, clock, case):
     """Nothing but an untouched, unexpired nonce of this database is accepted."""
