@@ -501,11 +501,11 @@ class AcmeService:
         await self.db.set_renew_now(serial, self.clock.now())
 
     async def order(self, order_id: str, account: dict | None = None) -> dict:
-        order = await self.db.get(orders, order_id)
+        order, order_authzs = await self.db.get_with_children(orders, order_id, authzs, "order_id")
         if order is None or (account is not None and order["account_id"] != account["id"]):
             raise NotFound("no such order")
         order["identifiers"] = json.loads(order["identifiers"])
-        order["authzs"] = await self.db.find(authzs, order_id=order_id)
+        order["authzs"] = order_authzs
         if order["status"] == "processing" and order_id not in self._finalizing:
             order = await self._recover_processing(order)
         order["status"] = self._order_status(order)
@@ -553,12 +553,12 @@ class AcmeService:
         return "ready" if states == {"valid"} else "pending"
 
     async def authz(self, authz_id: str, account: dict) -> dict:
-        a = await self.db.get(authzs, authz_id)
+        a, authz_challenges = await self.db.get_with_children(authzs, authz_id, challenges, "authz_id")
         if a is None or a["account_id"] != account["id"]:
             raise NotFound("no such authorization")
         if a["status"] == "pending" and a["expires"] <= self.clock.now():
             a["status"] = "expired"
-        a["challenges"] = await self.db.find(challenges, authz_id=authz_id)
+        a["challenges"] = authz_challenges
         return a
 
     async def deactivate_authz(self, authz_id: str, account: dict) -> dict:
@@ -623,13 +623,16 @@ class AcmeService:
             log.exception("%s validation crashed", ch["type"])
             error = ValidationFailed(f"{ch['type']} validation failed")
         now = self.clock.now()
+        # the challenge and its authorization change in one transaction (a stop in between
+        # cannot leave a valid challenge under a pending authorization)
         if error is None:
-            await self.db.update(challenges, ch["id"], status="valid", validated=now)
-            await self.db.update(authzs, a["id"], where={"status": "pending"}, status="valid",
-                                 expires=now + AUTHZ_LIFETIME)
+            await self.db.update_together(
+                (challenges, ch["id"], None, {"status": "valid", "validated": now}),
+                (authzs, a["id"], {"status": "pending"}, {"status": "valid", "expires": now + AUTHZ_LIFETIME}))
         else:
-            await self.db.update(challenges, ch["id"], status="invalid", validated=now, error=problem(error))
-            await self.db.update(authzs, a["id"], where={"status": "pending"}, status="invalid")
+            await self.db.update_together(
+                (challenges, ch["id"], None, {"status": "invalid", "validated": now, "error": problem(error)}),
+                (authzs, a["id"], {"status": "pending"}, {"status": "invalid"}))
             self.services.limits.spend(ACME_FAILED_VALIDATIONS_PER_ACCOUNT, a["account_id"])
         log.info("acme %s %s for %s%s", ch["type"], "valid" if error is None else "invalid", a["value"],
                  "" if error is None else f": {error.detail}")

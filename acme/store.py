@@ -208,6 +208,28 @@ class AcmeStore:
             row = (await conn.execute(sa.select(table).where(table.c.id == key))).first()
         return None if row is None else _row(row)
 
+    async def get_with_children(self, table: sa.Table, key: str, child: sa.Table,
+                                fk: str) -> tuple[dict | None, list[dict]]:
+        """A row and the rows of `child` whose `fk` names it (an order and its authorizations, an
+        authorization and its challenges), through one connection."""
+        async with self.store.engine.connect() as conn:
+            row = (await conn.execute(sa.select(table).where(table.c.id == key))).first()
+            if row is None:
+                return None, []
+            rows = (await conn.execute(sa.select(child).where(child.c[fk] == key))).all()
+        return _row(row), [_row(r) for r in rows]
+
+    async def update_together(self, *updates: tuple[sa.Table, str, dict | None, dict]) -> list[bool]:
+        """Several `update`s (table, key, where, values) in one transaction: all or none."""
+        done = []
+        async with self.store.transaction() as tx:
+            for table, key, where, values in updates:
+                q = table.update().where(table.c.id == key)
+                for col, val in (where or {}).items():
+                    q = q.where(table.c[col] == val)
+                done.append((await tx.connection.execute(q.values(**_naive_values(values)))).rowcount == 1)
+        return done
+
     async def find(self, table: sa.Table, **where) -> list[dict]:
         q = sa.select(table)
         for col, val in where.items():
