@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 import fnmatch
 import glob
+import hmac as hmac_mod
 import ipaddress
 import json
 import logging
@@ -37,6 +38,13 @@ from .store import AcmeStore, accounts, authzs, challenges, eab_keys, orders, re
 log = logging.getLogger("scepd.acme")
 
 NONCE_LIFETIME = dt.timedelta(minutes=30)
+#: a nonce issued this far in the future (a replica's clock ahead) is still good, and a used
+#: nonce's record is kept this long past its expiry (a replica's clock behind)
+NONCE_CLOCK_SKEW = dt.timedelta(minutes=5)
+NONCE_PRUNE_EVERY = dt.timedelta(minutes=1)  # expired used-nonce records go at most this often
+_NONCE_ID_BYTES, _NONCE_MAC_BYTES = 16, 16
+_NONCE_BYTES = _NONCE_ID_BYTES + 8 + _NONCE_MAC_BYTES
+_NONCE_CHARS = (_NONCE_BYTES * 4 + 2) // 3  # unpadded base64url
 ORDER_LIFETIME = dt.timedelta(days=7)
 AUTHZ_LIFETIME = dt.timedelta(days=30)  # a valid authorization (revocation by authorization holders)
 VALIDATION_TIMEOUT = 30.0
@@ -50,6 +58,10 @@ ACME_PROFILES = {
     "agent": "TLS client certificate (clientAuth): scepd-agent, mutual TLS",
     "device": "TLS client and server (clientAuth + serverAuth)",
 }
+
+
+def _nonce_mac(key: bytes, body: bytes) -> bytes:
+    return hmac_mod.new(key, b"scepd-acme-nonce\0" + body, "sha256").digest()[:_NONCE_MAC_BYTES]
 
 
 def new_id() -> str:
@@ -94,19 +106,59 @@ class AcmeService:
         self.finalize_wait = 2.0  # seconds finalize waits before answering `processing`
         self.respond_wait = 1.0  # seconds a challenge response waits for its validation
         self.orders_page_size = 50
+        self._nonce_key: bytes | None = None
+        self._nonce_key_lock = asyncio.Lock()
+        self._nonces_pruned: dt.datetime | None = None
 
     # --- nonces and authentication ---------------------------------------------------------------
 
+    async def _key(self) -> bytes:
+        if self._nonce_key is None:
+            async with self._nonce_key_lock:
+                if self._nonce_key is None:
+                    self._nonce_key = await self.db.nonce_key()
+        return self._nonce_key
+
     async def new_nonce(self) -> str:
-        value = jws.b64u_encode(secrets.token_bytes(16))
+        """Issuing writes nothing (RFC 8555 §6.5 asks only that a nonce be used once): the nonce
+        is a random id, its issue time and an HMAC over both under the key every replica on the
+        database shares. Redeeming it inserts the id into the used-nonces table."""
+        body = secrets.token_bytes(_NONCE_ID_BYTES) + int(self.clock.now().timestamp()).to_bytes(8, "big")
+        return jws.b64u_encode(body + _nonce_mac(await self._key(), body))
+
+    async def use_nonce(self, value, account_id: str | None = None) -> tuple[bool, dict | None]:
+        """(True, ...) once per nonce this service (or a replica on the same database) issued,
+        within NONCE_LIFETIME; (False, None) for anything else (forged, malformed, expired or
+        replayed). With `account_id`, a redeemed nonce comes with that account (or None)."""
+        if not isinstance(value, str) or len(value) != _NONCE_CHARS:
+            return False, None
+        try:
+            raw = jws.b64u_decode(value)
+        except ScepdError:
+            return False, None
+        body, mac = raw[:-_NONCE_MAC_BYTES], raw[-_NONCE_MAC_BYTES:]
+        if len(raw) != _NONCE_BYTES or not hmac_mod.compare_digest(mac, _nonce_mac(await self._key(), body)):
+            return False, None
+        issued = dt.datetime.fromtimestamp(int.from_bytes(body[_NONCE_ID_BYTES:], "big"), dt.timezone.utc)
         now = self.clock.now()
-        await self.db.add_nonce(value, now + NONCE_LIFETIME, now)
-        return value
+        expires = issued + NONCE_LIFETIME
+        if not (issued - NONCE_CLOCK_SKEW <= now <= expires):
+            return False, None
+        prune = None
+        if self._nonces_pruned is None or now - self._nonces_pruned >= NONCE_PRUNE_EVERY:
+            # records are kept NONCE_CLOCK_SKEW past expiry, so a replica whose clock lags
+            # still finds them
+            prune, self._nonces_pruned = now - NONCE_CLOCK_SKEW, now
+        return await self.db.redeem_nonce(jws.b64u_encode(body[:_NONCE_ID_BYTES]), expires, prune, account_id)
 
     async def authenticate(self, req: jws.JwsRequest, url: str, *, jwk_required: bool = False,
                            allow_jwk: bool = False) -> tuple[dict | None, object]:
         """Check nonce, url and signature. Returns (account or None, josepy JWK)."""
-        if not await self.db.use_nonce(req.nonce, self.clock.now()):
+        account_id = None
+        if req.jwk is None and isinstance(req.kid, str):
+            account_id = req.kid.rstrip("/").rsplit("/", 1)[-1]
+        redeemed, kid_account = await self.use_nonce(req.nonce, account_id)
+        if not redeemed:
             raise BadNonce("the nonce is unknown, used or expired")
         if req.url != url:
             raise Unauthorized("the url in the protected header does not match the request")
@@ -121,8 +173,7 @@ class AcmeService:
             return account, key
         if jwk_required:
             raise MalformedRequest("this resource needs a jwk, not a kid")
-        account_id = req.kid.rstrip("/").rsplit("/", 1)[-1]
-        account = await self.db.get(accounts, account_id)
+        account = kid_account  # read with the nonce redemption
         if account is None or not req.kid.endswith(f"/acct/{account_id}"):
             raise AccountDoesNotExist("no account with this kid")
         key = jws.load_jwk(json.loads(account["jwk"]))
@@ -451,11 +502,11 @@ class AcmeService:
         await self.db.set_renew_now(serial, self.clock.now())
 
     async def order(self, order_id: str, account: dict | None = None) -> dict:
-        order = await self.db.get(orders, order_id)
+        order, order_authzs = await self.db.get_with_children(orders, order_id, authzs, "order_id")
         if order is None or (account is not None and order["account_id"] != account["id"]):
             raise NotFound("no such order")
         order["identifiers"] = json.loads(order["identifiers"])
-        order["authzs"] = await self.db.find(authzs, order_id=order_id)
+        order["authzs"] = order_authzs
         if order["status"] == "processing" and order_id not in self._finalizing:
             order = await self._recover_processing(order)
         order["status"] = self._order_status(order)
@@ -503,12 +554,12 @@ class AcmeService:
         return "ready" if states == {"valid"} else "pending"
 
     async def authz(self, authz_id: str, account: dict) -> dict:
-        a = await self.db.get(authzs, authz_id)
+        a, authz_challenges = await self.db.get_with_children(authzs, authz_id, challenges, "authz_id")
         if a is None or a["account_id"] != account["id"]:
             raise NotFound("no such authorization")
         if a["status"] == "pending" and a["expires"] <= self.clock.now():
             a["status"] = "expired"
-        a["challenges"] = await self.db.find(challenges, authz_id=authz_id)
+        a["challenges"] = authz_challenges
         return a
 
     async def deactivate_authz(self, authz_id: str, account: dict) -> dict:
@@ -573,13 +624,16 @@ class AcmeService:
             log.exception("%s validation crashed", ch["type"])
             error = ValidationFailed(f"{ch['type']} validation failed")
         now = self.clock.now()
+        # the challenge and its authorization change in one transaction (a stop in between
+        # cannot leave a valid challenge under a pending authorization)
         if error is None:
-            await self.db.update(challenges, ch["id"], status="valid", validated=now)
-            await self.db.update(authzs, a["id"], where={"status": "pending"}, status="valid",
-                                 expires=now + AUTHZ_LIFETIME)
+            await self.db.update_together(
+                (challenges, ch["id"], None, {"status": "valid", "validated": now}),
+                (authzs, a["id"], {"status": "pending"}, {"status": "valid", "expires": now + AUTHZ_LIFETIME}))
         else:
-            await self.db.update(challenges, ch["id"], status="invalid", validated=now, error=problem(error))
-            await self.db.update(authzs, a["id"], where={"status": "pending"}, status="invalid")
+            await self.db.update_together(
+                (challenges, ch["id"], None, {"status": "invalid", "validated": now, "error": problem(error)}),
+                (authzs, a["id"], {"status": "pending"}, {"status": "invalid"}))
             self.services.limits.spend(ACME_FAILED_VALIDATIONS_PER_ACCOUNT, a["account_id"])
         log.info("acme %s %s for %s%s", ch["type"], "valid" if error is None else "invalid", a["value"],
                  "" if error is None else f": {error.detail}")

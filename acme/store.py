@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import secrets
 
 import sqlalchemy as sa
 import sqlalchemy.exc  # noqa: F401
@@ -69,6 +70,20 @@ nonces = sa.Table(
     sa.Column("value", sa.String(64), primary_key=True),
     sa.Column("expires_at", sa.DateTime, nullable=False),
     sa.Index("ix_acme_nonces_expires", "expires_at"),
+)  # v1-v4 stored every issued nonce; since v5 unused (nonces are stateless until redeemed)
+
+#: v5: the ids of redeemed nonces, until they expire (the primary key refuses a replay)
+used_nonces = sa.Table(
+    "acme_used_nonces", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("expires_at", sa.DateTime, nullable=False),
+    sa.Index("ix_acme_used_nonces_expires", "expires_at"),
+)
+#: v5: the HMAC key nonces are signed with; one row, created by the first replica to need it
+nonce_keys = sa.Table(
+    "acme_nonce_keys", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("key", sa.String(128), nullable=False),
 )
 
 #: ARI (RFC 9773): each certificate is replaced at most once (the primary key enforces it)
@@ -121,7 +136,8 @@ def _add_missing_columns(*tables: sa.Table):
 MIGRATIONS = [(1, [accounts, orders, authzs, challenges, nonces]),
               (2, [replacements, renew_now]),
               (3, [eab_keys]),
-              (4, _add_missing_columns(orders, authzs))]
+              (4, _add_missing_columns(orders, authzs)),
+              (5, [used_nonces, nonce_keys])]
 
 
 def _row(row) -> dict:
@@ -138,17 +154,40 @@ class AcmeStore:
 
     # --- nonces: single use, expire, shared by every replica on the database ------------------
 
-    async def add_nonce(self, value: str, expires_at: dt.datetime, now: dt.datetime) -> None:
-        async with self.store.transaction() as tx:
-            await tx.connection.execute(nonces.insert().values(value=value, expires_at=_naive(expires_at)))
-            # bounded housekeeping: the expired ones go (indexed range delete)
-            await tx.connection.execute(nonces.delete().where(nonces.c.expires_at < _naive(now)))
+    async def nonce_key(self) -> bytes:
+        """The nonce HMAC key every replica on this database shares: read once, created (one
+        insert) by whichever process needs it first."""
+        async with self.store.engine.connect() as conn:
+            row = (await conn.execute(sa.select(nonce_keys.c.key).where(nonce_keys.c.id == 1))).first()
+        if row is None:
+            try:
+                async with self.store.transaction() as tx:
+                    await tx.connection.execute(nonce_keys.insert().values(id=1, key=secrets.token_hex(32)))
+            except sa.exc.IntegrityError:  # another replica created it meanwhile
+                pass
+            async with self.store.engine.connect() as conn:
+                row = (await conn.execute(sa.select(nonce_keys.c.key).where(nonce_keys.c.id == 1))).first()
+        return bytes.fromhex(row[0])
 
-    async def use_nonce(self, value: str, now: dt.datetime) -> bool:
-        async with self.store.transaction() as tx:
-            result = await tx.connection.execute(nonces.delete().where(
-                nonces.c.value == value, nonces.c.expires_at >= _naive(now)))
-        return result.rowcount == 1
+    async def redeem_nonce(self, nonce_id: str, expires_at: dt.datetime, prune_before: dt.datetime | None,
+                           account_id: str | None = None) -> tuple[bool, dict | None]:
+        """Record a (verified, unexpired) nonce as used: one insert; (False, None) if it was used
+        before. `prune_before`: also drop the records that expired before then (indexed range
+        delete). `account_id`: the account row too, read in the same transaction (a request
+        signed with a kid needs it next; this saves it a connection of its own)."""
+        account = None
+        try:
+            async with self.store.transaction() as tx:
+                c = tx.connection
+                await c.execute(used_nonces.insert().values(id=nonce_id, expires_at=_naive(expires_at)))
+                if prune_before is not None:
+                    await c.execute(used_nonces.delete().where(used_nonces.c.expires_at < _naive(prune_before)))
+                if account_id is not None:
+                    row = (await c.execute(sa.select(accounts).where(accounts.c.id == account_id))).first()
+                    account = None if row is None else _row(row)
+        except sa.exc.IntegrityError:
+            return False, None
+        return True, account
 
     # --- generic helpers --------------------------------------------------------------------------
 
@@ -168,6 +207,28 @@ class AcmeStore:
         async with self.store.engine.connect() as conn:
             row = (await conn.execute(sa.select(table).where(table.c.id == key))).first()
         return None if row is None else _row(row)
+
+    async def get_with_children(self, table: sa.Table, key: str, child: sa.Table,
+                                fk: str) -> tuple[dict | None, list[dict]]:
+        """A row and the rows of `child` whose `fk` names it (an order and its authorizations, an
+        authorization and its challenges), through one connection."""
+        async with self.store.engine.connect() as conn:
+            row = (await conn.execute(sa.select(table).where(table.c.id == key))).first()
+            if row is None:
+                return None, []
+            rows = (await conn.execute(sa.select(child).where(child.c[fk] == key))).all()
+        return _row(row), [_row(r) for r in rows]
+
+    async def update_together(self, *updates: tuple[sa.Table, str, dict | None, dict]) -> list[bool]:
+        """Several `update`s (table, key, where, values) in one transaction: all or none."""
+        done = []
+        async with self.store.transaction() as tx:
+            for table, key, where, values in updates:
+                q = table.update().where(table.c.id == key)
+                for col, val in (where or {}).items():
+                    q = q.where(table.c[col] == val)
+                done.append((await tx.connection.execute(q.values(**_naive_values(values)))).rowcount == 1)
+        return done
 
     async def find(self, table: sa.Table, **where) -> list[dict]:
         q = sa.select(table)

@@ -69,7 +69,7 @@ async def main() -> None:
             started = time.perf_counter()
             for _ in range(200):
                 await services.crl.current()
-            print(f"fresh CRL served from cache (incl. the COUNT check): "
+            print(f"fresh CRL served from cache (incl. the freshness check): "
                   f"{(time.perf_counter() - started) / 200 * 1000:.2f} ms")
 
             runner = web.AppRunner(create_app(services), access_log=None)

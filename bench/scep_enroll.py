@@ -30,6 +30,12 @@ from bench.common import start_scepd  # noqa: E402
 from tests.helpers import make_csr, pkcs_req, self_signed  # noqa: E402
 
 
+def server_cpu(pid: int) -> float:
+    """user + system CPU seconds of the server process (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,15 +83,18 @@ async def main() -> None:
                     if resp.status != 200 or wire.decode_cert_rep(body).status != wire.PkiStatus.SUCCESS:
                         failures += 1
 
+            cpu0 = server_cpu(proc.pid)
             started = time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(args.concurrency)))
             elapsed = time.perf_counter() - started
+            cpu = server_cpu(proc.pid) - cpu0
         done = len(latencies)
         q = statistics.quantiles(latencies, n=100) if done >= 2 else [0.0] * 99
         print(f"enrollments: {done} in {elapsed:.2f}s with concurrency {args.concurrency} "
               f"-> {done / elapsed:.1f}/s; failures {failures}")
         print(f"latency ms: p50 {q[49] * 1000:.1f}  p95 {q[94] * 1000:.1f}  p99 {q[98] * 1000:.1f}  "
               f"max {max(latencies) * 1000:.1f}")
+        print(f"server CPU: {cpu:.2f}s = {cpu / max(done, 1) * 1000:.1f} ms an enrollment")
         out = subprocess.run([sys.executable, "-m", "scepd", "certs", "list", "--json", "--state-dir",
                               str(state), "--limit", "100000"], capture_output=True, text=True, env=env)
         stored = len(re.findall(r'"serial"', out.stdout))

@@ -252,3 +252,112 @@ async def test_eddsa_account_and_order(acme):
     assert await problem_type(resp) == P + "badSignatureAlgorithm"
     resp = await post("/acme/new-account", {}, {"jwk": {**jwk, "crv": "Ed448"}})
     assert await problem_type(resp) == P + "malformed"
+
+
+# --- stateless nonces (issue 13): issuing writes nothing, redeeming is one insert ---------------
+
+def _writes(services) -> list[str]:
+    """Collects every write statement the store's engine executes from now on."""
+    import sqlalchemy as sa
+
+    seen: list[str] = []
+
+    def before(_conn, _cursor, statement, *_rest):
+        if statement.lstrip().split(None, 1)[0].upper() in {"INSERT", "UPDATE", "DELETE", "REPLACE"}:
+            seen.append(statement)
+    sa.event.listen(services.store.engine.sync_engine, "before_cursor_execute", before)
+    return seen
+
+
+async def test_new_nonce_writes_nothing(acme, services):
+    await acme.nonce()  # the first nonce of a database may create the shared key
+    writes = _writes(services)
+    nonces = {await acme.nonce() for _ in range(5)}
+    nonces.add((await acme.client.get("/acme/new-nonce")).headers["Replay-Nonce"])
+    assert len(nonces) == 6 and writes == []
+    # redeeming one is a single insert (no read-modify-write)
+    assert (await acme.post("/acme/acct/" + acme.kid.rsplit("/", 1)[1], {}, nonce=nonces.pop())).status == 200
+    assert [w.split()[:3] for w in writes] == [["INSERT", "INTO", "acme_used_nonces"]]
+
+
+async def test_kid_account_is_read_in_the_nonce_transaction(acme, services):
+    """A kid-signed POST redeems its nonce and reads its account in one transaction: the
+    account costs no connection (BEGIN) of its own."""
+    import sqlalchemy as sa
+
+    seen: list[str] = []
+    sa.event.listen(services.store.engine.sync_engine, "before_cursor_execute",
+                    lambda _c, _cur, statement, *_r: seen.append(" ".join(statement.split()[:4])))
+    assert (await acme.post("/acme/acct/" + acme.kid.rsplit("/", 1)[1], {})).status == 200
+    assert [s.split()[:3] for s in seen[:3]] == [["BEGIN", "IMMEDIATE"], ["INSERT", "INTO", "acme_used_nonces"],
+                                                 ["SELECT", "acme_accounts.id,", "acme_accounts.thumbprint,"]]
+
+
+@pytest.mark.parametrize("case", ["mac-flipped", "id-changed", "other-key", "truncated", "expired", "future"])
+async def test_forged_or_expired_nonce_is_bad_nonce(acme, services, clock, case):
+    """Nothing but an untouched, unexpired nonce of this database is accepted."""
+    import datetime as dt
+    import hmac as std_hmac
+
+    from acme.jws import b64u_decode, b64u_encode
+    from acme.service import NONCE_LIFETIME
+
+    path = "/acme/acct/" + acme.kid.rsplit("/", 1)[1]
+    raw = bytearray(b64u_decode(await acme.nonce()))
+    if case == "mac-flipped":
+        raw[-1] ^= 1
+    elif case == "id-changed":
+        raw[0] ^= 1
+    elif case == "other-key":
+        body = bytes(raw[:24])
+        raw = bytearray(body + std_hmac.new(b"k" * 32, b"scepd-acme-nonce\0" + body, "sha256").digest()[:16])
+    elif case == "truncated":
+        raw = raw[:-1]
+    elif case == "expired":
+        clock.advance(NONCE_LIFETIME + dt.timedelta(seconds=1))
+    elif case == "future":
+        clock.advance(-dt.timedelta(hours=1))
+    resp = await acme.post(path, {}, nonce=b64u_encode(bytes(raw)))
+    assert resp.status == 400 and await problem_type(resp) == P + "badNonce"
+    # and the client's retry with the fresh Replay-Nonce of that answer works
+    assert (await acme.post(path, {}, nonce=resp.headers["Replay-Nonce"])).status == 200
+
+
+async def test_nonce_single_use_across_restart_and_pruned_after_expiry(make_services, aiohttp_client, clock):
+    """A nonce issued before a restart is good once after it; the used-nonce record outlives the
+    process and is pruned by time only once the nonce itself is expired."""
+    import datetime as dt
+
+    import sqlalchemy as sa
+
+    from acme.service import NONCE_CLOCK_SKEW, NONCE_LIFETIME
+    from acme.store import used_nonces
+
+    async def open_acme():
+        services = await make_services()
+        a = Acme(await aiohttp_client(create_https_app(services)), rsa_key(0))
+        resp = await a.post("/acme/new-account", {"termsOfServiceAgreed": True}, jwk=True)
+        assert resp.status in (200, 201)  # 200: the account exists (second process)
+        a.kid = resp.headers["Location"]
+        return services, a
+
+    first, a = await open_acme()
+    kept, replayed = await a.nonce(), await a.nonce()
+    path = "/acme/acct/" + a.kid.rsplit("/", 1)[1]
+    assert (await a.post(path, {}, nonce=replayed)).status == 200
+    await first.close()
+
+    second, b = await open_acme()
+    assert (await b.post(path, {}, nonce=kept)).status == 200
+    for nonce in (kept, replayed):
+        assert await problem_type(await b.post(path, {}, nonce=nonce)) == P + "badNonce"
+
+    async def used() -> int:
+        async with second.store.engine.connect() as conn:
+            return (await conn.execute(sa.select(sa.func.count()).select_from(used_nonces))).scalar_one()
+    before = await used()
+    assert before >= 4
+    clock.advance(NONCE_LIFETIME + NONCE_CLOCK_SKEW + dt.timedelta(minutes=1))
+    assert (await b.post(path, {})).status == 200  # redeeming prunes the expired records
+    assert await used() == 1
+    assert await problem_type(await b.post(path, {}, nonce=kept)) == P + "badNonce"

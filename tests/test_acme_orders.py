@@ -385,3 +385,19 @@ async def test_malformed_orders_get_problems_never_500(lab, payload):
     assert 400 <= resp.status < 500
     body = await resp.json()
     assert body["type"].startswith(P) and "Traceback" not in body["detail"]
+
+
+async def test_order_round_uses_few_connections_and_validation_commits_once(lab):
+    """Issue 13: an order and its authorizations (an authorization and its challenges) are read
+    through one connection, and a validation result moves challenge and authorization in one
+    transaction (never a valid challenge under a pending authorization)."""
+    import sqlalchemy as sa
+
+    seen: list[str] = []
+    sa.event.listen(lab.services.store.engine.sync_engine, "before_cursor_execute",
+                    lambda _c, _cur, statement, *_r: seen.append(" ".join(statement.split()[:2])))
+    await issue_http01(lab, ["few.example.test"])
+    pairs = list(zip(seen, seen[1:]))
+    assert ("UPDATE acme_challenges", "UPDATE acme_authzs") in pairs
+    assert ("SELECT acme_orders.id,", "SELECT acme_authzs.id,") in pairs
+    assert ("SELECT acme_authzs.id,", "SELECT acme_challenges.id,") in pairs

@@ -379,6 +379,35 @@ async def test_ocsp_request_for_two_certificates_is_refused_cleanly(client, serv
     assert r.response_status == ocsp.OCSPResponseStatus.MALFORMED_REQUEST
 
 
+async def test_fresh_crl_costs_one_key_read_and_other_process_revocations_are_seen(client, services,
+                                                                                    make_services):
+    """No COUNT over the revoked certificates per CRL request: one primary-key read says whether
+    any process revoked something since the cached CRL was signed."""
+    import sqlalchemy as sa
+
+    issued = [await _issue(services, f"crl-gen-{i}", rsa_key(i)) for i in range(2)]
+    await services.revocation.revoke(issued[0].record.serial, RevocationReason.SUPERSEDED, "test")
+    assert _number(await _crl(client, services)) == 1
+    seen: list[str] = []
+
+    def statement_seen(_c, _cur, statement, *_r):
+        if statement.split()[0].upper() not in {"BEGIN", "COMMIT", "ROLLBACK"}:
+            seen.append(" ".join(statement.split()))
+    sa.event.listen(services.store.engine.sync_engine, "before_cursor_execute", statement_seen)
+    crl = await _crl(client, services)
+    assert _number(crl) == 1 and len(seen) == 1 and "count(" not in seen[0].lower()
+    assert seen[0].startswith("SELECT revocation_generation.generation FROM revocation_generation")
+    # another process (the CLI, a replica) revokes: the next request publishes a new CRL
+    other = await make_services()
+    from scepd.ca.revocation import RevocationService
+    await RevocationService(other.store, other.clock).revoke(issued[1].record.serial,
+                                                             RevocationReason.KEY_COMPROMISE, "cli")
+    seen.clear()
+    crl = await _crl(client, services)
+    assert _number(crl) == 2 and len(crl) == 2
+    assert not any("count(" in s.lower() for s in seen)
+
+
 async def test_store_down_gives_try_later_and_503_never_500(client, services):
     issued = await _issue(services, "down", rsa_key(0))
     der = _request(issued.cert, services.ca_material.cert)
@@ -387,7 +416,7 @@ async def test_store_down_gives_try_later_and_503_never_500(client, services):
     async def broken(*_a, **_k):
         raise OSError("database unreachable")
     services.store.get_certificate = broken
-    services.crl.revoked_count = broken
+    services.store.revocation_generation = broken
     r = await _post(client, der)
     assert r.response_status == ocsp.OCSPResponseStatus.TRY_LATER
     assert (await client.get(f"/crl/{services.authority.ca_id}.crl")).status == 503

@@ -140,6 +140,25 @@ async def test_revocation(store):
     assert [r.serial for r in await store.list_revoked("ca1")] == ["d1"]
 
 
+async def test_revocation_generation_moves_with_each_revocation_only(store):
+    """The CRL's cheap change check: bumped in the revoking transaction, by nothing else."""
+    async with store.transaction() as tx:
+        await tx.insert_certificate(cert("g1"))
+        await tx.insert_certificate(cert("g2"))
+    start = await store.revocation_generation()
+    async with store.transaction() as tx:
+        assert await tx.revoke_certificate("g1", "keyCompromise", NOW) is True
+    assert await store.revocation_generation() == start + 1
+    async with store.transaction() as tx:  # already revoked: no change
+        assert await tx.revoke_certificate("g1", "superseded", NOW) is False
+    with pytest.raises(RuntimeError):  # rolled back: neither the revocation nor the bump stays
+        async with store.transaction() as tx:
+            assert await tx.revoke_certificate("g2", "superseded", NOW) is True
+            raise RuntimeError("abort")
+    assert await store.revocation_generation() == start + 1
+    assert (await store.get_certificate("g2")).status == "valid"
+
+
 async def test_challenge_consumed_once_under_concurrency(store):
     async with store.transaction() as tx:
         cid = await tx.insert_challenge("ff" * 32, None, NOW, NOW + dt.timedelta(hours=1))

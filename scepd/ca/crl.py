@@ -4,9 +4,10 @@ The state of each CA's CRL (its number, validity and the DER last published) liv
 so the CRL number increments monotonically across restarts, processes and replicas. A CRL is
 current while it covers every revocation in the store and less than half of its validity has
 passed ("regenerated well before nextUpdate"). Revocations made by another process (the
-`scepd certs revoke` CLI, another replica) are noticed by a cheap indexed COUNT of revoked
-certificates on each request: revocation is one-way, so the count changes exactly when the set
-changes. Revoked certificates stay listed after they expire.
+`scepd certs revoke` CLI, another replica) are noticed by the store's revocation generation, a
+counter bumped in the transaction of every revocation and read on each request with one
+primary-key lookup (no COUNT over the revoked certificates). Revoked certificates stay listed
+after they expire.
 """
 from __future__ import annotations
 
@@ -157,27 +158,32 @@ class CrlService:
         self.default_ca_id = signers[0].ca_id
         self.validity = validity
         self._cache: dict[str, PublishedCrl] = {}
+        #: the revocation generation read before each cached CRL's revocations were
+        self._generation: dict[str, int] = {}
         self._lock = asyncio.Lock()
         #: called with (PublishedCrl) after each newly signed CRL (metrics)
         self.listeners: list = []
-
-    async def revoked_count(self, ca_id: str) -> int:
-        """Indexed (ca_id, status) COUNT: the cheap "did revocations change?" check."""
-        async with self.store.engine.connect() as conn:
-            return int((await conn.execute(sa.select(sa.func.count()).select_from(certificates).where(
-                certificates.c.ca_id == ca_id, certificates.c.status == "revoked"))).scalar_one())
 
     async def current(self, ca_id: str | None = None) -> PublishedCrl:
         ca_id = ca_id or self.default_ca_id
         if ca_id not in self.signers:
             raise NotFound("no CRL for that CA")
         now = self.clock.now()
-        count = await self.revoked_count(ca_id)
+        generation = await self.store.revocation_generation()
         cached = self._cache.get(ca_id)
-        if cached is not None and cached.current(now, count):
+        if cached is not None and self._generation.get(ca_id) == generation and \
+                cached.current(now, cached.revoked_count):
             return cached
         async with self._lock:
-            return await self._refresh(ca_id)
+            cached = self._cache.get(ca_id)
+            if cached is not None and self._generation.get(ca_id) == generation and \
+                    cached.current(self.clock.now(), cached.revoked_count):
+                return cached  # refreshed while this request waited
+            published = await self._refresh(ca_id)
+            # read before the refresh read its revocations: a revocation in between only
+            # causes one more refresh, never a stale CRL
+            self._generation[ca_id] = generation
+            return published
 
     async def current_der(self, ca_id: str | None = None) -> bytes:
         return (await self.current(ca_id)).der

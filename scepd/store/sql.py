@@ -107,6 +107,21 @@ pending_requests = sa.Table(
     sa.Index("ix_pending_status", "status"),
 )
 
+#: v4: one row counting revocations, bumped in the transaction of each one, so readers (the CRL)
+#: notice a change made by any process with one primary-key read instead of a COUNT
+revocations = sa.Table(
+    "revocation_generation", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("generation", sa.BigInteger, nullable=False),
+)
+
+
+def _create_revocation_generation(conn: sa.Connection) -> None:
+    revocations.create(conn, checkfirst=True)
+    if conn.execute(sa.select(revocations.c.id)).first() is None:
+        conn.execute(revocations.insert().values(id=1, generation=0))
+
+
 #: A migration step: a list of tables to create, or a callable(sync_connection) for DDL changes.
 Step = list[sa.Table] | Callable[[sa.Connection], None]
 
@@ -115,7 +130,8 @@ Step = list[sa.Table] | Callable[[sa.Connection], None]
 #: one ordered list of every migration is scepd.http.assembly.migrations(), given to SqlStore.open.
 MIGRATIONS: dict[str, list[tuple[int, Step]]] = {
     "core": [(1, [certificates, challenges, audit]), (2, [pending_requests]),
-             (3, lambda conn: _add_missing_columns(conn, challenges))],
+             (3, lambda conn: _add_missing_columns(conn, challenges)),
+             (4, _create_revocation_generation)],
 }
 
 
@@ -230,6 +246,8 @@ class Transaction:
             .where(certificates.c.serial == serial, certificates.c.status != "revoked")
             .values(status="revoked", revoked_at=_naive(at), revocation_reason=reason))
         if result.rowcount == 1:
+            await self._conn.execute(revocations.update().where(revocations.c.id == 1).values(
+                generation=revocations.c.generation + 1))
             return True
         exists = (await self._conn.execute(sa.select(certificates.c.serial).where(
             certificates.c.serial == serial))).first()
@@ -346,6 +364,12 @@ class SqlStore:
             await conn.execute(sa.text("SELECT 1"))
 
     # --- reads --------------------------------------------------------------------------------
+
+    async def revocation_generation(self) -> int:
+        """Grows with every revocation (by any process on this database); one primary-key read."""
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(sa.select(revocations.c.generation).where(
+                revocations.c.id == 1))).scalar_one_or_none() or 0)
 
     async def get_certificate(self, serial: str) -> CertificateRecord:
         async with self.engine.connect() as conn:
