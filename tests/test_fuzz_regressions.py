@@ -71,7 +71,7 @@ def test_envelope_with_an_undecodable_recipient_info_is_refused(vectors, name):
 
 
 @pytest.mark.parametrize("name", ["unsupported-curve.der", "invalid-version.der", "reencode-attribute-error.der",
-                                  "reencode-index-error.der"])
+                                  "reencode-index-error.der", "subject-bitstring-type.der"])
 @pytest.mark.parametrize("verify", [True, False])
 def test_undecodable_csr_is_refused(name, verify):
     with pytest.raises((MalformedRequest, BadMessageCheck)):

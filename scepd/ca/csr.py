@@ -195,11 +195,12 @@ def decode_csr(csr_der: bytes, verify_signature: bool = True,
     if verify_signature:
         verify_csr_signature(req, allowed_digests)
     try:
-        cns = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        name = csr.subject  # pyca builds the Name here: TypeError for a BIT STRING other than
+        cns = name.get_attributes_for_oid(NameOID.COMMON_NAME)  # x500UniqueIdentifier (fuzz_csr)
         cn = cns[0].value if cns else None
-        subject = csr.subject.rfc4514_string()
+        subject = name.rfc4514_string()
         subject_der = req["certification_request_info"]["subject"].dump()
-    except ValueError:
+    except (ValueError, TypeError):
         raise MalformedRequest("the CSR subject cannot be decoded") from None
     sans: tuple[SubjectAltName, ...] = ()
     others: list[str] = []
@@ -223,7 +224,7 @@ def decode_csr(csr_der: bytes, verify_signature: bool = True,
                                    serialization.PublicFormat.SubjectPublicKeyInfo)
     return CsrFacts(public_key=public_key, spki_der=spki, common_name=cn if isinstance(cn, str) else None,
                     subject_rfc4514=subject, sans=sans, other_extensions=tuple(others),
-                    challenge_password=challenge, subject=csr.subject, subject_der=subject_der)
+                    challenge_password=challenge, subject=name, subject_der=subject_der)
 
 
 def is_ip(value: str) -> bool:
