@@ -735,7 +735,7 @@ class AcmeService:
         payload = req.payload_json()
         try:
             cert = x509.load_der_x509_certificate(jws.b64u_decode(payload.get("certificate", "")))
-        except ValueError:
+        except (ValueError, x509.InvalidVersion):  # InvalidVersion is no ValueError (fuzz_acme_payloads)
             raise MalformedRequest("certificate is not a DER certificate") from None
         reason = payload.get("reason", 0)
         if not isinstance(reason, int) or isinstance(reason, bool):

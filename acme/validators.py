@@ -162,7 +162,7 @@ def check_tlsalpn01_certificate(der: bytes | None, target: Target, key_authoriza
         cert = x509.load_der_x509_certificate(der or b"")
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         ext = cert.extensions.get_extension_for_oid(ACME_IDENTIFIER_OID)
-    except (ValueError, x509.ExtensionNotFound):
+    except (ValueError, x509.InvalidVersion, x509.ExtensionNotFound):
         raise ValidationFailed("tls-alpn-01: the certificate lacks subjectAltName or acmeIdentifier") from None
     names = [("dns", n.value.lower()) for n in sans if isinstance(n, x509.DNSName)] + \
             [("ip", str(n.value)) for n in sans if isinstance(n, x509.IPAddress)]

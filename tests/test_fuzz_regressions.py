@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 from acme import jws
 from acme.service import AcmeService
 from scepd.ca.csr import decode_csr
-from scepd.errors import BadMessageCheck, BadSignatureAlgorithm, MalformedRequest, ScepdError
+from scepd.errors import BadMessageCheck, BadSignatureAlgorithm, MalformedRequest, ScepdError, ValidationFailed
 from scepd.scep import der, wire
 
 from .helpers import VECTORS
@@ -133,6 +133,25 @@ def test_order_time_outside_the_datetime_range_in_utc_is_malformed(value):
     with pytest.raises(MalformedRequest):
         AcmeService._time({"notBefore": value}, "notBefore")
 
+
+
+def _invalid_version_certificate() -> bytes:
+    payload = json.loads((DATA / "acme_payloads" / "revoke-certificate-invalid-version.json").read_bytes())
+    return jws.b64u_decode(payload["certificate"])
+
+
+def test_revoke_of_a_certificate_with_an_invalid_version_is_malformed():
+    class Req:  # revokeCert's payload, as the fuzzer sent it (x509.InvalidVersion is no ValueError)
+        def payload_json(self):
+            return json.loads((DATA / "acme_payloads" / "revoke-certificate-invalid-version.json").read_bytes())
+    with pytest.raises(MalformedRequest):
+        asyncio.run(AcmeService.revoke(None, Req(), None, None))  # refused before any lookup
+
+
+def test_tls_alpn01_certificate_with_an_invalid_version_fails_validation():
+    from acme.validators import check_tlsalpn01_certificate
+    with pytest.raises(ValidationFailed):
+        check_tlsalpn01_certificate(_invalid_version_certificate(), None, "key-authorization")
 
 
 # --- nested BER (the RecursionError found first by the fuzzer; der.py reads iteratively now) ----
