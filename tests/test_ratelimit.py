@@ -244,6 +244,18 @@ async def test_scep_failed_attempts_per_address_get_a_signed_failure(scep_limite
     assert "too many failed enrollment attempts" in rep.fail_info_text
 
 
+async def test_scep_envelope_failures_count_toward_the_limit(scep_limited):
+    """Issue 11 item 1: forged envelopes (the padding-oracle probes) are failed attempts too."""
+    client, services = scep_limited
+    for _ in range(3):  # the envelope opens to something that is no CSR: the one no-oracle answer
+        der, _, _ = pkcs_req(services.ca_material.cert, rsa_key(0), b"\x30\x03\x02\x01\x00garbage",
+                             signer=(self_signed(rsa_key(0)), rsa_key(0)))
+        rep = wire.decode_cert_rep(await (await client.post("/scep?operation=PKIOperation", data=der)).read())
+        assert rep.status == wire.PkiStatus.FAILURE and rep.fail_info == FailInfo.BAD_MESSAGE_CHECK
+    rep, _ = await _post(client, services, "static-secret", cn="rl-after-probes")
+    assert rep.fail_info_text == "too many failed enrollment attempts from this address; retry in 60 s"
+
+
 async def test_scep_failed_attempts_per_transaction(aiohttp_client, make_services):
     services = await make_services({"SCEPD_SCEP_STATIC_CHALLENGE": "static-secret",
                                     "SCEPD_LIMITS_SCEP_FAILURES_PER_ADDRESS": "0",
