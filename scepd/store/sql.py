@@ -1,7 +1,16 @@
-"""SQLAlchemy 2 Core (async) store for SQLite (aiosqlite, default) and PostgreSQL (asyncpg).
+"""SQLAlchemy 2 Core store for SQLite (default) and PostgreSQL (asyncpg).
 
-Every write goes through `transaction()`: one database transaction, committed before the caller
-answers its client. Timestamps are stored as naive UTC and returned aware.
+Every write is one database transaction, committed before the caller answers its client.
+Timestamps are stored as naive UTC and returned aware.
+
+Two ways in:
+  * `read(fn)` / `write(fn)` -- the hot paths: `fn(connection)` is a plain synchronous function
+    of SQLAlchemy Core statements, run as ONE unit: on SQLite in a database thread of the store
+    (one hop for the whole unit; all writes of this process in one writer thread, BEGIN
+    IMMEDIATE), on PostgreSQL through the async connection's `run_sync` (no thread at all). The
+    same function serves both databases, so each rule is written once.
+  * `transaction()` and the async per-statement methods below -- the older interface (aiosqlite
+    on SQLite: one thread hop per statement), kept for callers off the hot paths.
 """
 from __future__ import annotations
 
@@ -9,7 +18,9 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-from typing import AsyncIterator, Callable, Sequence
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import AsyncIterator, Callable, Sequence, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -17,6 +28,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .records import AuditRecord, CertificateRecord, ChallengeRecord, PendingRecord
+
+T = TypeVar("T")
 
 
 class StoreNotFound(LookupError):
@@ -282,6 +295,78 @@ class Transaction:
             actor=rec.actor, details=json.dumps(rec.details, sort_keys=True, default=str)))
 
 
+def _sqlite_pragmas(dbapi_conn) -> None:
+    dbapi_conn.isolation_level = None  # we emit BEGIN ourselves (see SqlStore.open)
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+class _SqliteUnits:
+    """Units of work on SQLite through the stdlib driver, each in one thread hop.
+
+    Writes: one writer thread with one connection, so this process's writers queue in order
+    instead of contending for SQLite's lock (other processes wait on busy_timeout). Reads: a few
+    reader threads, each with its own connection (WAL: readers never wait for the writer). Each
+    thread keeps its connection for the life of the store."""
+
+    READERS = 2
+
+    def __init__(self, url: sa.URL):
+        self.engine = sa.create_engine(url.set(drivername="sqlite"),
+                                       connect_args={"timeout": 30, "check_same_thread": False},
+                                       pool_size=self.READERS + 1, max_overflow=0)
+
+        @event.listens_for(self.engine, "connect")
+        def _connect(dbapi_conn, _record):  # pragma: no cover - exercised by every test
+            _sqlite_pragmas(dbapi_conn)
+
+        @event.listens_for(self.engine, "begin")
+        def _begin(conn):  # pragma: no cover - exercised by every test
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("sqlite_immediate")
+                                 else "BEGIN")
+
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="scepd-db-write")
+        self._readers = ThreadPoolExecutor(self.READERS, thread_name_prefix="scepd-db-read")
+        self._local = threading.local()
+        self._conns: list[sa.Connection] = []
+        self._lock = threading.Lock()
+
+    def _connection(self, immediate: bool) -> sa.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self.engine.connect()
+            if immediate:
+                conn = conn.execution_options(sqlite_immediate=True)
+            self._local.conn = conn
+            with self._lock:
+                self._conns.append(conn)
+        return conn
+
+    def _run(self, fn, immediate: bool):
+        conn = self._connection(immediate)
+        with conn.begin():
+            return fn(conn)
+
+    async def read(self, fn):
+        return await asyncio.get_running_loop().run_in_executor(self._readers, self._run, fn, False)
+
+    async def write(self, fn):
+        return await asyncio.get_running_loop().run_in_executor(self._writer, self._run, fn, True)
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+        self._readers.shutdown(wait=True)
+        with self._lock:
+            for conn in self._conns:
+                conn.close()
+            self._conns.clear()
+        self.engine.dispose()
+
+
 class SqlStore:
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
@@ -289,6 +374,27 @@ class SqlStore:
         # SQLite has one writer at a time; serialising writers in-process turns lock contention
         # into a queue instead of "database is locked" errors. PostgreSQL needs no such lock.
         self._write_lock = asyncio.Lock() if self._is_sqlite else contextlib.nullcontext()
+        self._units = _SqliteUnits(engine.url) if self._is_sqlite else None
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    async def read(self, fn: Callable[[sa.Connection], T]) -> T:
+        """Run `fn(connection)` -- synchronous SQLAlchemy Core reads -- as one unit, in one
+        snapshot. See the module docstring."""
+        if self._units is not None:
+            return await self._units.read(fn)
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(fn)
+
+    async def write(self, fn: Callable[[sa.Connection], T]) -> T:
+        """Run `fn(connection)` in one write transaction, committed when it returns (rolled back
+        when it raises). IntegrityError from a unique key is the caller's to interpret."""
+        if self._units is not None:
+            return await self._units.write(fn)
+        async with self.engine.begin() as conn:
+            return await conn.run_sync(fn)
 
     @classmethod
     async def open(cls, url: str, migrations: Sequence[Migration] | None = None) -> "SqlStore":
@@ -307,13 +413,7 @@ class SqlStore:
             # so a writer takes the lock up front instead of failing to upgrade later.
             @event.listens_for(engine.sync_engine, "connect")
             def _pragmas(dbapi_conn, _record):  # pragma: no cover - exercised by every test
-                dbapi_conn.isolation_level = None
-                cur = dbapi_conn.cursor()
-                cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA synchronous=FULL")
-                cur.execute("PRAGMA busy_timeout=30000")
-                cur.execute("PRAGMA foreign_keys=ON")
-                cur.close()
+                _sqlite_pragmas(dbapi_conn)
 
             @event.listens_for(engine.sync_engine, "begin")
             def _begin(conn):  # pragma: no cover - exercised by every test
@@ -324,6 +424,8 @@ class SqlStore:
         return store
 
     async def close(self) -> None:
+        if self._units is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._units.close)
         await self.engine.dispose()
 
     async def migrate(self, migrations: Sequence[Migration]) -> None:
