@@ -259,10 +259,10 @@ class _DatabaseUnreachable(Exception):
 
 
 def _split_hostport(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
-        raise click.BadParameter(f"expected host:port, got {text!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    try:
+        return config_mod.parse_hostport(text)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 async def _start_site(app, hostport: str, ssl_context=None):
@@ -677,6 +677,10 @@ main.add_command(_admin_group)
 from .ops.agents import agents_cli  # noqa: E402
 
 main.add_command(agents_cli)
+
+from .ops.configcheck import config_cli  # noqa: E402
+
+main.add_command(config_cli())
 
 
 for _frontend in frontends():  # protocol front-ends (acme/): their commands, under `scepd` or a group

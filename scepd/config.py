@@ -207,7 +207,10 @@ def load(state_dir: Path, environ: dict[str, str] | None = None) -> Config:
     data: dict = {}
     path = state_dir / CONFIG_NAME
     if path.exists():
-        data = tomllib.loads(path.read_text())
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     cfg = Config(state_dir=state_dir)
     given: set[tuple[str, str]] = set()  # (section, key) set in the file or the environment
     for section, cls in _SECTIONS.items():
@@ -383,6 +386,14 @@ max_keys = 10000
 # empty = SQLite file in the state directory; e.g. postgresql+asyncpg://user@host/db
 url = ""
 """
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """'host:port' (IPv6 in brackets; an empty host is 127.0.0.1); ConfigError otherwise."""
+    host, sep, port = (text or "").rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"expected host:port, got {text!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
 
 
 _DURATION = re.compile(r"^\s*(\d+)\s*([smhdw]?)\s*$")

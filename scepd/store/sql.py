@@ -423,6 +423,19 @@ class SqlStore:
         await store.migrate(core_migrations() if migrations is None else migrations)
         return store
 
+    @staticmethod
+    async def probe(url: str, timeout: float = 10) -> None:
+        """Connect to `url` and run SELECT 1, changing nothing (`scepd config check`); raises
+        the driver's error or TimeoutError."""
+        engine = create_async_engine(url, **({"connect_args": {"timeout": timeout}} if url.startswith("sqlite") else {}))
+        try:
+            async def _ping():
+                async with engine.connect() as conn:
+                    await conn.execute(sa.text("SELECT 1"))
+            await asyncio.wait_for(_ping(), timeout)
+        finally:
+            await engine.dispose()
+
     async def close(self) -> None:
         if self._units is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._units.close)
