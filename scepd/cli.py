@@ -682,6 +682,11 @@ from .ops.configcheck import config_cli  # noqa: E402
 
 main.add_command(config_cli())
 
+from .ops.backup import commands as _backup_commands  # noqa: E402
+
+for _command in _backup_commands():
+    main.add_command(_command)
+
 
 for _frontend in frontends():  # protocol front-ends (acme/): their commands, under `scepd` or a group
     for _parent, _command in _frontend.cli_commands():

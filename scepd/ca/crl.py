@@ -49,6 +49,29 @@ MIGRATIONS = [(1, [crl_state])]
 DEFAULT_VALIDITY = dt.timedelta(hours=24)
 
 
+def time_floor(now: dt.datetime) -> int:
+    """A CRL number derived from time (microseconds since 1970, as Boulder derives its numbers
+    from thisUpdate): above any number this database's sequence reached before `now`."""
+    return int(now.timestamp() * 1_000_000)
+
+
+def raise_numbers(conn: sa.Connection, floor: int, ca_ids: list[str], now: dt.datetime) -> int:
+    """A store.write unit for a restored database: the CRL number of every CA in `ca_ids` (and
+    of any other row) becomes at least `floor` and its stored CRL stale, so the next CRL continues
+    above every number relying parties may have seen before the restore, including CAs that had
+    published no CRL when the backup was taken. Returns the CAs changed."""
+    changed = int(conn.execute(crl_state.update().where(crl_state.c.crl_number < floor).values(
+        crl_number=floor, next_update=crl_state.c.this_update, revoked_count=-1)).rowcount or 0)
+    have = {r.ca_id for r in conn.execute(sa.select(crl_state.c.ca_id))}
+    for ca_id in sorted(set(ca_ids) - have):
+        # a placeholder that is never served: stale (next_update = this_update) and with a
+        # revoked count no CRL has, so the next request signs number floor + 1
+        conn.execute(crl_state.insert(), dict(ca_id=ca_id, crl_number=floor, this_update=_naive(now),
+                                              next_update=_naive(now), revoked_count=-1, der=b""))
+        changed += 1
+    return changed
+
+
 @dataclass(frozen=True)
 class Signer:
     """An issuing CA that publishes a CRL and answers OCSP for its certificates."""
