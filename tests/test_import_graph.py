@@ -19,7 +19,7 @@ TOP_PACKAGES = ("scepd", "acme", "agent")
 
 #: The composition root: `scepd` (scepd.cli:main, python -m scepd), the aiohttp app factory and
 #: scepd.http.assembly. They may import anything; nothing outside this set may import them.
-ASSEMBLY = {"scepd.__main__", "scepd.cli", "scepd.http.app", "scepd.http.assembly"}
+ASSEMBLY = {"scepd.__main__", "scepd.entry", "scepd.cli", "scepd.http.app", "scepd.http.assembly"}
 
 #: Core modules: transitively (through scepd's own modules) no aiohttp, asn1crypto or josepy.
 CORE = ("scepd.ca.policy", "scepd.ca.authority", "scepd.errors", "scepd.enroll.enrollment", "scepd.store",
