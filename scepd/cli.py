@@ -265,10 +265,11 @@ def _split_hostport(text: str) -> tuple[str, int]:
         raise click.BadParameter(str(exc)) from None
 
 
-async def _start_site(app, hostport: str, ssl_context=None):
+async def _start_site(app, hostport: str, ssl_context=None, access_log: bool = True):
     from aiohttp import web
     from .http.app import HTTP_HANDLER_ARGS
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, **HTTP_HANDLER_ARGS)
+    from .ops.accesslog import runner_args
+    runner = web.AppRunner(app, handle_signals=False, **runner_args(access_log), **HTTP_HANDLER_ARGS)
     await runner.setup()
     host, port = _split_hostport(hostport)
     site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
@@ -308,7 +309,8 @@ async def _serve(cfg: config_mod.Config, demo_challenge: bool) -> None:
     stop = asyncio.Event()
     tasks = []
     try:
-        runner, host, port = await _start_site(create_app(services), cfg.server.http)
+        runner, host, port = await _start_site(create_app(services), cfg.server.http,
+                                                 access_log=cfg.server.access_log)
         runners.append(runner)
         base = cfg.server.base_url.rstrip("/") or f"http://{host}:{port}"
         click.echo(f"scepd {__version__} listening on http://{host}:{port}")
@@ -323,13 +325,15 @@ async def _serve(cfg: config_mod.Config, demo_challenge: bool) -> None:
             tasks.append(asyncio.create_task(_renew_server_cert(server_cert, stop)))
             if cfg.server.https:
                 runner, h, p = await _start_site(create_https_app(services), cfg.server.https,
-                                                 server_cert.context(client_auth=False))
+                                                 server_cert.context(client_auth=False),
+                                                 access_log=cfg.server.access_log)
                 runners.append(runner)
                 click.echo(f"HTTPS (ACME, admin API): https://{h}:{p}/")
                 click.echo(f"ACME directory: https://{h}:{p}/acme/directory")
             if cfg.server.mtls:
                 runner, h, p = await _start_site(create_mtls_app(services), cfg.server.mtls,
-                                                 server_cert.context(client_auth=True))
+                                                 server_cert.context(client_auth=True),
+                                                 access_log=cfg.server.access_log)
                 runners.append(runner)
                 click.echo(f"mTLS agent API: https://{h}:{p}/api/v1/")
         click.echo(f"Root CA SHA-256 fingerprint: {_fingerprint(services.ca_material.root)}")

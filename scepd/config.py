@@ -31,6 +31,8 @@ class ServerConfig:
     #: extra DNS names / IPs for the server's own TLS certificate, comma separated
     tls_names: str = ""
     log_format: str = "text"
+    #: one line per HTTP request on the scepd.access logger (secrets redacted)
+    access_log: bool = True
 
 
 @dataclass
@@ -292,6 +294,9 @@ mtls = ""
 tls_names = ""
 # "text" or "json" (one JSON object a line)
 log_format = "text"
+# one line per HTTP request (method, target with message= and secrets redacted, status, bytes,
+# duration, request id, peer), on the scepd.access logger
+access_log = true
 
 [ca]
 default_validity = "90d"

@@ -45,6 +45,9 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, key, None)
             if value:
                 out[key] = value
+        access = getattr(record, "access", None)
+        if access:  # the access log (scepd/ops/accesslog.py): its fields, not just the text
+            out.update({k: v for k, v in access.items() if k not in out and v is not None})
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         return json.dumps(out)

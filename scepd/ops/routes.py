@@ -21,6 +21,7 @@ from ..http_body import read_body
 from .logctx import new_request_id, request_id, transaction_id
 from .metrics import CONTENT_TYPE, Metrics
 from ..ca.ocsp import MAX_REQUEST_BYTES, OcspResponder
+from .accesslog import REQUEST_ID_KEY
 
 log = logging.getLogger("scepd.ops")
 
@@ -54,6 +55,7 @@ def context_middleware(metrics: Metrics | None):
     @web.middleware
     async def middleware(request: web.Request, handler):
         rid = request_id.set(new_request_id())
+        request[REQUEST_ID_KEY] = request_id.get()  # for the access log line, written after
         tid = transaction_id.set(None)
         started = time.monotonic()
         status = 500
