@@ -78,7 +78,7 @@ class RootKeyPlan:
 def _init(state_dir: Path, cn: str, org: str | None, http: str | None, import_cert: Path | None,
           import_key: Path | None, import_chain: Path | None, import_passphrase_env: str | None,
           ra: bool = False, ca_key_type: str = "rsa",
-          root_key: RootKeyPlan | None = None) -> pki.CaMaterial:
+          root_key: RootKeyPlan | None = None, key_uris: dict | None = None) -> pki.CaMaterial:
     state_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(state_dir, 0o700)
     cfg_path = state_dir / config_mod.CONFIG_NAME
@@ -87,19 +87,23 @@ def _init(state_dir: Path, cn: str, org: str | None, http: str | None, import_ce
     cfg = _load_config(state_dir)
     from .http.app import passphrase_for
     passphrase = passphrase_for(cfg)
+    ca_key_uri = (key_uris or {}).get("create", {}).get("ca_key_uri")
     if import_cert or import_key or import_chain:
-        if not (import_cert and import_key and import_chain):
-            _fail("--import-ca-cert, --import-ca-key and --import-chain go together")
+        if not (import_cert and (import_key or ca_key_uri) and import_chain):
+            _fail("--import-ca-cert, --import-ca-key (or --ca-key-uri) and --import-chain go together")
         import_pass = os.environ.get(import_passphrase_env or "", "").encode() or None
-        material = pki.import_ca(state_dir, import_cert.read_bytes(), import_key.read_bytes(),
-                                 import_chain.read_bytes(), import_pass, passphrase)
+        material = pki.import_ca(state_dir, import_cert.read_bytes(),
+                                 import_key.read_bytes() if import_key else None,
+                                 import_chain.read_bytes(), import_pass, passphrase,
+                                 key_uri=None if import_key else ca_key_uri)
     else:
         root_key = root_key or RootKeyPlan(None, None)
         material = pki.create(state_dir, SystemClock(), cn=cn, org=org, passphrase=passphrase,
                               ca_key_type=ca_key_type, root_passphrase=root_key.passphrase,
-                              root_key_path=root_key.path)
+                              root_key_path=root_key.path, **(key_uris or {}).get("create", {}))
     if ra:
-        pki.create_ra(state_dir, material, SystemClock(), passphrase, cn=f"{cn} SCEP RA", org=org)
+        pki.create_ra(state_dir, material, SystemClock(), passphrase, cn=f"{cn} SCEP RA", org=org,
+                      key_uri=(key_uris or {}).get("ra"))
     elif not isinstance(material.key, __import__("cryptography.hazmat.primitives.asymmetric.rsa",
                                                  fromlist=["rsa"]).RSAPrivateKey):
         _fail("an EC issuing CA cannot decrypt SCEP requests: add --ra")
@@ -166,12 +170,21 @@ def _announce_root_key(state_dir: Path, plan: RootKeyPlan, err: bool = True) -> 
                    "instead of DIR/ca/root.key.")
 @click.option("--insecure-unencrypted-root-key", is_flag=True,
               help=f"Write the root key unencrypted when {ROOT_PASSPHRASE_ENV} is not set (tests only).")
+@click.option("--ca-key-bits", type=click.Choice(["2048", "3072"]), default="2048", show_default=True,
+              help="Size of an RSA issuing CA key.")
+@click.option("--ca-key-uri", default=None, metavar="PKCS11-URI",
+              help="Keep the issuing CA key in a PKCS#11 token (RFC 7512 URI; created unless it exists; "
+                   "with --import-ca-cert: the imported CA's key, already in the token).")
+@click.option("--ra-key-uri", default=None, metavar="PKCS11-URI", help="The RA key in a token (implies --ra).")
+@click.option("--root-key-uri", default=None, metavar="PKCS11-URI", help="The root CA key in a token.")
 def init(state_dir, cn, org, http, import_ca_cert, import_ca_key, import_chain, import_key_passphrase_env,
-         ra, ca_key_type, root_key_out, insecure_unencrypted_root_key):
+         ra, ca_key_type, root_key_out, insecure_unencrypted_root_key, ca_key_bits=2048, ca_key_uri=None,
+         ra_key_uri=None, root_key_uri=None):
     """Create a two-tier CA (or import one) in STATE_DIR.
 
     The root key is encrypted with $SCEPD_ROOT_KEY_PASSPHRASE, or with a passphrase asked on the
     terminal; without a terminal and that variable, init refuses."""
+    ra = ra or bool(ra_key_uri)
     if ca_key_type == "ec" and not ra:
         _fail("--ca-key-type ec needs --ra: SCEP clients encrypt requests with RSA key transport")
     importing = bool(import_ca_cert or import_ca_key or import_chain)
@@ -190,10 +203,18 @@ def init(state_dir, cn, org, http, import_ca_cert, import_ca_key, import_chain, 
             if os.path.lexists(out):
                 _fail(f"{root_key_out} already exists; refusing to overwrite a private key")
             root_key_out = out
-        plan = RootKeyPlan(root_key_out, _new_root_passphrase(insecure_unencrypted_root_key))
+        if root_key_uri is None:
+            plan = RootKeyPlan(root_key_out, _new_root_passphrase(insecure_unencrypted_root_key))
+        elif root_key_out is not None:
+            _fail("--root-key-out and --root-key-uri are two places for the same key: choose one")
+    if importing and (root_key_uri or (ca_key_uri and import_ca_key)):
+        _fail("an imported CA brings its key: --import-ca-key FILE or --ca-key-uri (a key already "
+              "in the token), and no root key")
+    key_uris = {"create": {"ca_key_uri": ca_key_uri, "root_key_uri": root_key_uri,
+                           "ca_bits": int(ca_key_bits)}, "ra": ra_key_uri}
     try:
         material = _init(state_dir, cn, org, http, import_ca_cert, import_ca_key, import_chain,
-                         import_key_passphrase_env, ra, ca_key_type, plan)
+                         import_key_passphrase_env, ra, ca_key_type, plan, key_uris)
     except pki.PkiError as exc:
         _fail(str(exc))
         return
@@ -204,6 +225,9 @@ def init(state_dir, cn, org, http, import_ca_cert, import_ca_key, import_chain, 
     click.echo(f"  root SHA-256 fingerprint: {_fingerprint(material.root)}")
     if plan is not None:
         _announce_root_key(state_dir, plan)
+    for what, uri in (("issuing CA", ca_key_uri), ("RA", ra_key_uri), ("root CA", root_key_uri)):
+        if uri:
+            click.echo(f"  {what} key: in the PKCS#11 token ({uri.split('?')[0]})")
 
 
 def _fingerprint(cert: x509.Certificate) -> str:
@@ -421,19 +445,29 @@ def _root_passphrase(key_pem: bytes, env_name: str | None, ca_passphrase: bytes 
               help="The root CA key (default DIR/ca/root.key; bring it back from offline storage).")
 @click.option("--root-passphrase-env", default=None,
               help=f"Environment variable with the root key passphrase (default {ROOT_PASSPHRASE_ENV}).")
-def rollover(state_dir, root_key, root_passphrase_env):
+@click.option("--next-key-uri", default=None, metavar="PKCS11-URI",
+              help="Create the next issuing CA key in a PKCS#11 token (RFC 7512 URI).")
+@click.option("--root-key-uri", default=None, metavar="PKCS11-URI",
+              help="The root CA key is in a token (default: DIR/ca/root.key.uri when init put it there).")
+def rollover(state_dir, root_key, root_passphrase_env, next_key_uri=None, root_key_uri=None):
     """Create the next issuing CA under the same root; GetNextCACert publishes it.
 
     The root key passphrase comes from $SCEPD_ROOT_KEY_PASSPHRASE or is asked on the terminal."""
     from .http.app import passphrase_for
     cfg = _load_config(state_dir)
     key_path = root_key or pki.ca_dir(state_dir) / "root.key"
-    if not key_path.exists():
-        _fail(f"{key_path} not found: pass --root-key with the offline root key")
-    key_pem = key_path.read_bytes()
-    root_pass = _root_passphrase(key_pem, root_passphrase_env, passphrase_for(cfg))
+    stored_uri = pki.ca_dir(state_dir) / "root.key.uri"
+    if root_key_uri is None and root_key is None and stored_uri.exists():
+        root_key_uri = stored_uri.read_text().strip()
+    key_pem, root_pass = None, None
+    if root_key_uri is None:
+        if not key_path.exists():
+            _fail(f"{key_path} not found: pass --root-key with the offline root key")
+        key_pem = key_path.read_bytes()
+        root_pass = _root_passphrase(key_pem, root_passphrase_env, passphrase_for(cfg))
     try:
-        cert = pki.rollover(state_dir, SystemClock(), key_pem, root_pass, passphrase_for(cfg))
+        cert = pki.rollover(state_dir, SystemClock(), key_pem, root_pass, passphrase_for(cfg),
+                            next_key_uri=next_key_uri, root_key_uri=root_key_uri)
     except pki.PkiError as exc:
         _fail(str(exc))
         return

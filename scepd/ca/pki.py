@@ -6,6 +6,10 @@ Layout of DIR/ca/:
                    `init --root-key-out FILE` writes it elsewhere and keeps none here)
   ca.pem, ca.key   the online issuing intermediate (RSA for SCEP) and its key
   chain.pem        ca.pem followed by root.pem
+A key kept in a PKCS#11 token (an HSM: `init --ca-key-uri`, --ra-key-uri, --root-key-uri,
+`ca rollover --next-key-uri`) has no key file: KEY.uri next to where KEY would be (ca.key.uri,
+ra.key.uri, root.key.uri, next/ca.key.uri, previous/<id>/ca.key.uri) holds its RFC 7512 URI,
+never the PIN (scepd.ca.pkcs11).
 Keys are written 0600 (scepd.ca.keyfile), optionally encrypted with a passphrase; the root key
 has its own passphrase. Every key under DIR/ca, DIR/tls and DIR/ocsp must stay 0600: loading
 refuses the CA when one is readable by group or others.
@@ -117,6 +121,36 @@ def _name(cn: str, org: str | None) -> x509.Name:
     return x509.Name(attrs)
 
 
+def _key_uri(key_path: Path) -> str | None:
+    """The PKCS#11 URI stored for a token key in place of `key_path`, if there is one."""
+    uri_path = key_path.with_name(key_path.name + ".uri")
+    return uri_path.read_text().strip() if uri_path.exists() else None
+
+
+def _token_key(uri: str, cert: x509.Certificate | None = None):
+    """The token key a stored URI names, checked against its certificate (TokenError, a PkiError)."""
+    from .pkcs11 import open_key
+    return open_key(uri, cert.public_key() if cert is not None else None)
+
+
+def _new_key(uri: str | None, kind: str, bits: int):
+    """A new private key: in the token the URI names (unless the object exists), or in memory."""
+    if uri is not None:
+        from .pkcs11 import generate_key
+        return generate_key(uri, kind, bits)
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits) if kind == "rsa" \
+        else ec.generate_private_key(ec.SECP256R1())
+
+
+def _write_key(path: Path, key, passphrase: bytes | None) -> None:
+    """A key file (0600), or KEY.uri for a token key (no secret in it)."""
+    uri = getattr(key, "uri", None)
+    if uri is not None:
+        write_public(path.with_name(path.name + ".uri"), uri.text.encode() + b"\n")
+    else:
+        write_private(path, _key_pem(key, passphrase))
+
+
 def exists(state_dir: Path) -> bool:
     return (ca_dir(state_dir) / "ca.pem").exists()
 
@@ -124,19 +158,22 @@ def exists(state_dir: Path) -> bool:
 def create(state_dir: Path, clock: Clock, cn: str = "scepd", org: str | None = None,
            passphrase: bytes | None = None, root_bits: int = 4096, ca_bits: int = 2048,
            ca_key_type: str = "rsa", root_passphrase: bytes | None = None,
-           root_key_path: Path | None = None) -> CaMaterial:
+           root_key_path: Path | None = None, ca_key_uri: str | None = None,
+           root_key_uri: str | None = None) -> CaMaterial:
     """A new root (RSA-4096, 20 years) and online RSA-2048 intermediate (5 years).
 
     The root key goes to `root_key_path` (default DIR/ca/root.key), encrypted with
-    `root_passphrase` (None: unencrypted, for tests; `scepd init` always asks for one)."""
+    `root_passphrase` (None: unencrypted, for tests; `scepd init` always asks for one).
+    `ca_key_uri` / `root_key_uri`: that key is created in a PKCS#11 token instead (or taken from
+    it, when the object exists)."""
     d = ca_dir(state_dir)
     if exists(state_dir):
         raise PkiError(f"a CA already exists in {d}; refusing to overwrite it")
     root_key_path = root_key_path or d / "root.key"
-    if root_key_path.exists() or root_key_path.is_symlink():
+    if root_key_uri is None and (root_key_path.exists() or root_key_path.is_symlink()):
         raise PkiError(f"{root_key_path} already exists; refusing to overwrite a private key")
     now = clock.now().replace(microsecond=0)
-    root_key = rsa.generate_private_key(public_exponent=65537, key_size=root_bits)
+    root_key = _new_key(root_key_uri, "rsa", root_bits)
     root_name = _name(f"{cn} Root CA", org)
     root_ski = x509.SubjectKeyIdentifier.from_public_key(root_key.public_key())
     root = (
@@ -154,12 +191,11 @@ def create(state_dir: Path, clock: Clock, cn: str = "scepd", org: str | None = N
         .add_extension(root_ski, critical=False)
         .sign(root_key, hashes.SHA256())
     )
-    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=ca_bits) if ca_key_type == "rsa" \
-        else ec.generate_private_key(ec.SECP256R1())
+    ca_key = _new_key(ca_key_uri, ca_key_type, ca_bits)
     ca_cert = issue_intermediate(root, root_key, ca_key.public_key(), _name(f"{cn} Issuing CA", org),
                                  now, dt.timedelta(days=365 * 5 + 1))
     material = CaMaterial(cert=ca_cert, key=ca_key, root=root)
-    write_private(root_key_path, _key_pem(root_key, root_passphrase))
+    _write_key(d / "root.key" if root_key_uri else root_key_path, root_key, root_passphrase)
     _write_material(d, material, passphrase)
     return material
 
@@ -192,12 +228,14 @@ def _write_material(d: Path, m: CaMaterial, passphrase: bytes | None) -> None:
     write_public(d / "root.pem", _pem(m.root))
     write_public(d / "ca.pem", _pem(m.cert))
     write_public(d / "chain.pem", _pem(*m.chain))
-    write_private(d / "ca.key", _key_pem(m.key, passphrase))
+    _write_key(d / "ca.key", m.key, passphrase)
 
 
-def import_ca(state_dir: Path, cert_pem: bytes, key_pem: bytes, chain_pem: bytes,
-              import_passphrase: bytes | None, passphrase: bytes | None) -> CaMaterial:
-    """Bring-your-own: an issuing CA certificate + key and the chain up to the root."""
+def import_ca(state_dir: Path, cert_pem: bytes, key_pem: bytes | None, chain_pem: bytes,
+              import_passphrase: bytes | None, passphrase: bytes | None,
+              key_uri: str | None = None) -> CaMaterial:
+    """Bring-your-own: an issuing CA certificate + key and the chain up to the root. `key_uri`
+    instead of `key_pem`: the key is already in a PKCS#11 token."""
     if exists(state_dir):
         raise PkiError(f"a CA already exists in {ca_dir(state_dir)}; refusing to overwrite it")
     try:
@@ -206,7 +244,8 @@ def import_ca(state_dir: Path, cert_pem: bytes, key_pem: bytes, chain_pem: bytes
     except ValueError:
         raise PkiError("the CA certificate or chain is not PEM X.509") from None
     try:
-        key = serialization.load_pem_private_key(key_pem, import_passphrase)
+        key = _token_key(key_uri) if key_uri is not None else \
+            serialization.load_pem_private_key(key_pem or b"", import_passphrase)
     except (ValueError, TypeError):
         raise PkiError("the CA key cannot be read (wrong passphrase or not a PEM private key)") from None
     if not isinstance(key, rsa.RSAPrivateKey):
@@ -251,10 +290,13 @@ def load(state_dir: Path, passphrase: bytes | None) -> CaMaterial:
         inter_path = d / "intermediates.pem"
         intermediates = tuple(x509.load_pem_x509_certificates(inter_path.read_bytes())) \
             if inter_path.exists() else ()
-        key_bytes = (d / "ca.key").read_bytes()
+        uri = _key_uri(d / "ca.key")
+        key_bytes = (d / "ca.key").read_bytes() if uri is None else b""
     except FileNotFoundError as exc:
         raise PkiError(f"missing CA file {exc.filename}; run `scepd init`") from None
     check_private_key_modes(state_dir)
+    if uri is not None:
+        return CaMaterial(cert=cert, key=_token_key(uri, cert), root=root, intermediates=intermediates)
     try:
         key = serialization.load_pem_private_key(key_bytes, passphrase)
     except TypeError:
@@ -291,14 +333,15 @@ def pem(*certs: x509.Certificate) -> str:
 
 
 def create_ra(state_dir: Path, ca: CaMaterial, clock: Clock, passphrase: bytes | None,
-              cn: str = "scepd SCEP RA", org: str | None = None) -> x509.Certificate:
+              cn: str = "scepd SCEP RA", org: str | None = None,
+              key_uri: str | None = None) -> x509.Certificate:
     """A separate RSA RA (CA:FALSE; digitalSignature + keyEncipherment), issued by the issuing
     CA: it decrypts requests and signs CertReps, so the issuing CA may be EC."""
     d = ca_dir(state_dir)
     if (d / "ra.pem").exists():
         raise PkiError(f"an RA already exists in {d}")
     now = clock.now().replace(microsecond=0)
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key = _new_key(key_uri, "rsa", 2048)
     cert = (
         x509.CertificateBuilder()
         .subject_name(_name(cn, org)).issuer_name(ca.cert.subject)
@@ -316,7 +359,7 @@ def create_ra(state_dir: Path, ca: CaMaterial, clock: Clock, passphrase: bytes |
         .sign(ca.key, hashes.SHA256())
     )
     write_public(d / "ra.pem", _pem(cert))
-    write_private(d / "ra.key", _key_pem(key, passphrase))
+    _write_key(d / "ra.key", key, passphrase)
     return cert
 
 
@@ -326,8 +369,10 @@ def load_ra(state_dir: Path, passphrase: bytes | None) -> tuple[x509.Certificate
     if not (d / "ra.pem").exists():
         return None
     cert = x509.load_pem_x509_certificate((d / "ra.pem").read_bytes())
+    uri = _key_uri(d / "ra.key")
     try:
-        key = serialization.load_pem_private_key((d / "ra.key").read_bytes(), passphrase)
+        key = _token_key(uri, cert) if uri is not None else \
+            serialization.load_pem_private_key((d / "ra.key").read_bytes(), passphrase)
     except FileNotFoundError:
         raise PkiError(f"{d / 'ra.pem'} exists but {d / 'ra.key'} does not") from None
     except (TypeError, ValueError):
@@ -348,21 +393,23 @@ def previous_dir(state_dir: Path) -> Path:
     return ca_dir(state_dir) / "previous"
 
 
-def rollover(state_dir: Path, clock: Clock, root_key_pem: bytes, root_passphrase: bytes | None,
-             passphrase: bytes | None, cn: str | None = None) -> x509.Certificate:
+def rollover(state_dir: Path, clock: Clock, root_key_pem: bytes | None, root_passphrase: bytes | None,
+             passphrase: bytes | None, cn: str | None = None, next_key_uri: str | None = None,
+             root_key_uri: str | None = None) -> x509.Certificate:
     """Create the next issuing CA under the same root (needs the root key, brought back online
-    for the occasion). It is published by GetNextCACert until `activate_next`."""
+    for the occasion: a PEM, or `root_key_uri` in a token). It is published by GetNextCACert
+    until `activate_next`. `next_key_uri`: the new key is created in a PKCS#11 token."""
     current = load(state_dir, passphrase)
     if (next_dir(state_dir) / "ca.pem").exists():
         raise PkiError(f"a next CA already exists in {next_dir(state_dir)}; activate it first")
     try:
-        root_key = serialization.load_pem_private_key(root_key_pem, root_passphrase)
+        root_key = _token_key(root_key_uri) if root_key_uri is not None else \
+            serialization.load_pem_private_key(root_key_pem or b"", root_passphrase)
     except (TypeError, ValueError):
         raise PkiError("the root key cannot be read (wrong passphrase?)") from None
     if root_key.public_key().public_numbers() != current.root.public_key().public_numbers():
         raise PkiError("that key is not the root CA's key")
-    new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048) \
-        if isinstance(current.key, rsa.RSAPrivateKey) else ec.generate_private_key(ec.SECP256R1())
+    new_key = _new_key(next_key_uri, "rsa" if isinstance(current.key, rsa.RSAPrivateKey) else "ec", 2048)
     name = current.cert.subject
     if cn:
         name = x509.Name([a if a.oid != NameOID.COMMON_NAME else x509.NameAttribute(NameOID.COMMON_NAME, cn)
@@ -371,7 +418,7 @@ def rollover(state_dir: Path, clock: Clock, root_key_pem: bytes, root_passphrase
                               clock.now().replace(microsecond=0), dt.timedelta(days=365 * 5 + 1))
     d = next_dir(state_dir)
     write_public(d / "ca.pem", _pem(cert))
-    write_private(d / "ca.key", _key_pem(new_key, passphrase))
+    _write_key(d / "ca.key", new_key, passphrase)
     return cert
 
 
@@ -391,9 +438,13 @@ def activate_next(state_dir: Path) -> x509.Certificate:
     old = previous_dir(state_dir) / ca_id_of(current)
     old.mkdir(parents=True, exist_ok=True)
     os.replace(d / "ca.pem", old / "ca.pem")
-    os.replace(d / "ca.key", old / "ca.key")
+    for name in ("ca.key", "ca.key.uri"):  # a key file, or the URI of a token key
+        if (d / name).exists():
+            os.replace(d / name, old / name)
     os.replace(next_dir(state_dir) / "ca.pem", d / "ca.pem")
-    os.replace(next_dir(state_dir) / "ca.key", d / "ca.key")
+    for name in ("ca.key", "ca.key.uri"):
+        if (next_dir(state_dir) / name).exists():
+            os.replace(next_dir(state_dir) / name, d / name)
     root = x509.load_pem_x509_certificate((d / "root.pem").read_bytes())
     write_public(d / "chain.pem", _pem(nxt, root))
     return nxt
@@ -407,7 +458,9 @@ def load_previous(state_dir: Path, passphrase: bytes | None) -> list[tuple[x509.
     for sub in sorted(base.iterdir()):
         try:
             cert = x509.load_pem_x509_certificate((sub / "ca.pem").read_bytes())
-            key = serialization.load_pem_private_key((sub / "ca.key").read_bytes(), passphrase)
+            uri = _key_uri(sub / "ca.key")
+            key = _token_key(uri, cert) if uri is not None else \
+                serialization.load_pem_private_key((sub / "ca.key").read_bytes(), passphrase)
         except (FileNotFoundError, TypeError, ValueError):
             raise PkiError(f"previous CA in {sub} cannot be loaded") from None
         out.append((cert, key))
