@@ -1,0 +1,58 @@
+"""Stock clients against a `scepd serve` whose CA key is in a PKCS#11 token (SoftHSM2, issue 16):
+strongSwan pki (AES, SHA-256) and micromdm scepclient (single DES, SHA-1: the CertRep is signed
+in the token with the client's digest) enroll; openssl checks OCSP and the CRL, both signed in
+the token, before and after a revocation made by another process."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+from cryptography import x509
+
+from scepd.ca import pki
+from tests import softhsm
+
+from .conftest import require, run, start_server, stop_server
+from .test_ocsp_crl import _enroll_with_pki, _ocsp
+
+
+@pytest.fixture(scope="module")
+def hsm_server(tmp_path_factory):
+    hsm = softhsm.shared(tmp_path_factory)
+    tmp = tmp_path_factory.mktemp("hsm-serve")
+    out = subprocess.run([sys.executable, "-m", "scepd", "init", "--state-dir", str(tmp / "state"),
+                          "--insecure-unencrypted-root-key", "--ca-key-uri", hsm.uri("scepd-misc", "serve-ca")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert not (tmp / "state" / "ca" / "ca.key").exists()
+    s = start_server(tmp, {"SCEPD_SCEP_LEGACY_ALGORITHMS": "1"})
+    s.env["SCEPD_SERVER_HTTP"] = f"127.0.0.1:{s.port}"
+    yield s
+    stop_server(s)
+
+
+def test_strongswan_enrolls_and_openssl_checks_ocsp_and_crl(hsm_server, tmp_path):
+    cert, serial = _enroll_with_pki(hsm_server, tmp_path, "hsm-strongswan")
+    assert f"{cert}: good" in _ocsp(hsm_server, ["-cert", cert], tmp_path)
+    hsm_server.scepd("certs", "revoke", serial, "--reason", "keyCompromise")  # another process
+    out = _ocsp(hsm_server, ["-cert", cert], tmp_path)
+    assert f"{cert}: revoked" in out and "Reason: keyCompromise" in out
+    ca_id = pki.ca_id_of(x509.load_pem_x509_certificate(hsm_server.ca_pem.read_bytes()))
+    with urllib.request.urlopen(f"http://127.0.0.1:{hsm_server.port}/crl/{ca_id}.crl", timeout=30) as resp:
+        (tmp_path / "crl.der").write_bytes(resp.read())
+    out = run(["openssl", "crl", "-inform", "DER", "-in", tmp_path / "crl.der", "-CAfile", hsm_server.ca_pem,
+               "-noout", "-text"])
+    assert out.returncode == 0 and "verify OK" in out.stdout + out.stderr, out.stdout + out.stderr
+    crl = x509.load_der_x509_crl((tmp_path / "crl.der").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(int(serial, 16)) is not None
+
+
+def test_scepclient_des_sha1_enrolls(hsm_server, tmp_path):
+    binary = require("scepclient")
+    out = run([binary, "-server-url", hsm_server.url, "-challenge", hsm_server.new_challenge(), "-cn",
+               "hsm-scepclient", "-private-key", tmp_path / "key.pem", "-certificate", tmp_path / "cert.pem"],
+              cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    hsm_server.verify(tmp_path / "cert.pem", tmp_path / "key.pem")
