@@ -245,16 +245,32 @@ def test_wrong_pin_or_missing_object_is_one_line_at_start(state_dir, hsm, tmp_pa
 
 
 def test_token_key_signs_after_fork(token_template):
+    """A forked child (`serve --workers`) opens its own session, even when another thread of the
+    parent was inside a token call at fork() time."""
+    import signal
+    import threading
     key = pki.load(token_template, None).key
     key.ping()  # the parent has its session
+    busy, release = threading.Event(), threading.Event()
+
+    def hold_the_token():
+        with key._token.lock:
+            busy.set()
+            release.wait(60)
+    holder = threading.Thread(target=hold_the_token)
+    holder.start()
+    assert busy.wait(60)
     read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover (child)
         try:
+            signal.alarm(30)  # a lock inherited held would hang here forever
             sig = key.sign(b"child", padding.PKCS1v15(), hashes.SHA256())
             os.write(write, sig)
         finally:
             os._exit(0)
+    release.set()
+    holder.join(60)
     os.close(write)
     sig = b""
     while chunk := os.read(read, 4096):
@@ -263,6 +279,24 @@ def test_token_key_signs_after_fork(token_template):
     os.waitpid(pid, 0)
     key.public_key().verify(sig, b"child", padding.PKCS1v15(), hashes.SHA256())
     key.ping()  # and the parent's session still works
+
+
+def test_threads_share_the_module_safely(token_template, hsm):
+    """Keys on one token and on another of the same module, used from several threads at once:
+    the module was initialized without CKF_OS_LOCKING_OK, so scepd must never call it
+    concurrently (SoftHSM2 crashed with two threads signing on one token without the lock)."""
+    from concurrent.futures import ThreadPoolExecutor
+    keys = [pki.load(token_template, None).key,
+            p11.generate_key(hsm.uri("scepd-ca", "threads"), "rsa", 2048),
+            p11.generate_key(hsm.uri("scepd-misc", "threads"), "rsa", 2048)]
+    assert keys[0]._token is keys[1]._token and keys[0]._token is not keys[2]._token
+
+    def sign(i: int) -> None:
+        key, data = keys[i % 3], b"%d" % i
+        key.public_key().verify(key.sign(data, padding.PKCS1v15(), hashes.SHA256()), data,
+                                padding.PKCS1v15(), hashes.SHA256())
+    with ThreadPoolExecutor(6) as pool:
+        list(pool.map(sign, range(600)))
 
 
 def test_decrypt_failures_are_one_value_error(token_template):

@@ -132,6 +132,26 @@ def read_pin(uri: KeyUri) -> str:
 _registry_lock = threading.Lock()
 _tokens: dict[tuple, "_Token"] = {}
 _lib_pid: dict[str, int] = {}
+#: one lock per module: python-pkcs11 initializes modules without CKF_OS_LOCKING_OK, so this
+#: process calls each module from one thread at a time, whatever the token or session
+_module_locks: dict[str, threading.RLock] = {}
+
+
+def _module_lock(module_path: str) -> threading.RLock:
+    with _registry_lock:
+        return _module_locks.setdefault(module_path, threading.RLock())
+
+
+def _after_fork_in_child() -> None:
+    """A lock held by another thread at fork() would stay held forever in the child: start with
+    fresh ones (sessions are reopened anyway: see _Token.session)."""
+    global _registry_lock
+    _registry_lock = threading.Lock()
+    _module_locks.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _pkcs11():
@@ -167,7 +187,6 @@ class _Token:
     label: str | None
     serial: str | None
     pin: str = field(repr=False)
-    lock: threading.RLock = field(default_factory=threading.RLock)
     _session: object = None
     _pid: int | None = None
     generation: int = 0
@@ -175,6 +194,10 @@ class _Token:
     @property
     def name(self) -> str:
         return repr(self.label or self.serial)
+
+    @property
+    def lock(self) -> threading.RLock:
+        return _module_lock(self.module_path)
 
     def session(self):
         """The logged-in session of this process (call with `lock` held)."""
@@ -293,7 +316,8 @@ class _TokenKey:
                         self._token.reset()
                         self._handle = None
                         continue
-                    raise
+                    raise TokenError(f"PKCS#11 token {self._token.name}, {self.uri.where}: "
+                                     f"{type(exc).__name__}") from None
         raise AssertionError("unreachable")
 
     def public_key(self):
@@ -351,7 +375,7 @@ class TokenRsaKey(_TokenKey, rsa.RSAPrivateKey):
         mech = pkcs11.Mechanism.RSA_PKCS
         try:
             return self._call(lambda k: k.decrypt(ciphertext, mechanism=mech))
-        except pkcs11.PKCS11Error:
+        except (pkcs11.PKCS11Error, TokenError):
             raise ValueError("Decryption failed") from None
 
 
