@@ -142,9 +142,9 @@ def decode_base64(body: bytes, what: str) -> bytes:
 
 
 def encode_base64(der: bytes) -> bytes:
-    """base64 in lines of 64 characters, CRLF-terminated (RFC 2045 §6.8 as RFC 8951 reads it)."""
-    b64 = base64.b64encode(der)
-    return b"".join(b64[i:i + 64] + b"\r\n" for i in range(0, len(b64), 64))
+    """base64 in one line, no line breaks (RFC 8951 §3: RFC 4648 §4; strongSwan's decoder
+    does not skip line breaks)."""
+    return base64.b64encode(der)
 
 
 def _der_len(n: int) -> bytes:

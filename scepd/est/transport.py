@@ -86,7 +86,7 @@ def multipart_keygen(enrolled: Enrolled, certs_only_b64: bytes) -> tuple[bytes, 
     for ctype, body in (("application/pkcs8", encode_base64(enrolled.key_pkcs8)),
                         (CERTS_ONLY, certs_only_b64)):
         parts.append(f"--{boundary}\r\nContent-Type: {ctype}\r\n"
-                     "Content-Transfer-Encoding: base64\r\n\r\n".encode() + body)
+                     "Content-Transfer-Encoding: base64\r\n\r\n".encode() + body + b"\r\n")
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/mixed; boundary={boundary}"
 
 
