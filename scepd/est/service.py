@@ -202,9 +202,10 @@ class EstService:
         self.renewal = renewal
         self.clock = clock
         self.settings = settings
-        # RFC 7030 §4.1.3: the issuing CA first, then the rest of its chain up to the root
+        # RFC 7030 §4.1.3: the issuing chain. In DER order (a SET OF sorted by encoding): EST
+        # clients find the root by its self-signature, and strict DER parsers refuse disorder
         self._ca_certs = encode_base64(certs_only(
-            [c.public_bytes(serialization.Encoding.DER) for c in ca.chain]))
+            sorted(c.public_bytes(serialization.Encoding.DER) for c in ca.chain)))
         self._csr_attrs = encode_base64(csr_attrs_der(settings.csr_attributes)) \
             if settings.csr_attributes else None
 

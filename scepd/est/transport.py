@@ -17,7 +17,7 @@ import time
 from aiohttp import web
 
 from ..enroll.pipeline import NameOutOfScope
-from ..errors import (ExternalCheckDenied, MalformedRequest, NotFound, PayloadTooLarge, RateLimited,
+from ..errors import (ChallengeRejected, ExternalCheckDenied, MalformedRequest, NotFound, PayloadTooLarge, RateLimited,
                       RenewalRefused, RequestRejected, ScepdError)
 from ..http_body import read_body
 from ..ops.ratelimit import EST_FAILURES_PER_ADDRESS, RateLimiter, address_key
@@ -54,7 +54,7 @@ def basic_password(header: str | None) -> str | None:
 
 
 def status_of(err: ScepdError) -> int:
-    if isinstance(err, AuthenticationRequired):
+    if isinstance(err, (AuthenticationRequired, ChallengeRejected)):  # the latter: spent meanwhile
         return 401
     if isinstance(err, _FORBIDDEN):
         return 403
