@@ -259,6 +259,12 @@ def test_curl_simpleenroll_with_basic_auth(est, tmp_path):
     cert = est.server.verify(certs_from_base64(body, tmp_path, "srv"), srv_key)
     assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [
         ExtendedKeyUsageOID.SERVER_AUTH]
+    # a serverAuth-only certificate is no TLS client certificate: the handshake refuses it
+    _key, der = openssl_csr(tmp_path, "srv2", "www.example")
+    (tmp_path / "srv2.b64").write_bytes(base64.b64encode(der))
+    out = curl("--cacert", est.server.root_pem, "--cert", tmp_path / "srv.pem", "--key", srv_key,
+               "--data-binary", f"@{tmp_path / 'srv2.b64'}", est.est() + "simplereenroll")
+    assert out.returncode != 0, out.stdout  # no HTTP answer at all
     # with a client certificate instead of a password: a new key for the certificate's own names
     key2, der2 = openssl_csr(tmp_path, "curl2", "curl.example")
     status, _, body = curl_post(est, "simpleenroll", openssl("base64", "-e", data=der2), tmp_path,
