@@ -326,3 +326,23 @@ async def test_simpleenroll_with_a_client_certificate_is_limited_to_its_names(es
     assert resp.status == 403 and "other.example" in await resp.text()
     await _revoke(services, old)
     assert (await enroll(est, rsa_key(4), password=None)).status == 401
+
+
+def test_basic_credentials_and_base64_decoding():
+    from scepd.est.service import AuthenticationRequired, decode_base64
+    from scepd.est.transport import basic_password
+    from scepd.errors import MalformedRequest
+    assert basic_password("Basic " + base64.b64encode(b"user:pa:ss").decode()) == "pa:ss"  # first colon splits
+    assert basic_password("basic " + base64.b64encode(b":secret").decode()) == "secret"
+    assert basic_password("Bearer abc") is None and basic_password(None) is None
+    for bad in ("Basic !!!", "Basic " + base64.b64encode(b"no-colon").decode()):
+        with pytest.raises(AuthenticationRequired):
+            basic_password(bad)
+    der = make_csr(rsa_key(1))
+    b64 = base64.b64encode(der)
+    for body in (b64, b64.rstrip(b"="), b"  " + b64_lines(der).replace(b"\r\n", b"\n") + b"\n",
+                 b"-----BEGIN CERTIFICATE REQUEST-----\r\n" + b64_lines(der) + b"-----END CERTIFICATE REQUEST-----"):
+        assert decode_base64(body, "CSR") == der
+    for body in (b"", b" \r\n", b"MII*"):
+        with pytest.raises(MalformedRequest):
+            decode_base64(body, "CSR")
