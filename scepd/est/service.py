@@ -174,11 +174,6 @@ def csr_attrs_der(oids: tuple[str, ...]) -> bytes:
     return b"\x30" + _der_len(len(body)) + body
 
 
-def _spki(cert: x509.Certificate) -> bytes:
-    return cert.public_key().public_bytes(serialization.Encoding.DER,
-                                          serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
 def _names_of_cert(cert: x509.Certificate) -> tuple[str, ...]:
     """The names a client certificate carries, as exact patterns (glob-escaped)."""
     cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
