@@ -250,7 +250,12 @@ def run(directory, interval, renew_before, renew_at_fraction, on_renew, challeng
     _logging(verbose)
     policy = _policy(interval, renew_before, renew_at_fraction)
     agent_dir = AgentDir(directory)
-    agent = Agent(agent_dir, policy, on_renew=on_renew, challenge=_challenge(challenge_file), reuse_key=reuse_key)
+    from .daemon import CHALLENGE_ENV, exec_supervisor
+    if check_once_fd is not None:  # the challenge as read at the daemon's start; not for the hook
+        challenge = os.environ.pop(CHALLENGE_ENV, None)
+    else:
+        challenge = _challenge(challenge_file)
+    agent = Agent(agent_dir, policy, on_renew=on_renew, challenge=challenge, reuse_key=reuse_key)
     if check_once_fd is not None:
         _check_once(agent, check_once_fd)
         return
@@ -262,7 +267,6 @@ def run(directory, interval, renew_before, renew_at_fraction, on_renew, challeng
              directory, policy.interval, policy.renew_before, policy.renew_at_fraction)
     # the idle daemon is a small supervisor (agent/daemon.py) running each check in a child
     # process with these same options
-    from .daemon import exec_supervisor
     args = ["run", "--dir", str(directory), "--interval", interval]
     if renew_before is not None:
         args += ["--renew-before", renew_before]
@@ -270,10 +274,8 @@ def run(directory, interval, renew_before, renew_at_fraction, on_renew, challeng
         args += ["--renew-at-fraction", repr(renew_at_fraction)]
     if on_renew is not None:
         args += ["--on-renew", on_renew]
-    if challenge_file is not None:
-        args += ["--challenge-file", str(challenge_file)]
     args += ["--reuse-key"] * reuse_key + ["-v"] * verbose
-    exec_supervisor(policy.interval.total_seconds(), verbose, args)
+    exec_supervisor(policy.interval.total_seconds(), verbose, args, challenge)
 
 
 def _check_once(agent: Agent, report_fd: int) -> None:

@@ -11,9 +11,11 @@ process with one thread that makes no system call until the next check or a sign
 so systemd's MainPID and `kill -HUP` keep working). Each check is `python -m agent run ...
 --check-once-fd N`: the same options, one `Agent.daemon_check()`, the instant of the next check
 written to the pipe N, exit 0. The child logs to the same stderr, so the log reads as before.
+The price: each check starts an interpreter and imports aiohttp and cryptography again (about
+0.4 s of CPU per check instead of about 10 ms; every 20 minutes).
 
 Signals are blocked and taken with sigtimedwait (no handler, no wake-up fd, no polling):
-  SIGTERM/SIGINT  stop after the current check (the child finishes it; it ignores them too)
+  SIGTERM/SIGINT  stop after the current check (a child that gets them too only logs them)
   SIGHUP          check now (during a check: check again right after it)
 A child that exits with a failure, is killed, or gives no next instant is logged at ERROR and the
 next check comes after the interval; a child still running after CHECK_DEADLINE is killed (the
@@ -35,6 +37,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: request pending approval about 5)
 CHECK_DEADLINE = 3600.0
 STOP = (signal.SIGTERM, signal.SIGINT)
+#: the re-enrollment challenge, from `run` to each check (environment of the supervisor, same user)
+CHALLENGE_ENV = "_SCEPD_AGENT_RUN_CHALLENGE"
 SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
 
 
@@ -48,24 +52,32 @@ def iso(t: dt.datetime) -> str:
     return t.astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def exec_supervisor(interval_seconds: float, verbose: bool, run_args: list[str]) -> None:
+def exec_supervisor(interval_seconds: float, verbose: bool, run_args: list[str], challenge: str | None) -> None:
     """Replace this process (the `run` command, with everything a check needs imported) by the
-    lean supervisor. `run_args`: the `scepd-agent` arguments of one check, without the fd."""
+    lean supervisor. `run_args`: the `scepd-agent` arguments of one check, without the fd;
+    `challenge`: read once now (`--challenge-file` or SCEPD_AGENT_CHALLENGE), handed to each check
+    in the environment variable CHALLENGE_ENV, which the check removes before it runs the hook."""
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+    env = dict(os.environ)
+    env.pop(CHALLENGE_ENV, None)
+    if challenge is not None:
+        env[CHALLENGE_ENV] = challenge
     argv = [sys.executable, "-m", "agent.daemon", repr(float(interval_seconds)), "1" if verbose else "0", *run_args]
-    os.execv(sys.executable, argv)
+    os.execve(sys.executable, argv, env)
 
 
 class Supervisor:
     """One check at a time in a child process; sleeps in sigtimedwait in between."""
 
-    def __init__(self, interval_seconds: float, command: list[str], *, deadline: float = CHECK_DEADLINE):
+    def __init__(self, interval_seconds: float, command: list[str], *, deadline: float = CHECK_DEADLINE,
+                 now=lambda: dt.datetime.now(dt.timezone.utc)):
         """`command`: the argv of one check, to which `--check-once-fd N` is appended; `interval_seconds`:
-        the wait after a check that gave no next instant."""
+        the wait after a check that gave no next instant; `now`: the clock."""
         self.interval = interval_seconds
         self.command = command
         self.deadline = deadline
+        self.now = now
         self.stop = False
         self.wake = False
 
@@ -89,7 +101,7 @@ class Supervisor:
 
     def check(self) -> dt.datetime:
         """Run one check in a child; the instant of the next check."""
-        fallback = dt.datetime.now(dt.timezone.utc) + dt.timedelta(seconds=self.interval)
+        fallback = self.now() + dt.timedelta(seconds=self.interval)
         read_end, write_end = os.pipe()
         try:
             os.set_inheritable(write_end, True)
@@ -146,7 +158,7 @@ class Supervisor:
 
     def sleep_until(self, when: dt.datetime) -> None:
         """Sleep until `when` in one system call; SIGHUP and SIGTERM end it early."""
-        end = time.monotonic() + max(0.0, (when - dt.datetime.now(dt.timezone.utc)).total_seconds())
+        end = time.monotonic() + max(0.0, (when - self.now()).total_seconds())
         while not (self.stop or self.wake):
             left = end - time.monotonic()
             if left <= 0:

@@ -20,13 +20,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FAR = "2099-01-01T00:00:00Z"
 
+NOW = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.timezone.utc)  # the supervisor's clock
+
 SUPERVISOR = """
-import sys
+import datetime as dt, sys
 from agent.daemon import Supervisor, block_signals, setup_logging
 block_signals()
 setup_logging(False)
 interval, deadline, child, work = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4]
-Supervisor(interval, [sys.executable, "-c", child, work], deadline=deadline).run()
+now = dt.datetime.fromisoformat(sys.argv[5])
+Supervisor(interval, [sys.executable, "-c", child, work], deadline=deadline, now=lambda: now).run()
 """
 
 #: one scripted check: plan[n-1] for call n: [hold:]future|crash|kill|garbage
@@ -90,8 +93,8 @@ class Run:
         self.log = tmp / "supervisor.log"
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen([sys.executable, "-c", SUPERVISOR, str(interval), str(deadline), CHECK,
-                                      str(self.work)], stdout=subprocess.DEVNULL, stderr=open(self.log, "w"),
-                                     env=env, start_new_session=True)
+                                      str(self.work), NOW.isoformat()], stdout=subprocess.DEVNULL,
+                                     stderr=open(self.log, "w"), env=env, start_new_session=True)
 
     def text(self) -> str:
         return self.log.read_text()
@@ -168,14 +171,10 @@ def test_a_failed_check_is_logged_and_the_next_comes_after_the_interval(tmp_path
     try:
         for n, expected in enumerate(["exited with status 3", "was killed by SIGKILL",
                                       "reported no next check ('soon')"], start=1):
-            before = dt.datetime.now(dt.timezone.utc)
             run.wait(lambda: len(_next_checks(run.text())) == n, f"the next check after failure {n}")
-            after = dt.datetime.now(dt.timezone.utc)
             assert expected in run.text()
-            at = _next_checks(run.text())[-1]
-            assert before + dt.timedelta(seconds=3600) - dt.timedelta(seconds=1) <= at \
-                <= after + dt.timedelta(seconds=3600)
-            run.signal(signal.SIGHUP)
+            assert _next_checks(run.text())[-1] == NOW + dt.timedelta(seconds=3600)
+            run.signal(signal.SIGHUP)  # no waiting for the hour
         run.wait(lambda: f"next check at {FAR}" in run.text(), "a good check after the failures")
         run.signal(signal.SIGTERM)
         assert run.finish() == 0
@@ -190,6 +189,7 @@ def test_a_check_past_its_deadline_is_killed(tmp_path):
         run.wait(lambda: "next check at" in run.text(), "the stuck check to be killed")
         assert "still runs after 0.5 s: killing it" in run.text() and "was killed by SIGKILL" in run.text()
         assert not run.exists("done-1") and run.children() == []
+        assert _next_checks(run.text()) == [NOW + dt.timedelta(seconds=3600)]
         run.signal(signal.SIGTERM)
         assert run.finish() == 0
     finally:
@@ -210,3 +210,48 @@ def test_the_supervisor_imports_no_crypto_http_or_server_code():
                                                       "josepy", "click", "scepd", "acme", "concurrent", "json")
              or (m.startswith("agent.") and m != "agent.daemon")]
     assert heavy == [], heavy
+
+
+def test_run_hands_its_options_and_the_challenge_read_at_start_to_each_check(tmp_path, monkeypatch):
+    """`run` exec()s the supervisor with the arguments of one check; the challenge file is read
+    once at the start (as when the daemon was one process), travels in the environment, and the
+    check takes it out of the environment before anything (the hook) could inherit it."""
+    from click.testing import CliRunner
+
+    from agent import cli, daemon, schedule
+    from agent.core import Agent
+    captured = []
+    monkeypatch.setattr(daemon, "exec_supervisor", lambda *a: captured.append(a))
+    challenge = tmp_path / "challenge"
+    challenge.write_text("s3cret\n")
+    d = tmp_path / "agent"
+    out = CliRunner().invoke(cli.main, ["run", "--dir", str(d), "--interval", "5m", "--renew-before", "1d",
+                                        "--renew-at-fraction", "0.25", "--on-renew", "echo hi",
+                                        "--challenge-file", str(challenge), "--reuse-key", "-v"])
+    assert out.exit_code == 0, out.output
+    [(interval, verbose, args, secret)] = captured
+    assert interval == 300 and verbose is True and secret == "s3cret"
+    assert not any("s3cret" in a or "challenge" in a for a in args)
+    challenge.unlink()  # read at the start: the checks do not need the file any more
+
+    seen = {}
+
+    async def one_check(self):
+        seen.update(challenge=self.challenge, on_renew=self.on_renew, reuse_key=self.reuse_key,
+                    policy=self.policy, env=os.environ.get(daemon.CHALLENGE_ENV), dir=self.dir.root)
+        return dt.datetime(2030, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc)
+    monkeypatch.setattr(Agent, "daemon_check", one_check)
+    monkeypatch.setenv(daemon.CHALLENGE_ENV, secret)
+    read_end, write_end = os.pipe()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        out = CliRunner().invoke(cli.main, [*args, "--check-once-fd", str(write_end)])
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert out.exit_code == 0, out.output
+    assert os.read(read_end, 100) == b"2030-01-02T03:04:05Z\n"
+    os.close(read_end)
+    assert seen == {"challenge": "s3cret", "on_renew": "echo hi", "reuse_key": True, "env": None,
+                    "dir": d.absolute(),
+                    "policy": schedule.Policy(dt.timedelta(minutes=5), dt.timedelta(days=1), 0.25)}
