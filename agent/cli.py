@@ -266,16 +266,28 @@ def run(directory, interval, renew_before, renew_at_fraction, on_renew, challeng
     log.info("scepd-agent %s: dir %s, interval %s, renew-before %s, renew-at-fraction %s", __version__,
              directory, policy.interval, policy.renew_before, policy.renew_at_fraction)
     # the idle daemon is a small supervisor (agent/daemon.py) running each check in a child
-    # process with these same options
-    args = ["run", "--dir", str(directory), "--interval", interval]
-    if renew_before is not None:
-        args += ["--renew-before", renew_before]
-    if renew_at_fraction is not None:
-        args += ["--renew-at-fraction", repr(renew_at_fraction)]
-    if on_renew is not None:
-        args += ["--on-renew", on_renew]
-    args += ["--reuse-key"] * reuse_key + ["-v"] * verbose
+    # process with these same options (the challenge travels read, not as its file)
+    args = ["run", *_forwarded(click.get_current_context(), skip={"check_once_fd", "challenge_file"})]
     exec_supervisor(policy.interval.total_seconds(), verbose, args, challenge)
+
+
+def _forwarded(ctx: click.Context, skip: set[str]) -> list[str]:
+    """The command line that gives a command the options it was given (every option, so one added
+    to `run` later reaches the checks too)."""
+    out: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if not isinstance(param, click.Option) or param.name in skip or value is None:
+            continue
+        if param.is_flag:
+            if value:
+                out.append(param.opts[0])
+            elif param.secondary_opts:
+                out.append(param.secondary_opts[0])
+            continue
+        for item in value if param.multiple else (value,):
+            out += [param.opts[0], str(item)]
+    return out
 
 
 def _check_once(agent: Agent, report_fd: int) -> None:
