@@ -242,36 +242,69 @@ def _rules(fn):
 @click.option("--reuse-key", is_flag=True, help="Renew with the same key (default: a new key each time; "
               "the server must allow it: SCEPD_SCEP_RENEWAL_SAME_KEY=1).")
 @click.option("-v", "--verbose", is_flag=True)
-def run(directory, interval, renew_before, renew_at_fraction, on_renew, challenge_file, reuse_key, verbose):
+@click.option("--check-once-fd", type=int, default=None, hidden=True,
+              help="Internal (agent.daemon): run one check, write the next check's instant to this fd.")
+def run(directory, interval, renew_before, renew_at_fraction, on_renew, challenge_file, reuse_key, verbose,
+        check_once_fd):
     """The daemon: check every interval, renew inside the threshold, check in over mTLS."""
     _logging(verbose)
     policy = _policy(interval, renew_before, renew_at_fraction)
     agent_dir = AgentDir(directory)
+    from .daemon import CHALLENGE_ENV, exec_supervisor
+    if check_once_fd is not None:  # the challenge as read at the daemon's start; not for the hook
+        challenge = os.environ.pop(CHALLENGE_ENV, None)
+    else:
+        challenge = _challenge(challenge_file)
+    agent = Agent(agent_dir, policy, on_renew=on_renew, challenge=challenge, reuse_key=reuse_key)
+    if check_once_fd is not None:
+        _check_once(agent, check_once_fd)
+        return
     state = agent_dir.load_state()
     if state:
         state["policy"] = policy_json(policy)
         agent_dir.save_state(state)
-    agent = Agent(agent_dir, policy, on_renew=on_renew, challenge=_challenge(challenge_file), reuse_key=reuse_key)
     log.info("scepd-agent %s: dir %s, interval %s, renew-before %s, renew-at-fraction %s", __version__,
              directory, policy.interval, policy.renew_before, policy.renew_at_fraction)
-    asyncio.run(_run(agent))
+    # the idle daemon is a small supervisor (agent/daemon.py) running each check in a child
+    # process with these same options (the challenge travels read, not as its file)
+    args = ["run", *_forwarded(click.get_current_context(), skip={"check_once_fd", "challenge_file"})]
+    exec_supervisor(policy.interval.total_seconds(), verbose, args, challenge)
 
 
-async def _run(agent: Agent) -> None:
-    stop, wake = asyncio.Event(), asyncio.Event()
-    loop = asyncio.get_running_loop()
+def _forwarded(ctx: click.Context, skip: set[str]) -> list[str]:
+    """The command line that gives a command the options it was given (every option, so one added
+    to `run` later reaches the checks too)."""
+    out: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if not isinstance(param, click.Option) or param.name in skip or value is None:
+            continue
+        if param.is_flag:
+            if value:
+                out.append(param.opts[0])
+            elif param.secondary_opts:
+                out.append(param.secondary_opts[0])
+            continue
+        for item in value if param.multiple else (value,):
+            out += [param.opts[0], str(item)]
+    return out
 
-    def _term() -> None:
-        log.info("SIGTERM/SIGINT: stopping after the current step")
-        stop.set()
 
-    def _hup() -> None:
-        log.info("SIGHUP: checking now")
-        wake.set()
-    loop.add_signal_handler(signal.SIGTERM, _term)
-    loop.add_signal_handler(signal.SIGINT, _term)
-    loop.add_signal_handler(signal.SIGHUP, _hup)
-    await agent.run(stop, wake)
+def _check_once(agent: Agent, report_fd: int) -> None:
+    """The check of one daemon round, in the supervisor's child: SIGTERM/SIGINT/SIGHUP (blocked
+    until now) only get logged here — the supervisor decides whether to stop or to check again,
+    this check runs to its end — then the next check's instant goes to `report_fd`."""
+    os.set_inheritable(report_fd, False)  # not for the hook
+
+    def _noted(signum, _frame) -> None:
+        log.debug("%s: this check runs to its end", signal.Signals(signum).name)
+    signals = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    for signum in signals:
+        signal.signal(signum, _noted)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+    next_at = asyncio.run(agent.daemon_check())
+    os.write(report_fd, f"{iso(next_at)}\n".encode())
+    os.close(report_fd)
 
 
 # --- renew, checkin ---------------------------------------------------------------------------

@@ -296,21 +296,24 @@ class Agent:
 
     # --- the daemon -------------------------------------------------------------------------
 
+    async def daemon_check(self) -> dt.datetime:
+        """One check of the daemon (in `run`, or in the child process of agent.daemon): never
+        raises; returns the instant of the next check."""
+        try:
+            return (await self.check(daemon=True)).next_check
+        except AgentError as exc:  # not enrolled: nothing to do but say so and wait
+            log.error("%s", exc)
+        except Exception:  # a bug or a surprise: the daemon keeps its certificate and goes on
+            log.exception("unexpected error during the check; retrying after the interval")
+        return self.clock.now() + self.policy.interval
+
     async def run(self, stop: asyncio.Event, wake: asyncio.Event | None = None,
                   max_checks: int | None = None) -> None:
         """Check, sleep until the next check (or SIGHUP/SIGTERM), repeat."""
         wake = wake or asyncio.Event()
         checks = 0
         while not stop.is_set():
-            try:
-                result = await self.check(daemon=True)
-                next_at = result.next_check
-            except AgentError as exc:  # not enrolled: nothing to do but say so and wait
-                log.error("%s", exc)
-                next_at = self.clock.now() + self.policy.interval
-            except Exception:  # a bug or a surprise: the daemon keeps its certificate and goes on
-                log.exception("unexpected error during the check; retrying after the interval")
-                next_at = self.clock.now() + self.policy.interval
+            next_at = await self.daemon_check()
             checks += 1
             if max_checks is not None and checks >= max_checks:
                 return

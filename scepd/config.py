@@ -107,6 +107,24 @@ class AcmeConfig:
 
 
 @dataclass
+class EstConfig:
+    """EST (RFC 7030) on the HTTPS listener: /.well-known/est/ and /.well-known/est/<label>/."""
+
+    #: Profile of requests under /.well-known/est/ (no label).
+    profile: str = "device"
+    #: Labels and the profile each selects, "label=profile,..." (e.g. "servers=server,iot=device");
+    #: any other label is answered 404.
+    labels: str = ""
+    #: Key that serverkeygen generates: rsa2048, rsa3072, rsa4096, p256 or p384.
+    serverkeygen_key: str = "rsa2048"
+    #: csrattrs: OIDs (dotted) a CSR should carry, comma separated; empty = 204 No Content.
+    csr_attributes: str = ""
+    #: Retry-After (seconds) of a 202 while a request waits for approval.
+    retry_after: int = 60
+    max_body_bytes: int = 64 * 1024
+
+
+@dataclass
 class PolicyConfig:
     #: Largest RSA modulus accepted (CSRs, SCEP signer certificates, ACME account keys):
     #: 2048 to 8192; RSA keys of fewer than 2048 bits are always refused.
@@ -126,7 +144,7 @@ class PolicyConfig:
     #: Allow an http:// csr_check_url (the payload carries the challenge password): off, https only.
     csr_check_allow_http: bool = False
     #: Initial enrollments that wait for `scepd pending approve`: "false", "true" (all), or a comma
-    #: list of protocols (scep, acme) and profiles ("profile:server"). Renewals never wait.
+    #: list of protocols (scep, acme, est) and profiles ("profile:server"). Renewals never wait.
     require_approval: str = "false"
     #: keep: a renewal keeps the profile of the certificate it renews; default: the protocol's
     renewal_profile: str = "keep"
@@ -142,6 +160,8 @@ class LimitsConfig:
     scep_failures_per_address: str = "10/1m burst 20"
     #: signed SCEP FAILUREs of PKCSReq/RenewalReq per transactionID
     scep_failures_per_transaction: str = "5/1m burst 10"
+    #: EST enrollments answered 400/401/403 per client address (IPv6: per /64)
+    est_failures_per_address: str = "10/1m burst 20"
     acme_new_accounts_per_address: str = "20/1m burst 20"
     acme_new_orders_per_account: str = "300/1h burst 300"
     acme_failed_validations_per_account: str = "60/1h burst 30"
@@ -165,6 +185,7 @@ class Config:
     acme: AcmeConfig = field(default_factory=AcmeConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    est: EstConfig = field(default_factory=EstConfig)
     state_dir: Path = Path(".")
     #: deprecation warnings about the keys given (`serve` logs them once at start)
     deprecations: list[str] = field(default_factory=list)
@@ -183,7 +204,7 @@ class ConfigError(ValueError):
 
 
 _SECTIONS = {"server": ServerConfig, "ca": CAConfig, "scep": ScepConfig, "database": DatabaseConfig,
-             "acme": AcmeConfig, "policy": PolicyConfig, "limits": LimitsConfig}
+             "acme": AcmeConfig, "policy": PolicyConfig, "limits": LimitsConfig, "est": EstConfig}
 
 
 def _coerce(kind: type, raw: object, where: str) -> object:
@@ -371,6 +392,20 @@ require_approval = "false"
 # keep: a renewal keeps the profile of the certificate it renews; default: the protocol's profile
 renewal_profile = "keep"
 
+[est]
+# EST (RFC 7030) on the HTTPS listener: https://HOST:PORT/.well-known/est/[LABEL/]
+# profile of requests without a label
+profile = "device"
+# labels and the profile each selects, e.g. "servers=server, iot=device"; other labels are 404
+labels = ""
+# key serverkeygen generates: rsa2048, rsa3072, rsa4096, p256, p384
+serverkeygen_key = "rsa2048"
+# OIDs csrattrs asks for (comma separated, dotted); empty = 204 No Content
+csr_attributes = ""
+# Retry-After (seconds) of a 202 while a request waits for approval
+retry_after = 60
+max_body_bytes = 65536
+
 [limits]
 # rate limits, "COUNT/PERIOD burst N" (period s, m, h, d, w; burst defaults to COUNT); "0" disables one.
 # Refused requests get ACME 429 rateLimited with Retry-After, or a signed SCEP FAILURE (badRequest).
@@ -379,6 +414,8 @@ enabled = true
 scep_failures_per_address = "10/1m burst 20"
 # ...and per transactionID
 scep_failures_per_transaction = "5/1m burst 10"
+# EST enrollments answered 400/401/403 per client address
+est_failures_per_address = "10/1m burst 20"
 acme_new_accounts_per_address = "20/1m burst 20"
 acme_new_orders_per_account = "300/1h burst 300"
 # failed challenge validations per account; over it, challenge responses are refused

@@ -149,14 +149,19 @@ def name_in_scope(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(lowered, p.lower()) for p in patterns)
 
 
+class NameOutOfScope(PolicyViolation):
+    """A name the credential does not authorize (EST answers 403; SCEP and ACME as any
+    PolicyViolation)."""
+
+
 def check_scope(facts: CsrFacts, auth: Authorization) -> None:
-    """Step 1: PolicyViolation naming the first name outside the authorization's scope."""
+    """Step 1: NameOutOfScope naming the first name outside the authorization's scope."""
     for scope, what in ((auth.names, "authorizes"), (auth.bound_names, "is bound to")):
         if scope is None:
             continue
         for name in names_of(facts):
             if not name_in_scope(name, scope):
-                raise PolicyViolation(f"the name {name[:80]!r} is outside the subject names this "
+                raise NameOutOfScope(f"the name {name[:80]!r} is outside the subject names this "
                                       f"{_credential(auth)} {what} ({', '.join(scope)[:200]})")
 
 

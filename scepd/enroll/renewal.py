@@ -27,6 +27,12 @@ from ..render import serial_hex
 from ..store import CertificateRecord, SqlStore, StoreNotFound
 
 
+class SignerNotValid(RenewalRefused):
+    """The certificate itself authenticates nothing (not ours, revoked, expired, not yet valid),
+    as opposed to a valid certificate whose request is not a renewal of it (EST answers the
+    first 401, the second 403; SCEP answers both alike)."""
+
+
 @dataclass(frozen=True)
 class RenewalSettings:
     grace: dt.timedelta = dt.timedelta(0)
@@ -74,20 +80,26 @@ class RenewalPolicy:
         """Does this signer claim to be one of our certificates (so the request is a renewal)?"""
         return signer.issuer != signer.subject and any(ca.subject == signer.issuer for ca in self.cas)
 
-    async def authorize(self, signer: x509.Certificate, facts: CsrFacts, now: dt.datetime) -> RenewalGrant:
+    async def check_signer(self, signer: x509.Certificate, now: dt.datetime) -> RenewalGrant:
+        """Is `signer` a certificate of ours that authenticates its holder now? SignerNotValid
+        if not: not issued by one of our CAs, revoked, expired (beyond the grace), not yet valid."""
         if await asyncio.to_thread(issued_by_us, signer, self.cas) is None:  # a signature check
-            raise RenewalRefused("the signer certificate was not issued by this CA")
+            raise SignerNotValid("the signer certificate was not issued by this CA")
         serial = serial_hex(signer.serial_number)
         try:
             record: CertificateRecord | None = await self.store.get_certificate(serial)
         except StoreNotFound:
             record = None
         if record is not None and record.status == "revoked":
-            raise RenewalRefused("the signer certificate is revoked")
+            raise SignerNotValid("the signer certificate is revoked")
         if signer.not_valid_after_utc + self.settings.grace < now:
-            raise RenewalRefused("the signer certificate has expired; enroll again with a challenge")
+            raise SignerNotValid("the signer certificate has expired; enroll again with a challenge")
         if signer.not_valid_before_utc > now + dt.timedelta(minutes=5):
-            raise RenewalRefused("the signer certificate is not valid yet")
+            raise SignerNotValid("the signer certificate is not valid yet")
+        return RenewalGrant(serial, record)
+
+    async def authorize(self, signer: x509.Certificate, facts: CsrFacts, now: dt.datetime) -> RenewalGrant:
+        grant = await self.check_signer(signer, now)
         if facts.common_name != _cn(signer):
             raise RenewalRefused("a renewal must keep the subject CN of the certificate it renews")
         extra = set(facts.sans) - set(certificate_sans(signer))
@@ -96,4 +108,4 @@ class RenewalPolicy:
                                  + ", ".join(str(s) for s in sorted(extra, key=str)))
         if not self.settings.allow_same_key and facts.spki_der == _spki(signer):
             raise RenewalRefused("a renewal must use a new key (same-key renewal is disabled)")
-        return RenewalGrant(serial, record)
+        return grant

@@ -30,6 +30,9 @@ from ..ca.revocation import RevocationService
 from ..scep import wire
 from ..scep.service import ScepService, ScepSettings
 from ..scep.transport import ScepHandler, add_routes
+from ..est.service import EstService, EstSettings
+from ..config import ConfigError
+from ..errors import ScepdError
 from ..store import SqlStore
 from ..ops.routes import add_https_context, add_ops_routes, attach_ops
 from ..admin.http import add_admin_routes
@@ -56,6 +59,8 @@ class Services:
     revocation: RevocationService
     #: the one enrollment path of every protocol (scepd/pipeline.py)
     pipeline: Pipeline | None = None
+    #: EST (RFC 7030) on the HTTPS listener (scepd/est/)
+    est: EstService | None = None
     crl: "CrlService | None" = None  # set by ops.attach_ops
     ocsp: "OcspResponder | None" = None
     metrics: "Metrics | None" = None
@@ -97,7 +102,8 @@ async def open_services(config: Config, clock: Clock | None = None) -> Services:
         external_check = ExternalCheck(pc.csr_check_command, pc.csr_check_url, pc.csr_check_timeout,
                                        pc.csr_check_allow_http)
         pipeline = Pipeline(enrollment, external_check, approval_policy(config),
-                            {"scep": config.scep.profile, "acme": config.acme.default_profile},
+                            {"scep": config.scep.profile, "acme": config.acme.default_profile,
+                             "est": config.est.profile},
                             renewal_profile=pc.renewal_profile)
         scep = ScepService(material, enrollment, challenges, profile_named(config.scep.profile), clock,
                            ScepSettings(legacy_algorithms=config.scep.legacy_algorithms,
@@ -110,11 +116,12 @@ async def open_services(config: Config, clock: Clock | None = None) -> Services:
                            next_ca=(next_ca,) if next_ca else (),
                            previous_recipients=tuple(wire.Recipient(c, k) for c, k in previous
                                                      if isinstance(k, rsa.RSAPrivateKey)))
+        est = EstService(material, pipeline, challenges, renewal, clock, _est_settings(config))
     except Exception:
         await store.close()
         raise
     services = Services(config, clock, store, material, authority, challenges, enrollment, scep,
-                        RevocationService(store, clock), pipeline=pipeline, limits=limits)
+                        RevocationService(store, clock), pipeline=pipeline, limits=limits, est=est)
     # renewals that supersede (duplicate_subjects = revoke) notify the same listeners
     enrollment.revocation_listeners = services.revocation.listeners
     try:
@@ -123,6 +130,18 @@ async def open_services(config: Config, clock: Clock | None = None) -> Services:
         await store.close()
         raise
     return services
+
+
+def _est_settings(config: Config) -> EstSettings:
+    """`[est]`; ConfigError naming what is wrong."""
+    try:
+        profile_named(config.est.profile)
+        return EstSettings.parse(config.est.labels, config.est.serverkeygen_key, config.est.csr_attributes,
+                                 config.est.retry_after)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    except ScepdError as exc:  # an unknown [est] profile
+        raise ConfigError(f"[est] profile: {exc.detail}") from None
 
 
 SERVICES = web.AppKey("services", Services)
@@ -205,6 +224,22 @@ HTTPS_ROUTES: list = []
 #: Packages that serve on the mTLS listener (agent API) append a callable(app, services).
 MTLS_ROUTES: list = []
 HTTPS_ROUTES.append(add_admin_routes)  # the admin API (scepd/admin_http.py)
+
+
+def add_est_routes(app: web.Application, services: Services) -> None:
+    """EST (RFC 7030) under /.well-known/est/: HTTPS only, it reads the TLS client certificate."""
+    from ..est.transport import EstHandler, add_routes as add_est
+    from .tls import peer_certificate
+
+    if services.est is None:
+        return
+    metrics = services.metrics
+    add_est(app, EstHandler(services.est, services.config.est.max_body_bytes,
+                            observer=metrics.est_observer if metrics else None, limits=services.limits,
+                            peer_certificate=peer_certificate))
+
+
+HTTPS_ROUTES.append(add_est_routes)
 
 from ..ops.agents import add_checkin_route  # noqa: E402  (agent inventory: its migrations + check-in route)
 

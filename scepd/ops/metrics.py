@@ -56,6 +56,10 @@ class Metrics:
                                      ["fail_info"], registry=r)
         self.responses = Counter("scepd_http_responses", "HTTP responses by route and status code",
                                  ["endpoint", "status"], registry=r)
+        self.est_responses = Counter("scepd_est_responses", "EST responses by operation and HTTP status",
+                                     ["operation", "status"], registry=r)
+        self.est_seconds = Histogram("scepd_est_operation_duration_seconds", "EST operation latency",
+                                     ["operation"], registry=r)
         self.acme_problems = Counter("scepd_acme_problems", "ACME problem documents by type", ["type"],
                                      registry=r)
         self.rate_limited_total = Counter("scepd_rate_limited", "Requests refused by a rate limit",
@@ -96,6 +100,12 @@ class Metrics:
         self.scep_seconds.labels(operation=op).observe(seconds)
         if outcome is not None and outcome.fail_info is not None:
             self.scep_failures.labels(fail_info=_FAIL_INFO_NAMES.get(outcome.fail_info, "other")).inc()
+
+    def est_observer(self, operation: str, status: int, seconds: float) -> None:
+        """EstHandler's observer(operation, HTTP status, seconds); issuance is counted by
+        scepd_certificates_issued{protocol="est"} like every protocol's."""
+        self.est_seconds.labels(operation=operation).observe(seconds)
+        self.est_responses.labels(operation=operation, status=str(status)).inc()
 
     def observe_request(self, endpoint: str, method: str, seconds: float, status: int = 0) -> None:
         self.request_seconds.labels(endpoint=endpoint, method=method).observe(seconds)

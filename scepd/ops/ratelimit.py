@@ -26,6 +26,7 @@ from ..errors import RateLimited
 
 SCEP_FAILURES_PER_ADDRESS = "scep_failures_per_address"
 SCEP_FAILURES_PER_TRANSACTION = "scep_failures_per_transaction"
+EST_FAILURES_PER_ADDRESS = "est_failures_per_address"
 ACME_NEW_ACCOUNTS_PER_ADDRESS = "acme_new_accounts_per_address"
 ACME_NEW_ORDERS_PER_ACCOUNT = "acme_new_orders_per_account"
 ACME_FAILED_VALIDATIONS_PER_ACCOUNT = "acme_failed_validations_per_account"
@@ -36,6 +37,7 @@ ACME_NEW_NONCES_PER_ADDRESS = "acme_new_nonces_per_address"
 LIMITS: dict[str, str] = {
     SCEP_FAILURES_PER_ADDRESS: "too many failed enrollment attempts from this address",
     SCEP_FAILURES_PER_TRANSACTION: "too many failed attempts for this transactionID",
+    EST_FAILURES_PER_ADDRESS: "too many failed enrollment attempts from this address",
     ACME_NEW_ACCOUNTS_PER_ADDRESS: "too many new accounts from this address",
     ACME_NEW_ORDERS_PER_ACCOUNT: "too many new orders for this account",
     ACME_FAILED_VALIDATIONS_PER_ACCOUNT: "too many failed validations for this account",
