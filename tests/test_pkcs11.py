@@ -346,6 +346,25 @@ async def test_init_ec_ca_and_rsa_ra_in_the_token(hsm, tmp_path, aiohttp_client,
         isinstance(services.ca_material.cert.public_key(), ec.EllipticCurvePublicKey)
 
 
+def test_init_rsa3072_ca_and_root_in_the_token(hsm, tmp_path, monkeypatch):
+    """No root passphrase is asked for (no root key file is written) when the root is in the token."""
+    from scepd.cli import main
+    monkeypatch.delenv("SCEPD_ROOT_KEY_PASSPHRASE", raising=False)
+    d = tmp_path / "rsa3072"
+    args = ["init", "--state-dir", str(d), "--ca-key-bits", "3072",
+            "--ca-key-uri", hsm.uri("scepd-misc", "ca-3072"), "--root-key-uri", hsm.uri("scepd-misc", "root-4096")]
+    result = CliRunner().invoke(main, [*args, "--root-key-out", str(tmp_path / "root.key")])
+    assert result.exit_code != 0 and "choose one" in result.output
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "root CA key: in the PKCS#11 token" in result.output and "OFFLINE" not in result.output
+    assert not list((d / "ca").rglob("*.key"))
+    assert sorted(p.name for p in (d / "ca").glob("*.uri")) == ["ca.key.uri", "root.key.uri"]
+    material = pki.load(d, None)
+    assert material.key.key_size == 3072 and material.root.public_key().key_size == 4096
+    openssl("verify", "-CAfile", d / "ca" / "root.pem", d / "ca" / "ca.pem")
+
+
 # --- rollover to a new token key -------------------------------------------------------------
 
 async def test_rollover_to_a_new_token_key(state_dir, hsm, tmp_path, aiohttp_client):
