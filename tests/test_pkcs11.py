@@ -344,6 +344,13 @@ async def test_init_ec_ca_and_rsa_ra_in_the_token(hsm, tmp_path, aiohttp_client,
             pem_file(tmp_path / "leaf.pem", leaf))
     assert isinstance(leaf.signature_hash_algorithm, hashes.SHA256) and \
         isinstance(services.ca_material.cert.public_key(), ec.EllipticCurvePublicKey)
+    # /readyz checks the RA's token key as well as the CA's
+    assert (await client.get("/readyz")).status == 200
+    import pkcs11
+    ra_key = services.scep.ra.key
+    with ra_key._token.lock:
+        p11._find(ra_key._token.session(), ra_key.uri, pkcs11.ObjectClass.PRIVATE_KEY).destroy()
+    assert (await client.get("/readyz")).status == 503
 
 
 def test_init_rsa3072_ca_and_root_in_the_token(hsm, tmp_path, monkeypatch):

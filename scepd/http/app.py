@@ -215,6 +215,9 @@ async def _ca_key_signs(services: Services) -> None:
         else:
             sig = key.sign(data, ec.ECDSA(hashes.SHA256()))
             cert.public_key().verify(sig, data, ec.ECDSA(hashes.SHA256()))  # type: ignore[call-arg]
+        ra = getattr(services.scep, "ra", None)
+        if ra is not None and hasattr(ra.key, "ping"):  # an RA key in a PKCS#11 token too
+            ra.key.ping()
     await asyncio.to_thread(_check)
 
 
