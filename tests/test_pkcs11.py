@@ -378,6 +378,9 @@ async def test_rollover_to_a_new_token_key(state_dir, hsm, tmp_path, aiohttp_cli
     from scepd.cli import main
     old = pki.load(state_dir, None)
     runner = CliRunner()
+    result = await asyncio.to_thread(runner.invoke, main, ["ca", "rollover", "--state-dir", str(state_dir),
+                                                           "--next-key-uri", hsm.uri("scepd-ca", "issuing")])
+    assert result.exit_code == 1 and "is the current CA's key" in result.output
     # the root key is in the token too (DIR/ca/root.key.uri): no --root-key needed
     result = await asyncio.to_thread(runner.invoke, main, ["ca", "rollover", "--state-dir", str(state_dir),
                                   "--next-key-uri", hsm.uri("scepd-roll", "next-ca")])

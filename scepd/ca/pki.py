@@ -410,6 +410,8 @@ def rollover(state_dir: Path, clock: Clock, root_key_pem: bytes | None, root_pas
     if root_key.public_key().public_numbers() != current.root.public_key().public_numbers():
         raise PkiError("that key is not the root CA's key")
     new_key = _new_key(next_key_uri, "rsa" if isinstance(current.key, rsa.RSAPrivateKey) else "ec", 2048)
+    if new_key.public_key().public_numbers() == current.key.public_key().public_numbers():
+        raise PkiError("the next CA key is the current CA's key: name a new object in --next-key-uri")
     name = current.cert.subject
     if cn:
         name = x509.Name([a if a.oid != NameOID.COMMON_NAME else x509.NameAttribute(NameOID.COMMON_NAME, cn)
