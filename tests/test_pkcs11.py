@@ -100,7 +100,8 @@ def test_uri_parsing():
         "pkcs11:token=t?module-path=/m.so": "must name the key",
         "pkcs11:object=o?module-path=/m.so": "must name the token",
         "pkcs11:token=t;object=o;type=cert?module-path=/m.so": "private key",
-        "pkcs11:token=t;objet=o?module-path=/m.so": "unknown attribute 'objet'",
+        "pkcs11:token=t;objet=o?module-path=/m.so": "unsupported attribute 'objet'",
+        "pkcs11:token=t;object=o;slot-id=3?module-path=/m.so": "unsupported attribute 'slot-id'",
         "pkcs11:token=t;object=o?module-path=/m.so&pin=1": "unknown query attribute 'pin'",
     }
     for text, message in bad.items():

@@ -36,9 +36,9 @@ from .pki import PkiError
 
 PIN_ENV = "SCEPD_PKCS11_PIN"
 
-_PATH_ATTRS = {"token", "manufacturer", "serial", "model", "object", "id", "type", "slot-id",
-               "slot-description", "slot-manufacturer", "library-manufacturer",
-               "library-description", "library-version"}
+#: the RFC 7512 attributes we select by; any other (slot-id, model, ...) is refused rather than
+#: ignored, so that a URI never silently picks a key it did not mean
+_PATH_ATTRS = {"token", "serial", "object", "id", "type"}
 _QUERY_ATTRS = {"module-path", "pin-source"}
 
 
@@ -75,7 +75,8 @@ def parse_uri(text: str) -> KeyUri:
     for part in filter(None, path.split(";")):
         name, eq, value = part.partition("=")
         if not eq or name not in _PATH_ATTRS:
-            raise TokenError(f"unknown attribute {name!r} in the PKCS#11 URI")
+            raise TokenError(f"unsupported attribute {name!r} in the PKCS#11 URI (token, serial, "
+                             "object, id and type are supported)")
         if name in attrs or (name == "id" and raw_id is not None):
             raise TokenError(f"attribute {name!r} appears twice in the PKCS#11 URI")
         if name == "id":
