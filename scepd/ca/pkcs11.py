@@ -13,9 +13,10 @@ never leaves the token (CKA_SENSITIVE, not CKA_EXTRACTABLE); private_bytes() ref
 Library: python-pkcs11 (Cython). It releases the GIL during every token call, so a slow HSM does
 not stall the event loop while a signature runs in a worker thread (PyKCS11 holds the GIL
 throughout: measured, see README "HSM"). It initializes the module without CKF_OS_LOCKING_OK, so
-the module may assume one caller at a time: every token call of this process goes through one
-lock per token, on one session, logged in once. A session is never inherited across fork():
-the first call in a new process re-initializes the module and logs in again.
+the module may assume one caller at a time: every call of this process into a module goes
+through that module's lock, on one session per token, logged in once. A session is never
+inherited across fork(): the first call in a new process re-initializes the module and logs in
+again (and the locks are new in the child).
 
 The PIN comes from the URI's pin-source (a file) or SCEPD_PKCS11_PIN; a URI with pin-value is
 refused (the URI is stored in the state directory). Nothing here logs the PIN.
