@@ -1,9 +1,10 @@
 """Stock clients against a `scepd serve` whose CA key is in a PKCS#11 token (SoftHSM2, issue 16):
-strongSwan pki (AES, SHA-256) and micromdm scepclient (single DES, SHA-1: the CertRep is signed
-in the token with the client's digest) enroll; openssl checks OCSP and the CRL, both signed in
+strongSwan pki (AES, SHA-256), micromdm scepclient (single DES, SHA-1: the CertRep is signed
+in the token with the client's digest) and sscep (3DES, SHA-1; when on PATH) enroll; openssl checks OCSP and the CRL, both signed in
 the token, before and after a revocation made by another process."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -16,6 +17,7 @@ from tests import softhsm
 
 from .conftest import require, run, start_server, stop_server
 from .test_ocsp_crl import _enroll_with_pki, _ocsp
+from .test_sscep import _csr, _getca
 
 
 @pytest.fixture(scope="module")
@@ -54,5 +56,16 @@ def test_scepclient_des_sha1_enrolls(hsm_server, tmp_path):
     out = run([binary, "-server-url", hsm_server.url, "-challenge", hsm_server.new_challenge(), "-cn",
                "hsm-scepclient", "-private-key", tmp_path / "key.pem", "-certificate", tmp_path / "cert.pem"],
               cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    hsm_server.verify(tmp_path / "cert.pem", tmp_path / "key.pem")
+
+
+@pytest.mark.skipif(shutil.which("sscep") is None, reason="sscep is not on PATH")
+def test_sscep_enrolls_3des_sha1(hsm_server, tmp_path):
+    ca = _getca(hsm_server, tmp_path)
+    _csr(tmp_path, "hsm-sscep", hsm_server.new_challenge())
+    out = run(["sscep", "enroll", "-u", hsm_server.url, "-c", ca, "-k", tmp_path / "key.pem",
+               "-r", tmp_path / "req.csr", "-l", tmp_path / "cert.pem", "-E", "3des", "-S", "sha1",
+               "-t", "1", "-n", "3", "-v"], cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     hsm_server.verify(tmp_path / "cert.pem", tmp_path / "key.pem")
