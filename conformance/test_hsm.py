@@ -1,6 +1,7 @@
 """Stock clients against a `scepd serve` whose CA key is in a PKCS#11 token (SoftHSM2, issue 16):
 strongSwan pki (AES, SHA-256), micromdm scepclient (single DES, SHA-1: the CertRep is signed
-in the token with the client's digest) and sscep (3DES, SHA-1; when on PATH) enroll; openssl checks OCSP and the CRL, both signed in
+in the token with the client's digest) and sscep (3DES, SHA-1; when on PATH) enroll; lego
+issues over ACME (http-01); openssl checks OCSP and the CRL, both signed in
 the token, before and after a revocation made by another process."""
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from cryptography import x509
 from scepd.ca import pki
 from tests import softhsm
 
-from .conftest import require, run, start_server, stop_server
+from .conftest import free_port, require, run, start_server, stop_server
+from .test_acme import _lego
 from .test_ocsp_crl import _enroll_with_pki, _ocsp
 from .test_sscep import _csr, _getca
 
@@ -29,8 +31,11 @@ def hsm_server(tmp_path_factory):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert not (tmp / "state" / "ca" / "ca.key").exists()
-    s = start_server(tmp, {"SCEPD_SCEP_LEGACY_ALGORITHMS": "1"})
+    https, http01 = free_port(), free_port()
+    s = start_server(tmp, {"SCEPD_SCEP_LEGACY_ALGORITHMS": "1", "SCEPD_SERVER_HTTPS": f"127.0.0.1:{https}",
+                           "SCEPD_ACME_HTTP01_PORT": str(http01), "SCEPD_ACME_RESOLVE": "*=127.0.0.1"})
     s.env["SCEPD_SERVER_HTTP"] = f"127.0.0.1:{s.port}"
+    s.directory, s.http01, s.records = f"https://127.0.0.1:{https}/acme/directory", http01, tmp / "dns.json"
     yield s
     stop_server(s)
 
@@ -69,3 +74,11 @@ def test_sscep_enrolls_3des_sha1(hsm_server, tmp_path):
                "-t", "1", "-n", "3", "-v"], cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     hsm_server.verify(tmp_path / "cert.pem", tmp_path / "key.pem")
+
+
+def test_lego_issues_over_acme(hsm_server, tmp_path):
+    """ACME over the HTTPS listener, whose TLS certificate the token-backed CA issued too."""
+    out = _lego(hsm_server, tmp_path, "run", domains=("hsm.example.test",))
+    assert out.returncode == 0, out.stdout + out.stderr
+    certs = tmp_path / "lego" / "certificates"
+    hsm_server.verify(certs / "hsm.example.test.crt", certs / "hsm.example.test.key")
