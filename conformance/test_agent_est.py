@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ from cryptography.hazmat.primitives import serialization
 from tests.acme_responders import DnsServer
 
 from .conftest import free_port, start_server, stop_server
-from .test_agent import agent, current_cert, serial_of, state
+from .test_agent import agent, current_cert, serial_of, state, wait_for
 from .test_est import _start
 
 pytestmark = pytest.mark.conformance
@@ -46,9 +47,46 @@ def key_pem(d: Path) -> bytes:
 
 @pytest.fixture(scope="module")
 def est(tmp_path_factory):
-    s = _start(tmp_path_factory.mktemp("agent-est"))
+    mtls = free_port()
+    s = _start(tmp_path_factory.mktemp("agent-est"), SCEPD_CA_DEFAULT_VALIDITY="3m",
+               SCEPD_SERVER_MTLS=f"127.0.0.1:{mtls}")
+    s.mtls_url = f"https://127.0.0.1:{mtls}"
     yield s
     stop_server(s.server)
+
+
+def test_agent_est_daemon_renews_runs_the_hook_and_checks_in(est, tmp_path):
+    """`run` over EST: the same schedule, hook and mTLS check-in as SCEP and ACME (3-minute
+    certificates, due 10 s after issuance)."""
+    srv = est.server
+    d, hook_log, daemon_log = tmp_path / "agent", tmp_path / "hook.log", tmp_path / "agent.log"
+    out = agent("enroll", "--dir", str(d), "--protocol", "est", "--server", est.est(), "--cn", "agent-run.example",
+                "--challenge", srv.new_challenge(), "--ca-fingerprint", fingerprint_of(srv.root_pem),
+                "--mtls-url", est.mtls_url)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "checked in over mTLS" in out.stdout
+    first = srv.verify(d / "cert.pem", d / "key.pem")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--dir", str(d), "--interval", "5s", "--renew-before", "2m50s",
+         "--on-renew", f'echo "$SCEPD_AGENT_SERIAL" >> {hook_log}'],
+        stdout=open(daemon_log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: state(d).get("renewals", 0) >= 1 and hook_log.exists()
+                 and (state(d).get("last_checkin") or {}).get("serial") == hook_log.read_text().split()[-1],
+                 120, "a renewal by simplereenroll, its hook and its check-in", (daemon_log, srv.log), daemon)
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(daemon.pid, signal.SIGKILL)
+            daemon.wait(timeout=10)
+    renewed = srv.verify(d / "cert.pem", d / "key.pem")
+    assert serial_of(renewed) != serial_of(first) and renewed.public_key() != first.public_key()
+    assert serial_of(renewed) in hook_log.read_text().split() or state(d)["renewals"] > 1
+    assert state(d)["last_checkin"]["ok"] is True
+    assert "Traceback" not in daemon_log.read_text()
+    assert "simplereenroll issued" in srv.log_text()
 
 
 def test_agent_est_enrolls_with_a_one_time_challenge_and_renews_by_simplereenroll(est, tmp_path):
