@@ -484,6 +484,8 @@ class AcmeClient:
                 for _, authz, ch in pending:
                     if ch["type"] == "dns-01":
                         await stack.enter_async_context(self._dns01_record(authz, ch))
+                        # the hook's own time (propagation) does not count against validation
+                        deadline = max(deadline, asyncio.get_running_loop().time() + VALIDATION_DEADLINE)
                 for _, _, ch in pending:
                     await self.post_json(ch["url"], {})
                 for authz_url, authz, _ in pending:

@@ -169,3 +169,24 @@ async def test_clear_runs_when_validation_or_the_hook_fails(lab, tmp_path, monke
     monkeypatch.setenv("FAIL_ON", "clear")
     issued = await client.enroll(new_key(), Identity("c.lab.test"), "")
     assert issued.cert is not None and [c[0] for c in calls(lab)] == ["set", "clear"]
+
+
+def test_enroll_options_for_dns01_and_est(tmp_path):
+    from click.testing import CliRunner
+
+    from agent.cli import main
+    runner = CliRunner()
+    base = ["enroll", "--dir", str(tmp_path / "d"), "--ca-fingerprint", "AB" * 32]
+    out = runner.invoke(main, base + ["--protocol", "acme", "--server", "https://ca:8443/acme/directory",
+                                      "--cn", "x.example", "--san", "DNS:*.x.example"])
+    assert out.exit_code == 1 and "a wildcard is validated by dns-01 only: pass --dns01-hook" in out.output
+    out = runner.invoke(main, base + ["--server", "http://ca:8080/scep", "--cn", "x", "--challenge", "c",
+                                      "--dns01-hook", "true"])
+    assert out.exit_code == 1 and "--dns01-hook goes with --protocol acme" in out.output
+    out = runner.invoke(main, base + ["--protocol", "est", "--server", "http://ca:8080/.well-known/est",
+                                      "--cn", "x", "--challenge", "c"])
+    assert out.exit_code == 1 and "the EST URL must be https://" in out.output
+    out = runner.invoke(main, base + ["--protocol", "est", "--server", "https://ca:8443/.well-known/est",
+                                      "--cn", "x"], env={"SCEPD_AGENT_CHALLENGE": ""})
+    assert out.exit_code == 1 and "--challenge is required for EST enrollment" in out.output
+    assert not (tmp_path / "d").exists()
