@@ -226,3 +226,67 @@ def test_the_state_selects_the_est_client(pki, tmp_path):
     client = protocol_for({"server": "https://ca:8443/.well-known/est/devices", "protocol": "est"}, d, SystemClock())
     assert isinstance(client, EstClient) and client.anchor == pki.root
     assert client.url == "https://ca:8443/.well-known/est/devices"
+
+
+# --- against the real HTTPS app over TLS on loopback (one injected clock for server and agent) ------
+
+@pytest.fixture
+async def est_url(services, tmp_path):
+    from aiohttp import web
+
+    from scepd.clock import SystemClock as ServerSystemClock
+    from scepd.http.app import create_https_app
+    from scepd.http.tls import ServerCertificate, names_for
+    tls = ServerCertificate(tmp_path / "tls", services.enrollment, services.ca_material, names_for("127.0.0.1"))
+    fixed = services.enrollment.clock  # OpenSSL checks the TLS certificate at the real time
+    services.enrollment.clock = ServerSystemClock()
+    await tls.ensure()
+    services.enrollment.clock = fixed
+    runner = web.AppRunner(create_https_app(services))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls.context(client_auth=False))
+    await site.start()
+    yield f"https://127.0.0.1:{site._server.sockets[0].getsockname()[1]}/.well-known/est", services
+    await runner.cleanup()
+
+
+async def _est_enrolled(est_url, tmp_path) -> AgentDir:
+    from agent.cli import _enroll_est
+    url, services = est_url
+    d = AgentDir(tmp_path / "agent")
+    await _enroll_est(d, url, Identity("est-host", ("DNS:est-host.example",)), "static-secret",
+                      fingerprint(services.ca_material.root), None)
+    return d
+
+
+async def test_enroll_then_renew_over_tls_with_the_current_certificate(est_url, tmp_path, clock):
+    from agent import schedule
+    from agent.core import Agent
+    d = await _est_enrolled(est_url, tmp_path)
+    first = d.load_pair()
+    assert d.load_anchor() == est_url[1].ca_material.root and d.load_state()["protocol"] == "est"
+    assert first.cert.public_key() == first.key.public_key()
+    result = await Agent(d, schedule.Policy(), clock=clock).check(force=True)
+    assert result.ok and result.decision.action is schedule.Action.RENEW, result.message
+    second = d.load_pair()
+    assert second.cert.serial_number != first.cert.serial_number
+    assert second.cert.public_key() == second.key.public_key() != first.key.public_key()
+    assert second.cert.subject == first.cert.subject
+    assert d.load_state()["last_renewal"]["how"] == "renewed"
+
+
+async def test_an_expired_certificate_reenrolls_by_simpleenroll_only_with_a_challenge(est_url, tmp_path, clock,
+                                                                                        caplog):
+    from agent import schedule
+    from agent.core import Agent
+    d = await _est_enrolled(est_url, tmp_path)
+    old = d.load_cert()
+    clock.set(old.not_valid_after_utc + dt.timedelta(days=1))
+    result = await Agent(d, schedule.Policy(), clock=clock).check()
+    assert not result.ok and result.decision.action is schedule.Action.STUCK
+    assert "EXPIRED" in result.message and d.load_cert() == old
+    result = await Agent(d, schedule.Policy(), clock=clock, challenge="static-secret").check()
+    assert result.ok and result.decision.action is schedule.Action.REENROLL, result.message
+    new = d.load_cert()
+    assert new != old and new.subject == old.subject and new.not_valid_after_utc > clock.now()
+    assert d.load_state()["last_renewal"]["how"] == "re-enrolled"
