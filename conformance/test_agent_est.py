@@ -130,11 +130,15 @@ def test_agent_est_wrong_challenge_and_wrong_fingerprint(est, tmp_path):
     out = agent("enroll", "--dir", str(tmp_path / "a"), "--protocol", "est", "--server", est.est(), "--cn",
                 "wrong.example", "--challenge", "not-the-challenge", "--ca-fingerprint", fingerprint_of(srv.root_pem))
     assert out.returncode != 0, out.stdout + out.stderr
+    assert out.stderr.strip().splitlines()[-1] == ("scepd-agent: the EST server refused simpleenroll (HTTP 401): "
+                                                   "the password is invalid, expired or already used"), out.stderr
+    # a challenge scoped to other names: the server's 403 and the names it refuses
+    scoped = srv.new_challenge("--names", "dev-*.example")
+    out = agent("enroll", "--dir", str(tmp_path / "c"), "--protocol", "est", "--server", est.est(), "--cn",
+                "bank.example", "--challenge", scoped, "--ca-fingerprint", fingerprint_of(srv.root_pem))
     line = out.stderr.strip().splitlines()[-1]
-    assert line.startswith("scepd-agent: the EST server refused simpleenroll (HTTP 401): "), out.stderr
-    # the server's own reason, as it answers (conformance/test_est.py reads it with curl)
-    reason = srv.log_text().split("EST POST simpleenroll refused with HTTP 401: ")[-1].splitlines()[0]
-    assert reason and "Traceback" not in out.stderr
+    assert out.returncode != 0 and line.startswith("scepd-agent: the EST server refused simpleenroll (HTTP 403): ")
+    assert "bank.example" in line and "Traceback" not in out.stderr
     out = agent("enroll", "--dir", str(tmp_path / "b"), "--protocol", "est", "--server", est.est(), "--cn",
                 "wrong.example", "--challenge", "static-secret", "--ca-fingerprint", "00" * 32)
     assert out.returncode != 0 and "pinned fingerprint" in out.stderr, out.stdout + out.stderr
