@@ -149,6 +149,16 @@ class LimitsConfig:
 
 
 @dataclass
+class OcspConfig:
+    #: Pre-signed responses kept in memory (least recently used dropped first); 0 = sign every
+    #: response. About 2 KB each (4 KB with a delegated responder certificate).
+    cache_size: int = 100_000
+    #: How often at most the revocation counter is read: a revocation made by another process
+    #: (worker, `scepd certs revoke`) is served within this bound. "0" = on every request.
+    status_poll: str = "1s"
+
+
+@dataclass
 class DatabaseConfig:
     #: SQLAlchemy async URL; empty = SQLite file DIR/scepd.db.
     url: str = ""
@@ -163,6 +173,7 @@ class Config:
     acme: AcmeConfig = field(default_factory=AcmeConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    ocsp: OcspConfig = field(default_factory=OcspConfig)
     state_dir: Path = Path(".")
     #: deprecation warnings about the keys given (`serve` logs them once at start)
     deprecations: list[str] = field(default_factory=list)
@@ -181,7 +192,8 @@ class ConfigError(ValueError):
 
 
 _SECTIONS = {"server": ServerConfig, "ca": CAConfig, "scep": ScepConfig, "database": DatabaseConfig,
-             "acme": AcmeConfig, "policy": PolicyConfig, "limits": LimitsConfig}
+             "acme": AcmeConfig, "policy": PolicyConfig, "limits": LimitsConfig,
+             "ocsp": OcspConfig}
 
 
 def _coerce(kind: type, raw: object, where: str) -> object:
@@ -378,6 +390,13 @@ acme_failed_validations_per_account = "60/1h burst 30"
 acme_new_nonces_per_address = "100/1s burst 200"
 # buckets kept per limit (least recently used dropped first): bounds memory
 max_keys = 10000
+
+[ocsp]
+# pre-signed responses (requests without a nonce) kept in memory, least recently used dropped
+# first; about 2 KB each; 0 = sign every response
+cache_size = 100000
+# a revocation by another process (worker, CLI) is served within this bound ("0" = every request)
+status_poll = "1s"
 
 [database]
 # empty = SQLite file in the state directory; e.g. postgresql+asyncpg://user@host/db

@@ -36,8 +36,15 @@ def attach_ops(services, previous: list[tuple[object, object]] = ()) -> None:
     if services.config.ca.ocsp_delegated:
         from ..ca.ocsp import DelegatedResponder
         delegate = DelegatedResponder(services.config.state_dir / "ocsp", services.enrollment)
-    services.ocsp = OcspResponder(services.store, services.clock, signers, delegate=delegate)
+    ocsp_cfg = services.config.ocsp
+    if ocsp_cfg.cache_size < 0:
+        from ..config import ConfigError
+        raise ConfigError(f"[ocsp] cache_size must be 0 or more, got {ocsp_cfg.cache_size}")
+    services.ocsp = OcspResponder(services.store, services.clock, signers, delegate=delegate,
+                                  cache_size=ocsp_cfg.cache_size,
+                                  status_poll=parse_duration(ocsp_cfg.status_poll))
     services.crl.listeners.append(services.metrics.crl_published)
+    services.revocation.listeners.append(services.ocsp.on_revocation)  # first: drops pre-signed "good"
     services.revocation.listeners.append(services.crl.on_revocation)
     services.revocation.listeners.append(services.metrics.on_revocation)
     services.enrollment.issued_listeners.append(services.metrics.issued)
@@ -98,12 +105,29 @@ def add_ops_routes(app: web.Application, services) -> None:
                    "Expires": published.next_update.strftime("%a, %d %b %Y %H:%M:%S GMT")}
         return web.Response(body=published.der, content_type="application/pkix-crl", headers=headers)
 
-    async def _answer(der: bytes) -> web.Response:
+    counters: dict[str, object] = {}  # status -> its bound counter (labels() is a lookup and a lock)
+
+    def _count(status: str) -> None:
+        counter = counters.get(status)
+        if counter is None:
+            counter = counters[status] = metrics.ocsp_responses.labels(status=status)
+        counter.inc()  # type: ignore[attr-defined]
+
+    async def _answer(der: bytes, if_none_match: str | None = None) -> web.Response:
         answer = await responder.respond(der)
-        metrics.ocsp_responses.labels(status=answer.status).inc()
-        headers = {"Cache-Control": f"public, max-age={answer.max_age}, no-transform" if answer.max_age
-                   else "no-cache, no-store"}
-        return web.Response(body=answer.der, content_type="application/ocsp-response", headers=headers)
+        _count(answer.status)
+        if not answer.max_age:  # errors, and responses carrying the client's nonce
+            return web.Response(body=answer.der, content_type="application/ocsp-response",
+                                headers={"Cache-Control": "no-cache, no-store"})
+        # RFC 5019 §6.2: max-age below nextUpdate, Last-Modified thisUpdate, Expires nextUpdate,
+        # ETag a hash of the response
+        headers = {"Content-Type": "application/ocsp-response",
+                   "Cache-Control": f"public, max-age={answer.max_age}, no-transform, must-revalidate",
+                   "Last-Modified": answer.last_modified, "Expires": answer.expires, "ETag": answer.etag}
+        if if_none_match is not None and if_none_match == answer.etag:
+            del headers["Content-Type"]
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=answer.der, headers=headers)
 
     async def ocsp_post(request: web.Request) -> web.Response:
         try:
@@ -121,7 +145,7 @@ def add_ops_routes(app: web.Application, services) -> None:
             der = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
         except (binascii.Error, ValueError):
             der = b""
-        return await _answer(der)
+        return await _answer(der, request.headers.get("If-None-Match"))
 
     async def get_metrics(_request: web.Request) -> web.Response:
         try:
