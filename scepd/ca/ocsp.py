@@ -225,7 +225,7 @@ class OcspResponder:
         self._epoch = 0  # bumped by each revocation made through this process
         #: counters for tests and the benchmark: responses served from the cache, signatures made,
         #: status reads of a cached response, generation reads
-        self.stats = {"hits": 0, "signed": 0, "rechecked": 0, "polls": 0}
+        self.stats = {"hit": 0, "signed": 0, "rechecked": 0, "poll": 0}
 
     async def respond(self, request_der: bytes) -> OcspAnswer:
         if not request_der or len(request_der) > MAX_REQUEST_BYTES:
@@ -282,7 +282,7 @@ class OcspResponder:
                 and entry.generation == self._generation and entry.status != "unknown"
                 and (entry.responder is None or self.delegate.fresh(now) is entry.responder)):  # type: ignore[union-attr]
             self._cache.move_to_end(ckey)
-            self.stats["hits"] += 1
+            self.stats["hit"] += 1
             return entry.answer
         task = self._inflight.get(ckey)
         if task is None:  # one status read / signature per CertID, however many ask at once
@@ -337,7 +337,7 @@ class OcspResponder:
     async def _read_generation(self) -> None:
         started = self.clock.now()
         try:
-            self.stats["polls"] += 1
+            self.stats["poll"] += 1
             try:
                 self._generation = await self.store.revocation_generation()
             except Exception as err:  # then every cached response is re-checked before use

@@ -49,6 +49,7 @@ def attach_ops(services, previous: list[tuple[object, object]] = ()) -> None:
     services.revocation.listeners.append(services.metrics.on_revocation)
     services.enrollment.issued_listeners.append(services.metrics.issued)
     services.metrics.add_scrape_hook(_agents_seen(services))
+    services.metrics.registry.register(_OcspCacheCollector(services.ocsp))
     services.scep.crl_provider = services.crl.current_der  # SCEP GetCRL
     services.limits.listeners.append(services.metrics.rate_limited)
     for name in services.limits.names():  # every enabled limit shows, at 0 until it refuses
@@ -57,6 +58,24 @@ def attach_ops(services, previous: list[tuple[object, object]] = ()) -> None:
 
 def context_middleware(metrics: Metrics | None):
     """Request id + transaction id context for logs, and latency by route for metrics."""
+    # the labelled children, looked up once: labels() costs a lock and a dict build per call, a
+    # tenth of a cached OCSP response's CPU (bounded: endpoints are routes, methods are few)
+    seconds: dict[tuple[str, str], object] = {}
+    responses: dict[tuple[str, int], object] = {}
+
+    def observe(endpoint: str, method: str, elapsed: float, status: int) -> None:
+        hist = seconds.get((endpoint, method))
+        if hist is None:
+            hist = metrics.request_seconds.labels(endpoint=endpoint, method=method)  # type: ignore[union-attr]
+            if len(seconds) < 1000:
+                seconds[(endpoint, method)] = hist
+        hist.observe(elapsed)  # type: ignore[attr-defined]
+        counter = responses.get((endpoint, status))
+        if counter is None:
+            counter = metrics.responses.labels(endpoint=endpoint, status=str(status))  # type: ignore[union-attr]
+            if len(responses) < 1000:
+                responses[(endpoint, status)] = counter
+        counter.inc()  # type: ignore[attr-defined]
 
     @web.middleware
     async def middleware(request: web.Request, handler):
@@ -76,7 +95,7 @@ def context_middleware(metrics: Metrics | None):
                 info = request.match_info
                 resource = info.route.resource if info is not None and info.route else None
                 endpoint = resource.canonical if resource is not None else "unmatched"
-                metrics.observe_request(endpoint, request.method, time.monotonic() - started, status)
+                observe(endpoint, request.method, time.monotonic() - started, status)
             transaction_id.reset(tid)
             request_id.reset(rid)
 
@@ -130,6 +149,14 @@ def add_ops_routes(app: web.Application, services) -> None:
         return web.Response(body=answer.der, headers=headers)
 
     async def ocsp_post(request: web.Request) -> web.Response:
+        content = request.content
+        if content.is_eof() and (request.content_length or 0) <= MAX_REQUEST_BYTES:
+            # the whole (small) body came with the headers: take it without a timer and two reads
+            body = content.read_nowait(-1)
+            if len(body) <= MAX_REQUEST_BYTES:
+                return await _answer(body)
+            return web.Response(status=413, text=f"request body over {MAX_REQUEST_BYTES} bytes\n",
+                                content_type="text/plain")
         try:
             body = await read_body(request, MAX_REQUEST_BYTES)
         except PayloadTooLarge as err:
@@ -177,3 +204,23 @@ def _agents_seen(services):
         for within, delta in (("1h", dt.timedelta(hours=1)), ("24h", dt.timedelta(hours=24))):
             metrics.agents_seen.labels(within=within).set(await inventory.count_seen_since(now - delta))
     return hook
+
+
+class _OcspCacheCollector:
+    """scepd_ocsp_cache_entries and scepd_ocsp_cache_events_total{event}, read at scrape time only
+    (nothing on the request path): hit = served pre-signed; signed = a signature made (pre-signed
+    or for a request with a nonce); rechecked = a cached response whose status was read again (unknown
+    serials, or after another process revoked something); poll = revocation generation reads."""
+
+    def __init__(self, responder: OcspResponder):
+        self.responder = responder
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        yield GaugeMetricFamily("scepd_ocsp_cache_entries", "Pre-signed OCSP responses held",
+                                value=self.responder.cache_len())
+        events = CounterMetricFamily("scepd_ocsp_cache_events", "Pre-signed OCSP response cache events",
+                                     labels=["event"])
+        for event, count in self.responder.stats.items():
+            events.add_metric([event], count)
+        yield events
