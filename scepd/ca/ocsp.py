@@ -84,7 +84,7 @@ def _issuer_hashes(cert: x509.Certificate, algorithm: str) -> tuple[bytes, bytes
     return name_hash, h(key_bits).digest()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class OcspAnswer:
     der: bytes
     status: str  # good | revoked | unknown | malformedRequest | unauthorized | internalError | tryLater
@@ -100,26 +100,19 @@ _HTTP_DATE = "%a, %d %b %Y %H:%M:%S GMT"
 
 
 class _Entry:
-    """One pre-signed response and what it was signed from."""
+    """One pre-signed response (its answer) and the status it was signed from."""
 
-    __slots__ = ("der", "status", "revoked_at", "reason", "this_update", "next_update", "refresh_at",
-                 "generation", "responder", "etag", "last_modified", "expires", "answer")
+    __slots__ = ("answer", "status", "revoked_at", "reason", "refresh_at", "generation", "responder")
 
-    def __init__(self, der: bytes, status: str, revoked_at, reason, this_update: dt.datetime,
-                 next_update: dt.datetime, refresh_at: dt.datetime, generation: int | None, responder):
-        self.der = der
-        self.status = status
+    def __init__(self, answer: OcspAnswer, revoked_at, reason, refresh_at: dt.datetime,
+                 generation: int | None, responder):
+        self.answer = answer
+        self.status = answer.status
         self.revoked_at = revoked_at
         self.reason = reason
-        self.this_update = this_update
-        self.next_update = next_update
         self.refresh_at = refresh_at
         self.generation = generation  # revocation generation at which the status was last confirmed
         self.responder = responder  # the delegated responder certificate that signed it, or None
-        self.etag = '"' + hashlib.sha1(der).hexdigest() + '"'
-        self.last_modified = this_update.strftime(_HTTP_DATE)
-        self.expires = next_update.strftime(_HTTP_DATE)
-        self.answer: OcspAnswer | None = None
 
 
 def _error(status: ocsp.OCSPResponseStatus, label: str) -> OcspAnswer:
@@ -216,9 +209,11 @@ class OcspResponder:
             for algorithm in _HASHES:
                 name_hash, key_hash = _issuer_hashes(signer.cert, algorithm)
                 self._index[(algorithm, name_hash, key_hash)] = signer
-        # pre-signed responses: (algorithm, issuerNameHash, issuerKeyHash, serial) -> _Entry
-        self._cache: OrderedDict[tuple[str, bytes, bytes, int], _Entry] = OrderedDict()
-        self._inflight: dict[tuple[str, bytes, bytes, int], asyncio.Future] = {}
+        # the same, with the index's own key tuple: cache keys share it instead of holding copies
+        self._issuers = {k: (k, v) for k, v in self._index.items()}
+        # pre-signed responses: ((algorithm, issuerNameHash, issuerKeyHash), serial) -> _Entry
+        self._cache: OrderedDict[tuple[tuple[str, bytes, bytes], int], _Entry] = OrderedDict()
+        self._inflight: dict[tuple[tuple[str, bytes, bytes], int], asyncio.Future] = {}
         self._generation: int | None = None  # revocation generation last read (None: unknown)
         self._poll_at = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
         self._polling: asyncio.Future | None = None
@@ -244,13 +239,14 @@ class OcspResponder:
             return _error(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, "malformedRequest")
         if nonce is not None and not 1 <= len(nonce) <= 32:
             return _error(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, "malformedRequest")
-        signer = self._index.get((algorithm, name_hash, key_hash))
-        if signer is None:
+        issuer = self._issuers.get((algorithm, name_hash, key_hash))
+        if issuer is None:
             return _error(ocsp.OCSPResponseStatus.UNAUTHORIZED, "unauthorized")
         if serial <= 0:
             return _error(ocsp.OCSPResponseStatus.MALFORMED_REQUEST, "malformedRequest")
+        signer = issuer[1]
         if nonce is None and self.cache_size:
-            return await self._presigned((algorithm, name_hash, key_hash, serial), signer)
+            return await self._presigned((issuer[0], serial), issuer[1])
         try:
             status, revoked_at, reason = await self._status(signer, serial_hex(serial))
         except Exception:  # store unreachable: RFC 6960 tryLater, never an HTTP 500
@@ -273,7 +269,7 @@ class OcspResponder:
 
     # --- pre-signed responses -------------------------------------------------------------
 
-    async def _presigned(self, ckey: tuple[str, bytes, bytes, int], signer: Signer) -> OcspAnswer:
+    async def _presigned(self, ckey: tuple[tuple[str, bytes, bytes], int], signer: Signer) -> OcspAnswer:
         now = self.clock.now()
         if now >= self._poll_at:
             await self._poll()
@@ -299,10 +295,11 @@ class OcspResponder:
             return _error(ocsp.OCSPResponseStatus.TRY_LATER, "tryLater")
         return entry.answer
 
-    async def _refresh(self, ckey: tuple[str, bytes, bytes, int], signer: Signer, old: _Entry | None) -> _Entry:
+    async def _refresh(self, ckey: tuple[tuple[str, bytes, bytes], int], signer: Signer, old: _Entry | None) -> _Entry:
         """Read the status; keep `old` if it still says the same and is fresh, else sign anew."""
         generation, epoch = self._generation, self._epoch
-        status, revoked_at, reason = await self._status(signer, serial_hex(ckey[3]))
+        (algorithm, name_hash, key_hash), serial = ckey
+        status, revoked_at, reason = await self._status(signer, serial_hex(serial))
         label = _LABELS[status]
         now = self.clock.now()
         if (old is not None and now < old.refresh_at and (old.status, old.revoked_at, old.reason)
@@ -313,14 +310,15 @@ class OcspResponder:
                 old.generation = generation
             return old
         this_update = now.replace(microsecond=0)
-        der, responder = await self._sign(signer, ckey[0], ckey[1], ckey[2], ckey[3], status, revoked_at,
+        der, responder = await self._sign(signer, algorithm, name_hash, key_hash, serial, status, revoked_at,
                                           reason, this_update, None)
-        entry = _Entry(der, label, revoked_at, reason, this_update, this_update + self.lifetime,
-                       this_update + self.lifetime / 2, generation, responder)
+        next_update = this_update + self.lifetime
         # every served copy has at least lifetime/2 before nextUpdate: max-age never passes it
         max_age = int(min(self.lifetime / 2, dt.timedelta(seconds=HTTP_MAX_AGE)).total_seconds())
-        entry.answer = OcspAnswer(der, label, max_age, this_update, entry.next_update, entry.etag,
-                                  entry.last_modified, entry.expires)
+        answer = OcspAnswer(der, label, max_age, this_update, next_update,
+                            '"' + hashlib.sha1(der).hexdigest() + '"', this_update.strftime(_HTTP_DATE),
+                            next_update.strftime(_HTTP_DATE))
+        entry = _Entry(answer, revoked_at, reason, this_update + self.lifetime / 2, generation, responder)
         if epoch == self._epoch:  # no revocation here while we read and signed: keep it
             self._cache[ckey] = entry
             self._cache.move_to_end(ckey)
@@ -357,8 +355,8 @@ class OcspResponder:
             self._cache.clear()
             self._inflight.clear()
             return
-        for algorithm, name_hash, key_hash in self._index:
-            key = (algorithm, name_hash, key_hash, serial)
+        for issuer in self._index:
+            key = (issuer, serial)
             self._cache.pop(key, None)
             self._inflight.pop(key, None)  # later requests must not join a read made before
 
