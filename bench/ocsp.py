@@ -324,7 +324,7 @@ def main() -> None:
         verify_sample(base, requests, certs, ca, state, tmp, first, "after the run")
         events = {}
         for line in fetch(base + "/metrics")[0].decode().splitlines():
-            if line.startswith("scepd_ocsp_cache_events_total{"):
+            if line.startswith("scepd_ocsp_cache_events{"):
                 events[line.split('"')[1]] = int(float(line.rsplit(" ", 1)[1]))
         n = stats["requests"]
         rate = n / stats["seconds"] if stats["seconds"] else 0
@@ -336,7 +336,7 @@ def main() -> None:
         print(f"server CPU: {cpu:.2f} s = {cpu / n * 1e6 if n else 0:.0f} µs per response "
               f"({cpu / stats['seconds']:.2f} cores busy); loadavg {load_before[0]:.2f} before, "
               f"{load_after[0]:.2f} after")
-        print("server's pre-signed response counters (/metrics scepd_ocsp_cache_events_total): "
+        print("server's pre-signed response counters (/metrics scepd_ocsp_cache_events): "
               + ", ".join(f"{k} {v}" for k, v in sorted(events.items())))
         if generator == "python":
             print("(the Python load generator is the bottleneck here: install `wrk` for the real figure)")

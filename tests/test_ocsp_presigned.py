@@ -252,6 +252,10 @@ async def test_cache_size_bounds_the_presigned_responses(make_services, aiohttp_
     assert services.ocsp.stats["signed"] == 6
     assert await _raw(client, ders[0]) != bodies[0]  # dropped (least recently used): signed again
     assert services.ocsp.stats["signed"] == 7 and services.ocsp.cache_len() == 3
+    metrics = await (await client.get("/metrics")).text()
+    assert "scepd_ocsp_cache_entries 3.0" in metrics
+    assert 'scepd_ocsp_cache_events{event="signed"} 7.0' in metrics
+    assert 'scepd_ocsp_cache_events{event="hit"} 1.0' in metrics
     # 0 turns the cache off: every response signed (the behaviour before pre-signing)
     plain = await make_services({"SCEPD_OCSP_CACHE_SIZE": "0"})
     client0 = await aiohttp_client(create_app(plain))

@@ -207,20 +207,23 @@ def _agents_seen(services):
 
 
 class _OcspCacheCollector:
-    """scepd_ocsp_cache_entries and scepd_ocsp_cache_events_total{event}, read at scrape time only
-    (nothing on the request path): hit = served pre-signed; signed = a signature made (pre-signed
-    or for a request with a nonce); rechecked = a cached response whose status was read again (unknown
-    serials, or after another process revoked something); poll = revocation generation reads."""
+    """scepd_ocsp_cache_entries and scepd_ocsp_cache_events{event}, read at scrape time only
+    (nothing on the request path), of the process answering the scrape (gauges, so that they
+    also show with `serve --workers N`): hit = served pre-signed; signed = signatures made
+    (pre-signed or for a request with a nonce); rechecked = a cached response whose status was
+    read again (unknown serials, or after another process revoked something); poll = revocation
+    counter reads. All counted since the process started."""
 
     def __init__(self, responder: OcspResponder):
         self.responder = responder
 
     def collect(self):
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        from prometheus_client.core import GaugeMetricFamily
         yield GaugeMetricFamily("scepd_ocsp_cache_entries", "Pre-signed OCSP responses held",
                                 value=self.responder.cache_len())
-        events = CounterMetricFamily("scepd_ocsp_cache_events", "Pre-signed OCSP response cache events",
-                                     labels=["event"])
+        events = GaugeMetricFamily("scepd_ocsp_cache_events",
+                                   "Pre-signed OCSP response cache events since this process started",
+                                   labels=["event"])
         for event, count in self.responder.stats.items():
             events.add_metric([event], count)
         yield events
