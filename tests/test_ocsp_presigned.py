@@ -146,6 +146,24 @@ async def test_revocation_by_another_process_is_seen_within_the_poll_bound(clien
     assert seen == []  # confirmed at the new generation: no more reads
 
 
+async def test_clock_stepped_back_polls_and_re_signs(client, services, make_services):
+    """A wall clock stepped back (NTP) must not serve a response whose thisUpdate lies in the
+    future, nor stop the revocation counter reads until it has caught up again."""
+    issued = await _issue(services, "clock-back", rsa_key(0))
+    der = _request(issued.cert, services.ca_material.cert)
+    first = await _raw(client, der)
+    services.clock.advance(dt.timedelta(seconds=10))
+    assert await _raw(client, der) == first  # pre-signed
+    services.clock.advance(dt.timedelta(hours=-1))
+    r = ocsp.load_der_ocsp_response(await _raw(client, der))
+    assert r.this_update_utc == services.clock.now() and r.certificate_status == GOOD  # signed anew
+    other = await make_services()
+    await other.revocation.revoke(issued.record.serial, RevocationReason.SUPERSEDED, "cli")
+    services.clock.advance(dt.timedelta(seconds=1))  # the bound, counted from the stepped clock
+    r = ocsp.load_der_ocsp_response(await _raw(client, der))
+    assert r.certificate_status == REVOKED
+
+
 async def test_status_poll_zero_reads_the_generation_on_every_request(make_services, aiohttp_client):
     from scepd.http.app import create_app
     services = await make_services({"SCEPD_OCSP_STATUS_POLL": "0"})

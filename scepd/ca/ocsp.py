@@ -216,6 +216,7 @@ class OcspResponder:
         self._inflight: dict[tuple[tuple[str, bytes, bytes], int], asyncio.Future] = {}
         self._generation: int | None = None  # revocation generation last read (None: unknown)
         self._poll_at = dt.datetime.min.replace(tzinfo=dt.timezone.utc)
+        self._polled_at = self._poll_at  # when the last generation read started
         self._polling: asyncio.Future | None = None
         self._epoch = 0  # bumped by each revocation made through this process
         #: counters for tests and the benchmark: responses served from the cache, signatures made,
@@ -271,10 +272,11 @@ class OcspResponder:
 
     async def _presigned(self, ckey: tuple[tuple[str, bytes, bytes], int], signer: Signer) -> OcspAnswer:
         now = self.clock.now()
-        if now >= self._poll_at:
+        if now >= self._poll_at or now < self._polled_at:  # (a clock stepped back polls too)
             await self._poll()
         entry = self._cache.get(ckey)
-        if (entry is not None and now < entry.refresh_at and entry.generation is not None
+        if (entry is not None and entry.answer.this_update <= now < entry.refresh_at  # type: ignore[operator]
+                and entry.generation is not None
                 and entry.generation == self._generation and entry.status != "unknown"
                 and (entry.responder is None or self.delegate.fresh(now) is entry.responder)):  # type: ignore[union-attr]
             self._cache.move_to_end(ckey)
@@ -302,7 +304,8 @@ class OcspResponder:
         status, revoked_at, reason = await self._status(signer, serial_hex(serial))
         label = _LABELS[status]
         now = self.clock.now()
-        if (old is not None and now < old.refresh_at and (old.status, old.revoked_at, old.reason)
+        if (old is not None and old.answer.this_update <= now < old.refresh_at  # type: ignore[operator]
+                and (old.status, old.revoked_at, old.reason)
                 == (label, revoked_at, reason)
                 and (old.responder is None or self.delegate.fresh(now) is old.responder)):  # type: ignore[union-attr]
             self.stats["rechecked"] += 1
@@ -342,6 +345,7 @@ class OcspResponder:
                 if self._generation is not None:
                     log.warning("OCSP: revocation generation unreadable (%s); checking each status", err)
                 self._generation = None
+            self._polled_at = started
             self._poll_at = started + self.status_poll
         finally:
             self._polling = None
