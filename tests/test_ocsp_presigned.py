@@ -61,7 +61,8 @@ def _openssl_check(tmp_path, services, body: bytes, cert: x509.Certificate, expe
     return out.stdout
 
 
-async def test_good_response_is_presigned_byte_identical_and_valid_for_openssl(client, services, tmp_path):
+async def test_good_response_is_presigned_byte_identical_and_valid_for_openssl(client, services, tmp_path,
+                                                                              monkeypatch):
     # openssl checks thisUpdate/nextUpdate against the real time: start the test clock there
     services.clock.set(dt.datetime.now(dt.timezone.utc).replace(microsecond=0))
     ca = services.ca_material.cert
@@ -74,11 +75,23 @@ async def test_good_response_is_presigned_byte_identical_and_valid_for_openssl(c
     second = await _raw(client, der)
     assert len(seen) == 1 and "FROM revocation_generation" in seen[0]  # the once-a-second poll only
     seen.clear()
+    import asyncio
+
+    from scepd.ca import ocsp as ocsp_module
+    hops: list[object] = []
+    real_to_thread = asyncio.to_thread
+
+    async def counting_to_thread(fn, *a, **k):
+        hops.append(fn)
+        return await real_to_thread(fn, *a, **k)
+    monkeypatch.setattr(ocsp_module.asyncio, "to_thread", counting_to_thread)
     get = await client.get("/ocsp/" + base64.b64encode(der).decode().replace("/", "%2F"))
     assert get.status == 200
     third = await get.read()
     assert first == second == third
-    assert seen == []  # a fresh pre-signed response costs no database read
+    assert seen == [] and hops == []  # a fresh pre-signed response: no database read, no thread
+    await _raw(client, _request(issued.cert, ca, nonce=os.urandom(8)))
+    assert len(hops) == 1  # (the probe works: a response with a nonce is signed in a thread)
     assert services.ocsp.stats["signed"] == 1 and services.ocsp.stats["hit"] == 2
     r = ocsp.load_der_ocsp_response(first)
     assert r.certificate_status == GOOD and r.serial_number == issued.cert.serial_number
