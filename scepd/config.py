@@ -171,6 +171,16 @@ class LimitsConfig:
 
 
 @dataclass
+class OcspConfig:
+    #: Pre-signed responses kept in memory (least recently used dropped first); 0 = sign every
+    #: response. About 1.3 KB each with an RSA-2048 CA (2 KB with a delegated responder certificate).
+    cache_size: int = 100_000
+    #: How often at most the revocation counter is read: a revocation made by another process
+    #: (worker, `scepd certs revoke`) is served within this bound. "0" = on every request.
+    status_poll: str = "1s"
+
+
+@dataclass
 class DatabaseConfig:
     #: SQLAlchemy async URL; empty = SQLite file DIR/scepd.db.
     url: str = ""
@@ -186,6 +196,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     est: EstConfig = field(default_factory=EstConfig)
+    ocsp: OcspConfig = field(default_factory=OcspConfig)
     state_dir: Path = Path(".")
     #: deprecation warnings about the keys given (`serve` logs them once at start)
     deprecations: list[str] = field(default_factory=list)
@@ -204,7 +215,8 @@ class ConfigError(ValueError):
 
 
 _SECTIONS = {"server": ServerConfig, "ca": CAConfig, "scep": ScepConfig, "database": DatabaseConfig,
-             "acme": AcmeConfig, "policy": PolicyConfig, "limits": LimitsConfig, "est": EstConfig}
+             "acme": AcmeConfig, "policy": PolicyConfig, "limits": LimitsConfig, "est": EstConfig,
+             "ocsp": OcspConfig}
 
 
 def _coerce(kind: type, raw: object, where: str) -> object:
@@ -423,6 +435,13 @@ acme_failed_validations_per_account = "60/1h burst 30"
 acme_new_nonces_per_address = "100/1s burst 200"
 # buckets kept per limit (least recently used dropped first): bounds memory
 max_keys = 10000
+
+[ocsp]
+# pre-signed responses (requests without a nonce) kept in memory, least recently used dropped
+# first; about 1.3 KB each (2 KB with ocsp_delegated); 0 = sign every response
+cache_size = 100000
+# a revocation by another process (worker, CLI) is served within this bound ("0" = every request)
+status_poll = "1s"
 
 [database]
 # empty = SQLite file in the state directory; e.g. postgresql+asyncpg://user@host/db
