@@ -31,6 +31,8 @@ class ServerConfig:
     #: extra DNS names / IPs for the server's own TLS certificate, comma separated
     tls_names: str = ""
     log_format: str = "text"
+    #: worker processes of `scepd serve` (0 = one per CPU core; 1 = a single process, no fork)
+    workers: int = 0
 
 
 @dataclass
@@ -243,6 +245,8 @@ def load(state_dir: Path, environ: dict[str, str] | None = None) -> Config:
     validate_url(cfg.policy.csr_check_url, cfg.policy.csr_check_allow_http)
     if cfg.policy.renewal_profile not in ("keep", "default"):
         raise ConfigError(f"[policy] renewal_profile must be keep or default, got {cfg.policy.renewal_profile!r}")
+    if cfg.server.workers < 0:
+        raise ConfigError(f"[server] workers must be 0 (one per CPU core) or more, got {cfg.server.workers}")
     if not 2048 <= cfg.policy.max_rsa_bits <= 8192:
         raise ConfigError(f"[policy] max_rsa_bits must lie between 2048 and 8192, "
                           f"got {cfg.policy.max_rsa_bits}")
@@ -289,6 +293,8 @@ mtls = ""
 tls_names = ""
 # "text" or "json" (one JSON object a line)
 log_format = "text"
+# worker processes of `scepd serve`; 0 = one per CPU core, 1 = a single process
+workers = 0
 
 [ca]
 default_validity = "90d"
