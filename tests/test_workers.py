@@ -1,0 +1,359 @@
+"""`scepd serve --workers N`: a real server with two worker processes on 127.0.0.1 (both answer,
+one-time challenges stay one-time, kill -9 under load loses no certificate and repeats no serial,
+a killed worker is replaced, SIGTERM stops everything), the supervisor's start-up failures, and
+the ACME validation a restarted primary resumes twice."""
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from acme.store import accounts, authzs, challenges
+from scepd.http import workers
+from scepd.scep import wire
+
+from .helpers import make_csr, pkcs_req, reply_certs, rsa_key, self_signed
+from .test_acme_orders import dns_server, get, key_authorization, lab, new_order  # noqa: F401
+from .test_acme_ari import responder  # noqa: F401  (fixture)
+
+
+# --- a real server ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen
+    port: int
+    pids: list[int]
+    challenge: str | None
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def serve(state_dir: Path, *args: str, env: dict | None = None) -> Served:
+    port = _free_port()
+    log = state_dir.parent / f"serve-{time.monotonic_ns()}.log"
+    full_env = {**os.environ, **(env or {}), "SCEPD_SERVER_HTTP": f"127.0.0.1:{port}"}
+    proc = subprocess.Popen([sys.executable, "-m", "scepd", "serve", "--state-dir", str(state_dir), *args],
+                            stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=full_env,
+                            start_new_session=True)
+    pids: list[int] = []
+    challenge = None
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        if not line:
+            break
+        if m := re.match(r"Worker processes: \d+ \(pids ([\d ]+)\)", line):
+            pids = [int(p) for p in m.group(1).split()]
+        if m := re.search(r"One-time challenge password \(valid 1 hour\): (\S+)", line):
+            challenge = m.group(1)
+        if challenge or (line.startswith("Root CA") and "--no-demo-challenge" in args):
+            break
+    else:
+        proc.kill()
+    if proc.poll() is not None:
+        raise AssertionError("scepd serve did not start: " + log.read_text())
+    return Served(proc, port, pids, challenge, log)
+
+
+def stop(served: Served, sig: int = signal.SIGTERM) -> int:
+    if sig == signal.SIGKILL:
+        os.killpg(served.proc.pid, signal.SIGKILL)  # the parent and every worker
+    else:
+        served.proc.send_signal(sig)
+    try:
+        return served.proc.wait(timeout=40)
+    finally:
+        try:
+            os.killpg(served.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _children(pid: int) -> set[int]:
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(stat[1]) == pid and stat[0] != "Z":
+                out.add(int(entry))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _owner(client: socket.socket, server_port: int, pids: list[int]) -> int | None:
+    """The pid holding the server end of `client`'s connection (/proc/net/tcp and /proc/PID/fd)."""
+    client_port = client.getsockname()[1]
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+            inode = fields[9]
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    return pid
+        except OSError:
+            continue
+    return None
+
+
+def _ca_cert(port: int) -> x509.Certificate:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/scep?operation=GetCACert")
+    return wire.certs_from_certs_only(conn.getresponse().read())[0]
+
+
+def _post_pkcsreq(port: int, der: bytes) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", "/scep?operation=PKIOperation", body=der,
+                     headers={"Content-Type": "application/x-pki-message"})
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+@dataclass
+class Enrollment:
+    der: bytes
+    key: object
+    signer: x509.Certificate
+
+
+def _enrollments(ca: x509.Certificate, count: int, challenge: str, prefix: str) -> list[Enrollment]:
+    out = []
+    for i in range(count):
+        key = rsa_key(i % 4)
+        signer = self_signed(key, f"{prefix}-signer-{i}")
+        der, _, _ = pkcs_req(ca, key, make_csr(key, f"{prefix}-{i}", challenge), signer=(signer, key))
+        out.append(Enrollment(der, key, signer))
+    return out
+
+
+def _issued(e: Enrollment, status: int, body: bytes) -> x509.Certificate | None:
+    """The certificate of a SUCCESS reply, None for a FAILURE; anything else fails the test."""
+    assert status == 200, (status, body[:200])
+    rep = wire.decode_cert_rep(body)
+    if rep.status == wire.PkiStatus.FAILURE:
+        return None
+    assert rep.status == wire.PkiStatus.SUCCESS, rep.status
+    return next(c for c in reply_certs(rep, e.signer, e.key) if c.public_key() == e.key.public_key())
+
+
+def _stored(state_dir: Path) -> dict[str, bytes]:
+    with sqlite3.connect(f"file:{state_dir / 'scepd.db'}?mode=ro", uri=True) as db:
+        return {serial: bytes(der) for serial, der in db.execute("SELECT serial, der FROM certificates")}
+
+
+# --- the tests ------------------------------------------------------------------------------------
+
+
+def test_two_worker_processes_both_answer_and_sigterm_stops_them_all(state_dir):
+    served = serve(state_dir, "--workers", "2", "--no-demo-challenge")
+    try:
+        assert len(served.pids) == 2 and set(served.pids) == _children(served.proc.pid)
+        answered: dict[int, int] = {}
+        for _ in range(400):  # bounded: until both workers held a connection and answered on it
+            with socket.create_connection(("127.0.0.1", served.port), timeout=10) as c:
+                c.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                reply = c.recv(4096)
+                assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b"ok\n")
+                assert b"pid" not in reply.lower() and b"worker" not in reply.lower()  # no internals
+                owner = _owner(c, served.port, served.pids)
+                answered[owner] = answered.get(owner, 0) + 1  # type: ignore[index]
+            if len(answered.keys() & set(served.pids)) == 2:
+                break
+        assert set(served.pids) <= answered.keys(), answered
+    finally:
+        code = stop(served)
+    assert code == 0, served.log_text()
+    assert not any(_alive(p) for p in served.pids)  # no orphans
+    assert "Traceback" not in served.log_text()
+
+
+def test_one_time_challenge_used_concurrently_across_workers_issues_one_certificate(state_dir):
+    served = serve(state_dir, "--workers", "2")
+    try:
+        ca = _ca_cert(served.port)
+        attempts = _enrollments(ca, 12, served.challenge, "once")  # type: ignore[arg-type]
+        with ThreadPoolExecutor(12) as pool:
+            replies = list(pool.map(lambda e: _post_pkcsreq(served.port, e.der), attempts))
+        issued = [c for e, (status, body) in zip(attempts, replies) if (c := _issued(e, status, body))]
+        assert len(issued) == 1
+        scep_certs = [der for der in _stored(state_dir).values()
+                      if x509.load_der_x509_certificate(der).subject.rfc4514_string().startswith("CN=once-")]
+        assert scep_certs == [issued[0].public_bytes(Encoding.DER)]
+    finally:
+        assert stop(served) == 0, served.log_text()
+
+
+def test_kill_9_under_load_loses_no_certificate_and_a_killed_worker_is_replaced(state_dir):
+    env = {"SCEPD_SCEP_STATIC_CHALLENGE": "load-secret"}
+    served = serve(state_dir, "--workers", "2", "--no-demo-challenge", env=env)
+    ca = _ca_cert(served.port)
+    todo = _enrollments(ca, 240, "load-secret", "load")
+    received: list[x509.Certificate] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+    halt = threading.Event()
+    position = iter(range(len(todo)))
+
+    def client() -> None:
+        while not halt.is_set():
+            with lock:
+                i = next(position, None)
+            if i is None:
+                return
+            try:
+                status, body = _post_pkcsreq(served.port, todo[i].der)
+            except OSError:  # the connection of a killed process
+                continue
+            try:
+                cert = _issued(todo[i], status, body)
+            except AssertionError as exc:
+                with lock:
+                    failures.append(str(exc))
+                continue
+            with lock:
+                (received.append(cert) if cert is not None else failures.append("FAILURE reply"))
+
+    def wait_for(count: int) -> None:
+        deadline = time.monotonic() + 120
+        while len(received) < count and time.monotonic() < deadline and not halt.is_set():
+            time.sleep(0.05)
+        assert len(received) >= count, (len(received), failures)
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(10)
+        victim = served.pids[1]
+        os.kill(victim, signal.SIGKILL)  # one worker only: the service keeps answering
+        before = len(received)
+        wait_for(before + 10)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and len(_children(served.proc.pid) - {victim}) < 2:
+            time.sleep(0.05)
+        replacement = _children(served.proc.pid) - set(served.pids)
+        assert len(replacement) == 1 and len(_children(served.proc.pid)) == 2
+        wait_for(len(received) + 5)
+        stop(served, signal.SIGKILL)  # the parent and every worker, mid-load
+    finally:
+        halt.set()
+        for t in threads:
+            t.join(timeout=120)
+    assert not failures, failures  # every reply was a SUCCESS: no "database is locked" reached a client
+    assert received
+
+    again = serve(state_dir, "--workers", "2", "--no-demo-challenge", env=env)
+    try:
+        stored = _stored(state_dir)
+        for cert in received:
+            assert stored[format(cert.serial_number, "x")] == cert.public_bytes(Encoding.DER)
+        serials = [x509.load_der_x509_certificate(der).serial_number for der in stored.values()]
+        assert len(serials) == len(set(serials))
+        assert len({c.serial_number for c in received}) == len(received)
+        extra = _enrollments(_ca_cert(again.port), 1, "load-secret", "after")[0]
+        assert _issued(extra, *_post_pkcsreq(again.port, extra.der)) is not None  # works again
+    finally:
+        assert stop(again) == 0, again.log_text()
+    assert "worker 1 (pid %d) exited with code -9" % victim in served.log_text()
+
+
+# --- the supervisor -----------------------------------------------------------------------------
+
+
+def _cannot_start(index, primary, report):
+    report("cannot reach the database: connection refused")
+    return 1
+
+
+def test_workers_failing_at_start_up_give_one_clear_error():
+    supervisor = workers.Supervisor(2, _cannot_start)
+    with pytest.raises(workers.WorkerStartError, match="^cannot reach the database: connection refused$"):
+        supervisor.start()
+    assert supervisor.pids() == []
+
+
+def _second_fails_after_its_first_life(marker: Path):
+    def body(index, primary, report):
+        if index == 1 and marker.exists():
+            report("cannot reach the database: gone")
+            return 1
+        report("ready")
+        if index == 1:
+            marker.touch()
+            return 3  # dies after it started: restarted, then fails to start again
+        signal.pause()  # worker 0 serves until the supervisor's SIGTERM
+        return 0
+    return body
+
+
+def test_a_worker_that_keeps_failing_to_restart_stops_the_server(tmp_path, monkeypatch):
+    monkeypatch.setattr(workers, "MAX_START_FAILURES", 2)
+    supervisor = workers.Supervisor(2, _second_fails_after_its_first_life(tmp_path / "died"))
+    supervisor.start()
+    first = supervisor.pids()
+    with pytest.raises(workers.WorkerStartError, match="^cannot reach the database: gone$"):
+        supervisor.run()
+    assert supervisor.pids() == [] and not _alive(first[0])  # worker 0 stopped too
+
+
+# --- ACME: a validation resumed twice -------------------------------------------------------------
+
+
+async def test_a_late_duplicate_validation_records_nothing(lab):  # noqa: F811
+    """A restarted primary worker resumes every `processing` challenge, including one another
+    worker still validates: the first outcome stands; the duplicate changes nothing."""
+    _resp, order = await new_order(lab, [{"type": "dns", "value": "twice.example.test"}])
+    authz = await get(lab, order["authorizations"][0])
+    ch = next(c for c in authz["challenges"] if c["type"] == "http-01")
+    lab.tokens[ch["token"]] = key_authorization(lab, ch)
+    cid = ch["url"].rsplit("/", 1)[1]
+    await lab.service.db.update(challenges, cid, status="processing")
+    row = await lab.service.db.get(challenges, cid)
+    a = await lab.service.db.get(authzs, row["authz_id"])
+    thumbprint = (await lab.service.db.get(accounts, a["account_id"]))["thumbprint"]
+    await lab.service._validate(row, a, thumbprint)  # the worker that took it: valid
+    del lab.tokens[ch["token"]]  # the client cleaned up
+    await lab.service._validate(row, a, thumbprint)  # the late duplicate: would fail now
+    after = await lab.service.db.get(challenges, cid)
+    assert after["status"] == "valid" and not after["error"]
+    assert (await get(lab, order["authorizations"][0]))["status"] == "valid"
