@@ -207,6 +207,42 @@ def test_two_worker_processes_both_answer_and_sigterm_stops_them_all(state_dir):
     assert "Traceback" not in served.log_text()
 
 
+def _get(port: int, path: str, pids: list[int]) -> tuple[int | None, bytes]:
+    """(pid of the worker that answered, body) of one GET on a fresh keep-alive connection."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path)
+        body = conn.getresponse().read()
+        return _owner(conn.sock, port, pids), body  # type: ignore[arg-type]
+    finally:
+        conn.close()
+
+
+def test_metrics_show_totals_across_workers_whichever_answers(state_dir):
+    served = serve(state_dir, "--workers", "2", "--no-demo-challenge")
+    try:
+        served_by: set = set()
+        for _ in range(40):
+            owner, body = _get(served.port, "/scep?operation=GetCACaps", served.pids)
+            assert b"SHA-256" in body
+            served_by.add(owner)
+        assert set(served.pids) <= served_by  # both workers counted some
+        scraped_by: set = set()
+        for _ in range(200):  # bounded: until each worker answered /metrics at least once
+            owner, body = _get(served.port, "/metrics", served.pids)
+            text = body.decode()
+            assert re.search(r'^scepd_scep_operation_duration_seconds_count\{operation="getcacaps"\} 40\.0$',
+                             text, re.M), text
+            assert len(re.findall(r"^scepd_certificates_active ", text, re.M)) == 1  # from the database, once
+            scraped_by.add(owner)
+            if set(served.pids) <= scraped_by:
+                break
+        assert set(served.pids) <= scraped_by
+    finally:
+        assert stop(served) == 0, served.log_text()
+    assert not list(state_dir.glob(".metrics-*"))  # the shared directory goes with the server
+
+
 def test_one_time_challenge_used_concurrently_across_workers_issues_one_certificate(state_dir):
     served = serve(state_dir, "--workers", "2")
     try:
