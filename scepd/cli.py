@@ -478,7 +478,6 @@ def _worker_process(cfg: config_mod.Config, socks: dict, metrics_dir: str, index
 def _serve_workers(cfg: config_mod.Config, demo_challenge: bool, count: int) -> None:
     import functools
     import shutil
-    import tempfile
     from .http.workers import Supervisor, WorkerStartError, bind, threads_other_than_main
     prepared: dict = {}
     reason = _serve_error(lambda: prepared.update(asyncio.run(_prepare_once(cfg, demo_challenge))))
@@ -493,7 +492,7 @@ def _serve_workers(cfg: config_mod.Config, demo_challenge: bool, count: int) -> 
             if getattr(cfg.server, key):
                 socks[key] = bind(*_split_hostport(getattr(cfg.server, key)))
         # counters and histograms of every worker, summed by whichever answers /metrics
-        metrics_dir = tempfile.mkdtemp(prefix=".metrics-", dir=cfg.state_dir)
+        metrics_dir = _metrics_directory(cfg.state_dir)
         log = logging.getLogger("scepd.workers")
         supervisor = Supervisor(count, functools.partial(_worker_process, cfg, socks, metrics_dir))
         supervisor.install_signal_handlers()
@@ -514,6 +513,30 @@ def _serve_workers(cfg: config_mod.Config, demo_challenge: bool, count: int) -> 
             sock.close()
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _metrics_directory(state_dir: Path) -> str:
+    """DIR/.metrics-<parent pid>, new and empty; those of servers no longer running (a kill -9)
+    are removed."""
+    import shutil
+    for old in state_dir.glob(".metrics-*"):
+        pid = old.name.removeprefix(".metrics-")
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    path = state_dir / f".metrics-{os.getpid()}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(mode=0o700)
+    return str(path)
 
 
 def _announce(cfg: config_mod.Config, addresses: dict, prepared: dict, pids: list[int]) -> None:

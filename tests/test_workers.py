@@ -243,6 +243,52 @@ def test_metrics_show_totals_across_workers_whichever_answers(state_dir):
     assert not list(state_dir.glob(".metrics-*"))  # the shared directory goes with the server
 
 
+def test_acme_nonces_are_good_at_the_other_worker_and_used_once_across_workers(state_dir):
+    import json
+    import ssl
+
+    from .test_acme_jws import rsa_jwk, sign
+    https = _free_port()
+    served = serve(state_dir, "--workers", "2", "--no-demo-challenge",
+                   env={"SCEPD_SERVER_HTTPS": f"127.0.0.1:{https}"})
+    tls = ssl.create_default_context(cafile=str(state_dir / "ca" / "root.pem"))
+    by_worker: dict[int, http.client.HTTPSConnection] = {}
+    try:
+        for _ in range(200):  # bounded: one kept-alive connection held by each worker
+            conn = http.client.HTTPSConnection("127.0.0.1", https, timeout=30, context=tls)
+            conn.request("HEAD", "/acme/new-nonce")
+            conn.getresponse().read()
+            owner = _owner(conn.sock, https, served.pids)  # type: ignore[arg-type]
+            if owner in by_worker or owner is None:
+                conn.close()
+            else:
+                by_worker[owner] = conn
+            if len(by_worker) == 2:
+                break
+        (a, conn_a), (b, conn_b) = by_worker.items()
+
+        def new_account(conn, nonce: str) -> tuple[int, dict]:
+            url = f"https://127.0.0.1:{https}/acme/new-account"
+            body = sign(rsa_key(0), {"alg": "RS256", "nonce": nonce, "url": url, "jwk": rsa_jwk(rsa_key(0))},
+                        json.dumps({"termsOfServiceAgreed": True}).encode())
+            conn.request("POST", "/acme/new-account", body=body, headers={"Content-Type": "application/jose+json"})
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read() or b"{}")
+
+        conn_a.request("HEAD", "/acme/new-nonce")
+        resp = conn_a.getresponse()
+        resp.read()
+        nonce = resp.headers["Replay-Nonce"]
+        assert new_account(conn_b, nonce)[0] == 201  # issued by a, good at b
+        status, problem = new_account(conn_a, nonce)  # used at b: refused at a
+        assert status == 400 and problem["type"] == "urn:ietf:params:acme:error:badNonce"
+        assert _owner(conn_a.sock, https, served.pids) == a and _owner(conn_b.sock, https, served.pids) == b
+    finally:
+        for conn in by_worker.values():
+            conn.close()
+        assert stop(served) == 0, served.log_text()
+
+
 def test_one_time_challenge_used_concurrently_across_workers_issues_one_certificate(state_dir):
     served = serve(state_dir, "--workers", "2")
     try:
@@ -328,6 +374,8 @@ def test_kill_9_under_load_loses_no_certificate_and_a_killed_worker_is_replaced(
         assert len({c.serial_number for c in received}) == len(received)
         extra = _enrollments(_ca_cert(again.port), 1, "load-secret", "after")[0]
         assert _issued(extra, *_post_pkcsreq(again.port, extra.der)) is not None  # works again
+        # the killed server's metrics files are gone, the new server's are there
+        assert [p.name for p in state_dir.glob(".metrics-*")] == [f".metrics-{again.proc.pid}"]
     finally:
         assert stop(again) == 0, again.log_text()
     assert "worker 1 (pid %d) exited with code -9" % victim in served.log_text()
