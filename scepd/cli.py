@@ -384,14 +384,16 @@ async def _prepare_once(cfg: config_mod.Config, demo_challenge: bool) -> dict:
     """The parent's share, before any worker forks: migrations, the CA, the server TLS
     certificate, the demo challenge. Everything it opened is closed again."""
     from .http.app import open_services
-    from .http.tls import ServerCertificate, names_for
     try:
         services = await open_services(cfg)
     except OSError as exc:
         raise _DatabaseUnreachable(str(exc)) from None
     try:
         if cfg.server.https or cfg.server.mtls:
-            await _server_certificate(cfg, services, ServerCertificate, names_for).ensure()
+            await _server_certificate(cfg, services).ensure()
+        delegate = getattr(services.ocsp, "delegate", None)
+        if delegate is not None:  # [ca] ocsp_delegated: its certificate issued once, not per worker
+            await delegate.current()
         secret = None
         if demo_challenge:
             secret = await services.challenges.create(dt.timedelta(hours=1), actor="serve")
@@ -400,10 +402,11 @@ async def _prepare_once(cfg: config_mod.Config, demo_challenge: bool) -> dict:
         await services.close()
 
 
-def _server_certificate(cfg, services, server_certificate, names_for):
+def _server_certificate(cfg: config_mod.Config, services):
+    from .http.tls import ServerCertificate, names_for
     tls_host = _split_hostport(cfg.server.https or cfg.server.mtls)[0]
     extra = tuple(n.strip() for n in cfg.server.tls_names.split(",") if n.strip())
-    return server_certificate(cfg.state_dir / "tls", services.enrollment, services.ca_material,
+    return ServerCertificate(cfg.state_dir / "tls", services.enrollment, services.ca_material,
                               names_for(tls_host, extra))
 
 
@@ -423,7 +426,6 @@ async def _start_sock_site(app, sock, ssl_context=None):
 async def _worker(cfg: config_mod.Config, socks: dict, primary: bool, report) -> None:
     """One worker: the apps on the inherited sockets until SIGTERM/SIGINT."""
     from .http.app import create_app, create_https_app, create_mtls_app, open_services
-    from .http.tls import ServerCertificate, names_for
     try:
         services = await open_services(cfg)
     except OSError as exc:
@@ -435,7 +437,7 @@ async def _worker(cfg: config_mod.Config, socks: dict, primary: bool, report) ->
     try:
         runners.append(await _start_sock_site(create_app(services), socks["http"]))
         if "https" in socks or "mtls" in socks:
-            server_cert = _server_certificate(cfg, services, ServerCertificate, names_for)
+            server_cert = _server_certificate(cfg, services)
             if primary:  # a restarted primary: the certificate may have come due meanwhile
                 await server_cert.ensure()
             tasks.append(asyncio.create_task(_renew_server_cert(server_cert, stop, primary)))

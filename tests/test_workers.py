@@ -81,7 +81,10 @@ def serve(state_dir: Path, *args: str, env: dict | None = None) -> Served:
 
 def stop(served: Served, sig: int = signal.SIGTERM) -> int:
     if sig == signal.SIGKILL:
-        os.killpg(served.proc.pid, signal.SIGKILL)  # the parent and every worker
+        try:
+            os.killpg(served.proc.pid, signal.SIGKILL)  # the parent and every worker
+        except ProcessLookupError:
+            pass
     else:
         served.proc.send_signal(sig)
     try:
@@ -216,6 +219,19 @@ def _get(port: int, path: str, pids: list[int]) -> tuple[int | None, bytes]:
         return _owner(conn.sock, port, pids), body  # type: ignore[arg-type]
     finally:
         conn.close()
+
+
+def test_kill_9_of_the_parent_alone_leaves_no_worker_behind(state_dir):
+    served = serve(state_dir, "--workers", "2", "--no-demo-challenge")
+    try:
+        os.kill(served.proc.pid, signal.SIGKILL)
+        served.proc.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(p) for p in served.pids):
+            time.sleep(0.05)
+        assert not any(_alive(p) for p in served.pids)  # they stopped with their parent
+    finally:
+        stop(served, signal.SIGKILL)
 
 
 def test_metrics_show_totals_across_workers_whichever_answers(state_dir):
@@ -379,6 +395,45 @@ def test_kill_9_under_load_loses_no_certificate_and_a_killed_worker_is_replaced(
     finally:
         assert stop(again) == 0, again.log_text()
     assert "worker 1 (pid %d) exited with code -9" % victim in served.log_text()
+
+
+def test_server_workers_from_the_config_file_and_a_bad_count_is_one_line(state_dir):
+    cfg = state_dir / "scepd.toml"
+    cfg.write_text(cfg.read_text().replace("workers = 0", "workers = 3"))
+    served = serve(state_dir, "--no-demo-challenge")
+    try:
+        assert len(served.pids) == 3 and set(served.pids) == _children(served.proc.pid)
+    finally:
+        assert stop(served) == 0, served.log_text()
+    bad = subprocess.run([sys.executable, "-m", "scepd", "serve", "--state-dir", str(state_dir)],
+                         capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "SCEPD_SERVER_WORKERS": "-2", "SCEPD_SERVER_HTTP": "127.0.0.1:0"})
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "[server] workers must be 0 (one per CPU core) or more, got -2" in bad.stderr
+
+
+def test_delegated_ocsp_responder_certificate_is_issued_once_not_per_worker(state_dir):
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509 import ocsp
+    served = serve(state_dir, "--workers", "2", "--no-demo-challenge", env={"SCEPD_CA_OCSP_DELEGATED": "1"})
+    try:
+        responder = x509.load_pem_x509_certificate((state_dir / "ocsp" / "responder.pem").read_bytes())
+        query = ocsp.OCSPRequestBuilder().add_certificate(responder, _ca_cert(served.port), hashes.SHA1()).build()
+
+        def ask(_i) -> bytes:
+            conn = http.client.HTTPConnection("127.0.0.1", served.port, timeout=60)
+            conn.request("POST", "/ocsp", body=query.public_bytes(Encoding.DER),
+                         headers={"Content-Type": "application/ocsp-request"})
+            return conn.getresponse().read()
+        with ThreadPoolExecutor(8) as pool:
+            answers = [ocsp.load_der_ocsp_response(r) for r in pool.map(ask, range(16))]
+        assert all(a.certificate_status == ocsp.OCSPCertStatus.GOOD for a in answers)
+        assert {a.certificates[0].serial_number for a in answers} == {responder.serial_number}
+        responders = [der for der in _stored(state_dir).values()
+                      if "OCSP responder" in x509.load_der_x509_certificate(der).subject.rfc4514_string()]
+        assert len(responders) == 1
+    finally:
+        assert stop(served) == 0, served.log_text()
 
 
 # --- the supervisor -----------------------------------------------------------------------------
