@@ -379,8 +379,9 @@ async def inner(args) -> int:
     # /proc/self/net is this process's namespace (/sys/class/net is the one sysfs was mounted in)
     ifaces = sorted(line.split(":")[0].strip() for line in Path("/proc/self/net/dev").read_text().splitlines()[2:])
     print(f"loadavg at start: {' '.join(loadavg)} ({os.cpu_count()} cores, shared with other jobs); "
-          f"network namespace interfaces: {', '.join(ifaces)}; scepd workers: "
-          f"{args.workers if args.workers is not None else f'default ({os.cpu_count()})'}", flush=True)
+          f"network namespace interfaces: {', '.join(ifaces)}", flush=True)
+    print(f"scepd serve --workers {args.workers if args.workers is not None else f'(default: {os.cpu_count()})'}",
+          flush=True)
     if ifaces != ["lo"]:
         print("refusing to run: this network namespace has interfaces besides loopback", file=sys.stderr)
         return 2
