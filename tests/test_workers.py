@@ -321,6 +321,58 @@ def test_one_time_challenge_used_concurrently_across_workers_issues_one_certific
         assert stop(served) == 0, served.log_text()
 
 
+def test_one_eab_key_used_concurrently_across_workers_binds_one_account(state_dir):
+    import base64
+    import json
+    import ssl
+
+    from cryptography.hazmat.primitives import hashes, hmac
+
+    from .test_acme_jws import b64, rsa_jwk, sign
+    https = _free_port()
+    env = {"SCEPD_SERVER_HTTPS": f"127.0.0.1:{https}", "SCEPD_ACME_EAB_REQUIRED": "1"}
+    served = serve(state_dir, "--workers", "2", "--no-demo-challenge", env=env)
+    tls = ssl.create_default_context(cafile=str(state_dir / "ca" / "root.pem"))
+    url = f"https://127.0.0.1:{https}/acme/new-account"
+    try:
+        made = subprocess.run([sys.executable, "-m", "scepd", "eab", "create", "--state-dir", str(state_dir)],
+                              capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+        kid = re.search(r"^kid: (\S+)$", made.stdout, re.M).group(1)  # type: ignore[union-attr]
+        mac_key = re.search(r"^hmac: (\S+)$", made.stdout, re.M).group(1)  # type: ignore[union-attr]
+
+        def new_account(index: int) -> int:
+            key = rsa_key(index)
+            protected = b64(json.dumps({"alg": "HS256", "kid": kid, "url": url}).encode())
+            payload = b64(json.dumps(rsa_jwk(key)).encode())
+            mac = hmac.HMAC(base64.urlsafe_b64decode(mac_key + "=" * (-len(mac_key) % 4)), hashes.SHA256())
+            mac.update(f"{protected}.{payload}".encode())
+            binding = {"protected": protected, "payload": payload, "signature": b64(mac.finalize())}
+            conn = http.client.HTTPSConnection("127.0.0.1", https, timeout=60, context=tls)
+            try:
+                conn.request("HEAD", "/acme/new-nonce")
+                nonce_reply = conn.getresponse()
+                nonce_reply.read()
+                body = sign(key, {"alg": "RS256", "nonce": nonce_reply.headers["Replay-Nonce"], "url": url,
+                                  "jwk": rsa_jwk(key)},
+                            json.dumps({"termsOfServiceAgreed": True, "externalAccountBinding": binding}).encode())
+                conn.close()  # a fresh connection: either worker may take the new-account request
+                conn = http.client.HTTPSConnection("127.0.0.1", https, timeout=60, context=tls)
+                conn.request("POST", "/acme/new-account", body=body,
+                             headers={"Content-Type": "application/jose+json"})
+                reply = conn.getresponse()
+                problem = json.loads(reply.read() or b"{}")
+                assert reply.status == 201 or problem.get("type") == "urn:ietf:params:acme:error:unauthorized", \
+                    (reply.status, problem)
+                return reply.status
+            finally:
+                conn.close()
+        with ThreadPoolExecutor(6) as pool:
+            statuses = list(pool.map(new_account, range(6)))
+        assert statuses.count(201) == 1, statuses
+    finally:
+        assert stop(served) == 0, served.log_text()
+
+
 def test_kill_9_under_load_loses_no_certificate_and_a_killed_worker_is_replaced(state_dir):
     env = {"SCEPD_SCEP_STATIC_CHALLENGE": "load-secret"}
     served = serve(state_dir, "--workers", "2", "--no-demo-challenge", env=env)
