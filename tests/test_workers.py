@@ -527,6 +527,25 @@ def test_a_worker_that_keeps_failing_to_restart_stops_the_server(tmp_path, monke
     assert supervisor.pids() == [] and not _alive(first[0])  # worker 0 stopped too
 
 
+def _exits_right_after_start(index, primary, report):
+    report("ready")
+    if index == 1:
+        return 3
+    signal.pause()
+    return 0
+
+
+def test_a_worker_that_keeps_exiting_right_after_start_stops_the_server(monkeypatch):
+    monkeypatch.setattr(workers, "MAX_START_FAILURES", 2)
+    supervisor = workers.Supervisor(2, _exits_right_after_start)
+    supervisor.start()
+    first = supervisor.pids()
+    with pytest.raises(workers.WorkerStartError, match="^worker 1 keeps exiting right after it started "
+                                                       r"\(exit code 3\)$"):
+        supervisor.run()
+    assert supervisor.pids() == [] and not _alive(first[0])
+
+
 # --- ACME: a validation resumed twice -------------------------------------------------------------
 
 

@@ -45,6 +45,8 @@ MAX_START_FAILURES = 5
 START_TIMEOUT = 120.0
 #: how long workers get to finish their requests after SIGTERM before they are killed
 STOP_TIMEOUT = 30.0
+#: a worker that exits sooner than this after it started counts as failing to start
+SHORT_LIFE = 5.0
 
 
 class WorkerStartError(Exception):
@@ -185,7 +187,6 @@ class Supervisor:
                     message = None
                 if message == "ready":
                     worker.ready = True
-                    self._failures[worker.index] = 0
                     return
                 if message is not None:
                     worker.process.join(10)
@@ -223,8 +224,17 @@ class Supervisor:
                 if worker is None or self.stopping:
                     continue
                 worker.process.join(5)
+                code = worker.process.exitcode
                 log.warning("worker %d (pid %s) exited with code %s; starting a new one",
-                            worker.index, worker.process.pid, worker.process.exitcode)
+                            worker.index, worker.process.pid, code)
+                if time.monotonic() - worker.started < SHORT_LIFE:  # a crash loop: back off, then give up
+                    failures = self._failures[worker.index] = self._failures.get(worker.index, 0) + 1
+                    if failures >= MAX_START_FAILURES:
+                        self.stop()
+                        raise WorkerStartError(f"worker {worker.index} keeps exiting right after it "
+                                               f"started (exit code {code})")
+                else:
+                    self._failures[worker.index] = 0
                 self._restart(worker.index)
         self.stop()
 
