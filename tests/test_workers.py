@@ -179,9 +179,34 @@ def _issued(e: Enrollment, status: int, body: bytes) -> x509.Certificate | None:
     return next(c for c in reply_certs(rep, e.signer, e.key) if c.public_key() == e.key.public_key())
 
 
-def _stored(state_dir: Path) -> dict[str, bytes]:
-    with sqlite3.connect(f"file:{state_dir / 'scepd.db'}?mode=ro", uri=True) as db:
-        return {serial: bytes(der) for serial, der in db.execute("SELECT serial, der FROM certificates")}
+def _stored(state_dir: Path, database_url: str | None = None) -> dict[str, bytes]:
+    """serial -> DER of every certificate in the store (SQLite file or PostgreSQL)."""
+    if database_url is None:
+        with sqlite3.connect(f"file:{state_dir / 'scepd.db'}?mode=ro", uri=True) as db:
+            return {serial: bytes(der) for serial, der in db.execute("SELECT serial, der FROM certificates")}
+    import asyncio
+
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    async def read() -> dict[str, bytes]:
+        engine = create_async_engine(database_url)
+        try:
+            async with engine.connect() as conn:
+                rows = (await conn.execute(sa.text("SELECT serial, der FROM certificates"))).all()
+        finally:
+            await engine.dispose()
+        return {serial: bytes(der) for serial, der in rows}
+    return asyncio.run(read())
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request) -> dict[str, str]:
+    """The server's environment for each database: SQLite in the state directory, PostgreSQL."""
+    if request.param == "sqlite":
+        return {}
+    cluster = request.getfixturevalue("postgres_cluster")
+    return {"SCEPD_DATABASE_URL": cluster.create_database(f"scepd_workers_{time.monotonic_ns()}")}
 
 
 # --- the tests ------------------------------------------------------------------------------------
@@ -373,8 +398,8 @@ def test_one_eab_key_used_concurrently_across_workers_binds_one_account(state_di
         assert stop(served) == 0, served.log_text()
 
 
-def test_kill_9_under_load_loses_no_certificate_and_a_killed_worker_is_replaced(state_dir):
-    env = {"SCEPD_SCEP_STATIC_CHALLENGE": "load-secret"}
+def test_kill_9_under_load_loses_no_certificate_and_a_killed_worker_is_replaced(state_dir, backend):
+    env = {"SCEPD_SCEP_STATIC_CHALLENGE": "load-secret", **backend}
     served = serve(state_dir, "--workers", "2", "--no-demo-challenge", env=env)
     ca = _ca_cert(served.port)
     todo = _enrollments(ca, 240, "load-secret", "load")
@@ -434,7 +459,7 @@ def test_kill_9_under_load_loses_no_certificate_and_a_killed_worker_is_replaced(
 
     again = serve(state_dir, "--workers", "2", "--no-demo-challenge", env=env)
     try:
-        stored = _stored(state_dir)
+        stored = _stored(state_dir, backend.get("SCEPD_DATABASE_URL"))
         for cert in received:
             assert stored[format(cert.serial_number, "x")] == cert.public_bytes(Encoding.DER)
         serials = [x509.load_der_x509_certificate(der).serial_number for der in stored.values()]
