@@ -188,8 +188,11 @@ class Supervisor:
                 if message == "ready":
                     worker.ready = True
                     return
+                worker.process.join(10)  # an error, or the pipe closed without a word: it is ending
+                if worker.process.is_alive():
+                    worker.process.kill()
+                    worker.process.join(5)
                 if message is not None:
-                    worker.process.join(10)
                     raise WorkerStartError(message)
             if worker.process.sentinel in ready or not worker.process.is_alive():
                 worker.process.join(5)
