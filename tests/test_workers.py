@@ -268,6 +268,10 @@ def test_metrics_show_totals_across_workers_whichever_answers(state_dir):
             assert b"SHA-256" in body
             served_by.add(owner)
         assert set(served.pids) <= served_by  # both workers counted some
+        from scepd.ca.pki import ca_id_of
+        ca_id = ca_id_of(_ca_cert(served.port))
+        crl_by, crl = _get(served.port, f"/crl/{ca_id}.crl", served.pids)  # one worker signs CRL 1
+        assert x509.load_der_x509_crl(crl).extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 1
         scraped_by: set = set()
         for _ in range(200):  # bounded: until each worker answered /metrics at least once
             owner, body = _get(served.port, "/metrics", served.pids)
@@ -275,6 +279,7 @@ def test_metrics_show_totals_across_workers_whichever_answers(state_dir):
             assert re.search(r'^scepd_scep_operation_duration_seconds_count\{operation="getcacaps"\} 40\.0$',
                              text, re.M), text
             assert len(re.findall(r"^scepd_certificates_active ", text, re.M)) == 1  # from the database, once
+            assert f'scepd_crl_number{{ca_id="{ca_id}"}} 1.0\n' in text  # whichever worker signed it
             scraped_by.add(owner)
             if set(served.pids) <= scraped_by:
                 break

@@ -51,9 +51,14 @@ def share_across_processes(directory: str) -> None:
     _shared_dir = directory
 
 
+#: gauges set as events happen in whichever worker (a CRL signed), read across the workers
+_EVENT_GAUGES = {"scepd_crl_number", "scepd_crl_next_update_timestamp_seconds"}
+
+
 class _Totals:
-    """Counters and histograms summed over the workers' files; gauges of this process (the
-    inventory gauges were just computed from the database by the process answering)."""
+    """Counters and histograms summed over the workers' files, event gauges at their largest;
+    the other gauges of this process (the inventory gauges were just computed from the database
+    by the process answering)."""
 
     def __init__(self, directory: str, local: CollectorRegistry):
         self.shared = MultiProcessCollector(None, directory)
@@ -61,10 +66,10 @@ class _Totals:
 
     def collect(self):
         for family in self.shared.collect():
-            if family.type != "gauge":
+            if family.type != "gauge" or family.name in _EVENT_GAUGES:
                 yield family
         for family in self.local.collect():
-            if family.type == "gauge":
+            if family.type == "gauge" and family.name not in _EVENT_GAUGES:
                 yield family
 
 
@@ -99,9 +104,12 @@ class Metrics:
                                  registry=r)
         self.ocsp_responses = Counter("scepd_ocsp_responses", "OCSP responses by status", ["status"],
                                       registry=r)
-        self.crl_number = Gauge("scepd_crl_number", "Number of the newest CRL", ["ca_id"], registry=r)
+        # set by the worker that signed the CRL; across workers the newest is the largest
+        self.crl_number = Gauge("scepd_crl_number", "Number of the newest CRL", ["ca_id"], registry=r,
+                                multiprocess_mode="max")
         self.crl_next_update = Gauge("scepd_crl_next_update_timestamp_seconds",
-                                     "nextUpdate of the newest CRL", ["ca_id"], registry=r)
+                                     "nextUpdate of the newest CRL", ["ca_id"], registry=r,
+                                     multiprocess_mode="max")
         for within in ("1h", "24h"):
             self.agents_seen.labels(within=within).set(0)
         self._hooks: list[Callable[["Metrics"], Awaitable[None]]] = []
