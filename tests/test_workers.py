@@ -403,6 +403,67 @@ def test_one_eab_key_used_concurrently_across_workers_binds_one_account(state_di
         assert stop(served) == 0, served.log_text()
 
 
+class _AcmeClient:
+    """Just enough ACME over http.client for a test: JWS posts with fresh nonces."""
+
+    def __init__(self, port: int, tls, key):
+        self.port, self.tls, self.key, self.kid = port, tls, key, None
+
+    def post(self, path: str, payload) -> tuple[int, dict, dict]:
+        import json
+
+        from .test_acme_jws import rsa_jwk, sign
+        url = path if path.startswith("https://") else f"https://127.0.0.1:{self.port}{path}"
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, timeout=60, context=self.tls)
+        try:
+            conn.request("HEAD", "/acme/new-nonce")
+            nonce = conn.getresponse()
+            nonce.read()
+            protected = {"alg": "RS256", "nonce": nonce.headers["Replay-Nonce"], "url": url}
+            protected.update({"kid": self.kid} if self.kid else {"jwk": rsa_jwk(self.key)})
+            body = sign(self.key, protected, None if payload is None else json.dumps(payload).encode())
+            conn.request("POST", url.split(str(self.port), 1)[1], body=body,
+                         headers={"Content-Type": "application/jose+json"})
+            resp = conn.getresponse()
+            return resp.status, dict(resp.headers), json.loads(resp.read() or b"{}")
+        finally:
+            conn.close()
+
+
+def test_a_validation_left_processing_is_resumed_once_not_once_per_worker(state_dir):
+    import ssl
+    https = _free_port()
+    silent = socket.socket()  # the http-01 "responder": connections queue, nothing ever answers,
+    silent.bind(("127.0.0.1", 0))  # so the resumed validation is still running when worker 1 starts
+    silent.listen(16)
+    env = {"SCEPD_SERVER_HTTPS": f"127.0.0.1:{https}", "SCEPD_ACME_HTTP01_PORT": str(silent.getsockname()[1]),
+           "SCEPD_ACME_RESOLVE": "*=127.0.0.1"}
+    served = serve(state_dir, "--workers", "2", "--no-demo-challenge", env=env)
+    try:
+        acme = _AcmeClient(https, ssl.create_default_context(cafile=str(state_dir / "ca" / "root.pem")), rsa_key(0))
+        status, headers, _ = acme.post("/acme/new-account", {"termsOfServiceAgreed": True})
+        assert status == 201
+        acme.kid = headers["Location"]
+        status, _, order = acme.post("/acme/new-order", {"identifiers": [{"type": "dns", "value": "resume.test"}]})
+        assert status == 201
+        _, _, authz = acme.post(order["authorizations"][0], None)
+        challenge_id = next(c for c in authz["challenges"] if c["type"] == "http-01")["url"].rsplit("/", 1)[1]
+    finally:
+        assert stop(served) == 0, served.log_text()
+    with sqlite3.connect(state_dir / "scepd.db") as db:  # as a server stopped mid-validation left it
+        db.execute("UPDATE acme_challenges SET status = 'processing' WHERE id = ?", (challenge_id,))
+    again = serve(state_dir, "--workers", "2", "--no-demo-challenge", env=env)
+    try:  # every worker has started (and run its start-up hooks) when serve() returns
+        log = again.log_text()
+        assert log.count("acme: resuming the http-01 validation of resume.test") == 1, log
+        with sqlite3.connect(state_dir / "scepd.db") as db:
+            assert db.execute("SELECT status FROM acme_challenges WHERE id = ?",
+                              (challenge_id,)).fetchone() == ("processing",)  # still validating
+    finally:
+        assert stop(again) == 0, again.log_text()
+        silent.close()
+
+
 def test_kill_9_under_load_loses_no_certificate_and_a_killed_worker_is_replaced(state_dir, backend):
     env = {"SCEPD_SCEP_STATIC_CHALLENGE": "load-secret", **backend}
     served = serve(state_dir, "--workers", "2", "--no-demo-challenge", env=env)
