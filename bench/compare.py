@@ -424,7 +424,8 @@ async def inner(args) -> int:
             print(f"{r.protocol} {r.clients} {r.server}: {r.failures} failures, e.g. {sorted(set(r.errors))[:3]}")
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"loadavg": loadavg, "scepd_workers": args.workers, "rows": [{**{k: v for k, v in r.__dict__.items() if k != "errors"},
+            {"loadavg": loadavg, "scepd_workers": args.workers,
+             "rows": [{**{k: v for k, v in r.__dict__.items() if k != "errors"},
                                            "errors": r.errors[:10], "ok_per_s": r.ok_per_s,
                                            "cpu_ms_per_req": r.cpu_ms_per_req} for r in rows]}, indent=1))
     return 0
