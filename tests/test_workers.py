@@ -579,6 +579,48 @@ def test_delegated_ocsp_responder_certificate_is_issued_once_not_per_worker(stat
         assert stop(served) == 0, served.log_text()
 
 
+def _served_certificate(ctx) -> bytes:
+    """The DER certificate a server context presents (an in-memory TLS handshake)."""
+    import ssl
+    client_ctx = ssl.create_default_context()
+    client_ctx.check_hostname = False
+    client_ctx.verify_mode = ssl.CERT_NONE
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_ctx.wrap_bio(c_in, c_out, server_side=False)
+    server = ctx.wrap_bio(s_in, s_out, server_side=True)
+    done: set = set()
+    for _ in range(20):  # bounded: a TLS 1.3 handshake takes a few flights
+        for side in (client, server):
+            try:
+                side.do_handshake()
+                done.add(side)
+            except ssl.SSLWantReadError:
+                pass
+        s_in.write(c_out.read())
+        c_in.write(s_out.read())
+        if len(done) == 2:
+            break
+    return client.getpeercert(binary_form=True)
+
+
+async def test_a_worker_loads_the_server_certificate_the_primary_renewed(make_services, tmp_path):
+    from scepd.http.tls import ServerCertificate, names_for
+    services = await make_services()
+    worker = ServerCertificate(tmp_path / "tls", services.enrollment, services.ca_material, names_for("127.0.0.1"))
+    await worker.ensure()
+    ctx = worker.context(client_auth=False)
+    first = _served_certificate(ctx)
+    assert worker.reload_if_changed() is False
+    (tmp_path / "tls" / "server.pem").unlink()  # the primary renews (here: because the file is gone)
+    primary = ServerCertificate(tmp_path / "tls", services.enrollment, services.ca_material, names_for("127.0.0.1"))
+    assert await primary.ensure()
+    renewed = x509.load_pem_x509_certificate((tmp_path / "tls" / "server.pem").read_bytes())
+    assert _served_certificate(ctx) == first  # not yet looked at
+    assert worker.reload_if_changed() is True
+    assert _served_certificate(ctx) == renewed.public_bytes(Encoding.DER) != first
+    assert worker.reload_if_changed() is False
+
+
 # --- the supervisor -----------------------------------------------------------------------------
 
 
