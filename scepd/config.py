@@ -33,6 +33,8 @@ class ServerConfig:
     log_format: str = "text"
     #: one line per HTTP request on the scepd.access logger (secrets redacted)
     access_log: bool = True
+    #: worker processes of `scepd serve` (0 = one per CPU core; 1 = a single process, no fork)
+    workers: int = 0
 
 
 @dataclass
@@ -281,6 +283,8 @@ def load(state_dir: Path, environ: dict[str, str] | None = None) -> Config:
     validate_url(cfg.policy.csr_check_url, cfg.policy.csr_check_allow_http)
     if cfg.policy.renewal_profile not in ("keep", "default"):
         raise ConfigError(f"[policy] renewal_profile must be keep or default, got {cfg.policy.renewal_profile!r}")
+    if cfg.server.workers < 0:
+        raise ConfigError(f"[server] workers must be 0 (one per CPU core) or more, got {cfg.server.workers}")
     if not 2048 <= cfg.policy.max_rsa_bits <= 8192:
         raise ConfigError(f"[policy] max_rsa_bits must lie between 2048 and 8192, "
                           f"got {cfg.policy.max_rsa_bits}")
@@ -330,6 +334,8 @@ log_format = "text"
 # one line per HTTP request (method, target with message= and secrets redacted, status, bytes,
 # duration, request id, peer), on the scepd.access logger
 access_log = true
+# worker processes of `scepd serve`; 0 = one per CPU core, 1 = a single process
+workers = 0
 
 [ca]
 default_validity = "90d"

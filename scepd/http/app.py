@@ -66,6 +66,9 @@ class Services:
     metrics: "Metrics | None" = None
     #: rate limits of SCEP and ACME (scepd/ratelimit.py, [limits])
     limits: RateLimiter = dataclasses.field(default_factory=RateLimiter.disabled)
+    #: this process runs the once-per-server jobs (start-up resumes, server certificate
+    #: renewal): always with one process, worker 0 with `serve --workers N`
+    primary: bool = True
 
     async def close(self) -> None:
         await self.store.close()

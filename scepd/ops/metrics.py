@@ -1,6 +1,8 @@
 """Prometheus metrics: one CollectorRegistry per Services (tests build many apps).
 
-Counters and histograms are process-local and updated as things happen; gauges that describe
+Counters and histograms are updated as things happen; with `serve --workers N` each worker
+writes them to a shared directory (prometheus_client's multiprocess mode, see
+`share_across_processes`) and /metrics sums them, whichever worker answers. Gauges that describe
 the inventory (active, expiring within 30/7/1 days, pending approvals) are computed at scrape
 time with indexed COUNT queries. Other components report through the small API below:
 `acme_problem(type)`, `scep_observer(...)`, `issued(record)`, `revoked(reason)`; gauges for
@@ -10,11 +12,13 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 from typing import Awaitable, Callable
 
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client import CONTENT_TYPE_LATEST, values
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from ..clock import Clock
 from ..errors import FailInfo
@@ -32,6 +36,41 @@ _FAIL_INFO_NAMES = {int(f): name for f, name in (
     (FailInfo.BAD_CERT_ID, "badCertId"))}
 
 _SCEP_OPERATIONS = {"getcacaps", "getcacert", "pkioperation", "getnextcacert"}
+
+#: the directory the worker processes of one server share their counters through (None: this
+#: process counts alone)
+_shared_dir: str | None = None
+
+
+def share_across_processes(directory: str) -> None:
+    """In a worker process, before its Metrics exist: counters and histograms live in files in
+    `directory` (one per process) and every worker's /metrics sums them all."""
+    global _shared_dir
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    values.ValueClass = values.MultiProcessValue()
+    _shared_dir = directory
+
+
+#: gauges set as events happen in whichever worker (a CRL signed), read across the workers
+_EVENT_GAUGES = {"scepd_crl_number", "scepd_crl_next_update_timestamp_seconds"}
+
+
+class _Totals:
+    """Counters and histograms summed over the workers' files, event gauges at their largest;
+    the other gauges of this process (the inventory gauges were just computed from the database
+    by the process answering)."""
+
+    def __init__(self, directory: str, local: CollectorRegistry):
+        self.shared = MultiProcessCollector(None, directory)
+        self.local = local
+
+    def collect(self):
+        for family in self.shared.collect():
+            if family.type != "gauge" or family.name in _EVENT_GAUGES:
+                yield family
+        for family in self.local.collect():
+            if family.type == "gauge" and family.name not in _EVENT_GAUGES:
+                yield family
 
 
 class Metrics:
@@ -69,9 +108,12 @@ class Metrics:
                                  registry=r)
         self.ocsp_responses = Counter("scepd_ocsp_responses", "OCSP responses by status", ["status"],
                                       registry=r)
-        self.crl_number = Gauge("scepd_crl_number", "Number of the newest CRL", ["ca_id"], registry=r)
+        # set by the worker that signed the CRL; across workers the newest is the largest
+        self.crl_number = Gauge("scepd_crl_number", "Number of the newest CRL", ["ca_id"], registry=r,
+                                multiprocess_mode="max")
         self.crl_next_update = Gauge("scepd_crl_next_update_timestamp_seconds",
-                                     "nextUpdate of the newest CRL", ["ca_id"], registry=r)
+                                     "nextUpdate of the newest CRL", ["ca_id"], registry=r,
+                                     multiprocess_mode="max")
         for within in ("1h", "24h"):
             self.agents_seen.labels(within=within).set(0)
         self._hooks: list[Callable[["Metrics"], Awaitable[None]]] = []
@@ -141,4 +183,8 @@ class Metrics:
 
     async def render(self) -> bytes:
         await self.refresh()
-        return generate_latest(self.registry)
+        if _shared_dir is None:
+            return generate_latest(self.registry)
+        totals = CollectorRegistry(auto_describe=False)
+        totals.register(_Totals(_shared_dir, self.registry))  # type: ignore[arg-type]
+        return generate_latest(totals)
