@@ -414,10 +414,11 @@ def _server_certificate(cfg: config_mod.Config, services):
                               names_for(tls_host, extra))
 
 
-async def _start_sock_site(app, sock, ssl_context=None):
+async def _start_sock_site(app, sock, ssl_context=None, access_log: bool = True):
     from aiohttp import web
     from .http.app import HTTP_HANDLER_ARGS
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, **HTTP_HANDLER_ARGS)
+    from .ops.accesslog import runner_args
+    runner = web.AppRunner(app, handle_signals=False, **runner_args(access_log), **HTTP_HANDLER_ARGS)
     await runner.setup()
     try:
         await web.SockSite(runner, sock, ssl_context=ssl_context).start()
@@ -439,7 +440,8 @@ async def _worker(cfg: config_mod.Config, socks: dict, primary: bool, report) ->
     stop = asyncio.Event()
     tasks = []
     try:
-        runners.append(await _start_sock_site(create_app(services), socks["http"]))
+        log_access = cfg.server.access_log
+        runners.append(await _start_sock_site(create_app(services), socks["http"], access_log=log_access))
         if "https" in socks or "mtls" in socks:
             server_cert = _server_certificate(cfg, services)
             if primary:  # a restarted primary: the certificate may have come due meanwhile
@@ -447,10 +449,12 @@ async def _worker(cfg: config_mod.Config, socks: dict, primary: bool, report) ->
             tasks.append(asyncio.create_task(_renew_server_cert(server_cert, stop, primary)))
             if "https" in socks:
                 runners.append(await _start_sock_site(create_https_app(services), socks["https"],
-                                                      server_cert.context(client_auth=False)))
+                                                      server_cert.context(client_auth=False),
+                                                      access_log=log_access))
             if "mtls" in socks:
                 runners.append(await _start_sock_site(create_mtls_app(services), socks["mtls"],
-                                                      server_cert.context(client_auth=True)))
+                                                      server_cert.context(client_auth=True),
+                                                      access_log=log_access))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
