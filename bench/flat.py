@@ -159,6 +159,7 @@ class Result:
     failures: int = 0
     seconds: float = 0.0
     cpu: float = 0.0
+    db_cpu: float = 0.0  # PostgreSQL's own processes, when this benchmark started the cluster
     latencies: list[float] = field(default_factory=list)
 
     @property
@@ -170,11 +171,16 @@ class Result:
         return self.cpu / max(self.done, 1) * 1000
 
     @property
+    def db_cpu_ms(self) -> float:
+        return self.db_cpu / max(self.done, 1) * 1000
+
+    @property
     def p50_ms(self) -> float:
         return statistics.median(self.latencies) * 1000 if self.latencies else 0.0
 
 
-async def run_load(name: str, pid: int, items: list, call, concurrency: int, max_seconds: float) -> Result:
+async def run_load(name: str, pid: int, items, call, concurrency: int, max_seconds: float,
+                   db_pid: int | None = None) -> Result:
     """`call(item) -> None` (raises on a wrong reply) for every item, `concurrency` at a time."""
     res = Result(name)
     queue: asyncio.Queue = asyncio.Queue()
@@ -194,16 +200,18 @@ async def run_load(name: str, pid: int, items: list, call, concurrency: int, max
                 res.failures += 1
             res.latencies.append(time.perf_counter() - t0)
             res.done += 1
-    cpu0 = tree_cpu(pid)
+    cpu0, db0 = tree_cpu(pid), tree_cpu(db_pid) if db_pid else 0.0
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     res.seconds = time.perf_counter() - t0
     res.cpu = tree_cpu(pid) - cpu0
+    res.db_cpu = tree_cpu(db_pid) - db0 if db_pid else 0.0
     res.done -= res.failures
     return res
 
 
-async def phase(label: str, state: Path, env: dict, port: int, args, seeded_serial: str | None) -> dict:
+async def phase(label: str, state: Path, env: dict, port: int, args, seeded_serial: str | None,
+                db_pid: int | None) -> dict:
     started = time.perf_counter()
     proc = start_scepd(state, env)
     startup = time.perf_counter() - started
@@ -291,28 +299,29 @@ async def phase(label: str, state: Path, env: dict, port: int, args, seeded_seri
                 if not any(c.public_key() == new_key.public_key() for c in certs):
                     raise ValueError("no certificate for the renewal's new key in the reply")
 
-            n, c, s = args.requests, args.concurrency, args.max_seconds
+            n, c, s, d = args.requests, args.concurrency, args.max_seconds, db_pid
             print(f"[{label}] measuring ...", flush=True)
-            results.append(await run_load("SCEP PKCSReq", proc.pid, reqs, enroll, c, s))
-            results.append(await run_load("SCEP RenewalReq", proc.pid, renewals, do_renew, c, s))
-            results.append(await run_load("OCSP (known serial)", proc.pid, range(n * 2), do_ocsp, c, s))
-            results.append(await run_load("CRL fetch", proc.pid, range(n), do_crl, c, s))
-            results.append(await run_load("/metrics scrape", proc.pid, range(max(n // 4, 10)), do_metrics, 1, s))
-        results.append(await certs_list_cli(state, env, proc.pid, args))
-        results.append(await certs_list_store(env, args))
+            results.append(await run_load("SCEP PKCSReq", proc.pid, reqs, enroll, c, s, d))
+            results.append(await run_load("SCEP RenewalReq", proc.pid, renewals, do_renew, c, s, d))
+            results.append(await run_load("OCSP (known serial)", proc.pid, range(n * 2), do_ocsp, c, s, d))
+            results.append(await run_load("CRL fetch", proc.pid, range(n), do_crl, c, s, d))
+            results.append(await run_load("/metrics scrape", proc.pid, range(max(n // 4, 10)), do_metrics, 1, s, d))
+        results.append(await certs_list_cli(state, env, args))
+        results.append(await certs_list_store(env, args, d))
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     for r in results:
         print(f"[{label}] {r.name:28s} {r.done:6d} ok {r.failures:3d} failed  {r.rate:8.1f}/s  "
-              f"p50 {r.p50_ms:7.1f} ms  server CPU {r.cpu_ms:6.2f} ms/op", flush=True)
+              f"p50 {r.p50_ms:7.1f} ms  server CPU {r.cpu_ms:6.2f} ms/op"
+              + (f"  PostgreSQL CPU {r.db_cpu_ms:5.2f} ms/op" if db_pid else ""), flush=True)
     print(f"[{label}] /metrics: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(scraped.items())), flush=True)
     return {"startup_seconds": startup, "loadavg": loadavg(), "metrics": scraped,
             "ops": {r.name: {"done": r.done, "failures": r.failures, "per_second": r.rate,
-                             "p50_ms": r.p50_ms, "cpu_ms": r.cpu_ms} for r in results}}
+                             "p50_ms": r.p50_ms, "cpu_ms": r.cpu_ms, "db_cpu_ms": r.db_cpu_ms} for r in results}}
 
 
-async def certs_list_cli(state: Path, env: dict, pid: int, args) -> Result:
+async def certs_list_cli(state: Path, env: dict, args) -> Result:
     """`scepd certs list --expiring-within 400d --limit 20 --json` as a user types it (wall time; process start
     dominates, so the in-process store call is timed separately)."""
     res = Result("certs list CLI (wall)")
@@ -331,7 +340,7 @@ async def certs_list_cli(state: Path, env: dict, pid: int, args) -> Result:
     return res
 
 
-async def certs_list_store(env: dict, args) -> Result:
+async def certs_list_store(env: dict, args, db_pid: int | None) -> Result:
     """The store call behind `certs list --expiring-within 400d --limit 20`, in this process (400 days
     and 20 rows: both stores have at least that many matches, so both phases return as many rows)."""
     from scepd.store.sql import SqlStore
@@ -339,12 +348,16 @@ async def certs_list_store(env: dict, args) -> Result:
     store = await SqlStore.open(env["SCEPD_DATABASE_URL"], migrations=[])
     try:
         before = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=400)
+        cpu0, db0 = time.process_time(), tree_cpu(db_pid) if db_pid else 0.0
         for _ in range(args.cli_runs * 5):
             t0 = time.perf_counter()
             rows = await store.list_certificates(expiring_before=before, limit=20)
             res.latencies.append(time.perf_counter() - t0)
             res.done += 1
-            del rows
+            if len(rows) != 20:
+                res.failures += 1
+        res.cpu = time.process_time() - cpu0  # this process: the store call is made here
+        res.db_cpu = tree_cpu(db_pid) - db0 if db_pid else 0.0
     finally:
         await store.close()
     res.seconds = sum(res.latencies)
@@ -388,7 +401,7 @@ def median_of(runs: list[dict]) -> dict:
     out = {}
     for name in runs[0]["ops"]:
         ops = [r["ops"][name] for r in runs]
-        out[name] = {k: statistics.median(o[k] for o in ops) for k in ("per_second", "cpu_ms", "p50_ms")}
+        out[name] = {k: statistics.median(o[k] for o in ops) for k in ("per_second", "cpu_ms", "db_cpu_ms", "p50_ms")}
         out[name]["done"] = sum(o["done"] for o in ops)
         out[name]["failures"] = sum(o["failures"] for o in ops)
     return out
@@ -422,11 +435,13 @@ def main() -> None:
     states = {"empty": top / "empty", "seeded": top / "seeded"}
     urls = {"empty": args.empty_database_url, "seeded": args.database_url}
     port = free_port()
+    db_pid = None  # the postmaster, whose process tree's CPU is PostgreSQL's share
     try:
         if args.postgres and not args.database_url:
             from tests import pg
             cluster = pg.PostgresCluster().start()
             urls = {k: cluster.create_database(f"scepd_flat_{k}") for k in states}
+            db_pid = int((cluster.data / "postmaster.pid").read_text().split()[0])
         for k, state in states.items():
             urls[k] = urls[k] or f"sqlite+aiosqlite:///{state / 'scepd.db'}"
             out = subprocess.run([sys.executable, "-m", "scepd", "init", "--state-dir", str(state),
@@ -461,7 +476,7 @@ def main() -> None:
         for r in range(args.rounds):  # alternate, so a change of load on the machine hits both
             for k in ("empty", "seeded"):
                 runs[k].append(asyncio.run(phase(f"{k} {r + 1}", states[k], envs[k], port, args,
-                                                 probe if k == "seeded" else None)))
+                                                 probe if k == "seeded" else None, db_pid)))
     finally:
         if cluster is not None:
             cluster.stop()
@@ -477,14 +492,18 @@ def main() -> None:
           f"loadavg {', '.join(p['loadavg'] for k in ('empty', 'seeded') for p in runs[k])}")
     print(f"medians of {args.rounds} alternating round(s):")
     n = f"{args.count // 1_000_000}M" if args.count % 1_000_000 == 0 else f"{args.count / 1000:g}k"
-    print(f"| operation | empty ops/s | {n} ops/s | ratio | empty CPU ms/op | {n} CPU ms/op | ratio |")
-    print("|---|---|---|---|---|---|---|")
-    nan = float("nan")
+
+    def ratio(a: float, b: float) -> str:
+        return f"{b / a:.2f}" if a else "–"
+    pg_cols = db_pid is not None
+    print(f"| operation | empty ops/s | {n} ops/s | ratio | empty CPU ms/op | {n} CPU ms/op | ratio |"
+          + (f" empty PostgreSQL CPU ms/op | {n} PostgreSQL CPU ms/op |" if pg_cols else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if pg_cols else ""))
     for name, e in empty.items():
         s = seeded[name]
-        print(f"| {name} | {e['per_second']:.1f} | {s['per_second']:.1f} | "
-              f"{s['per_second'] / e['per_second'] if e['per_second'] else nan:.2f} | "
-              f"{e['cpu_ms']:.2f} | {s['cpu_ms']:.2f} | {s['cpu_ms'] / e['cpu_ms'] if e['cpu_ms'] else nan:.2f} |")
+        print(f"| {name} | {e['per_second']:.1f} | {s['per_second']:.1f} | {ratio(e['per_second'], s['per_second'])} | "
+              f"{e['cpu_ms']:.2f} | {s['cpu_ms']:.2f} | {ratio(e['cpu_ms'], s['cpu_ms'])} |"
+              + (f" {e['db_cpu_ms']:.2f} | {s['db_cpu_ms']:.2f} |" if pg_cols else ""))
     failures = sum(o["failures"] for p in (empty, seeded) for o in p.values())
     # the seeded rows are visible to the server as valid certificates (format, counter, index)
     seeded_valid = sum(1 for i in range(args.count) if i % 500 != 7)
