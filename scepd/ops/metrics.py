@@ -23,7 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from ..clock import Clock
 from ..errors import FailInfo
 from ..store import CertificateRecord, SqlStore
-from ..store.sql import _naive, certificates, schema_version
+from ..store.sql import VALID, _naive, certificates, schema_version
 
 log = logging.getLogger("scepd.metrics")
 
@@ -204,7 +204,7 @@ def _valid_between(low: dt.datetime, high: dt.datetime, *, high_inclusive: bool)
     c = certificates.c
     upper = c.not_after <= _naive(high) if high_inclusive else c.not_after < _naive(high)
     return sa.select(sa.func.count()).select_from(certificates).where(
-        c.status == "valid", c.not_after > _naive(low), upper)
+        c.status == VALID, c.not_after > _naive(low), upper)
 
 
 async def _counts_from_counter(conn, now: dt.datetime) -> tuple[int, dict[int, int]]:
