@@ -363,6 +363,52 @@ async def certs_list_store(env: dict, args, db_pid: int | None) -> Result:
     return res
 
 
+async def explain_hot_queries(url: str, serial: str, subject: str, txid: str) -> list[dict]:
+    """Every statement of the store-size-dependent reads, run on the seeded store and explained
+    there (EXPLAIN QUERY PLAN on SQLite, EXPLAIN ANALYZE on PostgreSQL), with its time."""
+    import re
+
+    from sqlalchemy import event
+
+    from scepd.clock import SystemClock
+    from scepd.ops.metrics import Metrics
+    from scepd.store.sql import SqlStore
+    store = await SqlStore.open(url, migrations=[])
+    captured: list[tuple[str, object]] = []
+
+    def capture(conn, cursor, statement, parameters, context, executemany):
+        if re.match(r"\s*SELECT", statement, re.I) and "schema_version" not in statement:
+            captured.append((statement, parameters))
+    now = dt.datetime.now(dt.timezone.utc)
+    event.listen(store.engine.sync_engine, "before_cursor_execute", capture)
+    try:
+        await store.get_certificate(serial)                        # OCSP, renewal, GetCert
+        await store.find_valid_by_subject(subject, now)            # duplicate_subjects = refuse
+        await store.find_transaction(txid)                         # SCEP retry / GetCertInitial
+        await store.list_certificates(expiring_before=now + dt.timedelta(days=30), limit=100)
+        await store.list_revoked((await store.get_certificate(serial)).ca_id)  # the CRL's read
+        await store.revocation_generation()                        # CRL freshness
+        await Metrics(store, SystemClock()).refresh()              # /metrics
+    finally:
+        event.remove(store.engine.sync_engine, "before_cursor_execute", capture)
+    out = []
+    postgres = url.startswith("postgresql")
+    async with store.engine.connect() as conn:
+        for statement, params in captured:
+            explain = "EXPLAIN (ANALYZE, BUFFERS) " if postgres else "EXPLAIN QUERY PLAN "
+            t0 = time.perf_counter()
+            if not postgres:
+                (await conn.exec_driver_sql(statement, params)).all()
+            seconds = time.perf_counter() - t0
+            plan = " | ".join(str(r[-1]).strip() for r in (await conn.exec_driver_sql(explain + statement, params)).all())
+            if postgres:
+                m = re.search(r"Execution Time: ([\d.]+) ms", plan)
+                seconds = float(m.group(1)) / 1000 if m else seconds
+            out.append({"statement": " ".join(statement.split()), "plan": plan, "ms": seconds * 1000})
+    await store.close()
+    return out
+
+
 def template_der(state: Path) -> bytes:
     """One leaf certificate of this state's CA (RSA-2048 key, the extensions the CA adds): the DER
     reused by every seeded row."""
@@ -448,6 +494,8 @@ def main() -> None:
                                  capture_output=True, text=True, timeout=120)
             if out.returncode != 0:
                 raise SystemExit(f"scepd init failed: {out.stdout}{out.stderr}")
+            for leftover in state.glob("scepd.db*"):  # init made its database: start from none
+                leftover.unlink()
         envs = {k: {**os.environ, "SCEPD_SERVER_HTTP": f"127.0.0.1:{port}",
                     "SCEPD_SCEP_STATIC_CHALLENGE": CHALLENGE, "SCEPD_LIMITS_ENABLED": "0",
                     "SCEPD_DATABASE_URL": urls[k], "SCEPD_SCEP_DUPLICATE_SUBJECTS": "refuse"} for k in states}
@@ -471,11 +519,22 @@ def main() -> None:
         probe = next(r for r in seed_rows(args.count, ca_id, der, now, random.Random(args.seed))
                      if r[13] == "valid")[0]  # a valid seeded serial for OCSP: the same generator again
 
+        probe_row = next(r for r in seed_rows(args.count, ca_id, der, now, random.Random(args.seed))
+                         if r[13] == "valid" and r[8])
+        plans = asyncio.run(explain_hot_queries(urls["seeded"], probe, probe_row[2], probe_row[8]))
+        print("hot reads on the seeded store (before its upgrade):")
+        for p in plans:
+            print(f"  {p['ms']:8.2f} ms  {p['statement'][:150]}\n             {p['plan'][:400]}")
+
         runs: dict[str, list[dict]] = {"empty": [], "seeded": []}
         for r in range(args.rounds):  # alternate, so a change of load on the machine hits both
             for k in ("empty", "seeded"):
                 runs[k].append(asyncio.run(phase(f"{k} {r + 1}", states[k], envs[k], port, args,
                                                  probe if k == "seeded" else None, db_pid)))
+        plans_after = asyncio.run(explain_hot_queries(urls["seeded"], probe, probe_row[2], probe_row[8]))
+        print("hot reads on the seeded store (after its upgrade):")
+        for p in plans_after:
+            print(f"  {p['ms']:8.2f} ms  {p['statement'][:150]}\n             {p['plan'][:400]}")
     finally:
         if cluster is not None:
             cluster.stop()
@@ -516,7 +575,8 @@ def main() -> None:
             "backend": backend, "count": args.count, "seed_seconds": seed_seconds, "upgrade_seconds": upgrade,
             "empty": {"ops": empty, "metrics": runs["empty"][-1]["metrics"]},
             "seeded": {"ops": seeded, "metrics": runs["seeded"][-1]["metrics"]},
-            "rounds": runs, "failures": failures}, indent=2))
+            "rounds": runs, "plans_before_upgrade": plans, "plans_after_upgrade": plans_after,
+            "failures": failures}, indent=2))
     sys.exit(1 if failures else 0)
 
 
