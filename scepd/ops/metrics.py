@@ -5,8 +5,9 @@ the inventory (active, expiring within 30/7/1 days, pending approvals) are compu
 time. The certificate gauges read a counter the database maintains (migration ("metrics", 1):
 valid certificates per expiry day, kept by triggers on the certificates table in the transaction
 of every insert and revocation, so any process or replica sees it), plus index-only counts over at
-most a day of expiries at each end of a window: a scrape costs the same with a million
-certificates as with none. A store without that migration falls back to COUNT queries. Other components report through the small API below:
+most a day of expiries at each end of a window: the cost of a scrape does not grow with the
+inventory (bench/flat.py). A store without that migration falls back to COUNT queries.
+Other components report through the small API below:
 `acme_problem(type)`, `scep_observer(...)`, `issued(record)`, `revoked(reason)`; gauges for
 tables they own are filled by scrape hooks (`add_scrape_hook(async fn(metrics))`).
 """
