@@ -183,6 +183,21 @@ class OcspConfig:
 
 
 @dataclass
+class RetentionConfig:
+    """What expires is purged on a schedule (scepd/ops/retention.py); certificates and audit
+    rows never are."""
+
+    #: how often the primary worker purges ("0" = never)
+    interval: str = "1h"
+    #: one-time challenges used or expired longer ago than this
+    spent_challenges: str = "30d"
+    #: pending requests decided, or left undecided, longer ago than this
+    pending_requests: str = "90d"
+    #: ACME orders expired longer ago than this, with their authorizations and challenges
+    acme_orders: str = "30d"
+
+
+@dataclass
 class DatabaseConfig:
     #: SQLAlchemy async URL; empty = SQLite file DIR/scepd.db.
     url: str = ""
@@ -199,6 +214,7 @@ class Config:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     est: EstConfig = field(default_factory=EstConfig)
     ocsp: OcspConfig = field(default_factory=OcspConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     state_dir: Path = Path(".")
     #: deprecation warnings about the keys given (`serve` logs them once at start)
     deprecations: list[str] = field(default_factory=list)
@@ -218,7 +234,7 @@ class ConfigError(ValueError):
 
 _SECTIONS = {"server": ServerConfig, "ca": CAConfig, "scep": ScepConfig, "database": DatabaseConfig,
              "acme": AcmeConfig, "policy": PolicyConfig, "limits": LimitsConfig, "est": EstConfig,
-             "ocsp": OcspConfig}
+             "ocsp": OcspConfig, "retention": RetentionConfig}
 
 
 def _coerce(kind: type, raw: object, where: str) -> object:
@@ -448,6 +464,14 @@ max_keys = 10000
 cache_size = 100000
 # a revocation by another process (worker, CLI) is served within this bound ("0" = every request)
 status_poll = "1s"
+
+[retention]
+# expired rows purged by the primary worker every interval ("0" = never); certificates and audit
+# rows are never purged. Expired ACME nonces go at once.
+interval = "1h"
+spent_challenges = "30d"
+pending_requests = "90d"
+acme_orders = "30d"
 
 [database]
 # empty = SQLite file in the state directory; e.g. postgresql+asyncpg://user@host/db

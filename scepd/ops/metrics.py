@@ -156,6 +156,8 @@ class Metrics:
                                      ["fail_info"], registry=r)
         self.responses = Counter("scepd_http_responses", "HTTP responses by route and status code",
                                  ["endpoint", "status"], registry=r)
+        self.retention_purged_total = Counter("scepd_retention_purged", "Expired rows purged by retention",
+                                              ["kind"], registry=r)
         self.est_responses = Counter("scepd_est_responses", "EST responses by operation and HTTP status",
                                      ["operation", "status"], registry=r)
         self.est_seconds = Histogram("scepd_est_operation_duration_seconds", "EST operation latency",
