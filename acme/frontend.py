@@ -16,4 +16,9 @@ def _cli_commands():
     return [("certs", renew_now), ("", eab), ("", acme_group)]
 
 
-FRONTEND = Frontend("acme", https_routes=_https_routes, cli_commands=_cli_commands)
+def _purges():
+    from .retention import purges
+    return purges()
+
+
+FRONTEND = Frontend("acme", https_routes=_https_routes, cli_commands=_cli_commands, purges=_purges)

@@ -93,7 +93,8 @@ def add_routes(app: web.Application, services) -> None:
     limits = services.limits
 
     async def _resume(_app):
-        await service.resume()
+        if services.primary:  # once per server, not once per worker (scepd/http/workers.py)
+            await service.resume()
 
     async def _close(_app):
         await service.close()

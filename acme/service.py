@@ -626,15 +626,19 @@ class AcmeService:
         now = self.clock.now()
         # the challenge and its authorization change in one transaction (a stop in between
         # cannot leave a valid challenge under a pending authorization)
+        # only a challenge still `processing` takes an outcome: a duplicate validation (a
+        # restarted primary worker resuming one that another worker still runs) records nothing
         if error is None:
             await self.db.update_together(
-                (challenges, ch["id"], None, {"status": "valid", "validated": now}),
+                (challenges, ch["id"], {"status": "processing"}, {"status": "valid", "validated": now}),
                 (authzs, a["id"], {"status": "pending"}, {"status": "valid", "expires": now + AUTHZ_LIFETIME}))
         else:
-            await self.db.update_together(
-                (challenges, ch["id"], None, {"status": "invalid", "validated": now, "error": problem(error)}),
+            recorded, _ = await self.db.update_together(
+                (challenges, ch["id"], {"status": "processing"},
+                 {"status": "invalid", "validated": now, "error": problem(error)}),
                 (authzs, a["id"], {"status": "pending"}, {"status": "invalid"}))
-            self.services.limits.spend(ACME_FAILED_VALIDATIONS_PER_ACCOUNT, a["account_id"])
+            if recorded:
+                self.services.limits.spend(ACME_FAILED_VALIDATIONS_PER_ACCOUNT, a["account_id"])
         log.info("acme %s %s for %s%s", ch["type"], "valid" if error is None else "invalid", a["value"],
                  "" if error is None else f": {error.detail}")
 

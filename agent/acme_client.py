@@ -8,7 +8,8 @@ enrollment token as external account binding (single use on the server); renewal
 re-enrollments are authorised by the account.
 Orders: identifiers from the CN and SANs, profile `agent` (clientAuth, for the mTLS listener)
 when the directory offers it, http-01 answered by a responder the agent runs only while an
-order is validated; renewals carry `replaces` (ARI). Wire only: no scepd server code here and
+order is validated, or dns-01 through the operator's hook command (`--dns01-hook`: sets the
+TXT record, then always clears it); renewals carry `replaces` (ARI). Wire only: no scepd server code here and
 never certbot's `acme` package (ours shadows it).
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ log = logging.getLogger("scepd.agent.acme")
 TIMEOUT = aiohttp.ClientTimeout(total=60)
 VALIDATION_DEADLINE = 120.0  # seconds an order may take from challenge to certificate
 PROFILE = "agent"
+DNS01_HOOK_TIMEOUT = 300.0  # seconds one run of the dns-01 hook may take (it may wait for propagation)
 
 
 class AcmeProblem(AgentError):
@@ -168,6 +170,65 @@ async def bootstrap_anchor(directory_url: str, pin: str | None) -> x509.Certific
     return anchor
 
 
+def dns01_txt_value(token: str, key: ec.EllipticCurvePrivateKey) -> str:
+    """RFC 8555 §8.4: base64url(SHA-256(key authorization))."""
+    return b64u(hashlib.sha256(f"{token}.{thumbprint(key)}".encode()).digest())
+
+
+def dns01_environment(action: str, domain: str, value: str, base: dict | None = None) -> dict:
+    """What the dns-01 hook sees: SCEPD_DNS01_ACTION (set|clear), _NAME (the record's FQDN with
+    its trailing dot), _VALUE (the TXT value), _DOMAIN (the name validated; a wildcard's base)."""
+    import os
+    domain = domain.removeprefix("*.").rstrip(".")
+    return {**(os.environ if base is None else base), "SCEPD_DNS01_ACTION": action,
+            "SCEPD_DNS01_NAME": f"_acme-challenge.{domain}.", "SCEPD_DNS01_VALUE": value,
+            "SCEPD_DNS01_DOMAIN": domain}
+
+
+async def run_dns01_hook(command: str, action: str, domain: str, value: str,
+                         timeout: float = DNS01_HOOK_TIMEOUT) -> None:
+    """Run the hook (a shell command) for one record and wait for it, at most `timeout` seconds;
+    a non-zero exit, a kill at the timeout or a command that cannot start is an AgentError
+    naming the action, the record and the hook's last line of stderr."""
+    env = dns01_environment(action, domain, value)
+    what = f"dns-01 hook ({action} {env['SCEPD_DNS01_NAME']})"
+    try:
+        proc = await asyncio.create_subprocess_shell(command, env=env, stdin=asyncio.subprocess.DEVNULL,
+                                                     stdout=asyncio.subprocess.PIPE,
+                                                     stderr=asyncio.subprocess.PIPE)
+    except OSError as exc:
+        raise AgentError(f"{what} cannot start: {exc}") from None
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise AgentError(f"{what} killed after {timeout:.0f} s") from None
+    for line in (out + err).decode("utf-8", "replace").splitlines():
+        if line.strip():
+            log.info("%s: %s", what, line.rstrip())
+    if proc.returncode != 0:
+        last = next((x.strip() for x in reversed(err.decode("utf-8", "replace").splitlines()) if x.strip()), "")
+        raise AgentError(f"{what} exited with status {proc.returncode}" + (f": {last[:200]}" if last else ""))
+    log.info("%s done", what)
+
+
+def choose_challenge(authz: dict, dns01: bool) -> dict:
+    """dns-01 when the agent has a hook (http-01 otherwise); the other one when that is not
+    offered. A wildcard is only ever offered dns-01 (RFC 8555 §7.1.3)."""
+    offered = {c.get("type"): c for c in authz.get("challenges", [])}
+    order = ("dns-01", "http-01") if dns01 else ("http-01",)
+    for kind in order:
+        if kind in offered:
+            return offered[kind]
+    name = authz.get("identifier", {}).get("value")
+    if "dns-01" in offered and not dns01:
+        raise AgentError(f"no http-01 challenge offered for {'*.' if authz.get('wildcard') else ''}{name}: "
+                         "answer dns-01 with --dns01-hook")
+    raise AgentError(f"no challenge the agent can answer is offered for {name} "
+                     f"(offered: {', '.join(sorted(filter(None, offered))) or 'none'})")
+
+
 class Http01Responder:
     """Answers /.well-known/acme-challenge/<token> while an order is validated, nothing else."""
 
@@ -210,7 +271,7 @@ class AcmeClient:
     def __init__(self, directory_url: str, anchor: x509.Certificate | None, *,
                  account_key: ec.EllipticCurvePrivateKey | None = None, account_url: str | None = None,
                  save_account: Callable[[ec.EllipticCurvePrivateKey, str], None] | None = None,
-                 http01_address: str = "0.0.0.0", http01_port: int = 80,
+                 http01_address: str = "0.0.0.0", http01_port: int = 80, dns01_hook: str | None = None,
                  ssl_context: ssl.SSLContext | None = None, sleep=asyncio.sleep,
                  now=lambda: dt.datetime.now(dt.timezone.utc)):
         self.directory_url = directory_url
@@ -219,6 +280,7 @@ class AcmeClient:
         self.account_url = account_url
         self.save_account = save_account
         self.http01_address, self.http01_port = http01_address, http01_port
+        self.dns01_hook = dns01_hook or None
         if ssl_context is None and anchor is not None and directory_url.startswith("https:"):
             ssl_context = context_for(anchor)
         self.ssl_context = ssl_context
@@ -411,14 +473,19 @@ class AcmeClient:
             authz, _ = await self.post_json(authz_url, None)
             if authz.get("status") == "valid":
                 continue
-            ch = next((c for c in authz.get("challenges", []) if c.get("type") == "http-01"), None)
-            if ch is None:
-                raise AgentError(f"no http-01 challenge offered for {authz.get('identifier', {}).get('value')}")
-            pending.append((authz_url, authz, ch))
+            pending.append((authz_url, authz, choose_challenge(authz, self.dns01_hook is not None)))
         if pending:
-            async with self.responder() as responder:
-                for _, _, ch in pending:
-                    responder.tokens[ch["token"]] = f"{ch['token']}.{thumbprint(self.account_key)}"
+            async with contextlib.AsyncExitStack() as stack:
+                http01 = [ch for _, _, ch in pending if ch["type"] == "http-01"]
+                if http01:
+                    responder = await stack.enter_async_context(self.responder())
+                    for ch in http01:
+                        responder.tokens[ch["token"]] = f"{ch['token']}.{thumbprint(self.account_key)}"
+                for _, authz, ch in pending:
+                    if ch["type"] == "dns-01":
+                        await stack.enter_async_context(self._dns01_record(authz, ch))
+                        # the hook's own time (propagation) does not count against validation
+                        deadline = max(deadline, asyncio.get_running_loop().time() + VALIDATION_DEADLINE)
                 for _, _, ch in pending:
                     await self.post_json(ch["url"], {})
                 for authz_url, authz, _ in pending:
@@ -438,6 +505,22 @@ class AcmeClient:
             raise AgentError(f"the order ended {order.get('status')}: {order.get('error')}")
         _, _, pem = await self.post(order["certificate"], None)
         return self._check_chain(pem, key)
+
+    @contextlib.asynccontextmanager
+    async def _dns01_record(self, authz: dict, ch: dict):
+        """The TXT record of one dns-01 challenge, set by the hook for the duration of the block;
+        `clear` always runs afterwards (also when `set` failed half-way); a failing `clear` is
+        logged, not raised (the certificate may already be issued)."""
+        domain = authz.get("identifier", {}).get("value", "")
+        value = dns01_txt_value(ch["token"], self.account_key)
+        try:
+            await run_dns01_hook(self.dns01_hook, "set", domain, value)
+            yield
+        finally:
+            try:
+                await run_dns01_hook(self.dns01_hook, "clear", domain, value)
+            except AgentError as exc:
+                log.warning("%s", exc)
 
     async def _poll(self, url: str, waiting: tuple[str, ...], deadline: float) -> dict:
         loop = asyncio.get_running_loop()

@@ -15,7 +15,7 @@ import click
 from . import __version__, schedule
 from .core import Agent, SystemClock, iso, lifetime_of, policy_from_json, policy_json
 from .files import AgentDir
-from .protocol import AgentError, Identity, fingerprint, normalize_fingerprint
+from .protocol import AgentError, Identity, fingerprint, normalize_fingerprint, pinned_anchor
 from .scep_client import ScepClient, new_key, parse_san
 
 log = logging.getLogger("scepd.agent")
@@ -79,19 +79,27 @@ def main() -> None:
 # --- enroll -----------------------------------------------------------------------------------
 
 
+DNS01_HOOK = click.option(
+    "--dns01-hook", default=None, metavar="CMD",
+    help="ACME: answer dns-01 (wildcards, machines without an open port): the shell command CMD sets "
+         "and clears the TXT record (env SCEPD_DNS01_ACTION=set|clear, _NAME, _VALUE, _DOMAIN); "
+         "remembered for renewals (run --dns01-hook '' forgets it).")
+
+
 @main.command()
 @DIR
-@click.option("--server", required=True, help="SCEP URL (http://ca.example:8080/scep) or ACME directory "
-              "URL (https://ca.example:8443/acme/directory).")
+@click.option("--server", required=True, help="SCEP URL (http://ca.example:8080/scep), ACME directory "
+              "URL (https://ca.example:8443/acme/directory) or EST URL "
+              "(https://ca.example:8443/.well-known/est[/LABEL]).")
 @click.option("--cn", required=True, help="Subject common name (ACME: a DNS name or IP address).")
 @click.option("--san", "sans", multiple=True, help="DNS:name or IP:address (repeatable).")
 @click.option("--challenge", default=None, envvar="SCEPD_AGENT_CHALLENGE",
-              help="Challenge password (SCEP) for the first enrollment.")
+              help="Challenge password (SCEP; EST: the HTTP Basic password) for the first enrollment.")
 @click.option("--eab-kid", default=None, envvar="SCEPD_AGENT_EAB_KID",
               help="ACME enrollment token: external account binding key id (`scepd eab create`).")
 @click.option("--eab-hmac", default=None, envvar="SCEPD_AGENT_EAB_HMAC",
               help="ACME enrollment token: external account binding HMAC key (base64url).")
-@click.option("--protocol", type=click.Choice(["scep", "acme"]), default="scep", show_default=True)
+@click.option("--protocol", type=click.Choice(["scep", "acme", "est"]), default="scep", show_default=True)
 @click.option("--ca-fingerprint", default=None, help="SHA-256 fingerprint of the root CA to trust "
               "(`scepd init` and `scepd serve` print it).")
 @click.option("--trust-first-use", is_flag=True, help="Trust whatever root the server presents now.")
@@ -102,10 +110,11 @@ def main() -> None:
                    "it listens only while an order is validated).")
 @click.option("--http01-address", default="0.0.0.0", show_default=True,
               help="ACME: address the http-01 responder binds.")
+@DNS01_HOOK
 @click.option("--force", is_flag=True, help="Enroll again although DIR already holds a certificate.")
 @click.option("-v", "--verbose", is_flag=True)
 def enroll(directory, server, cn, sans, challenge, eab_kid, eab_hmac, protocol, ca_fingerprint,
-           trust_first_use, mtls_url, http01_port, http01_address, force, verbose):
+           trust_first_use, mtls_url, http01_port, http01_address, dns01_hook, force, verbose):
     """First enrollment: new private key (it never leaves DIR), certificate, pinned CA."""
     _logging(verbose)
     if AgentDir(directory).load_cert() is not None and not force:
@@ -121,8 +130,12 @@ def enroll(directory, server, cn, sans, challenge, eab_kid, eab_hmac, protocol, 
     else:
         if eab_kid or eab_hmac:
             _fail("--eab-kid/--eab-hmac go with --protocol acme")
+        if dns01_hook:
+            _fail("--dns01-hook goes with --protocol acme")
         if not challenge:
-            _fail("--challenge is required for SCEP enrollment")
+            _fail(f"--challenge is required for {protocol.upper()} enrollment")
+        if protocol == "est" and not server.startswith("https://"):
+            _fail("the EST URL must be https:// (e.g. https://ca.example:8443/.well-known/est)")
     try:
         for s in sans:
             parse_san(s)
@@ -133,6 +146,8 @@ def enroll(directory, server, cn, sans, challenge, eab_kid, eab_hmac, protocol, 
             for ident in identifiers_of(identity):
                 if ident["type"] == "dns" and not _dns_name(ident["value"]):
                     raise ValueError(f"{ident['value']!r} is not a DNS name or IP address (ACME names only those)")
+                if ident["value"].startswith("*.") and not dns01_hook:
+                    raise ValueError(f"{ident['value']!r}: a wildcard is validated by dns-01 only: pass --dns01-hook")
     except (ValueError, AgentError) as exc:
         _fail(str(exc))
         return
@@ -143,7 +158,9 @@ def enroll(directory, server, cn, sans, challenge, eab_kid, eab_hmac, protocol, 
         if protocol == "acme":
             asyncio.run(_enroll_acme(AgentDir(directory), server, identity,
                                      f"{eab_kid}:{eab_hmac}" if eab_kid else "", pin, mtls_url,
-                                     http01_address, http01_port))
+                                     http01_address, http01_port, dns01_hook=dns01_hook))
+        elif protocol == "est":
+            asyncio.run(_enroll_est(AgentDir(directory), server, identity, challenge, pin, mtls_url))
         else:
             asyncio.run(_enroll(AgentDir(directory), server, identity, challenge, pin, mtls_url))
     except AgentError as exc:
@@ -152,21 +169,14 @@ def enroll(directory, server, cn, sans, challenge, eab_kid, eab_hmac, protocol, 
 
 def _dns_name(value: str) -> bool:
     from scepd.ca.policy import valid_dns_name
-    return valid_dns_name(value)
+    return valid_dns_name(value, allow_wildcard=True)
 
 
 async def _enroll(directory: AgentDir, server: str, identity: Identity, challenge: str,
                   pin: str | None, mtls_url: str | None, hostname: str | None = None) -> None:
     served = await ScepClient(server, None).fetch_ca_certs()  # type: ignore[arg-type]
-    if pin is not None:
-        matching = [c for c in served if fingerprint(c) == pin]
-        if not matching:
-            raise AgentError("no certificate served by GetCACert has the pinned fingerprint; served: "
-                             + ", ".join(f"{c.subject.rfc4514_string()} {fingerprint(c)}" for c in served))
-        anchor = matching[0]
-    else:
-        roots = [c for c in served if c.issuer == c.subject]
-        anchor = roots[-1] if roots else served[-1]
+    anchor = pinned_anchor(served, pin, "GetCACert")
+    if pin is None:
         log.warning("trusting on first use: %s SHA-256 %s", anchor.subject.rfc4514_string(), fingerprint(anchor))
     directory.create()
     directory.save_anchor(anchor)
@@ -176,9 +186,25 @@ async def _enroll(directory: AgentDir, server: str, identity: Identity, challeng
     await _installed(directory, server, "scep", identity, anchor, key, issued, mtls_url, hostname)
 
 
+async def _enroll_est(directory: AgentDir, server: str, identity: Identity, challenge: str,
+                      pin: str | None, mtls_url: str | None, hostname: str | None = None) -> None:
+    """EST: cacerts over an unverified connection, the anchor chosen by its pin as with SCEP's
+    GetCACert; from then on TLS verified against it (agent/est_client.py)."""
+    from .est_client import EstClient
+    anchor = pinned_anchor(await EstClient(server, None).fetch_ca_certs(), pin, "EST cacerts")
+    if pin is None:
+        log.warning("trusting on first use: %s SHA-256 %s", anchor.subject.rfc4514_string(), fingerprint(anchor))
+    directory.create()
+    directory.save_anchor(anchor)
+    key = await asyncio.to_thread(new_key)
+    issued = await EstClient(server, anchor).enroll(key, identity, challenge)
+    directory.save_ca_certs(issued.ca_certs)
+    await _installed(directory, server, "est", identity, anchor, key, issued, mtls_url, hostname)
+
+
 async def _enroll_acme(directory: AgentDir, server: str, identity: Identity, token: str, pin: str | None,
                        mtls_url: str | None, http01_address: str, http01_port: int,
-                       hostname: str | None = None) -> None:
+                       hostname: str | None = None, dns01_hook: str | None = None) -> None:
     from .acme_client import bootstrap_anchor
     from .core import acme_client_for
     anchor = await bootstrap_anchor(server, pin)
@@ -188,7 +214,8 @@ async def _enroll_acme(directory: AgentDir, server: str, identity: Identity, tok
     if state.get("server") != server:  # another server: its account is no use here
         state.pop("acme", None)
     state.update(server=server, protocol="acme")
-    state.setdefault("acme", {}).update(http01_address=http01_address, http01_port=http01_port)
+    state.setdefault("acme", {}).update(http01_address=http01_address, http01_port=http01_port,
+                                        dns01_hook=dns01_hook or None)
     directory.save_state(state)
     key = await asyncio.to_thread(new_key)
     issued = await acme_client_for(directory.load_state(), directory, anchor).enroll(key, identity, token)
@@ -241,11 +268,12 @@ def _rules(fn):
                    "(or SCEPD_AGENT_CHALLENGE); without one an expired certificate is only reported.")
 @click.option("--reuse-key", is_flag=True, help="Renew with the same key (default: a new key each time; "
               "the server must allow it: SCEPD_SCEP_RENEWAL_SAME_KEY=1).")
+@DNS01_HOOK
 @click.option("-v", "--verbose", is_flag=True)
 @click.option("--check-once-fd", type=int, default=None, hidden=True,
               help="Internal (agent.daemon): run one check, write the next check's instant to this fd.")
-def run(directory, interval, renew_before, renew_at_fraction, on_renew, challenge_file, reuse_key, verbose,
-        check_once_fd):
+def run(directory, interval, renew_before, renew_at_fraction, on_renew, challenge_file, reuse_key, dns01_hook,
+        verbose, check_once_fd):
     """The daemon: check every interval, renew inside the threshold, check in over mTLS."""
     _logging(verbose)
     policy = _policy(interval, renew_before, renew_at_fraction)
@@ -262,6 +290,8 @@ def run(directory, interval, renew_before, renew_at_fraction, on_renew, challeng
     state = agent_dir.load_state()
     if state:
         state["policy"] = policy_json(policy)
+        if dns01_hook is not None:  # kept in the state: every check (and renew) uses it
+            state.setdefault("acme", {})["dns01_hook"] = dns01_hook or None
         agent_dir.save_state(state)
     log.info("scepd-agent %s: dir %s, interval %s, renew-before %s, renew-at-fraction %s", __version__,
              directory, policy.interval, policy.renew_before, policy.renew_at_fraction)

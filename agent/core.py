@@ -82,12 +82,15 @@ def protocol_for(state: dict, directory: AgentDir, clock) -> EnrollmentProtocol:
         return ScepClient(state["server"], anchor, now=clock.now)
     if proto == "acme":
         return acme_client_for(state, directory, anchor, clock)
+    if proto == "est":
+        from .est_client import EstClient
+        return EstClient(state["server"], anchor, now=clock.now)
     raise AgentError(f"unknown protocol {proto!r} in {directory.state_path}")
 
 
 def acme_client_for(state: dict, directory: AgentDir, anchor, clock=None):
     """The ACME client of this state directory: its account (key file + URL in the state) and
-    the http-01 responder address it was enrolled with."""
+    the http-01 responder address it was enrolled with, the dns-01 hook if one was given."""
     from .acme_client import AcmeClient
     acme = state.get("acme", {})
 
@@ -101,6 +104,7 @@ def acme_client_for(state: dict, directory: AgentDir, anchor, clock=None):
                       account_url=acme.get("account"), save_account=save_account,
                       http01_address=acme.get("http01_address", "0.0.0.0"),
                       http01_port=int(acme.get("http01_port", 80)),
+                      dns01_hook=acme.get("dns01_hook"),
                       now=(clock or SystemClock()).now)
 
 

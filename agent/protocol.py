@@ -53,6 +53,20 @@ def fingerprint(cert: x509.Certificate) -> str:
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
 
 
+def pinned_anchor(served: list[x509.Certificate], pin: str | None, source: str) -> x509.Certificate:
+    """The trust anchor among the CA certificates a server served (`source`: GetCACert, EST
+    cacerts): the one with the pinned SHA-256 fingerprint, or on first use (pin None: the caller
+    was told to allow it) the last self-signed one."""
+    if pin is not None:
+        matching = [c for c in served if fingerprint(c) == pin]
+        if not matching:
+            raise TrustError(f"no certificate served by {source} has the pinned fingerprint; served: "
+                             + ", ".join(f"{c.subject.rfc4514_string()} {fingerprint(c)}" for c in served))
+        return matching[0]
+    roots = [c for c in served if c.issuer == c.subject]
+    return roots[-1] if roots else served[-1]
+
+
 def normalize_fingerprint(text: str) -> str:
     out = text.strip().upper().replace(":", "").replace(" ", "")
     if out.startswith("SHA256="):

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.acme_client import AcmeClient  # noqa: E402
 from agent.protocol import Identity  # noqa: E402
-from bench.common import SharedResponder, server_cpu, start_scepd  # noqa: E402
+from bench.common import SharedResponder, start_scepd, tree_cpu as server_cpu  # noqa: E402
 from tests.acme_responders import free_port  # noqa: E402
 
 
@@ -37,6 +37,8 @@ async def main() -> None:
     ap.add_argument("--orders", type=int, default=100)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-seconds", type=float, default=120)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="scepd serve --workers N (default: the server's, one per core)")
     args = ap.parse_args()
     state = Path(tempfile.mkdtemp(prefix="scepd-bench-acme-"))
     http, https, http01 = free_port(), free_port(), free_port()
@@ -44,7 +46,7 @@ async def main() -> None:
            "SCEPD_ACME_HTTP01_PORT": str(http01), "SCEPD_ACME_RESOLVE": "*=127.0.0.1",
            # one account placing --orders orders as fast as it can: measure issuance, not limits
            "SCEPD_LIMITS_ACME_NEW_ORDERS_PER_ACCOUNT": "0"}
-    proc = start_scepd(state, env)
+    proc = start_scepd(state, env, workers=args.workers)
     try:
         root = x509.load_pem_x509_certificate((state / "ca" / "root.pem").read_bytes())
         directory = f"https://127.0.0.1:{https}/acme/directory"

@@ -59,10 +59,12 @@ def tree_cpu(pid: int) -> float:
     return total / CLK_TCK
 
 
-def start_scepd(state: Path, env: dict, ready_seconds: float = 90) -> subprocess.Popen:
-    """`python -m scepd serve` on a fresh state dir, returned once it has printed its root."""
+def start_scepd(state: Path, env: dict, ready_seconds: float = 90, workers: int | None = None) -> subprocess.Popen:
+    """`python -m scepd serve` on a fresh state dir, returned once it has printed its root.
+    `workers`: `serve --workers N` (None: the server's default, one process per core)."""
+    extra = [] if workers is None else ["--workers", str(workers)]
     proc = subprocess.Popen([sys.executable, "-m", "scepd", "serve", "--state-dir", str(state),
-                             "--no-demo-challenge"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             "--no-demo-challenge", *extra], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True, env=env, start_new_session=True)
     deadline = time.monotonic() + ready_seconds
     while time.monotonic() < deadline:

@@ -279,7 +279,7 @@ async def bench_scepd(work: Path, args, keys, signers, acme_keys) -> list[Row]:
            "SCEPD_ROOT_KEY_PASSPHRASE": "bench-root-passphrase",
            "SCEPD_ACME_HTTP01_PORT": str(http01), "SCEPD_ACME_RESOLVE": "*=127.0.0.1"}
     state = work / "scepd"
-    proc = start_scepd(state, env)
+    proc = start_scepd(state, env, workers=args.workers)
     PROCS.append(proc)
     url = f"http://127.0.0.1:{http}/scep"
     await wait_http(url + "?operation=GetCACert")
@@ -380,6 +380,8 @@ async def inner(args) -> int:
     ifaces = sorted(line.split(":")[0].strip() for line in Path("/proc/self/net/dev").read_text().splitlines()[2:])
     print(f"loadavg at start: {' '.join(loadavg)} ({os.cpu_count()} cores, shared with other jobs); "
           f"network namespace interfaces: {', '.join(ifaces)}", flush=True)
+    print(f"scepd serve --workers {args.workers if args.workers is not None else f'(default: {os.cpu_count()})'}",
+          flush=True)
     if ifaces != ["lo"]:
         print("refusing to run: this network namespace has interfaces besides loopback", file=sys.stderr)
         return 2
@@ -422,7 +424,8 @@ async def inner(args) -> int:
             print(f"{r.protocol} {r.clients} {r.server}: {r.failures} failures, e.g. {sorted(set(r.errors))[:3]}")
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"loadavg": loadavg, "rows": [{**{k: v for k, v in r.__dict__.items() if k != "errors"},
+            {"loadavg": loadavg, "scepd_workers": args.workers,
+             "rows": [{**{k: v for k, v in r.__dict__.items() if k != "errors"},
                                            "errors": r.errors[:10], "ok_per_s": r.ok_per_s,
                                            "cpu_ms_per_req": r.cpu_ms_per_req} for r in rows]}, indent=1))
     return 0
@@ -452,6 +455,8 @@ def main() -> int:
     ap.add_argument("--acme-orders", type=int, default=60, help="orders per setting")
     ap.add_argument("--max-seconds", type=float, default=120, help="time bound of each setting")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="scepd serve --workers N (default: the server's, one per core)")
     args = ap.parse_args()
     if os.environ.get(INNER) != "1":
         return outer(sys.argv[1:])

@@ -1,13 +1,14 @@
 """SCEP enrollment throughput and latency against a real `scepd serve` on 127.0.0.1.
 
-    .venv/bin/python bench/scep_enroll.py [--requests 400] [--concurrency 8] [--max-seconds 120] [--hsm]
+    .venv/bin/python bench/scep_enroll.py [--requests 400] [--concurrency 8] [--max-seconds 120] [--workers N] [--hsm]
 
 --hsm: the issuing CA key is in a temporary SoftHSM2 token (`scepd init --ca-key-uri`), so every
 decryption and signature of the server goes through PKCS#11.
 
 Requests (CSR, throwaway signer, CMS envelope) are built before the clock starts, so the figures
 are the server's: decode, decrypt, verify, policy, sign, store (SQLite, synchronous=FULL), reply.
-Bounded in count and in time; listens and connects on loopback only.
+Server CPU is summed over the server's process tree (the parent and every worker with
+--workers N, reaped workers included). Bounded in count and in time; loopback only.
 """
 from __future__ import annotations
 
@@ -29,14 +30,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from scepd.scep import wire  # noqa: E402
-from bench.common import start_scepd  # noqa: E402
+from bench.common import start_scepd, tree_cpu as server_cpu  # noqa: E402
 from tests.helpers import make_csr, pkcs_req, self_signed  # noqa: E402
-
-
-def server_cpu(pid: int) -> float:
-    """user + system CPU seconds of the server process (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -64,14 +59,18 @@ async def main() -> None:
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-seconds", type=float, default=120)
+    ap.add_argument("--workers", type=int, default=None,
+                    help="scepd serve --workers N (default: the server's, one per core)")
     ap.add_argument("--hsm", action="store_true", help="the CA key in a temporary SoftHSM2 token")
     args = ap.parse_args()
+    print(f"loadavg at start: {' '.join(Path('/proc/loadavg').read_text().split()[:3])} "
+          f"({os.cpu_count()} cores)", flush=True)
     state = Path(tempfile.mkdtemp(prefix="scepd-bench-"))
     if args.hsm:
         init_token_ca(state)
     port = free_port()
     env = {**os.environ, "SCEPD_SERVER_HTTP": f"127.0.0.1:{port}", "SCEPD_SCEP_STATIC_CHALLENGE": "bench"}
-    proc = start_scepd(state, env)
+    proc = start_scepd(state, env, workers=args.workers)
     try:
         url = f"http://127.0.0.1:{port}/scep"
         async with aiohttp.ClientSession() as session:
@@ -114,7 +113,8 @@ async def main() -> None:
               f"-> {done / elapsed:.1f}/s; failures {failures}")
         print(f"latency ms: p50 {q[49] * 1000:.1f}  p95 {q[94] * 1000:.1f}  p99 {q[98] * 1000:.1f}  "
               f"max {max(latencies) * 1000:.1f}")
-        print(f"server CPU: {cpu:.2f}s = {cpu / max(done, 1) * 1000:.1f} ms an enrollment")
+        print(f"server CPU (all processes): {cpu:.2f}s = {cpu / max(done, 1) * 1000:.1f} ms an enrollment; "
+              f"loadavg now {' '.join(Path('/proc/loadavg').read_text().split()[:3])}")
         out = subprocess.run([sys.executable, "-m", "scepd", "certs", "list", "--json", "--state-dir",
                               str(state), "--limit", "100000"], capture_output=True, text=True, env=env)
         stored = len(re.findall(r'"serial"', out.stdout))

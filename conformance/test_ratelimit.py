@@ -11,7 +11,8 @@ from .test_acme import _certbot
 
 def test_scepclient_is_refused_after_failed_attempts(tmp_path):
     binary = require("scepclient")
-    srv = start_server(tmp_path / "srv", {"SCEPD_SCEP_LEGACY_ALGORITHMS": "1",
+    # rate limits are per worker process: one process, so the limit is exact
+    srv = start_server(tmp_path / "srv", {"SCEPD_SERVER_WORKERS": "1", "SCEPD_SCEP_LEGACY_ALGORITHMS": "1",
                                           "SCEPD_LIMITS_SCEP_FAILURES_PER_ADDRESS": "1/1h burst 1"})
     try:
         def enroll(cn: str, challenge: str):
@@ -34,7 +35,7 @@ def test_certbot_sees_rate_limited_new_order(tmp_path):
     require("certbot")
     https, http01 = free_port(), free_port()
     srv = start_server(tmp_path / "srv", {
-        "SCEPD_SERVER_HTTPS": f"127.0.0.1:{https}", "SCEPD_ACME_HTTP01_PORT": str(http01),
+        "SCEPD_SERVER_WORKERS": "1", "SCEPD_SERVER_HTTPS": f"127.0.0.1:{https}", "SCEPD_ACME_HTTP01_PORT": str(http01),
         "SCEPD_ACME_RESOLVE": "*=127.0.0.1", "SCEPD_LIMITS_ACME_NEW_ORDERS_PER_ACCOUNT": "1/1h"})
     srv.directory = f"https://127.0.0.1:{https}/acme/directory"
     try:

@@ -244,8 +244,10 @@ def _fingerprint(cert: x509.Certificate) -> str:
 @click.option("--mtls", default=None, help="host:port for the mutual-TLS agent listener.")
 @click.option("--demo-challenge/--no-demo-challenge", default=True, show_default=True,
               help="Print a fresh one-time challenge (valid 1 hour) at start.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Worker processes (default [server] workers; 0 = one per CPU core; 1 = no fork).")
 @click.option("-v", "--verbose", is_flag=True)
-def serve(state_dir, http, https, mtls, demo_challenge, verbose):
+def serve(state_dir, http, https, mtls, demo_challenge, workers, verbose):
     """Serve SCEP (and HTTPS/mTLS when asked); initialises a CA first if STATE_DIR has none."""
     if not pki.exists(state_dir):
         # first start (scripts/serve on a fresh machine): the root key is encrypted with
@@ -264,18 +266,32 @@ def serve(state_dir, http, https, mtls, demo_challenge, verbose):
     for key, value in (("http", http), ("https", https), ("mtls", mtls)):
         if value:
             setattr(cfg.server, key, value)
+    if workers is not None:
+        cfg.server.workers = workers
+    count = cfg.server.workers or os.cpu_count() or 1
     _setup_logging(cfg, verbose)
+    if count > 1:
+        _serve_workers(cfg, demo_challenge, count)
+        return
+    reason = _serve_error(lambda: asyncio.run(_serve(cfg, demo_challenge)))
+    if reason:
+        _fail(reason)
+
+
+def _serve_error(run) -> str | None:
+    """run(); None, or the one line `serve` exits with for the errors an operator can fix."""
     from sqlalchemy.exc import SQLAlchemyError
     try:
-        asyncio.run(_serve(cfg, demo_challenge))
+        run()
     except (pki.PkiError, ConfigError) as exc:
-        _fail(str(exc))
+        return str(exc)
     except _DatabaseUnreachable as exc:
-        _fail(f"cannot reach the database: {exc}")
+        return f"cannot reach the database: {exc}"
     except SQLAlchemyError as exc:
-        _fail(f"cannot use the database: {str(exc.orig if hasattr(exc, 'orig') else exc).splitlines()[0]}")
+        return f"cannot use the database: {str(exc.orig if hasattr(exc, 'orig') else exc).splitlines()[0]}"
     except OSError as exc:
-        _fail(f"cannot listen: {exc.strerror or exc}")
+        return f"cannot listen: {exc.strerror or exc}"
+    return None
 
 
 class _DatabaseUnreachable(Exception):
@@ -306,18 +322,23 @@ async def _start_site(app, hostport: str, ssl_context=None, access_log: bool = T
     return runner, host, actual
 
 
-async def _renew_server_cert(server_cert, stop: asyncio.Event) -> None:
+async def _renew_server_cert(server_cert, stop: asyncio.Event, primary: bool = True) -> None:
+    """The primary process renews the server certificate (hourly check); the other workers load
+    the files it wrote into their live TLS contexts (checked every minute)."""
     log = logging.getLogger("scepd.tls")
     while not stop.is_set():
         try:
-            await asyncio.wait_for(stop.wait(), timeout=3600)
+            await asyncio.wait_for(stop.wait(), timeout=3600 if primary else 60)
         except asyncio.TimeoutError:
             pass
         if stop.is_set():
             return
         try:
-            await server_cert.ensure()
-        except Exception:  # keep serving with the current certificate; try again next hour
+            if primary:
+                await server_cert.ensure()
+            else:
+                server_cert.reload_if_changed()
+        except Exception:  # keep serving with the current certificate; try again next time
             log.exception("server certificate renewal failed")
 
 
@@ -382,6 +403,200 @@ async def _serve(cfg: config_mod.Config, demo_challenge: bool) -> None:
         for runner in reversed(runners):
             await runner.cleanup()
         await services.close()
+
+
+# --- serve --workers N (scepd/http/workers.py has the process model) ---------------------------
+
+
+async def _prepare_once(cfg: config_mod.Config, demo_challenge: bool) -> dict:
+    """The parent's share, before any worker forks: migrations, the CA, the server TLS
+    certificate, the demo challenge. Everything it opened is closed again."""
+    from .http.app import open_services
+    try:
+        services = await open_services(cfg)
+    except OSError as exc:
+        raise _DatabaseUnreachable(str(exc)) from None
+    try:
+        if cfg.server.https or cfg.server.mtls:
+            await _server_certificate(cfg, services).ensure()
+        delegate = getattr(services.ocsp, "delegate", None)
+        if delegate is not None:  # [ca] ocsp_delegated: its certificate issued once, not per worker
+            await delegate.current()
+        secret = None
+        if demo_challenge:
+            secret = await services.challenges.create(dt.timedelta(hours=1), actor="serve")
+        return {"root": services.ca_material.root, "secret": secret}
+    finally:
+        await services.close()
+
+
+def _server_certificate(cfg: config_mod.Config, services):
+    from .http.tls import ServerCertificate, names_for
+    tls_host = _split_hostport(cfg.server.https or cfg.server.mtls)[0]
+    extra = tuple(n.strip() for n in cfg.server.tls_names.split(",") if n.strip())
+    return ServerCertificate(cfg.state_dir / "tls", services.enrollment, services.ca_material,
+                              names_for(tls_host, extra))
+
+
+async def _start_sock_site(app, sock, ssl_context=None, access_log: bool = True):
+    from aiohttp import web
+    from .http.app import HTTP_HANDLER_ARGS
+    from .ops.accesslog import runner_args
+    runner = web.AppRunner(app, handle_signals=False, **runner_args(access_log), **HTTP_HANDLER_ARGS)
+    await runner.setup()
+    try:
+        await web.SockSite(runner, sock, ssl_context=ssl_context).start()
+    except OSError:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+async def _worker(cfg: config_mod.Config, socks: dict, primary: bool, report) -> None:
+    """One worker: the apps on the inherited sockets until SIGTERM/SIGINT."""
+    from .http.app import create_app, create_https_app, create_mtls_app, open_services
+    try:
+        services = await open_services(cfg)
+    except OSError as exc:
+        raise _DatabaseUnreachable(str(exc)) from None
+    services.primary = primary
+    runners = []
+    stop = asyncio.Event()
+    tasks = []
+    try:
+        log_access = cfg.server.access_log
+        runners.append(await _start_sock_site(create_app(services), socks["http"], access_log=log_access))
+        if "https" in socks or "mtls" in socks:
+            server_cert = _server_certificate(cfg, services)
+            if primary:  # a restarted primary: the certificate may have come due meanwhile
+                await server_cert.ensure()
+            tasks.append(asyncio.create_task(_renew_server_cert(server_cert, stop, primary)))
+            if "https" in socks:
+                runners.append(await _start_sock_site(create_https_app(services), socks["https"],
+                                                      server_cert.context(client_auth=False),
+                                                      access_log=log_access))
+            if "mtls" in socks:
+                runners.append(await _start_sock_site(create_mtls_app(services), socks["mtls"],
+                                                      server_cert.context(client_auth=True),
+                                                      access_log=log_access))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        report("ready")
+        await stop.wait()
+    finally:
+        stop.set()
+        for task in tasks:
+            task.cancel()
+        for runner in reversed(runners):
+            await runner.cleanup()
+        await services.close()
+
+
+def _worker_process(cfg: config_mod.Config, socks: dict, metrics_dir: str, index: int, primary: bool,
+                    report) -> int:
+    """The body of a forked worker; its exit code."""
+    from .ops.metrics import share_across_processes
+    share_across_processes(metrics_dir)
+    try:
+        reason = _serve_error(lambda: asyncio.run(_worker(cfg, socks, primary, report)))
+    except Exception as exc:  # the log has the traceback; the parent prints one line
+        logging.getLogger("scepd.workers").exception("worker %d failed", index)
+        reason = f"worker {index} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if reason:
+        report(reason)
+        return 1
+    return 0
+
+
+def _serve_workers(cfg: config_mod.Config, demo_challenge: bool, count: int) -> None:
+    import functools
+    import shutil
+    from .http.workers import Supervisor, WorkerStartError, bind, threads_other_than_main
+    prepared: dict = {}
+    reason = _serve_error(lambda: prepared.update(asyncio.run(_prepare_once(cfg, demo_challenge))))
+    if reason:
+        _fail(reason)
+    if threads_other_than_main():  # forking now could copy a held lock
+        _fail("internal error: threads still run before the workers start; use --workers 1")
+    socks: dict = {}
+    metrics_dir = None
+    try:
+        for key in ("http", "https", "mtls"):
+            if getattr(cfg.server, key):
+                socks[key] = bind(*_split_hostport(getattr(cfg.server, key)))
+        # counters and histograms of every worker, summed by whichever answers /metrics
+        metrics_dir = _metrics_directory(cfg.state_dir)
+        log = logging.getLogger("scepd.workers")
+        supervisor = Supervisor(count, functools.partial(_worker_process, cfg, socks, metrics_dir))
+        supervisor.install_signal_handlers()
+        supervisor.start()
+        if supervisor.stopping:
+            return
+        pids = supervisor.pids()
+        log.info("%d workers started: pids %s", len(pids), " ".join(map(str, pids)))
+        _announce(cfg, {k: s.getsockname()[:2] for k, s in socks.items()}, prepared, pids)
+        supervisor.run()
+        log.info("shutting down")
+    except OSError as exc:
+        _fail(f"cannot listen: {exc.strerror or exc}")
+    except WorkerStartError as exc:
+        _fail(str(exc))
+    finally:
+        for sock in socks.values():
+            sock.close()
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _metrics_directory(state_dir: Path) -> str:
+    """DIR/.metrics-<parent pid>, new and empty; those of servers no longer running (a kill -9)
+    are removed."""
+    import shutil
+    for old in state_dir.glob(".metrics-*"):
+        pid = old.name.removeprefix(".metrics-")
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    path = state_dir / f".metrics-{os.getpid()}"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(mode=0o700)
+    return str(path)
+
+
+def _announce(cfg: config_mod.Config, addresses: dict, prepared: dict, pids: list[int]) -> None:
+    """What a single-process `serve` prints, once, by the parent."""
+    host, port = addresses["http"]
+    base = cfg.server.base_url.rstrip("/") or f"http://{host}:{port}"
+    click.echo(f"scepd {__version__} listening on http://{host}:{port}")
+    click.echo(f"Worker processes: {len(pids)} (pids {' '.join(map(str, pids))})")
+    click.echo(f"SCEP URL: {base}/scep")
+    click.echo(f"CA certificates: {base}/scep?operation=GetCACert")
+    if "https" in addresses:
+        h, p = addresses["https"]
+        click.echo(f"HTTPS (ACME, admin API): https://{h}:{p}/")
+        click.echo(f"ACME directory: https://{h}:{p}/acme/directory")
+    if "mtls" in addresses:
+        h, p = addresses["mtls"]
+        click.echo(f"mTLS agent API: https://{h}:{p}/api/v1/")
+    click.echo(f"Root CA SHA-256 fingerprint: {_fingerprint(prepared['root'])}")
+    if cfg.scep.static_challenge:
+        click.echo("Static challenge password: configured (SCEPD_SCEP_STATIC_CHALLENGE)")
+    from .enroll.pipeline import startup_warnings
+    for warning in startup_warnings(cfg):  # once, at start
+        logging.getLogger("scepd").warning("%s", warning)
+    if prepared["secret"]:
+        click.echo(f"One-time challenge password (valid 1 hour): {prepared['secret']}")
+    sys.stdout.flush()
 
 
 # --- ca ---------------------------------------------------------------------------------------

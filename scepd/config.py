@@ -33,6 +33,8 @@ class ServerConfig:
     log_format: str = "text"
     #: one line per HTTP request on the scepd.access logger (secrets redacted)
     access_log: bool = True
+    #: worker processes of `scepd serve` (0 = one per CPU core; 1 = a single process, no fork)
+    workers: int = 0
 
 
 @dataclass
@@ -171,6 +173,31 @@ class LimitsConfig:
 
 
 @dataclass
+class OcspConfig:
+    #: Pre-signed responses kept in memory (least recently used dropped first); 0 = sign every
+    #: response. About 1.3 KB each with an RSA-2048 CA (2 KB with a delegated responder certificate).
+    cache_size: int = 100_000
+    #: How often at most the revocation counter is read: a revocation made by another process
+    #: (worker, `scepd certs revoke`) is served within this bound. "0" = on every request.
+    status_poll: str = "1s"
+
+
+@dataclass
+class RetentionConfig:
+    """What expires is purged on a schedule (scepd/ops/retention.py); certificates and audit
+    rows never are."""
+
+    #: how often the primary worker purges ("0" = never)
+    interval: str = "1h"
+    #: one-time challenges used or expired longer ago than this
+    spent_challenges: str = "30d"
+    #: pending requests decided, or left undecided, longer ago than this
+    pending_requests: str = "90d"
+    #: ACME orders expired longer ago than this, with their authorizations and challenges
+    acme_orders: str = "30d"
+
+
+@dataclass
 class DatabaseConfig:
     #: SQLAlchemy async URL; empty = SQLite file DIR/scepd.db.
     url: str = ""
@@ -186,6 +213,8 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     est: EstConfig = field(default_factory=EstConfig)
+    ocsp: OcspConfig = field(default_factory=OcspConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     state_dir: Path = Path(".")
     #: deprecation warnings about the keys given (`serve` logs them once at start)
     deprecations: list[str] = field(default_factory=list)
@@ -204,7 +233,8 @@ class ConfigError(ValueError):
 
 
 _SECTIONS = {"server": ServerConfig, "ca": CAConfig, "scep": ScepConfig, "database": DatabaseConfig,
-             "acme": AcmeConfig, "policy": PolicyConfig, "limits": LimitsConfig, "est": EstConfig}
+             "acme": AcmeConfig, "policy": PolicyConfig, "limits": LimitsConfig, "est": EstConfig,
+             "ocsp": OcspConfig, "retention": RetentionConfig}
 
 
 def _coerce(kind: type, raw: object, where: str) -> object:
@@ -269,6 +299,8 @@ def load(state_dir: Path, environ: dict[str, str] | None = None) -> Config:
     validate_url(cfg.policy.csr_check_url, cfg.policy.csr_check_allow_http)
     if cfg.policy.renewal_profile not in ("keep", "default"):
         raise ConfigError(f"[policy] renewal_profile must be keep or default, got {cfg.policy.renewal_profile!r}")
+    if cfg.server.workers < 0:
+        raise ConfigError(f"[server] workers must be 0 (one per CPU core) or more, got {cfg.server.workers}")
     if not 2048 <= cfg.policy.max_rsa_bits <= 8192:
         raise ConfigError(f"[policy] max_rsa_bits must lie between 2048 and 8192, "
                           f"got {cfg.policy.max_rsa_bits}")
@@ -318,6 +350,8 @@ log_format = "text"
 # one line per HTTP request (method, target with message= and secrets redacted, status, bytes,
 # duration, request id, peer), on the scepd.access logger
 access_log = true
+# worker processes of `scepd serve`; 0 = one per CPU core, 1 = a single process
+workers = 0
 
 [ca]
 default_validity = "90d"
@@ -423,6 +457,21 @@ acme_failed_validations_per_account = "60/1h burst 30"
 acme_new_nonces_per_address = "100/1s burst 200"
 # buckets kept per limit (least recently used dropped first): bounds memory
 max_keys = 10000
+
+[ocsp]
+# pre-signed responses (requests without a nonce) kept in memory, least recently used dropped
+# first; about 1.3 KB each (2 KB with ocsp_delegated); 0 = sign every response
+cache_size = 100000
+# a revocation by another process (worker, CLI) is served within this bound ("0" = every request)
+status_poll = "1s"
+
+[retention]
+# expired rows purged by the primary worker every interval ("0" = never); certificates and audit
+# rows are never purged. Expired ACME nonces go at once.
+interval = "1h"
+spent_challenges = "30d"
+pending_requests = "90d"
+acme_orders = "30d"
 
 [database]
 # empty = SQLite file in the state directory; e.g. postgresql+asyncpg://user@host/db

@@ -19,3 +19,6 @@ class Frontend:
     #: () -> [(parent, click command)]: parent "" is the `scepd` group itself, else the name of one
     #: of its groups ("certs")
     cli_commands: Callable[[], Sequence[tuple[str, Any]]] = lambda: ()
+    #: () -> [scepd.ops.retention.Purge]: the front-end's expired rows, purged on the retention
+    #: schedule with scepd's own
+    purges: Callable[[], Sequence[Any]] = lambda: ()

@@ -202,13 +202,16 @@ async def test_ocsp_get_form(client, services):
     assert ocsp.load_der_ocsp_response(await resp.read()).certificate_status == ocsp.OCSPCertStatus.GOOD
 
 
-async def test_ocsp_sees_revocation_by_another_process_at_once(client, services):
+async def test_ocsp_sees_revocation_by_another_process_within_the_poll_bound(client, services):
+    """`scepd certs revoke` runs in its own process (no listener here): the pre-signed "good" is
+    served until the revocation counter is read again, at most [ocsp] status_poll (1 s) later."""
     from scepd.ca.revocation import RevocationService
     ca = services.ca_material.cert
     issued = await _issue(services, "ocsp-cli", rsa_key(0))
     assert (await _post(client, _request(issued.cert, ca))).certificate_status == ocsp.OCSPCertStatus.GOOD
     await RevocationService(services.store, services.clock).revoke(
         issued.record.serial, RevocationReason.CESSATION_OF_OPERATION, "cli")
+    services.clock.advance(dt.timedelta(seconds=1))
     r = await _post(client, _request(issued.cert, ca))
     assert r.certificate_status == ocsp.OCSPCertStatus.REVOKED
     assert r.revocation_reason == x509.ReasonFlags.cessation_of_operation

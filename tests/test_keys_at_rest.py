@@ -120,7 +120,8 @@ def test_serve_first_start_encrypts_the_root_key_with_a_passphrase_shown_once(tm
         return None
     monkeypatch.setattr(cli, "_serve", no_listening)
     d = tmp_path / "state"
-    first = scepd("serve", "--state-dir", d, "--no-demo-challenge", env=NO_PASSPHRASE)
+    first = scepd("serve", "--state-dir", d, "--no-demo-challenge", "--workers", "1",
+                   env=NO_PASSPHRASE)
     assert first.exit_code == 0, first.output
     shown = re.search(r"Passphrase of the root CA key \(shown once[^)]*\): (\S+)", first.output)
     assert shown and "OFFLINE" in first.output
@@ -128,7 +129,7 @@ def test_serve_first_start_encrypts_the_root_key_with_a_passphrase_shown_once(tm
     with pytest.raises(TypeError):
         serialization.load_pem_private_key(key_pem, None)
     assert _root_key_matches(key_pem, shown.group(1).encode(), d)
-    again = scepd("serve", "--state-dir", d, "--no-demo-challenge", env=NO_PASSPHRASE)
+    again = scepd("serve", "--state-dir", d, "--no-demo-challenge", "--workers", "1", env=NO_PASSPHRASE)
     assert again.exit_code == 0 and shown.group(1) not in again.output
 
 

@@ -5,6 +5,7 @@ The factory only assembles; every acquired resource is released by cleanup_ctx.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from ..config import ConfigError
 from ..errors import ScepdError
 from ..store import SqlStore
 from ..ops.routes import add_https_context, add_ops_routes, attach_ops
+from ..ops.retention import CORE_PURGES, RetentionService, RetentionSettings
 from ..admin.http import add_admin_routes
 from .assembly import frontends, migrations
 
@@ -66,6 +68,11 @@ class Services:
     metrics: "Metrics | None" = None
     #: rate limits of SCEP and ACME (scepd/ratelimit.py, [limits])
     limits: RateLimiter = dataclasses.field(default_factory=RateLimiter.disabled)
+    #: purges what expired (scepd/ops/retention.py); run by the primary worker
+    retention: "RetentionService | None" = None
+    #: this process runs the once-per-server jobs (start-up resumes, server certificate
+    #: renewal): always with one process, worker 0 with `serve --workers N`
+    primary: bool = True
 
     async def close(self) -> None:
         await self.store.close()
@@ -80,6 +87,7 @@ def passphrase_for(config: Config) -> bytes | None:
 async def open_services(config: Config, clock: Clock | None = None) -> Services:
     clock = clock or SystemClock()
     limits = RateLimiter.from_config(config.limits, clock)  # ConfigError before anything opens
+    retention_settings = RetentionSettings.from_config(config.retention)
     material = pki.load(config.state_dir, passphrase_for(config))
     store = await SqlStore.open(config.database_url, migrations())
     try:
@@ -129,6 +137,11 @@ async def open_services(config: Config, clock: Clock | None = None) -> Services:
     except Exception:
         await store.close()
         raise
+    services.retention = RetentionService(store, clock, retention_settings,
+                                          CORE_PURGES + tuple(p for f in frontends() for p in f.purges()))
+    if services.metrics is not None:
+        metrics = services.metrics
+        services.retention.listeners.append(lambda kind, n: metrics.retention_purged_total.labels(kind=kind).inc(n))
     return services
 
 
@@ -169,9 +182,32 @@ def create_app(services: Services, close_services: bool = False) -> web.Applicat
     app.router.add_get("/ca/{ca_id}.crt", ca_cert)
 
     _common_routes(app, services)
+    if services.primary and services.retention is not None and services.retention.settings.interval:
+        _run_retention(app, services.retention)
     if close_services:
         _close_on_cleanup(app, services)
     return app
+
+
+def _run_retention(app: web.Application, retention: RetentionService) -> None:
+    """The retention schedule while the app runs: the first run one interval after start."""
+    async def _lifetime(_app: web.Application):
+        stop = asyncio.Event()
+
+        async def loop():
+            try:
+                await asyncio.wait_for(stop.wait(), retention.settings.interval.total_seconds())
+            except asyncio.TimeoutError:
+                await retention.run_forever(stop)
+        task = asyncio.create_task(loop())
+        yield
+        stop.set()
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+    app.cleanup_ctx.append(_lifetime)
 
 
 def _close_on_cleanup(app: web.Application, services: Services) -> None:

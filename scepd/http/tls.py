@@ -55,6 +55,7 @@ class ServerCertificate:
         self.cert_path = directory / "server.pem"
         self.key_path = directory / "server.key"
         self._contexts: list[ssl.SSLContext] = []
+        self._loaded: tuple | None = None  # the files' identity when the contexts last loaded them
 
     def _current(self) -> x509.Certificate | None:
         try:
@@ -87,11 +88,31 @@ class ServerCertificate:
                  ",".join(n.value for n in self.names))
         for ctx in self._contexts:
             ctx.load_cert_chain(self.cert_path, self.key_path)
+        self._loaded = self._stamp()
         return True
+
+    def reload_if_changed(self) -> bool:
+        """Another process (the primary worker) renewed the files: load them into the live
+        contexts. True when they were reloaded."""
+        try:
+            stamp = self._stamp()
+        except FileNotFoundError:
+            return False
+        if stamp == self._loaded:
+            return False
+        for ctx in self._contexts:  # ssl.SSLError (key and certificate from different renewals,
+            ctx.load_cert_chain(self.cert_path, self.key_path)  # mid-write): the next check retries
+        self._loaded = stamp
+        return True
+
+    def _stamp(self) -> tuple:
+        return tuple((s.st_ino, s.st_mtime_ns, s.st_size) for s in (self.cert_path.stat(), self.key_path.stat()))
 
     def context(self, client_auth: bool) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if self._loaded is None:
+            self._loaded = self._stamp()
         ctx.load_cert_chain(self.cert_path, self.key_path)
         # mTLS requires a client certificate; the HTTPS listener asks for an optional one (admin
         # API clients present theirs, ACME clients none). Either way it must chain to our root.

@@ -21,6 +21,7 @@ from ..config import Config, ConfigError, parse_duration, parse_hostport
 from ..enroll.enrollment import DUPLICATE_POLICIES
 from ..enroll.pipeline import RENEWAL_PROFILE_MODES, approval_policy
 from .ratelimit import RateLimiter
+from .retention import RetentionSettings
 
 #: (url) -> None when the database answers, else raises with the reason
 Probe = Callable[[str], Awaitable[None]]
@@ -63,6 +64,7 @@ def static_problems(cfg: Config) -> list[str]:
     _check(problems, "[policy] subject", lambda: subject_policy(cfg))
     _check(problems, "[policy] require_approval", lambda: approval_policy(cfg))
     _check(problems, "[limits]", lambda: RateLimiter.from_config(cfg.limits, SystemClock()))
+    _check(problems, "[retention]", lambda: RetentionSettings.from_config(cfg.retention))
     command = cfg.policy.csr_check_command
     if command:
         try:

@@ -37,12 +37,20 @@ def attach_ops(services, previous: list[tuple[object, object]] = ()) -> None:
     if services.config.ca.ocsp_delegated:
         from ..ca.ocsp import DelegatedResponder
         delegate = DelegatedResponder(services.config.state_dir / "ocsp", services.enrollment)
-    services.ocsp = OcspResponder(services.store, services.clock, signers, delegate=delegate)
+    ocsp_cfg = services.config.ocsp
+    if ocsp_cfg.cache_size < 0:
+        from ..config import ConfigError
+        raise ConfigError(f"[ocsp] cache_size must be 0 or more, got {ocsp_cfg.cache_size}")
+    services.ocsp = OcspResponder(services.store, services.clock, signers, delegate=delegate,
+                                  cache_size=ocsp_cfg.cache_size,
+                                  status_poll=parse_duration(ocsp_cfg.status_poll))
     services.crl.listeners.append(services.metrics.crl_published)
+    services.revocation.listeners.append(services.ocsp.on_revocation)  # first: drops pre-signed "good"
     services.revocation.listeners.append(services.crl.on_revocation)
     services.revocation.listeners.append(services.metrics.on_revocation)
     services.enrollment.issued_listeners.append(services.metrics.issued)
     services.metrics.add_scrape_hook(_agents_seen(services))
+    services.metrics.registry.register(_OcspCacheCollector(services.ocsp))
     services.scep.crl_provider = services.crl.current_der  # SCEP GetCRL
     services.limits.listeners.append(services.metrics.rate_limited)
     for name in services.limits.names():  # every enabled limit shows, at 0 until it refuses
@@ -51,6 +59,24 @@ def attach_ops(services, previous: list[tuple[object, object]] = ()) -> None:
 
 def context_middleware(metrics: Metrics | None):
     """Request id + transaction id context for logs, and latency by route for metrics."""
+    # the labelled children, looked up once: labels() costs a lock and a dict build per call, a
+    # tenth of a cached OCSP response's CPU (bounded: endpoints are routes, methods are few)
+    seconds: dict[tuple[str, str], object] = {}
+    responses: dict[tuple[str, int], object] = {}
+
+    def observe(endpoint: str, method: str, elapsed: float, status: int) -> None:
+        hist = seconds.get((endpoint, method))
+        if hist is None:
+            hist = metrics.request_seconds.labels(endpoint=endpoint, method=method)  # type: ignore[union-attr]
+            if len(seconds) < 1000:
+                seconds[(endpoint, method)] = hist
+        hist.observe(elapsed)  # type: ignore[attr-defined]
+        counter = responses.get((endpoint, status))
+        if counter is None:
+            counter = metrics.responses.labels(endpoint=endpoint, status=str(status))  # type: ignore[union-attr]
+            if len(responses) < 1000:
+                responses[(endpoint, status)] = counter
+        counter.inc()  # type: ignore[attr-defined]
 
     @web.middleware
     async def middleware(request: web.Request, handler):
@@ -71,7 +97,7 @@ def context_middleware(metrics: Metrics | None):
                 info = request.match_info
                 resource = info.route.resource if info is not None and info.route else None
                 endpoint = resource.canonical if resource is not None else "unmatched"
-                metrics.observe_request(endpoint, request.method, time.monotonic() - started, status)
+                observe(endpoint, request.method, time.monotonic() - started, status)
             transaction_id.reset(tid)
             request_id.reset(rid)
 
@@ -100,14 +126,39 @@ def add_ops_routes(app: web.Application, services) -> None:
                    "Expires": published.next_update.strftime("%a, %d %b %Y %H:%M:%S GMT")}
         return web.Response(body=published.der, content_type="application/pkix-crl", headers=headers)
 
-    async def _answer(der: bytes) -> web.Response:
+    counters: dict[str, object] = {}  # status -> its bound counter (labels() is a lookup and a lock)
+
+    def _count(status: str) -> None:
+        counter = counters.get(status)
+        if counter is None:
+            counter = counters[status] = metrics.ocsp_responses.labels(status=status)
+        counter.inc()  # type: ignore[attr-defined]
+
+    async def _answer(der: bytes, if_none_match: str | None = None) -> web.Response:
         answer = await responder.respond(der)
-        metrics.ocsp_responses.labels(status=answer.status).inc()
-        headers = {"Cache-Control": f"public, max-age={answer.max_age}, no-transform" if answer.max_age
-                   else "no-cache, no-store"}
-        return web.Response(body=answer.der, content_type="application/ocsp-response", headers=headers)
+        _count(answer.status)
+        if not answer.max_age:  # errors, and responses carrying the client's nonce
+            return web.Response(body=answer.der, content_type="application/ocsp-response",
+                                headers={"Cache-Control": "no-cache, no-store"})
+        # RFC 5019 §6.2: max-age below nextUpdate, Last-Modified thisUpdate, Expires nextUpdate,
+        # ETag a hash of the response
+        headers = {"Content-Type": "application/ocsp-response",
+                   "Cache-Control": f"public, max-age={answer.max_age}, no-transform, must-revalidate",
+                   "Last-Modified": answer.last_modified, "Expires": answer.expires, "ETag": answer.etag}
+        if if_none_match is not None and if_none_match == answer.etag:
+            del headers["Content-Type"]
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=answer.der, headers=headers)
 
     async def ocsp_post(request: web.Request) -> web.Response:
+        content = request.content
+        if content.is_eof() and (request.content_length or 0) <= MAX_REQUEST_BYTES:
+            # the whole (small) body came with the headers: take it without a timer and two reads
+            body = content.read_nowait(-1)
+            if len(body) <= MAX_REQUEST_BYTES:
+                return await _answer(body)
+            return web.Response(status=413, text=f"request body over {MAX_REQUEST_BYTES} bytes\n",
+                                content_type="text/plain")
         try:
             body = await read_body(request, MAX_REQUEST_BYTES)
         except PayloadTooLarge as err:
@@ -123,7 +174,7 @@ def add_ops_routes(app: web.Application, services) -> None:
             der = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
         except (binascii.Error, ValueError):
             der = b""
-        return await _answer(der)
+        return await _answer(der, request.headers.get("If-None-Match"))
 
     async def get_metrics(_request: web.Request) -> web.Response:
         try:
@@ -155,3 +206,26 @@ def _agents_seen(services):
         for within, delta in (("1h", dt.timedelta(hours=1)), ("24h", dt.timedelta(hours=24))):
             metrics.agents_seen.labels(within=within).set(await inventory.count_seen_since(now - delta))
     return hook
+
+
+class _OcspCacheCollector:
+    """scepd_ocsp_cache_entries and scepd_ocsp_cache_events{event}, read at scrape time only
+    (nothing on the request path), of the process answering the scrape (gauges, so that they
+    also show with `serve --workers N`): hit = served pre-signed; signed = signatures made
+    (pre-signed or for a request with a nonce); rechecked = a cached response whose status was
+    read again (unknown serials, or after another process revoked something); poll = revocation
+    counter reads. All counted since the process started."""
+
+    def __init__(self, responder: OcspResponder):
+        self.responder = responder
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+        yield GaugeMetricFamily("scepd_ocsp_cache_entries", "Pre-signed OCSP responses held",
+                                value=self.responder.cache_len())
+        events = GaugeMetricFamily("scepd_ocsp_cache_events",
+                                   "Pre-signed OCSP response cache events since this process started",
+                                   labels=["event"])
+        for event, count in self.responder.stats.items():
+            events.add_metric([event], count)
+        yield events

@@ -135,6 +135,21 @@ def _create_revocation_generation(conn: sa.Connection) -> None:
         conn.execute(revocations.insert().values(id=1, generation=0))
 
 
+#: The condition of the partial index below, written as a literal in the queries meant to use it.
+VALID = sa.literal_column("'valid'")
+
+
+def _create_valid_expiry_index(conn: sa.Connection) -> None:
+    """v5: valid certificates by expiry, a partial index. Serves `certs list --expiring-within`
+    (range on not_after, ORDER BY not_after, serial: no sort, stops at LIMIT) and the range counts
+    of the metrics scrape (index only: SQLite wants `status` among the columns to see that).
+    Partial, so only queries that say status = 'valid' as a literal (VALID) can use it: SQLite,
+    without ANALYZE statistics, preferred a full (status, not_after) index to the subject index
+    for find_valid_by_subject and walked every valid certificate (26 s at a million)."""
+    conn.exec_driver_sql("CREATE INDEX IF NOT EXISTS ix_certificates_valid_expiry "
+                         "ON certificates (not_after, serial, status) WHERE status = 'valid'")
+
+
 #: A migration step: a list of tables to create, or a callable(sync_connection) for DDL changes.
 Step = list[sa.Table] | Callable[[sa.Connection], None]
 
@@ -144,7 +159,8 @@ Step = list[sa.Table] | Callable[[sa.Connection], None]
 MIGRATIONS: dict[str, list[tuple[int, Step]]] = {
     "core": [(1, [certificates, challenges, audit]), (2, [pending_requests]),
              (3, lambda conn: _add_missing_columns(conn, challenges)),
-             (4, _create_revocation_generation)],
+             (4, _create_revocation_generation),
+             (5, _create_valid_expiry_index)],
 }
 
 
@@ -508,7 +524,7 @@ class SqlStore:
         q = sa.select(certificates).order_by(certificates.c.not_after, certificates.c.serial)
         if expiring_before is not None:
             q = q.where(certificates.c.not_after <= _naive(expiring_before),
-                        certificates.c.status == "valid")
+                        certificates.c.status == VALID)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(q.limit(limit).offset(offset))).all()
         return [_cert_record(r) for r in rows]
