@@ -32,12 +32,16 @@ def hsm_server(tmp_path_factory):
     assert out.returncode == 0, out.stderr
     assert not (tmp / "state" / "ca" / "ca.key").exists()
     https, http01 = free_port(), free_port()
-    s = start_server(tmp, {"SCEPD_SCEP_LEGACY_ALGORITHMS": "1", "SCEPD_SERVER_HTTPS": f"127.0.0.1:{https}",
+    # two forked workers: each opens its own token session (none is inherited from the parent,
+    # which loaded the CA before forking)
+    s = start_server(tmp, {"SCEPD_SCEP_LEGACY_ALGORITHMS": "1", "SCEPD_SERVER_WORKERS": "2",
+                           "SCEPD_SERVER_HTTPS": f"127.0.0.1:{https}",
                            "SCEPD_ACME_HTTP01_PORT": str(http01), "SCEPD_ACME_RESOLVE": "*=127.0.0.1"})
     s.env["SCEPD_SERVER_HTTP"] = f"127.0.0.1:{s.port}"
     s.directory, s.http01, s.records = f"https://127.0.0.1:{https}/acme/directory", http01, tmp / "dns.json"
     yield s
     stop_server(s)
+    assert "2 workers started" in s.log_text()
 
 
 def test_strongswan_enrolls_and_openssl_checks_ocsp_and_crl(hsm_server, tmp_path):
