@@ -27,6 +27,10 @@ from ..render import serial_hex
 from ..store import CertificateRecord, SqlStore, StoreNotFound
 
 
+#: authorize(issuer=..., record=...) not given: check / read it here
+_UNKNOWN = object()
+
+
 @dataclass(frozen=True)
 class RenewalSettings:
     grace: dt.timedelta = dt.timedelta(0)
@@ -74,14 +78,24 @@ class RenewalPolicy:
         """Does this signer claim to be one of our certificates (so the request is a renewal)?"""
         return signer.issuer != signer.subject and any(ca.subject == signer.issuer for ca in self.cas)
 
-    async def authorize(self, signer: x509.Certificate, facts: CsrFacts, now: dt.datetime) -> RenewalGrant:
-        if await asyncio.to_thread(issued_by_us, signer, self.cas) is None:  # a signature check
+    def issuer_of(self, signer: x509.Certificate) -> x509.Certificate | None:
+        """The CA of ours whose key signed `signer` (a signature check: call it off the loop)."""
+        return issued_by_us(signer, self.cas)
+
+    async def authorize(self, signer: x509.Certificate, facts: CsrFacts, now: dt.datetime, *,
+                        issuer=_UNKNOWN, record=_UNKNOWN) -> RenewalGrant:
+        """`issuer`: issuer_of(signer) when the caller already checked it (in its own worker
+        thread); `record`: the signer's inventory row (or None), when the caller already read it."""
+        if issuer is _UNKNOWN:
+            issuer = await asyncio.to_thread(issued_by_us, signer, self.cas)  # a signature check
+        if issuer is None:
             raise RenewalRefused("the signer certificate was not issued by this CA")
         serial = serial_hex(signer.serial_number)
-        try:
-            record: CertificateRecord | None = await self.store.get_certificate(serial)
-        except StoreNotFound:
-            record = None
+        if record is _UNKNOWN:
+            try:
+                record = await self.store.get_certificate(serial)
+            except StoreNotFound:
+                record = None
         if record is not None and record.status == "revoked":
             raise RenewalRefused("the signer certificate is revoked")
         if signer.not_valid_after_utc + self.settings.grace < now:
