@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
 import hmac
 import os
 from dataclasses import dataclass
@@ -204,8 +205,9 @@ def _signed_attrs_to_verify(si: cms.SignerInfo) -> bytes:
 
 def _find_signer(sd: cms.SignedData, si: cms.SignerInfo) -> tuple[x509.Certificate, bytes]:
     sid = si["sid"]
-    candidates = [c.chosen for c in sd["certificates"] if c.name == "certificate"] \
-        if sd["certificates"].native is not None else []
+    certificates = sd["certificates"]  # Void when absent; never .native (it parses every certificate)
+    candidates = [] if isinstance(certificates, core.Void) else \
+        [c.chosen for c in certificates if c.name == "certificate"]
     for cand in candidates:
         if sid.name == "issuer_and_serial_number":
             ias = sid.chosen
@@ -276,7 +278,7 @@ def decode_pki_message(message_der: bytes,
         content = encap["content"].native if encap["content"].native is not None else b""
         if not isinstance(content, bytes):
             content = bytes(encap["content"])
-        if si["signed_attrs"].native is None:
+        if isinstance(si["signed_attrs"], core.Void):
             raise MalformedRequest("the SCEP message has no signed attributes")
         attrs: dict[str, list] = {}
         for a in si["signed_attrs"]:
@@ -431,8 +433,7 @@ def open_envelope(envelope: Envelope, recipients: list[Recipient]) -> bytes:
 def _recipient(rinfos: list, recipients: list[Recipient]) -> tuple[Recipient, cms.KeyTransRecipientInfo] | None:
     """The first of our certificates that a RecipientInfo names (by issuer+serial or SKI)."""
     for ours in recipients:
-        ours_issuer = ours.cert.issuer.public_bytes()
-        ours_ski = _ski(ours.cert)
+        ours_issuer, ours_ski = _recipient_ids(ours.cert)
         for ri in rinfos:
             rid = ri["rid"]
             if rid.name == "issuer_and_serial_number":
@@ -443,6 +444,12 @@ def _recipient(rinfos: list, recipients: list[Recipient]) -> tuple[Recipient, cm
             if match:
                 return ours, ri
     return None
+
+
+@functools.lru_cache(maxsize=16)
+def _recipient_ids(cert: x509.Certificate) -> tuple[bytes, bytes | None]:
+    """(issuer Name DER, subjectKeyIdentifier) of one of our certificates, computed once."""
+    return cert.issuer.public_bytes(), _ski(cert)
 
 
 def _ski(cert: x509.Certificate) -> bytes | None:
@@ -577,9 +584,10 @@ def _signed_data(content: bytes, attrs: list[bytes], signer_cert: x509.Certifica
         signature = signer_key.sign(signed_attrs_set, ec.ECDSA(hash_cls()))
         sig_alg = der.algorithm(_ECDSA_BY_DIGEST.get(digest, "1.2.840.10045.4.3.2"))
     digest_alg = der.algorithm(digest_oid, der.null())
+    signer_id, certificates = _signer_constants(signer_cert, tuple(certs))
     signer_info = der.seq(
         der.integer(1),
-        der.seq(signer_cert.issuer.public_bytes(), der.integer(signer_cert.serial_number)),
+        signer_id,
         digest_alg,
         der.tlv(0xA0, signed_attrs_set[len(der.length(len(signed_attrs_set))) + 1:]),
         sig_alg,
@@ -589,10 +597,18 @@ def _signed_data(content: bytes, attrs: list[bytes], signer_cert: x509.Certifica
         der.integer(1),
         der.set_of(digest_alg),
         der.seq(der.oid(OID_DATA), der.explicit(0, der.octet_string(content))),
-        der.tlv(0xA0, b"".join(c.public_bytes(serialization.Encoding.DER) for c in certs)),
+        certificates,
         der.set_of(signer_info),
     )
     return der.seq(der.oid(OID_SIGNED_DATA), der.explicit(0, signed_data))
+
+
+@functools.lru_cache(maxsize=16)
+def _signer_constants(signer_cert: x509.Certificate, certs: tuple[x509.Certificate, ...]) -> tuple[bytes, bytes]:
+    """The signer's IssuerAndSerialNumber and the [0] certificates of a SignedData: the same for
+    every reply of one signer, so encoded once."""
+    return (der.seq(signer_cert.issuer.public_bytes(), der.integer(signer_cert.serial_number)),
+            der.tlv(0xA0, b"".join(c.public_bytes(serialization.Encoding.DER) for c in certs)))
 
 
 _ECDSA_BY_DIGEST = {"sha1": "1.2.840.10045.4.1", "sha256": "1.2.840.10045.4.3.2",
