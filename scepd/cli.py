@@ -335,23 +335,6 @@ def _split_hostport(text: str) -> tuple[str, int]:
         raise click.BadParameter(str(exc)) from None
 
 
-async def _start_site(app, hostport: str, ssl_context=None, access_log: bool = True):
-    from aiohttp import web
-    from .http.app import HTTP_HANDLER_ARGS
-    from .ops.accesslog import runner_args
-    runner = web.AppRunner(app, handle_signals=False, **runner_args(access_log), **HTTP_HANDLER_ARGS)
-    await runner.setup()
-    host, port = _split_hostport(hostport)
-    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
-    try:
-        await site.start()
-    except OSError:
-        await runner.cleanup()
-        raise
-    actual = site._server.sockets[0].getsockname()[1] if site._server else port  # type: ignore[union-attr]
-    return runner, host, actual
-
-
 async def _renew_server_cert(server_cert, stop: asyncio.Event, services) -> None:
     """The primary process renews the server certificate (hourly check); the other workers load
     the files it wrote into their live TLS contexts (checked every minute). services.primary is
@@ -493,6 +476,11 @@ def _bind_listeners(cfg: config_mod.Config) -> dict:
 async def _serve(cfg: config_mod.Config, demo_challenge: bool, reloader: _Reloader) -> None:
     """`serve --workers 1`: one process; SIGHUP starts a new generation of the services on the
     same sockets, then stops the old one gracefully (README "Reloading")."""
+    stop, hup = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hup.set)  # before anything is announced
     socks = _bind_listeners(cfg)
     try:
         gen = await _start_generation(cfg, socks, primary=True)
@@ -502,11 +490,6 @@ async def _serve(cfg: config_mod.Config, demo_challenge: bool, reloader: _Reload
                 secret = await gen.services.challenges.create(dt.timedelta(hours=1), actor="serve")
                 click.echo(f"One-time challenge password (valid 1 hour): {secret}")
             sys.stdout.flush()
-            stop, hup = asyncio.Event(), asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            loop.add_signal_handler(signal.SIGHUP, hup.set)
             while not stop.is_set():
                 waits = [asyncio.create_task(stop.wait()), asyncio.create_task(hup.wait())]
                 await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)

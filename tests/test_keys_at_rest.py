@@ -178,7 +178,7 @@ def test_serve_refuses_a_group_readable_ra_key(state_dir, clock, monkeypatch):
 
     async def must_not_listen(*args, **kwargs):
         raise AssertionError("serve got as far as listening")
-    monkeypatch.setattr(cli, "_start_site", must_not_listen)
+    monkeypatch.setattr(cli, "_start_sock_site", must_not_listen)
     result = scepd("serve", "--state-dir", state_dir, "--no-demo-challenge")
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert f"{path} is readable by group or others" in result.output

@@ -6,7 +6,6 @@ level changes; and the supervisor's hand-over of the primary's jobs."""
 from __future__ import annotations
 
 import http.client
-import os
 import signal
 import subprocess
 import sys
@@ -15,14 +14,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from cryptography import x509
 
 from scepd.ca import pki
 from scepd.http import workers
-from scepd.scep import wire
 
 from .test_lifecycle import _openssl_next_ca
-from .test_workers import Served, _ca_cert, _enrollments, _issued, _post_pkcsreq, serve, stop
+from .test_workers import Served, _ca_cert, _children, _enrollments, _issued, _post_pkcsreq, serve, stop
 
 WORKERS = pytest.mark.parametrize("count", ["1", "2"])
 
@@ -59,6 +56,10 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
         return resp.status, resp.read()
     finally:
         conn.close()
+
+
+def workers_of(served: Served) -> set[int]:
+    return _children(served.proc.pid)
 
 
 def _set(state_dir: Path, key: str, value: str) -> None:
@@ -120,11 +121,6 @@ def test_a_broken_config_is_refused_with_one_line_and_the_server_keeps_serving(s
     finally:
         code = stop(served)
     assert code == 0, served.log_text()
-
-
-def workers_of(served: Served) -> set[int]:
-    from .test_workers import _children
-    return _children(served.proc.pid)
 
 
 @WORKERS
