@@ -231,3 +231,21 @@ def test_a_refused_reload_keeps_the_workers(tmp_path):
     finally:
         supervisor.stop()
     assert Path(events).read_text().splitlines() == ["old 0 start primary", "old 0 stop"]
+
+
+def test_a_new_worker_that_fails_to_start_leaves_the_old_one_serving(tmp_path):
+    events = str(tmp_path / "events")
+
+    def failing(index: int, primary: bool, report) -> int:
+        report("database unreachable")
+        return 1
+    supervisor = workers.Supervisor(1, _recording_body(events, "old"), on_reload=lambda: failing)
+    supervisor.start()
+    try:
+        pids = supervisor.pids()
+        supervisor.reload()
+        assert supervisor.pids() == pids
+        assert all(w.process.is_alive() for w in supervisor._workers.values())
+    finally:
+        supervisor.stop()
+    assert Path(events).read_text().splitlines() == ["old 0 start primary", "old 0 stop"]

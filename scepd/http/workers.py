@@ -237,14 +237,16 @@ class Supervisor:
     def run(self) -> None:
         """Supervise until a signal; WorkerStartError if a worker keeps failing to (re)start."""
         while not self.stopping:
+            if self._reload:  # a SIGHUP, also one that came during the start
+                self._reload = False
+                self.reload()
+                continue  # the sentinels changed
             sentinels = {w.process.sentinel: w for w in self._workers.values()}
             ready = multiprocessing.connection.wait(list(sentinels) + [self._wake_r])
             if self._wake_r in ready:
                 os.read(self._wake_r, 64)
-            if self._reload and not self.stopping:
-                self._reload = False
-                self.reload()
-                continue  # the sentinels changed
+            if self._reload:
+                continue
             for sentinel in ready:
                 worker = sentinels.get(sentinel)  # type: ignore[arg-type]
                 if worker is None or self.stopping:
