@@ -6,8 +6,12 @@ from scepd.frontend import Frontend
 
 
 def _https_routes(app, services) -> None:
-    from .server import add_admin_routes, add_routes
+    from .server import add_routes
     add_routes(app, services)  # /acme/...
+
+
+def _admin_routes(app, services) -> None:
+    from .server import add_admin_routes
     add_admin_routes(app, services)  # POST /api/v1/admin/eab
 
 
@@ -21,4 +25,5 @@ def _purges():
     return purges()
 
 
-FRONTEND = Frontend("acme", https_routes=_https_routes, cli_commands=_cli_commands, purges=_purges)
+FRONTEND = Frontend("acme", https_routes=_https_routes, admin_routes=_admin_routes,
+                    cli_commands=_cli_commands, purges=_purges)

@@ -99,6 +99,7 @@ def add_routes(app: web.Application, services) -> None:
     async def _close(_app):
         await service.close()
     app.on_startup.append(_resume)
+    services.on_promote.append(service.resume)  # a reload's new primary, once the old one stopped
     app.on_cleanup.append(_close)
 
     def post(handler, *, jwk=False, allow_jwk=False):

@@ -10,6 +10,7 @@ import os
 import secrets
 import signal
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +31,7 @@ _load_config = load_config
 
 
 def _setup_logging(cfg: config_mod.Config, verbose: bool = False) -> None:
-    level = logging.DEBUG if verbose else logging.INFO
+    level = logging.DEBUG if verbose else getattr(logging, cfg.server.log_level.upper(), logging.INFO)
     from .ops.logctx import ContextFilter, JsonFormatter, TextFormatter
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(ContextFilter())  # request id and transaction id on every record
@@ -242,12 +243,14 @@ def _fingerprint(cert: x509.Certificate) -> str:
 @click.option("--http", default=None, help="host:port for SCEP over HTTP (default from config).")
 @click.option("--https", default=None, help="host:port for the HTTPS listener (ACME, admin API).")
 @click.option("--mtls", default=None, help="host:port for the mutual-TLS agent listener.")
+@click.option("--admin", default=None,
+              help="host:port for a private admin listener (admin API over TLS; then not on --https).")
 @click.option("--demo-challenge/--no-demo-challenge", default=True, show_default=True,
               help="Print a fresh one-time challenge (valid 1 hour) at start.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Worker processes (default [server] workers; 0 = one per CPU core; 1 = no fork).")
 @click.option("-v", "--verbose", is_flag=True)
-def serve(state_dir, http, https, mtls, demo_challenge, workers, verbose):
+def serve(state_dir, http, https, mtls, admin, demo_challenge, workers, verbose):
     """Serve SCEP (and HTTPS/mTLS when asked); initialises a CA first if STATE_DIR has none."""
     if not pki.exists(state_dir):
         # first start (scripts/serve on a fresh machine): the root key is encrypted with
@@ -263,33 +266,84 @@ def serve(state_dir, http, https, mtls, demo_challenge, workers, verbose):
         click.echo(f"initialised a new CA in {pki.ca_dir(state_dir)}")
         _announce_root_key(state_dir, plan, err=False)
     cfg = _load_config(state_dir)
-    for key, value in (("http", http), ("https", https), ("mtls", mtls)):
+    reloader = _Reloader(cfg, verbose)
+    for key, value in (("http", http), ("https", https), ("mtls", mtls), ("admin", admin)):
         if value:
             setattr(cfg.server, key, value)
     if workers is not None:
         cfg.server.workers = workers
+    try:
+        _check_listeners(cfg)
+    except ConfigError as exc:
+        _fail(str(exc))
     count = cfg.server.workers or os.cpu_count() or 1
     _setup_logging(cfg, verbose)
     if count > 1:
-        _serve_workers(cfg, demo_challenge, count)
+        _serve_workers(cfg, demo_challenge, count, reloader)
         return
-    reason = _serve_error(lambda: asyncio.run(_serve(cfg, demo_challenge)))
+    reason = _serve_error(lambda: asyncio.run(_serve(cfg, demo_challenge, reloader)))
     if reason:
         _fail(reason)
 
 
+def _check_listeners(cfg: config_mod.Config) -> None:
+    """ConfigError for listener settings `serve` cannot honour (addresses: when binding)."""
+    if cfg.server.metrics_on_admin and not cfg.server.admin:
+        raise ConfigError("[server] metrics_on_admin needs [server] admin (the admin listener)")
+
+
+#: (section, key) a reload does not change: the bound sockets, the process count, the database
+_FIXED_ON_RELOAD = (("server", "http"), ("server", "https"), ("server", "mtls"), ("server", "admin"),
+                    ("server", "workers"), ("database", "url"))
+
+
+class _Reloader:
+    """SIGHUP: the configuration read again (file and environment), keeping what only a restart
+    changes (README "Reloading")."""
+
+    def __init__(self, loaded: config_mod.Config, verbose: bool):
+        self.verbose = verbose
+        # as the file and environment gave them at start (before the command-line values)
+        self._file = {(sec, key): getattr(getattr(loaded, sec), key) for sec, key in _FIXED_ON_RELOAD}
+
+    def read(self, running: config_mod.Config) -> config_mod.Config:
+        """The new configuration; ConfigError (one line) when it is not valid."""
+        new = config_mod.load(running.state_dir)
+        log = logging.getLogger("scepd.reload")
+        for section, key in _FIXED_ON_RELOAD:
+            if getattr(getattr(new, section), key) != self._file[(section, key)]:
+                log.warning("[%s] %s changed: a restart applies it; the reload keeps %r", section, key,
+                            getattr(getattr(running, section), key))
+            setattr(getattr(new, section), key, getattr(getattr(running, section), key))
+        _check_listeners(new)
+        return new
+
+    def apply_logging(self, cfg: config_mod.Config) -> None:
+        _setup_logging(cfg, self.verbose)
+
+
 def _serve_error(run) -> str | None:
     """run(); None, or the one line `serve` exits with for the errors an operator can fix."""
-    from sqlalchemy.exc import SQLAlchemyError
     try:
         run()
-    except (pki.PkiError, ConfigError) as exc:
+    except Exception as exc:
+        reason = _error_line(exc)
+        if reason is None:
+            raise
+        return reason
+    return None
+
+
+def _error_line(exc: Exception) -> str | None:
+    """The one line for an error an operator can fix (bad config, CA files, database, address)."""
+    from sqlalchemy.exc import SQLAlchemyError
+    if isinstance(exc, (pki.PkiError, ConfigError)):
         return str(exc)
-    except _DatabaseUnreachable as exc:
+    if isinstance(exc, _DatabaseUnreachable):
         return f"cannot reach the database: {exc}"
-    except SQLAlchemyError as exc:
+    if isinstance(exc, SQLAlchemyError):
         return f"cannot use the database: {str(exc.orig if hasattr(exc, 'orig') else exc).splitlines()[0]}"
-    except OSError as exc:
+    if isinstance(exc, OSError):
         return f"cannot listen: {exc.strerror or exc}"
     return None
 
@@ -305,36 +359,20 @@ def _split_hostport(text: str) -> tuple[str, int]:
         raise click.BadParameter(str(exc)) from None
 
 
-async def _start_site(app, hostport: str, ssl_context=None, access_log: bool = True):
-    from aiohttp import web
-    from .http.app import HTTP_HANDLER_ARGS
-    from .ops.accesslog import runner_args
-    runner = web.AppRunner(app, handle_signals=False, **runner_args(access_log), **HTTP_HANDLER_ARGS)
-    await runner.setup()
-    host, port = _split_hostport(hostport)
-    site = web.TCPSite(runner, host, port, reuse_address=True, ssl_context=ssl_context)
-    try:
-        await site.start()
-    except OSError:
-        await runner.cleanup()
-        raise
-    actual = site._server.sockets[0].getsockname()[1] if site._server else port  # type: ignore[union-attr]
-    return runner, host, actual
-
-
-async def _renew_server_cert(server_cert, stop: asyncio.Event, primary: bool = True) -> None:
+async def _renew_server_cert(server_cert, stop: asyncio.Event, services) -> None:
     """The primary process renews the server certificate (hourly check); the other workers load
-    the files it wrote into their live TLS contexts (checked every minute)."""
+    the files it wrote into their live TLS contexts (checked every minute). services.primary is
+    read each time: a reload promotes a new primary."""
     log = logging.getLogger("scepd.tls")
     while not stop.is_set():
         try:
-            await asyncio.wait_for(stop.wait(), timeout=3600 if primary else 60)
+            await asyncio.wait_for(stop.wait(), timeout=3600 if services.primary else 60)
         except asyncio.TimeoutError:
             pass
         if stop.is_set():
             return
         try:
-            if primary:
+            if services.primary:
                 await server_cert.ensure()
             else:
                 server_cert.reload_if_changed()
@@ -342,67 +380,172 @@ async def _renew_server_cert(server_cert, stop: asyncio.Event, primary: bool = T
             log.exception("server certificate renewal failed")
 
 
-async def _serve(cfg: config_mod.Config, demo_challenge: bool) -> None:
-    from .http.app import create_app, create_https_app, create_mtls_app, open_services
-    from .http.tls import ServerCertificate, names_for
+#: listener -> (app factory name in scepd.http.app, TLS client certificate required)
+_TLS_LISTENERS = {"https": ("create_https_app", False), "mtls": ("create_mtls_app", True),
+                  "admin": ("create_admin_app", False)}
 
+
+class _Generation:
+    """One set of services and apps serving the listening sockets: a worker's whole life, or
+    that of a single-process `serve` between two reloads."""
+
+    def __init__(self, services):
+        self.services = services
+        self.runners: list = []
+        self.tasks: list[asyncio.Task] = []
+        self.stop = asyncio.Event()
+        self._accepting: list = []  # this generation's duplicates of the listening sockets
+
+    async def serve(self, app, sock, ssl_context=None, access_log: bool = True) -> None:
+        """`app` on a duplicate of the listening socket `sock` (stopping closes the duplicate,
+        the socket stays for the next generation)."""
+        dup = sock.dup()
+        try:
+            self.runners.append(await _start_sock_site(app, dup, ssl_context, access_log))
+        except BaseException:
+            dup.close()
+            raise
+        self._accepting.append(dup)
+
+    def promote(self) -> None:
+        """Become the primary (a reload's new worker 0 once the old one stopped)."""
+        async def _run():
+            try:
+                await self.services.promote()
+            except Exception:
+                logging.getLogger("scepd.reload").exception("the new primary's start-up jobs failed")
+        self.tasks.append(asyncio.create_task(_run()))
+
+    async def close(self) -> None:
+        """Stop accepting, finish the requests under way (aiohttp's graceful shutdown), release."""
+        self.stop.set()
+        for task in self.tasks:
+            task.cancel()
+        # stop accepting, then let the connections accepted just before get their transports
+        # (asyncio's Server.close() with such a connection still pending leaves it hanging)
+        loop = asyncio.get_running_loop()
+        for dup in self._accepting:
+            loop.remove_reader(dup.fileno())
+        for _ in range(3):
+            await asyncio.sleep(0)
+        for runner in self.runners:
+            for site in list(runner.sites):
+                await site.stop()
+        await self._first_requests()
+        for runner in reversed(self.runners):
+            await runner.cleanup()
+        await self.services.close()
+
+    async def _first_requests(self) -> None:
+        """Until every connection accepted before the sockets closed has sent its first request
+        (at most DRAIN_GRACE): aiohttp's shutdown closes every connection waiting for a
+        request, and a client that connected a moment ago would see its request reset. (The
+        other generation, or worker, accepts from the shared socket meanwhile.)"""
+        deadline = time.monotonic() + DRAIN_GRACE
+        while time.monotonic() < deadline:
+            fresh = [conn for runner in self.runners if runner.server is not None
+                     for conn in runner.server.connections if getattr(conn, "_request_count", 1) == 0]
+            if not fresh:
+                return
+            await asyncio.sleep(0.01)
+
+
+#: how long a stopping generation waits for the first request of connections it just accepted
+DRAIN_GRACE = 2.0
+
+
+async def _start_generation(cfg: config_mod.Config, socks: dict, primary: bool) -> _Generation:
+    """Open the services of `cfg` and serve them on `socks` (listener name -> listening socket)."""
+    from .http import app as app_mod
     try:
-        services = await open_services(cfg)
+        services = await app_mod.open_services(cfg)
     except OSError as exc:
         raise _DatabaseUnreachable(str(exc)) from None
-    runners = []
-    stop = asyncio.Event()
-    tasks = []
+    services.primary = primary
+    gen = _Generation(services)
     try:
-        runner, host, port = await _start_site(create_app(services), cfg.server.http,
-                                                 access_log=cfg.server.access_log)
-        runners.append(runner)
-        base = cfg.server.base_url.rstrip("/") or f"http://{host}:{port}"
-        click.echo(f"scepd {__version__} listening on http://{host}:{port}")
-        click.echo(f"SCEP URL: {base}/scep")
-        click.echo(f"CA certificates: {base}/scep?operation=GetCACert")
-        if cfg.server.https or cfg.server.mtls:
-            tls_host = _split_hostport(cfg.server.https or cfg.server.mtls)[0]
-            extra = tuple(n.strip() for n in cfg.server.tls_names.split(",") if n.strip())
-            server_cert = ServerCertificate(cfg.state_dir / "tls", services.enrollment,
-                                            services.ca_material, names_for(tls_host, extra))
-            await server_cert.ensure()
-            tasks.append(asyncio.create_task(_renew_server_cert(server_cert, stop)))
-            if cfg.server.https:
-                runner, h, p = await _start_site(create_https_app(services), cfg.server.https,
-                                                 server_cert.context(client_auth=False),
-                                                 access_log=cfg.server.access_log)
-                runners.append(runner)
-                click.echo(f"HTTPS (ACME, admin API): https://{h}:{p}/")
-                click.echo(f"ACME directory: https://{h}:{p}/acme/directory")
-            if cfg.server.mtls:
-                runner, h, p = await _start_site(create_mtls_app(services), cfg.server.mtls,
-                                                 server_cert.context(client_auth=True),
-                                                 access_log=cfg.server.access_log)
-                runners.append(runner)
-                click.echo(f"mTLS agent API: https://{h}:{p}/api/v1/")
-        click.echo(f"Root CA SHA-256 fingerprint: {_fingerprint(services.ca_material.root)}")
-        if cfg.scep.static_challenge:
-            click.echo("Static challenge password: configured (SCEPD_SCEP_STATIC_CHALLENGE)")
-        from .enroll.pipeline import startup_warnings
-        for warning in startup_warnings(cfg):  # once, at start
-            logging.getLogger("scepd").warning("%s", warning)
-        if demo_challenge:
-            secret = await services.challenges.create(dt.timedelta(hours=1), actor="serve")
-            click.echo(f"One-time challenge password (valid 1 hour): {secret}")
-        sys.stdout.flush()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        logging.getLogger("scepd").info("shutting down")
+        log_access = cfg.server.access_log
+        await gen.serve(app_mod.create_app(services), socks["http"], access_log=log_access)
+        if any(key in socks for key in _TLS_LISTENERS):
+            server_cert = _server_certificate(cfg, services)
+            if primary:  # a restarted primary: the certificate may have come due meanwhile
+                await server_cert.ensure()
+            services.on_promote.append(server_cert.ensure)
+            gen.tasks.append(asyncio.create_task(_renew_server_cert(server_cert, gen.stop, services)))
+            for key, (factory, client_auth) in _TLS_LISTENERS.items():
+                if key in socks:
+                    app = getattr(app_mod, factory)(services)
+                    await gen.serve(app, socks[key], server_cert.context(client_auth), access_log=log_access)
+    except BaseException:
+        await gen.close()
+        raise
+    return gen
+
+
+def _bind_listeners(cfg: config_mod.Config) -> dict:
+    """listener name -> listening socket, for every listener configured (closed again on error)."""
+    from .http.workers import bind
+    socks: dict = {}
+    try:
+        for key in ("http", *_TLS_LISTENERS):
+            if getattr(cfg.server, key):
+                socks[key] = bind(*_split_hostport(getattr(cfg.server, key)))
+    except OSError:
+        for sock in socks.values():
+            sock.close()
+        raise
+    return socks
+
+
+async def _serve(cfg: config_mod.Config, demo_challenge: bool, reloader: _Reloader) -> None:
+    """`serve --workers 1`: one process; SIGHUP starts a new generation of the services on the
+    same sockets, then stops the old one gracefully (README "Reloading")."""
+    stop, hup = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, hup.set)  # before anything is announced
+    socks = _bind_listeners(cfg)
+    try:
+        gen = await _start_generation(cfg, socks, primary=True)
+        try:
+            _announce(cfg, {k: s.getsockname()[:2] for k, s in socks.items()}, gen.services.ca_material.root)
+            if demo_challenge:
+                secret = await gen.services.challenges.create(dt.timedelta(hours=1), actor="serve")
+                click.echo(f"One-time challenge password (valid 1 hour): {secret}")
+            sys.stdout.flush()
+            while not stop.is_set():
+                waits = [asyncio.create_task(stop.wait()), asyncio.create_task(hup.wait())]
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for task in waits:
+                    task.cancel()
+                if hup.is_set() and not stop.is_set():
+                    hup.clear()
+                    cfg, gen = await _reload_in_process(cfg, gen, socks, reloader)
+            logging.getLogger("scepd").info("shutting down")
+        finally:
+            await gen.close()
     finally:
-        stop.set()
-        for task in tasks:
-            task.cancel()
-        for runner in reversed(runners):
-            await runner.cleanup()
-        await services.close()
+        for sock in socks.values():
+            sock.close()
+
+
+async def _reload_in_process(cfg, gen: _Generation, socks: dict, reloader: _Reloader):
+    """(config, generation) after a SIGHUP: the new ones, or the old ones when the new
+    configuration or CA files are not usable (one error line)."""
+    log = logging.getLogger("scepd.reload")
+    try:
+        new_cfg = reloader.read(cfg)
+        new_gen = await _start_generation(new_cfg, socks, primary=False)
+    except Exception as exc:
+        log.error("reload failed, still serving the previous configuration: %s",
+                  _error_line(exc) or f"{type(exc).__name__}: {exc}")
+        return cfg, gen
+    reloader.apply_logging(new_cfg)
+    await gen.close()  # both generations accept until the old one's sockets close
+    new_gen.promote()
+    log.info("reloaded: configuration and CA files from %s", new_cfg.state_dir)
+    return new_cfg, new_gen
 
 
 # --- serve --workers N (scepd/http/workers.py has the process model) ---------------------------
@@ -417,7 +560,7 @@ async def _prepare_once(cfg: config_mod.Config, demo_challenge: bool) -> dict:
     except OSError as exc:
         raise _DatabaseUnreachable(str(exc)) from None
     try:
-        if cfg.server.https or cfg.server.mtls:
+        if cfg.server.https or cfg.server.mtls or cfg.server.admin:
             await _server_certificate(cfg, services).ensure()
         delegate = getattr(services.ocsp, "delegate", None)
         if delegate is not None:  # [ca] ocsp_delegated: its certificate issued once, not per worker
@@ -432,8 +575,10 @@ async def _prepare_once(cfg: config_mod.Config, demo_challenge: bool) -> dict:
 
 def _server_certificate(cfg: config_mod.Config, services):
     from .http.tls import ServerCertificate, names_for
-    tls_host = _split_hostport(cfg.server.https or cfg.server.mtls)[0]
+    tls_host = _split_hostport(cfg.server.https or cfg.server.mtls or cfg.server.admin)[0]
     extra = tuple(n.strip() for n in cfg.server.tls_names.split(",") if n.strip())
+    if cfg.server.admin and _split_hostport(cfg.server.admin)[0] != tls_host:
+        extra += (_split_hostport(cfg.server.admin)[0],)
     return ServerCertificate(cfg.state_dir / "tls", services.enrollment, services.ca_material,
                               names_for(tls_host, extra))
 
@@ -453,44 +598,18 @@ async def _start_sock_site(app, sock, ssl_context=None, access_log: bool = True)
 
 
 async def _worker(cfg: config_mod.Config, socks: dict, primary: bool, report) -> None:
-    """One worker: the apps on the inherited sockets until SIGTERM/SIGINT."""
-    from .http.app import create_app, create_https_app, create_mtls_app, open_services
+    """One worker: the apps on the inherited sockets until SIGTERM/SIGINT; SIGUSR1 makes it the
+    primary (sent by the parent during a reload, once the old primary stopped)."""
+    gen = await _start_generation(cfg, socks, primary)
     try:
-        services = await open_services(cfg)
-    except OSError as exc:
-        raise _DatabaseUnreachable(str(exc)) from None
-    services.primary = primary
-    runners = []
-    stop = asyncio.Event()
-    tasks = []
-    try:
-        log_access = cfg.server.access_log
-        runners.append(await _start_sock_site(create_app(services), socks["http"], access_log=log_access))
-        if "https" in socks or "mtls" in socks:
-            server_cert = _server_certificate(cfg, services)
-            if primary:  # a restarted primary: the certificate may have come due meanwhile
-                await server_cert.ensure()
-            tasks.append(asyncio.create_task(_renew_server_cert(server_cert, stop, primary)))
-            if "https" in socks:
-                runners.append(await _start_sock_site(create_https_app(services), socks["https"],
-                                                      server_cert.context(client_auth=False),
-                                                      access_log=log_access))
-            if "mtls" in socks:
-                runners.append(await _start_sock_site(create_mtls_app(services), socks["mtls"],
-                                                      server_cert.context(client_auth=True),
-                                                      access_log=log_access))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, gen.stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, gen.promote)
         report("ready")
-        await stop.wait()
+        await gen.stop.wait()
     finally:
-        stop.set()
-        for task in tasks:
-            task.cancel()
-        for runner in reversed(runners):
-            await runner.cleanup()
-        await services.close()
+        await gen.close()
 
 
 def _worker_process(cfg: config_mod.Config, socks: dict, metrics_dir: str, index: int, primary: bool,
@@ -509,10 +628,10 @@ def _worker_process(cfg: config_mod.Config, socks: dict, metrics_dir: str, index
     return 0
 
 
-def _serve_workers(cfg: config_mod.Config, demo_challenge: bool, count: int) -> None:
+def _serve_workers(cfg: config_mod.Config, demo_challenge: bool, count: int, reloader: _Reloader) -> None:
     import functools
     import shutil
-    from .http.workers import Supervisor, WorkerStartError, bind, threads_other_than_main
+    from .http.workers import Supervisor, WorkerStartError, threads_other_than_main
     prepared: dict = {}
     reason = _serve_error(lambda: prepared.update(asyncio.run(_prepare_once(cfg, demo_challenge))))
     if reason:
@@ -521,21 +640,46 @@ def _serve_workers(cfg: config_mod.Config, demo_challenge: bool, count: int) -> 
         _fail("internal error: threads still run before the workers start; use --workers 1")
     socks: dict = {}
     metrics_dir = None
+    log = logging.getLogger("scepd.workers")
+    running = [cfg]
+
+    def reload():
+        """SIGHUP, in the parent: the new configuration and CA files checked as at start (and the
+        server certificate issued by a newly activated CA); the body of the new workers, or None
+        (one error line) to keep the old ones."""
+        reload_log = logging.getLogger("scepd.reload")
+        try:
+            new_cfg = reloader.read(running[0])
+            reason = _serve_error(lambda: asyncio.run(_prepare_once(new_cfg, False)))
+        except ConfigError as exc:
+            reason = str(exc)
+        except Exception as exc:
+            reason = _error_line(exc) or f"{type(exc).__name__}: {exc}"
+        if reason is None and threads_other_than_main():
+            reason = "internal error: threads still run after checking the configuration"
+        if reason:
+            reload_log.error("reload failed, still serving the previous configuration: %s", reason)
+            return None
+        reloader.apply_logging(new_cfg)
+        running[0] = new_cfg
+        return functools.partial(_worker_process, new_cfg, socks, metrics_dir)
+
     try:
-        for key in ("http", "https", "mtls"):
-            if getattr(cfg.server, key):
-                socks[key] = bind(*_split_hostport(getattr(cfg.server, key)))
+        socks = _bind_listeners(cfg)
         # counters and histograms of every worker, summed by whichever answers /metrics
         metrics_dir = _metrics_directory(cfg.state_dir)
-        log = logging.getLogger("scepd.workers")
-        supervisor = Supervisor(count, functools.partial(_worker_process, cfg, socks, metrics_dir))
+        supervisor = Supervisor(count, functools.partial(_worker_process, cfg, socks, metrics_dir),
+                                on_reload=reload)
         supervisor.install_signal_handlers()
         supervisor.start()
         if supervisor.stopping:
             return
         pids = supervisor.pids()
         log.info("%d workers started: pids %s", len(pids), " ".join(map(str, pids)))
-        _announce(cfg, {k: s.getsockname()[:2] for k, s in socks.items()}, prepared, pids)
+        _announce(cfg, {k: s.getsockname()[:2] for k, s in socks.items()}, prepared["root"], pids)
+        if prepared["secret"]:
+            click.echo(f"One-time challenge password (valid 1 hour): {prepared['secret']}")
+        sys.stdout.flush()
         supervisor.run()
         log.info("shutting down")
     except OSError as exc:
@@ -573,30 +717,32 @@ def _metrics_directory(state_dir: Path) -> str:
     return str(path)
 
 
-def _announce(cfg: config_mod.Config, addresses: dict, prepared: dict, pids: list[int]) -> None:
-    """What a single-process `serve` prints, once, by the parent."""
+def _announce(cfg: config_mod.Config, addresses: dict, root, pids: list[int] | None = None) -> None:
+    """What `serve` prints at start (the parent, once, with --workers N)."""
     host, port = addresses["http"]
     base = cfg.server.base_url.rstrip("/") or f"http://{host}:{port}"
     click.echo(f"scepd {__version__} listening on http://{host}:{port}")
-    click.echo(f"Worker processes: {len(pids)} (pids {' '.join(map(str, pids))})")
+    if pids is not None:
+        click.echo(f"Worker processes: {len(pids)} (pids {' '.join(map(str, pids))})")
     click.echo(f"SCEP URL: {base}/scep")
     click.echo(f"CA certificates: {base}/scep?operation=GetCACert")
+    admin_api = "" if cfg.server.admin else ", admin API"
     if "https" in addresses:
         h, p = addresses["https"]
-        click.echo(f"HTTPS (ACME, admin API): https://{h}:{p}/")
+        click.echo(f"HTTPS (ACME{admin_api}): https://{h}:{p}/")
         click.echo(f"ACME directory: https://{h}:{p}/acme/directory")
     if "mtls" in addresses:
         h, p = addresses["mtls"]
         click.echo(f"mTLS agent API: https://{h}:{p}/api/v1/")
-    click.echo(f"Root CA SHA-256 fingerprint: {_fingerprint(prepared['root'])}")
+    if "admin" in addresses:
+        h, p = addresses["admin"]
+        click.echo(f"Admin API: https://{h}:{p}/api/v1/admin/")
+    click.echo(f"Root CA SHA-256 fingerprint: {_fingerprint(root)}")
     if cfg.scep.static_challenge:
         click.echo("Static challenge password: configured (SCEPD_SCEP_STATIC_CHALLENGE)")
     from .enroll.pipeline import startup_warnings
     for warning in startup_warnings(cfg):  # once, at start
         logging.getLogger("scepd").warning("%s", warning)
-    if prepared["secret"]:
-        click.echo(f"One-time challenge password (valid 1 hour): {prepared['secret']}")
-    sys.stdout.flush()
 
 
 # --- ca ---------------------------------------------------------------------------------------

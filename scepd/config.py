@@ -16,6 +16,8 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 CONFIG_NAME = "scepd.toml"
+#: [server] log_level values
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass
@@ -35,6 +37,12 @@ class ServerConfig:
     access_log: bool = True
     #: worker processes of `scepd serve` (0 = one per CPU core; 1 = a single process, no fork)
     workers: int = 0
+    #: host:port of the private admin listener (admin API, TLS); empty = the admin API is on `https`
+    admin: str = ""
+    #: /metrics on the admin listener only (instead of the plain-HTTP listener); needs `admin`
+    metrics_on_admin: bool = False
+    #: debug, info, warning or error (`serve -v` = debug); SIGHUP applies a change
+    log_level: str = "info"
 
 
 @dataclass
@@ -299,6 +307,8 @@ def load(state_dir: Path, environ: dict[str, str] | None = None) -> Config:
     validate_url(cfg.policy.csr_check_url, cfg.policy.csr_check_allow_http)
     if cfg.policy.renewal_profile not in ("keep", "default"):
         raise ConfigError(f"[policy] renewal_profile must be keep or default, got {cfg.policy.renewal_profile!r}")
+    if cfg.server.log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"[server] log_level must be one of {', '.join(LOG_LEVELS)}, got {cfg.server.log_level!r}")
     if cfg.server.workers < 0:
         raise ConfigError(f"[server] workers must be 0 (one per CPU core) or more, got {cfg.server.workers}")
     if not 2048 <= cfg.policy.max_rsa_bits <= 8192:
@@ -352,6 +362,13 @@ log_format = "text"
 access_log = true
 # worker processes of `scepd serve`; 0 = one per CPU core, 1 = a single process
 workers = 0
+# private admin listener (admin API over TLS), e.g. "127.0.0.1:8445"; empty = the admin API is
+# served on the HTTPS listener
+admin = ""
+# true: /metrics only on the admin listener, not on the plain-HTTP one
+metrics_on_admin = false
+# debug, info, warning or error; `kill -HUP` applies a change
+log_level = "info"
 
 [ca]
 default_validity = "90d"

@@ -16,6 +16,9 @@ class Frontend:
     #: callable(app, services): mount the front-end's routes on the HTTPS listener (its protocol
     #: and any admin API routes, scepd.admin_http.admin_endpoint)
     https_routes: Callable[[Any, Any], None] | None = None
+    #: callable(app, services): the front-end's admin API routes (scepd.admin.http.admin_endpoint),
+    #: on the admin listener when [server] admin is set, else on the HTTPS listener
+    admin_routes: Callable[[Any, Any], None] | None = None
     #: () -> [(parent, click command)]: parent "" is the `scepd` group itself, else the name of one
     #: of its groups ("certs")
     cli_commands: Callable[[], Sequence[tuple[str, Any]]] = lambda: ()

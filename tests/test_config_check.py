@@ -107,3 +107,24 @@ def test_reachable_postgresql(state, postgres_cluster):
     url = postgres_cluster.create_database("scepd_config_check")
     result = check(state, {"SCEPD_DATABASE_URL": url})
     assert result.exit_code == 0, result.output
+
+
+def test_admin_listener_address_and_metrics_on_admin(state):
+    _append(state, '[server]\nhttps = "127.0.0.1:8443"\nadmin = "127.0.0.1"\n')
+    result = check(state)
+    assert result.exit_code == 1 and "[server] admin: expected host:port, got '127.0.0.1'" in result.output
+    _append(state, '[server]\nhttps = "127.0.0.1:8443"\nmetrics_on_admin = true\n')
+    result = check(state)
+    assert result.exit_code == 1 and "[server] metrics_on_admin: needs [server] admin" in result.output
+    _append(state, '[server]\nhttps = "127.0.0.1:8443"\nadmin = "127.0.0.1:8443"\n')
+    result = check(state)
+    assert result.exit_code == 1 and "[server] admin: 127.0.0.1:8443 is also [server] https" in result.output
+    _append(state, '[server]\nhttps = "127.0.0.1:8443"\nadmin = "127.0.0.1:8445"\nmetrics_on_admin = true\n')
+    result = check(state)
+    assert result.exit_code == 0, result.output
+
+
+def test_log_level_is_checked(state):
+    _append(state, '[server]\nlog_level = "chatty"\n')
+    result = check(state)
+    assert result.exit_code == 1 and "[server] log_level must be one of debug, info, warning, error" in result.output

@@ -116,7 +116,7 @@ def test_init_asks_for_the_root_passphrase_on_a_terminal(tmp_path, fast_init, mo
 def test_serve_first_start_encrypts_the_root_key_with_a_passphrase_shown_once(tmp_path, fast_init,
                                                                                monkeypatch):
     """scripts/serve on a fresh machine: no terminal needed, no unencrypted root key either."""
-    async def no_listening(cfg, demo_challenge):
+    async def no_listening(cfg, demo_challenge, reloader):
         return None
     monkeypatch.setattr(cli, "_serve", no_listening)
     d = tmp_path / "state"
@@ -178,7 +178,7 @@ def test_serve_refuses_a_group_readable_ra_key(state_dir, clock, monkeypatch):
 
     async def must_not_listen(*args, **kwargs):
         raise AssertionError("serve got as far as listening")
-    monkeypatch.setattr(cli, "_start_site", must_not_listen)
+    monkeypatch.setattr(cli, "_start_sock_site", must_not_listen)
     result = scepd("serve", "--state-dir", state_dir, "--no-demo-challenge")
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     assert f"{path} is readable by group or others" in result.output

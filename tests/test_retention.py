@@ -132,12 +132,32 @@ def test_settings():
 
 
 async def test_the_schedule_runs_in_the_primary_only(make_services):
+    import asyncio
+
     from scepd.http.app import create_app
-    primary = await make_services({"SCEPD_RETENTION_INTERVAL": "1h"})
-    app = create_app(primary)
-    assert len(app.cleanup_ctx) == 1
-    primary.primary = False
-    assert len(create_app(primary).cleanup_ctx) == 0
-    primary.primary = True
+    services = await make_services({"SCEPD_RETENTION_INTERVAL": "1h"})
+    assert len(create_app(services).cleanup_ctx) == 1
     off = await make_services({"SCEPD_RETENTION_INTERVAL": "0"})
     assert len(create_app(off).cleanup_ctx) == 0
+    # each run asks whether this process is the primary now (a reload moves the role)
+    runs = []
+
+    async def run_once():
+        runs.append(1)
+        return {}
+    services.retention.run_once = run_once
+    services.retention.settings = RetentionSettings(dt.timedelta(milliseconds=1), services.retention.settings.ages)
+    stop = asyncio.Event()
+    primary = {"now": False}
+    task = asyncio.create_task(services.retention.run_forever(stop, lambda: primary["now"]))
+    for _ in range(20):
+        await asyncio.sleep(0.005)
+    assert runs == []
+    primary["now"] = True
+    for _ in range(200):
+        await asyncio.sleep(0.005)
+        if runs:
+            break
+    stop.set()
+    await task
+    assert runs

@@ -20,6 +20,10 @@ from ..ca.policy import enrollment_profile
 from ..store import AuditRecord, SqlStore
 
 
+#: verify(record=...) not given: read the challenge from the store
+_UNREAD = object()
+
+
 def secret_hash(secret: str) -> str:
     return hashlib.sha256(secret.encode("utf-8")).hexdigest()
 
@@ -85,17 +89,28 @@ class ChallengeService:
                                                 "expires_at": (now + ttl).isoformat()}))
         return secret
 
-    async def verify(self, presented: str | None, common_name: str | None = None) -> ChallengeGrant:
+    def lookup_key(self, presented: str | None) -> str | None:
+        """The store key (secret hash) `verify` would look up for this presented challenge, or
+        None when it needs no lookup (none presented, or the static secret): a front end reads
+        it in its own read unit and passes the row to verify(record=...)."""
+        if not presented or (self.static_secret and hmac.compare_digest(
+                presented.encode(), self.static_secret.encode())):
+            return None
+        return secret_hash(presented)
+
+    async def verify(self, presented: str | None, common_name: str | None = None, *,
+                     record=_UNREAD) -> ChallengeGrant:
         """Check a presented challenge; raises ChallengeRejected. Does not consume. The grant
         carries the challenge's name scope and profile for the pipeline (`common_name` is
-        no longer looked at here)."""
+        no longer looked at here). `record`: the row for lookup_key(presented) (or None), when
+        the caller already read it."""
         if not presented:
             if self.required:
                 raise ChallengeRejected("a challenge password is required")
             return ChallengeGrant("none")
         if self.static_secret and hmac.compare_digest(presented.encode(), self.static_secret.encode()):
             return ChallengeGrant("static", names=self.static_names)
-        rec = await self.store.find_challenge(secret_hash(presented))
+        rec = await self.store.find_challenge(secret_hash(presented)) if record is _UNREAD else record
         # the same answer for unknown, used and expired: do not tell an attacker which it was
         if rec is None or rec.used_at is not None or rec.expires_at <= self.clock.now():
             raise ChallengeRejected("the challenge password is invalid, expired or already used")

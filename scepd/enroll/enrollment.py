@@ -21,7 +21,7 @@ from ..ca.csr import LEGACY_SCEP_DIGESTS, CsrFacts, decode_csr
 from ..errors import ChallengeRejected, NotFound, PolicyViolation, RequestRejected
 from ..ca.policy import IssuanceRequest, KeyLimits, Profile, SubjectPolicy, approve, check_window, profile_named
 from ..render import serial_hex
-from ..store import AuditRecord, CertificateRecord, Conflict, PendingRecord, SqlStore, StoreNotFound
+from ..store import AuditRecord, CertificateRecord, Conflict, PendingRecord, SqlStore, StoreNotFound, sql
 
 #: duplicate-subject policies: keep both | revoke the renewed certificate | refuse a second one
 DUPLICATE_POLICIES = ("allow", "revoke", "refuse")
@@ -44,6 +44,9 @@ class Issued:
     cert: x509.Certificate
     record: CertificateRecord
     reused: bool = False  # True when an earlier answer to the same transaction was returned
+    #: what issue(finish=...) returned for this certificate (built before the commit, handed
+    #: out only after it)
+    reply: object = None
 
 
 class EnrollmentService:
@@ -84,9 +87,11 @@ class EnrollmentService:
     async def issue(self, request: IssuanceRequest, grant: ChallengeGrant, *, protocol: str,
                     transaction_id: str | None, requester: str | None, spki_sha256: str,
                     renewal_of: str | None = None, pending_id: int | None = None,
-                    decided_by: str | None = None) -> Issued:
+                    decided_by: str | None = None, finish=None) -> Issued:
         """Sign and store. `renewal_of`: the serial this renews (revoked as superseded when the
-        duplicate policy is "revoke"); `pending_id`: the pending request this answers."""
+        duplicate policy is "revoke"); `pending_id`: the pending request this answers.
+        `finish(cert)`: the front end's reply, built in the same worker thread as the signature
+        (one hop); returned as Issued.reply, only once the certificate is committed."""
         now = self.clock.now()
         issued_subject = _subject_string(request)
         if self.duplicate_subjects == "refuse" and issued_subject:
@@ -96,44 +101,45 @@ class EnrollmentService:
                 raise PolicyViolation(f"a valid certificate for {subject} already exists "
                                       f"(serial {clash[0].serial})")
         supersede = renewal_of if self.duplicate_subjects == "revoke" else None
+        event = "certificate.renewed" if renewal_of else "certificate.issued"
         for _attempt in range(5):
             serial = random_serial()
-            cert = await asyncio.to_thread(self.ca.issue, request, serial)
-            der = cert.public_bytes(serialization.Encoding.DER)
+            cert, der, reply = await asyncio.to_thread(self._sign, request, serial, finish)
             rec = CertificateRecord(
                 serial=serial_hex(serial), ca_id=self.ca.ca_id,
                 subject=cert.subject.rfc4514_string(), sans=tuple(str(s) for s in request.sans),
                 not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
                 profile=request.profile.name, protocol=protocol, transaction_id=transaction_id,
                 requester=requester, spki_sha256=spki_sha256, der=der, issued_at=now)
+            issued_audit = AuditRecord(at=now, event=event, subject=rec.subject, serial=rec.serial,
+                                       actor=requester,
+                                       details={"protocol": protocol, "profile": rec.profile,
+                                                "transaction_id": transaction_id, "challenge": grant.kind,
+                                                "renewal_of": renewal_of, "pending_id": pending_id,
+                                                "not_after": rec.not_after.isoformat(),
+                                                "sha256": hashlib.sha256(der).hexdigest()})
+
+            def unit(conn, rec=rec, issued_audit=issued_audit) -> None:
+                # the whole issuance, one transaction: challenge spent, certificate stored,
+                # pending request decided, the renewed certificate superseded, audit rows
+                if grant.one_time_id is not None and \
+                        not sql.consume_challenge(conn, grant.one_time_id, now, rec.serial):
+                    raise ChallengeRejected("the challenge password is invalid, expired or already used")
+                sql.insert_certificate(conn, rec)  # Conflict: the serial is taken
+                if pending_id is not None and not sql.decide_pending(
+                        conn, pending_id, "issued", now, decided_by or "admin", serial=rec.serial):
+                    raise RequestRejected("the pending request was already decided")
+                if supersede:
+                    try:
+                        if sql.revoke_certificate(conn, supersede, "superseded", now):
+                            sql.insert_audit(conn, AuditRecord(
+                                at=now, event="certificate.revoked", serial=supersede, actor="renewal",
+                                details={"reason": "superseded", "replaced_by": rec.serial}))
+                    except StoreNotFound:
+                        pass  # renewed a certificate that predates the inventory
+                sql.insert_audit(conn, issued_audit)
             try:
-                async with self.store.transaction() as tx:
-                    if grant.one_time_id is not None and \
-                            not await tx.consume_challenge(grant.one_time_id, now, rec.serial):
-                        raise ChallengeRejected("the challenge password is invalid, expired or already used")
-                    await tx.insert_certificate(rec)
-                    if pending_id is not None and not await tx.decide_pending(
-                            pending_id, "issued", now, decided_by or "admin", serial=rec.serial):
-                        raise RequestRejected("the pending request was already decided")
-                    if supersede:
-                        try:
-                            if await tx.revoke_certificate(supersede, "superseded", now):
-                                await tx.audit(AuditRecord(at=now, event="certificate.revoked",
-                                                           serial=supersede, actor="renewal",
-                                                           details={"reason": "superseded",
-                                                                    "replaced_by": rec.serial}))
-                        except StoreNotFound:
-                            pass  # renewed a certificate that predates the inventory
-                    event = "certificate.renewed" if renewal_of else "certificate.issued"
-                    await tx.audit(AuditRecord(at=now, event=event, subject=rec.subject,
-                                               serial=rec.serial, actor=requester,
-                                               details={"protocol": protocol, "profile": rec.profile,
-                                                        "transaction_id": transaction_id,
-                                                        "challenge": grant.kind,
-                                                        "renewal_of": renewal_of,
-                                                        "pending_id": pending_id,
-                                                        "not_after": rec.not_after.isoformat(),
-                                                        "sha256": hashlib.sha256(der).hexdigest()}))
+                await self.store.write(unit)
             except Conflict:
                 log.warning("serial collision on %s; drawing another", rec.serial)
                 continue
@@ -143,8 +149,12 @@ class EnrollmentService:
                 await self._tell_superseded(supersede)
             for listener in self.issued_listeners:
                 listener(rec)
-            return Issued(cert, rec)
+            return Issued(cert, rec, reply=reply)
         raise RuntimeError("could not draw an unused serial number")
+
+    def _sign(self, request: IssuanceRequest, serial: int, finish) -> tuple[x509.Certificate, bytes, object]:
+        cert = self.ca.issue(request, serial)
+        return cert, cert.public_bytes(serialization.Encoding.DER), None if finish is None else finish(cert)
 
     async def _tell_superseded(self, serial: str) -> None:
         from ..ca.revocation import RevocationReason

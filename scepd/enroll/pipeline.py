@@ -29,7 +29,7 @@ from ..config import Config, ConfigError
 from ..errors import PolicyViolation, ScepdError
 from .external_check import CheckRequest, ExternalCheck
 from ..ca.policy import ENROLLMENT_PROFILES, IssuanceRequest, Profile, profile_named
-from ..store import PendingRecord, StoreNotFound
+from ..store import CertificateRecord, PendingRecord, StoreNotFound
 
 #: what authenticated a request
 AUTHORIZATION_KINDS = ("challenge", "renewal", "acme-account", "tls-client")
@@ -61,6 +61,8 @@ class Authorization:
     presented_challenge: str | None = field(default=None, repr=False)
     #: "*.name" DNS names may pass (ACME names whose wildcard dns-01 proved)
     allow_wildcard: bool = False
+    #: the inventory row of `renewal_of` when the front end already read it (None: read it here)
+    renewal_record: CertificateRecord | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in AUTHORIZATION_KINDS:
@@ -185,8 +187,9 @@ class Pipeline:
         self.default_profiles = dict(default_profiles or {})
         self.renewal_profile = renewal_profile
 
-    async def enroll(self, auth: Authorization, csr: CsrRequest) -> Decision:
-        return await self.complete(await self.authorize(auth, csr))
+    async def enroll(self, auth: Authorization, csr: CsrRequest, finish=None) -> Decision:
+        """`finish(cert)`: see EnrollmentService.issue (its result is `decision.issued.reply`)."""
+        return await self.complete(await self.authorize(auth, csr), finish=finish)
 
     async def profile_for(self, auth: Authorization) -> Profile:
         """Step 2. A renewal keeps the profile of the certificate it renews (an ACME `agent`
@@ -195,10 +198,12 @@ class Pipeline:
         if auth.profile:
             return profile_named(auth.profile)
         if auth.renewal_of and self.renewal_profile == "keep":
-            try:
-                old = await self.enrollment.store.get_certificate(auth.renewal_of)
-            except StoreNotFound:
-                old = None  # signed by our CA key before the inventory existed
+            old = auth.renewal_record
+            if old is None or old.serial != auth.renewal_of:
+                try:
+                    old = await self.enrollment.store.get_certificate(auth.renewal_of)
+                except StoreNotFound:
+                    old = None  # signed by our CA key before the inventory existed
             # the server's own profiles (admin, ocsp) are never extended by a client's renewal
             if old is not None and old.profile in ENROLLMENT_PROFILES:
                 return profile_named(old.profile)
@@ -212,7 +217,7 @@ class Pipeline:
                                           requested_subject=auth.protocol in REQUESTED_SUBJECT_PROTOCOLS)
         return Approved(auth, csr, request)
 
-    async def complete(self, approved: Approved) -> Decision:
+    async def complete(self, approved: Approved, finish=None) -> Decision:
         """Steps 4-6: external check, approval, issuance (with its audit record)."""
         auth, csr, request = approved.authorization, approved.csr, approved.request
         facts = csr.facts
@@ -230,7 +235,8 @@ class Pipeline:
             return Decision(pending=pending)
         issued = await self.enrollment.issue(
             request, auth.grant, protocol=auth.protocol, transaction_id=auth.transaction_id,
-            requester=auth.requester, spki_sha256=facts.spki_sha256, renewal_of=auth.renewal_of)
+            requester=auth.requester, spki_sha256=facts.spki_sha256, renewal_of=auth.renewal_of,
+            finish=finish)
         return Decision(issued=issued)
 
 

@@ -33,6 +33,10 @@ class SignerNotValid(RenewalRefused):
     first 401, the second 403; SCEP answers both alike)."""
 
 
+#: authorize(issuer=..., record=...) not given: check / read it here
+_UNKNOWN = object()
+
+
 @dataclass(frozen=True)
 class RenewalSettings:
     grace: dt.timedelta = dt.timedelta(0)
@@ -80,16 +84,26 @@ class RenewalPolicy:
         """Does this signer claim to be one of our certificates (so the request is a renewal)?"""
         return signer.issuer != signer.subject and any(ca.subject == signer.issuer for ca in self.cas)
 
-    async def check_signer(self, signer: x509.Certificate, now: dt.datetime) -> RenewalGrant:
+    def issuer_of(self, signer: x509.Certificate) -> x509.Certificate | None:
+        """The CA of ours whose key signed `signer` (a signature check: call it off the loop)."""
+        return issued_by_us(signer, self.cas)
+
+    async def check_signer(self, signer: x509.Certificate, now: dt.datetime, *,
+                           issuer=_UNKNOWN, record=_UNKNOWN) -> RenewalGrant:
         """Is `signer` a certificate of ours that authenticates its holder now? SignerNotValid
-        if not: not issued by one of our CAs, revoked, expired (beyond the grace), not yet valid."""
-        if await asyncio.to_thread(issued_by_us, signer, self.cas) is None:  # a signature check
+        if not: not issued by one of our CAs, revoked, expired (beyond the grace), not yet valid.
+        `issuer`: issuer_of(signer) when the caller already checked it (in its own worker
+        thread); `record`: the signer's inventory row (or None), when the caller already read it."""
+        if issuer is _UNKNOWN:
+            issuer = await asyncio.to_thread(issued_by_us, signer, self.cas)  # a signature check
+        if issuer is None:
             raise SignerNotValid("the signer certificate was not issued by this CA")
         serial = serial_hex(signer.serial_number)
-        try:
-            record: CertificateRecord | None = await self.store.get_certificate(serial)
-        except StoreNotFound:
-            record = None
+        if record is _UNKNOWN:
+            try:
+                record = await self.store.get_certificate(serial)
+            except StoreNotFound:
+                record = None
         if record is not None and record.status == "revoked":
             raise SignerNotValid("the signer certificate is revoked")
         if signer.not_valid_after_utc + self.settings.grace < now:
@@ -98,8 +112,9 @@ class RenewalPolicy:
             raise SignerNotValid("the signer certificate is not valid yet")
         return RenewalGrant(serial, record)
 
-    async def authorize(self, signer: x509.Certificate, facts: CsrFacts, now: dt.datetime) -> RenewalGrant:
-        grant = await self.check_signer(signer, now)
+    async def authorize(self, signer: x509.Certificate, facts: CsrFacts, now: dt.datetime, *,
+                        issuer=_UNKNOWN, record=_UNKNOWN) -> RenewalGrant:
+        grant = await self.check_signer(signer, now, issuer=issuer, record=record)
         if facts.common_name != _cn(signer):
             raise RenewalRefused("a renewal must keep the subject CN of the certificate it renews")
         extra = set(facts.sans) - set(certificate_sans(signer))

@@ -73,6 +73,15 @@ class Services:
     #: this process runs the once-per-server jobs (start-up resumes, server certificate
     #: renewal): always with one process, worker 0 with `serve --workers N`
     primary: bool = True
+    #: the once-per-server jobs to run when this process becomes the primary after it started
+    #: (a reload's new worker 0 once the old one stopped): async callables, e.g. ACME's resume
+    on_promote: list = dataclasses.field(default_factory=list)
+
+    async def promote(self) -> None:
+        """Become the primary: run the once-per-server jobs a start as the primary runs."""
+        self.primary = True
+        for job in list(self.on_promote):
+            await job()
 
     async def close(self) -> None:
         await self.store.close()
@@ -182,15 +191,19 @@ def create_app(services: Services, close_services: bool = False) -> web.Applicat
     app.router.add_get("/ca/{ca_id}.crt", ca_cert)
 
     _common_routes(app, services)
-    if services.primary and services.retention is not None and services.retention.settings.interval:
-        _run_retention(app, services.retention)
+    if services.retention is not None and services.retention.settings.interval:
+        _run_retention(app, services)
     if close_services:
         _close_on_cleanup(app, services)
     return app
 
 
-def _run_retention(app: web.Application, retention: RetentionService) -> None:
-    """The retention schedule while the app runs: the first run one interval after start."""
+def _run_retention(app: web.Application, services: Services) -> None:
+    """The retention schedule while the app runs: the first run one interval after start, and
+    each run only in the primary worker (which a reload may hand to another process)."""
+    retention = services.retention
+    assert retention is not None and retention.settings.interval is not None
+
     async def _lifetime(_app: web.Application):
         stop = asyncio.Event()
 
@@ -198,7 +211,7 @@ def _run_retention(app: web.Application, retention: RetentionService) -> None:
             try:
                 await asyncio.wait_for(stop.wait(), retention.settings.interval.total_seconds())
             except asyncio.TimeoutError:
-                await retention.run_forever(stop)
+                await retention.run_forever(stop, lambda: services.primary)
         task = asyncio.create_task(loop())
         yield
         stop.set()
@@ -257,12 +270,14 @@ async def _ca_key_signs(services: Services) -> None:
     await asyncio.to_thread(_check)
 
 
-#: scepd's own HTTPS routes (the admin API), a callable(app, services) each; protocol front-ends
-#: (acme/) come from scepd.http.assembly.frontends().
+#: scepd's own HTTPS routes, a callable(app, services) each; protocol front-ends (acme/) come
+#: from scepd.http.assembly.frontends().
 HTTPS_ROUTES: list = []
+#: the admin API (and later the web console): on the admin listener when [server] admin is set,
+#: else on the HTTPS listener
+ADMIN_ROUTES: list = [add_admin_routes]
 #: Packages that serve on the mTLS listener (agent API) append a callable(app, services).
 MTLS_ROUTES: list = []
-HTTPS_ROUTES.append(add_admin_routes)  # the admin API (scepd/admin_http.py)
 
 
 def add_est_routes(app: web.Application, services: Services) -> None:
@@ -286,7 +301,8 @@ MTLS_ROUTES.append(add_checkin_route)
 
 
 def create_https_app(services: Services) -> web.Application:
-    """The HTTPS listener: ACME (acme/) and the admin API mount here."""
+    """The HTTPS listener: ACME (acme/) mounts here, and the admin API unless [server] admin
+    gives it a listener of its own."""
     app = web.Application(client_max_size=256 * 1024)
     app[SERVICES] = services
     add_https_context(app, services)
@@ -297,6 +313,31 @@ def create_https_app(services: Services) -> web.Application:
     for frontend in frontends():
         if frontend.https_routes is not None:
             frontend.https_routes(app, services)
+    if not services.config.server.admin:
+        _admin_routes(app, services)
+    return app
+
+
+def _admin_routes(app: web.Application, services: Services) -> None:
+    for add in ADMIN_ROUTES:
+        add(app, services)
+    for frontend in frontends():
+        if frontend.admin_routes is not None:
+            frontend.admin_routes(app, services)
+
+
+def create_admin_app(services: Services) -> web.Application:
+    """The private admin listener ([server] admin): the admin API with the same TLS and
+    authentication as on the HTTPS listener, /healthz, /readyz, and /metrics when
+    [server] metrics_on_admin is set."""
+    from ..ops.routes import add_metrics_route, metrics_on_admin
+    app = web.Application(client_max_size=256 * 1024)
+    app[SERVICES] = services
+    add_https_context(app, services)
+    _common_routes(app, services)
+    _admin_routes(app, services)
+    if metrics_on_admin(services.config) and services.metrics is not None:
+        add_metrics_route(app, services)
     return app
 
 

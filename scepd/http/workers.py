@@ -22,6 +22,12 @@ The process model (README "Worker processes"):
 - The parent supervises: SIGTERM/SIGINT stop every worker gracefully; a worker that dies is
   restarted; workers that keep failing at start-up (database unreachable, ...) make the parent
   exit non-zero with the worker's one-line reason instead of looping.
+- SIGHUP reloads (README "Reloading"): the parent checks the new configuration and CA files
+  (on_reload; None keeps the old workers), then replaces the workers one at a time: a new worker
+  serves the shared sockets (reported ready) before the old one gets SIGTERM, so the accept
+  queue always has a worker behind it. A new worker 0 starts as a secondary; once the old
+  primary has exited, SIGUSR1 makes it the primary (its once-per-server jobs: resuming what the
+  old one left unfinished, the server certificate), so two primaries never run at once.
 """
 from __future__ import annotations
 
@@ -99,8 +105,9 @@ WorkerMain = Callable[[int, bool, Callable[[str], None]], int]
 
 def _worker_entry(body: WorkerMain, index: int, primary: bool, conn, parent_pid: int) -> None:
     signal.set_wakeup_fd(-1)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload is the parent's (a HUP to the group too)
     _die_with_parent(parent_pid)
     os.environ["SCEPD_WORKER"] = str(index)
 
@@ -129,9 +136,12 @@ class Supervisor:
     count: int
     body: WorkerMain
     on_restart: Callable[[int, int], None] = lambda index, pid: None
+    #: SIGHUP: the body of the new workers, or None to keep the running ones
+    on_reload: Callable[[], WorkerMain | None] = lambda: None
     _workers: dict[int, _Worker] = field(default_factory=dict)
     _failures: dict[int, int] = field(default_factory=dict)
     _signal: int | None = None
+    _reload: bool = False
 
     def __post_init__(self) -> None:
         self._ctx = multiprocessing.get_context("fork")
@@ -151,6 +161,14 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, handler)
 
+        def hup(_signum, _frame):
+            self._reload = True
+            try:
+                os.write(self._wake_w, b"!")
+            except OSError:
+                pass
+        signal.signal(signal.SIGHUP, hup)
+
     @property
     def stopping(self) -> bool:
         return self._signal is not None
@@ -160,10 +178,11 @@ class Supervisor:
     def pids(self) -> list[int]:
         return [w.process.pid for _, w in sorted(self._workers.items()) if w.process.pid]
 
-    def _spawn(self, index: int) -> _Worker:
+    def _spawn(self, index: int, primary: bool | None = None) -> _Worker:
         recv, send = self._ctx.Pipe(duplex=False)
+        primary = index == 0 if primary is None else primary
         process = self._ctx.Process(target=_worker_entry, name=f"scepd-worker-{index}",
-                                    args=(self.body, index, index == 0, send, os.getpid()))
+                                    args=(self.body, index, primary, send, os.getpid()))
         process.start()
         send.close()
         worker = _Worker(index, process, recv, time.monotonic())
@@ -218,10 +237,16 @@ class Supervisor:
     def run(self) -> None:
         """Supervise until a signal; WorkerStartError if a worker keeps failing to (re)start."""
         while not self.stopping:
+            if self._reload:  # a SIGHUP, also one that came during the start
+                self._reload = False
+                self.reload()
+                continue  # the sentinels changed
             sentinels = {w.process.sentinel: w for w in self._workers.values()}
             ready = multiprocessing.connection.wait(list(sentinels) + [self._wake_r])
             if self._wake_r in ready:
                 os.read(self._wake_r, 64)
+            if self._reload:
+                continue
             for sentinel in ready:
                 worker = sentinels.get(sentinel)  # type: ignore[arg-type]
                 if worker is None or self.stopping:
@@ -240,6 +265,53 @@ class Supervisor:
                     self._failures[worker.index] = 0
                 self._restart(worker.index)
         self.stop()
+
+    def reload(self) -> None:
+        """Check the new configuration (on_reload), then replace every worker, one at a time.
+        A worker that dies meanwhile is restarted by run() afterwards."""
+        body = self.on_reload()
+        if body is None:
+            return
+        self.body = body
+        replaced = 0
+        for index in sorted(self._workers):
+            if self.stopping:
+                return
+            old = self._workers[index]
+            if not old.process.is_alive():
+                continue  # run() restarts it with the new body
+            new = self._spawn(index, primary=False)  # registered as self._workers[index]
+            try:
+                self._await_ready(new)
+            except WorkerStartError as exc:
+                self._workers[index] = old
+                new.conn.close()
+                log.error("reload: a new worker %d did not start (%s); the workers not replaced yet "
+                          "keep the previous configuration", index, exc)
+                return
+            self._retire(old)
+            if self.stopping:  # a SIGTERM while the new one started: stop() stops it
+                return
+            if index == 0:  # the old primary is gone: the new worker 0 takes over its jobs
+                try:
+                    os.kill(new.process.pid, signal.SIGUSR1)
+                except ProcessLookupError:  # it died meanwhile: run() restarts it as the primary
+                    pass
+            replaced += 1
+        log.info("reloaded: %d workers replaced (pids %s)", replaced, " ".join(map(str, self.pids())))
+
+    def _retire(self, worker: _Worker) -> None:
+        """SIGTERM one worker and wait for it (STOP_TIMEOUT, then SIGKILL)."""
+        try:
+            os.kill(worker.process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        worker.process.join(STOP_TIMEOUT)
+        if worker.process.is_alive():
+            log.error("worker %d (pid %s) did not stop in time; killing it", worker.index, worker.process.pid)
+            worker.process.kill()
+            worker.process.join(5)
+        worker.conn.close()
 
     def _restart(self, index: int) -> None:
         while not self.stopping:

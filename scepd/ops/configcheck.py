@@ -39,10 +39,20 @@ def static_problems(cfg: Config) -> list[str]:
     """Everything that needs no database: listeners, URLs, durations, profiles, policies, files."""
     problems: list[str] = []
     s = cfg.server
-    for key in ("http", "https", "mtls"):
+    listeners: dict[tuple[str, int], str] = {}
+    for key in ("http", "https", "mtls", "admin"):
         value = getattr(s, key)
         if value or key == "http":
             _check(problems, f"[server] {key}", lambda v=value: parse_hostport(v))
+            try:
+                address = parse_hostport(value)
+            except ConfigError:
+                continue
+            if address in listeners and address[1]:
+                problems.append(f"[server] {key}: {value} is also [server] {listeners[address]}")
+            listeners.setdefault(address, key)
+    if s.metrics_on_admin and not s.admin:
+        problems.append("[server] metrics_on_admin: needs [server] admin (the admin listener)")
     if s.base_url:
         parts = urlsplit(s.base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:

@@ -130,14 +130,16 @@ class RetentionService:
             log.info("retention: purged %s", ", ".join(f"{k}={v}" for k, v in sorted(done.items())))
         return done
 
-    async def run_forever(self, stop: asyncio.Event) -> None:
-        """Every interval until `stop`; a failed run is logged and retried at the next one."""
+    async def run_forever(self, stop: asyncio.Event, active: Callable[[], bool] = lambda: True) -> None:
+        """Every interval until `stop`, while `active()` (the primary worker: it may change at a
+        reload); a failed run is logged and retried at the next one."""
         interval = self.settings.interval
         if interval is None:
             return
         while not stop.is_set():
             try:
-                await self.run_once()
+                if active():
+                    await self.run_once()
             except Exception:
                 log.exception("retention run failed; retrying in %s", interval)
             try:

@@ -176,6 +176,22 @@ def add_ops_routes(app: web.Application, services) -> None:
             der = b""
         return await _answer(der, request.headers.get("If-None-Match"))
 
+    app.router.add_get("/crl/{ca_id}.crl", get_crl)
+    app.router.add_post("/ocsp", ocsp_post)
+    app.router.add_get("/ocsp/{request:.+}", ocsp_get)
+    if not metrics_on_admin(services.config):
+        add_metrics_route(app, services)
+
+
+def metrics_on_admin(config) -> bool:
+    """[server] metrics_on_admin with an admin listener: /metrics is served there only."""
+    return bool(config.server.admin and config.server.metrics_on_admin)
+
+
+def add_metrics_route(app: web.Application, services) -> None:
+    """GET /metrics: the plain-HTTP listener's, or the admin listener's ([server] metrics_on_admin)."""
+    metrics: Metrics = services.metrics
+
     async def get_metrics(_request: web.Request) -> web.Response:
         try:
             body = await metrics.render()
@@ -184,9 +200,6 @@ def add_ops_routes(app: web.Application, services) -> None:
             return web.Response(status=503, text="metrics temporarily unavailable\n")
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
-    app.router.add_get("/crl/{ca_id}.crl", get_crl)
-    app.router.add_post("/ocsp", ocsp_post)
-    app.router.add_get("/ocsp/{request:.+}", ocsp_get)
     app.router.add_get("/metrics", get_metrics)
 
 

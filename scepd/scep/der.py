@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 
 from asn1crypto import core
 
@@ -32,12 +33,15 @@ def explicit(n: int, content: bytes) -> bytes:
     return tlv(0xA0 | n, content)
 
 
+@functools.lru_cache(maxsize=256)
 def oid(dotted: str) -> bytes:
     return core.ObjectIdentifier(dotted).dump()
 
 
 def integer(n: int) -> bytes:
-    return core.Integer(n).dump()
+    if n < 0:
+        return core.Integer(n).dump()
+    return tlv(0x02, n.to_bytes((n.bit_length() + 8) // 8, "big"))  # room for the sign bit
 
 
 def octet_string(b: bytes) -> bytes:

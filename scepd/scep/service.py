@@ -39,7 +39,7 @@ from ..enroll.external_check import ExternalCheck
 from ..ops.logctx import set_transaction_id
 from ..enroll.pipeline import ApprovalPolicy, Authorization, CsrRequest, Pipeline
 from ..enroll.renewal import RenewalPolicy, RenewalSettings
-from ..store import StoreNotFound
+from ..store import StoreNotFound, sql
 from ..ca.pki import CaMaterial
 from ..ca.policy import KeyLimits, Profile, check_key
 from . import wire
@@ -180,9 +180,11 @@ class ScepService:
             self._check_time(msg)
             if msg.envelope is None:
                 raise MalformedRequest("the message has no pkcsPKIEnvelope")
-            data = await asyncio.to_thread(wire.open_envelope, msg.envelope, self.recipients)
             if msg.message_type in (wire.MessageType.PKCS_REQ, wire.MessageType.RENEWAL_REQ):
-                return (*await self._enroll(msg, data, digest, requester), msg)
+                # one worker-thread hop: decryption, the CSR's checks, a renewal signer's check
+                opened = await asyncio.to_thread(self._open_enrollment, msg)
+                return (*await self._enroll(msg, opened, digest, requester), msg)
+            data = await asyncio.to_thread(wire.open_envelope, msg.envelope, self.recipients)
             if msg.message_type == wire.MessageType.CERT_POLL:
                 return (*await self._poll(msg, data, digest), msg)
             if msg.message_type == wire.MessageType.GET_CERT:
@@ -229,17 +231,35 @@ class ScepService:
             if abs(msg.signing_time - self.clock.now()) > skew:
                 raise BadTime("signingTime is too far from the server's clock")
 
-    async def _enroll(self, msg: wire.PkiMessage, csr_der: bytes, digest: str,
-                      requester: str | None) -> tuple[bytes, ScepOutcome]:
+    def _open_enrollment(self, msg: wire.PkiMessage) -> "_Opened":
+        """The CPU work of a PKCSReq/RenewalReq before any lookup, in one worker thread: open the
+        envelope (one UnreadableEnvelope for every failure, see open_envelope), decode and verify
+        the CSR (the key limits before its signature; the digests a SCEP message may use), and,
+        for a signer that claims to be ours, verify it was (the renewal check)."""
+        csr_der = wire.open_envelope(msg.envelope, self.recipients)
         digests = LEGACY_SCEP_DIGESTS if self.settings.legacy_algorithms else SCEP_DIGESTS
-        # the digests a SCEP message may use, for its CSR too; the key limits before the signature
-        facts = await asyncio.to_thread(_decode_enveloped_csr, csr_der, check_key=self._check_key,
-                                        allowed_digests=digests)
+        facts = _decode_enveloped_csr(csr_der, check_key=self._check_key, allowed_digests=digests)
+        candidate = self.renewal.is_candidate(msg.signer_cert)
+        return _Opened(csr_der, facts, candidate, self.renewal.issuer_of(msg.signer_cert) if candidate else None)
+
+    async def _enroll(self, msg: wire.PkiMessage, opened: "_Opened", digest: str,
+                      requester: str | None) -> tuple[bytes, ScepOutcome]:
+        csr_der, facts = opened.csr_der, opened.facts
+        # everything this request reads, in one read unit: the transaction's earlier answers,
+        # the presented one-time challenge, a renewal signer's inventory row
+        challenge_key = self.challenges.lookup_key(facts.challenge_password)
+        signer_serial = serial_hex(msg.signer_cert.serial_number) if opened.renewal_candidate else None
+        transaction_id = msg.transaction_id
+
+        def lookup(conn):
+            certs, pendings = sql.find_transaction(conn, transaction_id)
+            return (certs, pendings, sql.find_challenge(conn, challenge_key) if challenge_key else None,
+                    sql.get_certificate(conn, signer_serial) if signer_serial else None)
+        certs, pendings, challenge_row, signer_row = await self.enrollment.store.read(lookup)
         # a resent request (lost reply, or a client that polls by resending: certmonger,
         # micromdm scepclient) is the same transaction, answered from what we already decided
         # ...unless it is signed by that very certificate: then it is a same-key renewal
         # (micromdm scepclient keeps key and transactionID when it renews)
-        certs, pendings = await self.enrollment.store.find_transaction(msg.transaction_id)
         for record in sorted(certs, key=lambda r: r.issued_at, reverse=True):
             if record.spki_sha256 == facts.spki_sha256:
                 cert = x509.load_der_x509_certificate(record.der)
@@ -252,28 +272,35 @@ class ScepService:
         # authenticate: a renewal signed by one of our certificates, or a challenge
         auth = dict(protocol="scep", requester=requester, transaction_id=msg.transaction_id,
                     presented_challenge=facts.challenge_password)
-        if self.renewal.is_candidate(msg.signer_cert):
+        if opened.renewal_candidate:
             try:
-                grant = await self.renewal.authorize(msg.signer_cert, facts, self.clock.now())
+                grant = await self.renewal.authorize(msg.signer_cert, facts, self.clock.now(),
+                                                     issuer=opened.renewal_issuer, record=signer_row)
                 authorization = Authorization("renewal", renewal_of=grant.old_serial,
-                                              challenge_kind="renewal", **auth)
+                                              challenge_kind="renewal", renewal_record=signer_row, **auth)
             except RenewalRefused as refused:
-                challenge_grant = await self._challenge_instead_of_renewal(msg, facts, refused)
+                challenge_grant = await self._challenge_instead_of_renewal(msg, facts, refused, challenge_row)
                 authorization = _challenge_authorization(challenge_grant, auth)
         elif msg.message_type == wire.MessageType.RENEWAL_REQ:
             raise RenewalRefused("a RenewalReq must be signed by a certificate issued by this CA")
         else:
-            challenge_grant = await self.challenges.verify(facts.challenge_password, facts.common_name)
+            challenge_grant = await self.challenges.verify(facts.challenge_password, facts.common_name,
+                                                           record=challenge_row)
             authorization = _challenge_authorization(challenge_grant, auth)
-        # everything else (names, profile, policy, external check, approval, issuance): the pipeline
+        # everything else (names, profile, policy, external check, approval, issuance): the
+        # pipeline; the SUCCESS reply is built in the hop that signs the certificate, and
+        # returned once the certificate is committed
         decision = await self.pipeline.enroll(authorization, CsrRequest(
-            facts, csr_der, signer_spki_sha256=_spki_sha256(msg.signer_cert)))
+            facts, csr_der, signer_spki_sha256=_spki_sha256(msg.signer_cert)),
+            finish=lambda cert: self._success(msg, cert, digest))
         if decision.pending is not None:
             return await self._pending(msg, digest, decision.pending.id)
+        if decision.issued.reply is not None:
+            return decision.issued.reply
         return await asyncio.to_thread(self._success, msg, decision.issued.cert, digest)
 
     async def _challenge_instead_of_renewal(self, msg: wire.PkiMessage, facts: CsrFacts,
-                                            refused: RenewalRefused) -> ChallengeGrant:
+                                            refused: RenewalRefused, challenge_row) -> ChallengeGrant:
         """A request signed by one of our certificates that is no valid renewal (another CN, an
         expired or revoked signer), but carries a valid challenge, is an initial enrollment that
         challenge authenticates, and spends: strongSwan `pki --scep --cert old.pem --key old.key
@@ -284,7 +311,8 @@ class ScepService:
         if not facts.challenge_password:
             raise refused
         try:
-            grant = await self.challenges.verify(facts.challenge_password, facts.common_name)
+            grant = await self.challenges.verify(facts.challenge_password, facts.common_name,
+                                                 record=challenge_row)
         except ChallengeRejected:
             raise refused from None
         log.info("txn=%s: not a renewal (%s); enrolled with its challenge instead",
@@ -375,6 +403,16 @@ def _decode_enveloped_csr(csr_der: bytes, **options):
         raise UnreadableEnvelope(f"the CSR: {err.detail}") from None
     except RecursionError:
         raise UnreadableEnvelope("the CSR: nested too deeply") from None
+
+
+@dataclass(frozen=True)
+class _Opened:
+    """A PKCSReq/RenewalReq after its CPU checks (ScepService._open_enrollment)."""
+
+    csr_der: bytes
+    facts: CsrFacts
+    renewal_candidate: bool  # the signer claims to be one of our certificates
+    renewal_issuer: x509.Certificate | None  # ...and this CA of ours signed it (None: none did)
 
 
 def _challenge_authorization(grant: ChallengeGrant, auth: dict) -> Authorization:

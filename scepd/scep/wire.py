@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
 import hmac
 import os
 from dataclasses import dataclass
@@ -204,8 +205,9 @@ def _signed_attrs_to_verify(si: cms.SignerInfo) -> bytes:
 
 def _find_signer(sd: cms.SignedData, si: cms.SignerInfo) -> tuple[x509.Certificate, bytes]:
     sid = si["sid"]
-    candidates = [c.chosen for c in sd["certificates"] if c.name == "certificate"] \
-        if sd["certificates"].native is not None else []
+    certificates = sd["certificates"]  # Void when absent; never .native (it parses every certificate)
+    candidates = [] if isinstance(certificates, core.Void) else \
+        [c.chosen for c in certificates if c.name == "certificate"]
     for cand in candidates:
         if sid.name == "issuer_and_serial_number":
             ias = sid.chosen
@@ -228,12 +230,14 @@ def _find_signer(sd: cms.SignedData, si: cms.SignerInfo) -> tuple[x509.Certifica
 
 
 def _verify_signature(cert: x509.Certificate, si: cms.SignerInfo, digest: str, data: bytes) -> None:
-    sig_oid = si["signature_algorithm"]["algorithm"].dotted
+    _verify_raw(cert, si["signature_algorithm"]["algorithm"].dotted, si["signature"].native, digest, data)
+
+
+def _verify_raw(cert: x509.Certificate, sig_oid: str, signature: bytes, digest: str, data: bytes) -> None:
     kind, implied = _SIG_OIDS.get(sig_oid, (None, None))
     if kind is None:
         raise UnverifiableMessage(f"unsupported signature algorithm {sig_oid}")
     hash_cls = DIGESTS[implied or digest][1]
-    signature = si["signature"].native
     key = cert.public_key()
     try:
         if kind == "rsa" and isinstance(key, rsa.RSAPublicKey):
@@ -255,6 +259,195 @@ class SignerKeyRefused(Exception):
         self.error, self.message = error, message
 
 
+@dataclass(frozen=True)
+class _SignedParts:
+    """What decode_pki_message reads from the outer SignedData, whichever parser read it."""
+
+    content: bytes  # the eContent octets (b"" when absent)
+    attrs: dict[str, list[bytes]]  # signed attribute OID -> its values, each one element's bytes
+    digest_oid: str
+    signature_oid: str
+    signature: bytes
+    signed_attrs: bytes  # the signed attributes under a SET tag, as signed
+    find_signer: Callable[[], tuple[x509.Certificate, bytes]]
+
+
+def _parse_signed_data(message_der: bytes) -> _SignedParts:
+    """The tolerant parser (asn1crypto: BER, several signers' certificates, odd encodings)."""
+    ci = cms.ContentInfo.load(message_der)
+    if ci["content_type"].dotted != OID_SIGNED_DATA:
+        raise MalformedRequest("the SCEP message is not a CMS SignedData")
+    sd = ci["content"]
+    signer_infos = list(sd["signer_infos"])
+    if not signer_infos:
+        raise MalformedRequest("the SCEP message has no signer")
+    si = signer_infos[0]
+    encap = sd["encap_content_info"]
+    content = encap["content"].native if encap["content"].native is not None else b""
+    if not isinstance(content, bytes):
+        content = bytes(encap["content"])
+    if isinstance(si["signed_attrs"], core.Void):
+        raise MalformedRequest("the SCEP message has no signed attributes")
+    attrs: dict[str, list[bytes]] = {}
+    for a in si["signed_attrs"]:
+        attrs.setdefault(a["type"].dotted, [v.dump() for v in a["values"]])
+    return _SignedParts(content, attrs, si["digest_algorithm"]["algorithm"].dotted,
+                        si["signature_algorithm"]["algorithm"].dotted, si["signature"].native,
+                        _signed_attrs_to_verify(si), lambda: _find_signer(sd, si))
+
+
+#: DER contents of the OIDs the fast parser recognises -> dotted form (anything else: the
+#: tolerant parser decides)
+_KNOWN_OIDS = {der.oid(o)[2:]: o for o in (
+    OID_SIGNED_DATA, OID_DATA, OID_ENVELOPED_DATA, OID_CONTENT_TYPE, OID_MESSAGE_DIGEST, OID_SIGNING_TIME,
+    OID_MESSAGE_TYPE, OID_PKI_STATUS, OID_FAIL_INFO, OID_SENDER_NONCE, OID_RECIPIENT_NONCE,
+    OID_TRANSACTION_ID, OID_FAIL_INFO_TEXT, *(oid for oid, _ in DIGESTS.values()), *_SIG_OIDS,
+    *(oid for oid, _, _ in CIPHERS.values()))}
+
+
+#: the tags asn1crypto's CMS attribute specs demand of these attributes' values (the SCEP ones
+#: are untyped there)
+_ATTRIBUTE_TAGS = {OID_CONTENT_TYPE: (0x06,), OID_MESSAGE_DIGEST: (0x04,), OID_SIGNING_TIME: (0x17, 0x18)}
+
+
+class _Unusual(Exception):
+    """The fast parser met something it leaves to the tolerant one."""
+
+
+def _elements(data: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]:
+    """(tag, element start, content start, content end) of each element in data[start:end]:
+    definite lengths only, no recursion (ValueError/_Unusual otherwise)."""
+    out = []
+    pos = start
+    while pos < end:  # bounded: pos advances by at least 2 each turn
+        tag, content_start, content_end = der._header(data, pos)
+        if content_end is None or content_end > end:
+            raise _Unusual
+        out.append((tag, pos, content_start, content_end))
+        pos = content_end
+    return out
+
+
+def _fast_oid(data: bytes, element: tuple[int, int, int, int]) -> str:
+    tag, _s, cs, ce = element
+    if tag != 0x06:
+        raise _Unusual
+    dotted = _KNOWN_OIDS.get(data[cs:ce])
+    if dotted is None:
+        raise _Unusual
+    return dotted
+
+
+def _parse_signed_data_fast(m: bytes) -> _SignedParts | None:
+    """The common case, definite-length DER with one certificate, read by walking the bytes
+    (no asn1crypto): None for anything else, which the tolerant parser then reads, so every
+    unusual message gets exactly the tolerant parser's answer."""
+    try:
+        outer = _elements(m, 0, len(m))
+        if len(outer) < 1 or outer[0][0] != 0x30:
+            raise _Unusual
+        ci = _elements(m, outer[0][2], outer[0][3])
+        if len(ci) != 2 or _fast_oid(m, ci[0]) != OID_SIGNED_DATA or ci[1][0] != 0xA0:
+            raise _Unusual
+        wrapped = _elements(m, ci[1][2], ci[1][3])
+        if len(wrapped) != 1 or wrapped[0][0] != 0x30:
+            raise _Unusual
+        sd = _elements(m, wrapped[0][2], wrapped[0][3])
+        tags = [e[0] for e in sd]
+        if tags not in ([0x02, 0x31, 0x30, 0xA0, 0x31], [0x02, 0x31, 0x30, 0xA0, 0xA1, 0x31]):
+            raise _Unusual
+        encap = _elements(m, sd[2][2], sd[2][3])
+        if not encap or _fast_oid(m, encap[0]) != OID_DATA or len(encap) > 2:
+            raise _Unusual
+        content = b""
+        if len(encap) == 2:
+            if encap[1][0] != 0xA0:
+                raise _Unusual
+            inner = _elements(m, encap[1][2], encap[1][3])
+            if len(inner) != 1 or inner[0][0] != 0x04:  # a BER-constructed eContent: tolerant parser
+                raise _Unusual
+            content = m[inner[0][2]:inner[0][3]]
+        certs = _elements(m, sd[3][2], sd[3][3])
+        if len(certs) != 1 or certs[0][0] != 0x30:
+            raise _Unusual
+        signer_der = m[certs[0][1]:certs[0][3]]
+        signer_infos = _elements(m, sd[-1][2], sd[-1][3])
+        if not signer_infos or signer_infos[0][0] != 0x30:
+            raise _Unusual
+        si = _elements(m, signer_infos[0][2], signer_infos[0][3])
+        if len(si) not in (6, 7) or [e[0] for e in si[:6]] != [0x02, si[1][0], 0x30, 0xA0, 0x30, 0x04] \
+                or si[1][0] not in (0x30, 0x80) or (len(si) == 7 and si[6][0] != 0xA1):
+            raise _Unusual
+        if si[1][0] == 0x30 and [e[0] for e in _elements(m, si[1][2], si[1][3])] != [0x30, 0x02]:
+            raise _Unusual  # a malformed IssuerAndSerialNumber: the tolerant parser's answer
+        digest_alg = _elements(m, si[2][2], si[2][3])
+        signature_alg = _elements(m, si[4][2], si[4][3])
+        if not digest_alg or not signature_alg:
+            raise _Unusual
+        digest_oid, signature_oid = _fast_oid(m, digest_alg[0]), _fast_oid(m, signature_alg[0])
+        attrs: dict[str, list[bytes]] = {}
+        for attr in _elements(m, si[3][2], si[3][3]):
+            if attr[0] != 0x30:
+                raise _Unusual
+            type_and_values = _elements(m, attr[2], attr[3])
+            if len(type_and_values) != 2 or type_and_values[1][0] != 0x31:
+                raise _Unusual
+            values = _elements(m, type_and_values[1][2], type_and_values[1][3])
+            attr_type = _fast_oid(m, type_and_values[0])
+            if any(v[0] not in _ATTRIBUTE_TAGS.get(attr_type, (v[0],)) for v in values):
+                raise _Unusual  # a value not of its type: the tolerant parser's answer
+            attrs.setdefault(attr_type, [m[v[1]:v[3]] for v in values])
+        try:  # the one certificate is the signer, whatever the sid says (as the tolerant parser)
+            signer = x509.load_der_x509_certificate(signer_der)
+        except (ValueError, x509.InvalidVersion):
+            raise _Unusual from None
+    except (_Unusual, ValueError, IndexError):
+        return None
+    return _SignedParts(content, attrs, digest_oid, signature_oid, m[si[5][2]:si[5][3]],
+                        der.tlv(0x31, m[si[3][2]:si[3][3]]), lambda: (signer, signer_der))
+
+
+def _envelope_fast(content: bytes) -> Envelope | None:
+    """The pkcsPKIEnvelope in the common case, definite-length DER, read by walking the bytes;
+    None for anything else (the tolerant parser's)."""
+    try:
+        ci = _elements(content, 0, len(content))
+        if len(ci) != 1 or ci[0][0] != 0x30:
+            return None
+        parts = _elements(content, ci[0][2], ci[0][3])
+        if len(parts) != 2 or _fast_oid(content, parts[0]) != OID_ENVELOPED_DATA or parts[1][0] != 0xA0:
+            return None
+        wrapped = _elements(content, parts[1][2], parts[1][3])
+        if len(wrapped) != 1 or wrapped[0][0] != 0x30:
+            return None
+        env = _elements(content, wrapped[0][2], wrapped[0][3])
+        if [e[0] for e in env] != [0x02, 0x31, 0x30]:
+            return None
+        eci = _elements(content, env[2][2], env[2][3])
+        if len(eci) not in (2, 3) or _fast_oid(content, eci[0]) != OID_DATA or eci[1][0] != 0x30:
+            return None
+        alg = _elements(content, eci[1][2], eci[1][3])
+        if not alg:
+            return None
+        return Envelope(enveloped_der=content[wrapped[0][1]:wrapped[0][3]],
+                        cipher=_CIPHER_BY_OID[_fast_oid(content, alg[0])])
+    except (_Unusual, ValueError, IndexError, KeyError):
+        return None
+
+
+def _envelope_of(content: bytes) -> Envelope:
+    """The pkcsPKIEnvelope (still encrypted): its EnvelopedData and content cipher."""
+    fast = _envelope_fast(content)
+    if fast is not None:
+        return fast
+    env_ci = _EnvelopeContentInfo.load(content)
+    if env_ci["content_type"].dotted != OID_ENVELOPED_DATA:
+        raise MalformedRequest("the pkcsPKIEnvelope is not a CMS EnvelopedData")
+    env = env_ci["content"]
+    alg = env["encrypted_content_info"]["content_encryption_algorithm"]["algorithm"].dotted
+    return Envelope(enveloped_der=env.untag().dump(), cipher=_CIPHER_BY_OID.get(alg, f"unknown:{alg}"))
+
+
 def decode_pki_message(message_der: bytes,
                        check_signer_key: Callable[[object], None] | None = None) -> PkiMessage:
     """Parse and verify the outer SignedData. The envelope is left encrypted (open_envelope).
@@ -263,29 +456,14 @@ def decode_pki_message(message_der: bytes,
     refused: ScepdError | None = None
     try:
         # asn1crypto recurses: bound the nesting before it sees anything (see der.check_nesting)
-        der.check_nesting(message_der[:der.read_tlv(message_der)[3]])
-        ci = cms.ContentInfo.load(message_der)
-        if ci["content_type"].dotted != OID_SIGNED_DATA:
-            raise MalformedRequest("the SCEP message is not a CMS SignedData")
-        sd = ci["content"]
-        signer_infos = list(sd["signer_infos"])
-        if not signer_infos:
-            raise MalformedRequest("the SCEP message has no signer")
-        si = signer_infos[0]
-        encap = sd["encap_content_info"]
-        content = encap["content"].native if encap["content"].native is not None else b""
-        if not isinstance(content, bytes):
-            content = bytes(encap["content"])
-        if si["signed_attrs"].native is None:
-            raise MalformedRequest("the SCEP message has no signed attributes")
-        attrs: dict[str, list] = {}
-        for a in si["signed_attrs"]:
-            attrs.setdefault(a["type"].dotted, list(a["values"]))
-        digest_oid = si["digest_algorithm"]["algorithm"].dotted
-        digest = _DIGEST_BY_OID.get(digest_oid)
+        message_der = message_der[:der.read_tlv(message_der)[3]]
+        der.check_nesting(message_der)
+        parts = _parse_signed_data_fast(message_der) or _parse_signed_data(message_der)
+        content, attrs = parts.content, parts.attrs
+        digest = _DIGEST_BY_OID.get(parts.digest_oid)
         if digest is None:
-            raise UnverifiableMessage(f"unsupported digest algorithm {digest_oid}")
-        signer_cert, signer_der = _find_signer(sd, si)
+            raise UnverifiableMessage(f"unsupported digest algorithm {parts.digest_oid}")
+        signer_cert, signer_der = parts.find_signer()
         if check_signer_key is not None:
             try:
                 signer_key = signer_cert.public_key()
@@ -297,36 +475,27 @@ def decode_pki_message(message_der: bytes,
                 refused = err
         if refused is None:
             # messageDigest binds the content to the signed attributes
-            md_value = _attr(attrs, OID_MESSAGE_DIGEST, "messageDigest")
-            expected = md_value.native if isinstance(md_value.native, bytes) else \
-                core.OctetString.load(md_value.dump()).native
+            expected = core.OctetString.load(_attr(attrs, OID_MESSAGE_DIGEST, "messageDigest")).native
             h = hashes.Hash(DIGESTS[digest][1]())
             h.update(content)
             if not hmac.compare_digest(h.finalize(), expected or b""):
                 raise UnverifiableMessage("the SCEP message digest does not match its content")
-            _verify_signature(signer_cert, si, digest, _signed_attrs_to_verify(si))
+            _verify_raw(signer_cert, parts.signature_oid, parts.signature, digest, parts.signed_attrs)
         message_type_text = _printable(core.PrintableString.load(
-            _attr(attrs, OID_MESSAGE_TYPE, "messageType").dump()))
+            _attr(attrs, OID_MESSAGE_TYPE, "messageType")))
         transaction_id = _printable(core.PrintableString.load(
-            _attr(attrs, OID_TRANSACTION_ID, "transactionID").dump()))
-        nonce = core.OctetString.load(_attr(attrs, OID_SENDER_NONCE, "senderNonce").dump()).native
+            _attr(attrs, OID_TRANSACTION_ID, "transactionID")))
+        nonce = core.OctetString.load(_attr(attrs, OID_SENDER_NONCE, "senderNonce")).native
         signing_time = None
         if attrs.get(OID_SIGNING_TIME):
-            t = attrs[OID_SIGNING_TIME][0]
             try:
-                signing_time = cms.Time.load(t.dump()).native
+                signing_time = cms.Time.load(attrs[OID_SIGNING_TIME][0]).native
             except (ValueError, TypeError):
                 signing_time = None
         envelope = None
         if content:
             der.check_nesting(content[:der.read_tlv(content)[3]])  # BER chunks were not scanned
-            env_ci = _EnvelopeContentInfo.load(content)
-            if env_ci["content_type"].dotted != OID_ENVELOPED_DATA:
-                raise MalformedRequest("the pkcsPKIEnvelope is not a CMS EnvelopedData")
-            env = env_ci["content"]
-            alg = env["encrypted_content_info"]["content_encryption_algorithm"]["algorithm"].dotted
-            envelope = Envelope(enveloped_der=env.untag().dump(),
-                                cipher=_CIPHER_BY_OID.get(alg, f"unknown:{alg}"))
+            envelope = _envelope_of(content)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
         raise MalformedRequest("the SCEP message is not a valid CMS SignedData") from None
     try:
@@ -431,8 +600,7 @@ def open_envelope(envelope: Envelope, recipients: list[Recipient]) -> bytes:
 def _recipient(rinfos: list, recipients: list[Recipient]) -> tuple[Recipient, cms.KeyTransRecipientInfo] | None:
     """The first of our certificates that a RecipientInfo names (by issuer+serial or SKI)."""
     for ours in recipients:
-        ours_issuer = ours.cert.issuer.public_bytes()
-        ours_ski = _ski(ours.cert)
+        ours_issuer, ours_ski = _recipient_ids(ours.cert)
         for ri in rinfos:
             rid = ri["rid"]
             if rid.name == "issuer_and_serial_number":
@@ -443,6 +611,12 @@ def _recipient(rinfos: list, recipients: list[Recipient]) -> tuple[Recipient, cm
             if match:
                 return ours, ri
     return None
+
+
+@functools.lru_cache(maxsize=16)
+def _recipient_ids(cert: x509.Certificate) -> tuple[bytes, bytes | None]:
+    """(issuer Name DER, subjectKeyIdentifier) of one of our certificates, computed once."""
+    return cert.issuer.public_bytes(), _ski(cert)
 
 
 def _ski(cert: x509.Certificate) -> bytes | None:
@@ -577,9 +751,10 @@ def _signed_data(content: bytes, attrs: list[bytes], signer_cert: x509.Certifica
         signature = signer_key.sign(signed_attrs_set, ec.ECDSA(hash_cls()))
         sig_alg = der.algorithm(_ECDSA_BY_DIGEST.get(digest, "1.2.840.10045.4.3.2"))
     digest_alg = der.algorithm(digest_oid, der.null())
+    signer_id, certificates = _signer_constants(signer_cert, tuple(certs))
     signer_info = der.seq(
         der.integer(1),
-        der.seq(signer_cert.issuer.public_bytes(), der.integer(signer_cert.serial_number)),
+        signer_id,
         digest_alg,
         der.tlv(0xA0, signed_attrs_set[len(der.length(len(signed_attrs_set))) + 1:]),
         sig_alg,
@@ -589,10 +764,18 @@ def _signed_data(content: bytes, attrs: list[bytes], signer_cert: x509.Certifica
         der.integer(1),
         der.set_of(digest_alg),
         der.seq(der.oid(OID_DATA), der.explicit(0, der.octet_string(content))),
-        der.tlv(0xA0, b"".join(c.public_bytes(serialization.Encoding.DER) for c in certs)),
+        certificates,
         der.set_of(signer_info),
     )
     return der.seq(der.oid(OID_SIGNED_DATA), der.explicit(0, signed_data))
+
+
+@functools.lru_cache(maxsize=16)
+def _signer_constants(signer_cert: x509.Certificate, certs: tuple[x509.Certificate, ...]) -> tuple[bytes, bytes]:
+    """The signer's IssuerAndSerialNumber and the [0] certificates of a SignedData: the same for
+    every reply of one signer, so encoded once."""
+    return (der.seq(signer_cert.issuer.public_bytes(), der.integer(signer_cert.serial_number)),
+            der.tlv(0xA0, b"".join(c.public_bytes(serialization.Encoding.DER) for c in certs)))
 
 
 _ECDSA_BY_DIGEST = {"sha1": "1.2.840.10045.4.1", "sha256": "1.2.840.10045.4.3.2",
