@@ -2,7 +2,8 @@
 strongSwan pki (AES, SHA-256), micromdm scepclient (single DES, SHA-1: the CertRep is signed
 in the token with the client's digest) and sscep (3DES, SHA-1; when on PATH) enroll; lego
 issues over ACME (http-01); openssl checks OCSP and the CRL, both signed in
-the token, before and after a revocation made by another process."""
+the token, before and after a revocation made by another process; a rollover to a new token key
+while the server runs (SIGHUP)."""
 from __future__ import annotations
 
 import shutil
@@ -14,10 +15,12 @@ import pytest
 from cryptography import x509
 
 from scepd.ca import pki
+from scepd.scep import wire
 from tests import softhsm
 
 from .conftest import free_port, require, run, start_server, stop_server
 from .test_acme import _lego
+from .test_reload import _reload
 from .test_ocsp_crl import _enroll_with_pki, _ocsp
 from .test_sscep import _csr, _getca
 
@@ -86,3 +89,41 @@ def test_lego_issues_over_acme(hsm_server, tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     certs = tmp_path / "lego" / "certificates"
     hsm_server.verify(certs / "hsm.example.test.crt", certs / "hsm.example.test.key")
+
+
+def test_rollover_to_a_new_token_key_with_sighup(tmp_path_factory, tmp_path):
+    """The running server (two workers) publishes the next CA, made in the token by `scepd ca
+    rollover --next-key-uri` with the root key in the token too, after SIGHUP (GetNextCACert
+    signed in the token, verified by openssl cms), and issues from it after `ca activate-next`
+    and another SIGHUP (strongSwan pki)."""
+    hsm = softhsm.shared(tmp_path_factory)
+    tmp = tmp_path / "srv"
+    out = subprocess.run([sys.executable, "-m", "scepd", "init", "--state-dir", str(tmp / "state"),
+                          "--ca-key-uri", hsm.uri("scepd-roll", "serve-ca"),
+                          "--root-key-uri", hsm.uri("scepd-roll", "serve-root")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    srv = start_server(tmp, {"SCEPD_SERVER_WORKERS": "2"})
+    try:
+        pid = srv.proc.pid
+        srv.scepd("ca", "rollover", "--next-key-uri", hsm.uri("scepd-roll", "serve-next"))
+        _reload(srv)
+        with urllib.request.urlopen(f"{srv.url}?operation=GetNextCACert", timeout=30) as resp:
+            (tmp_path / "next.p7").write_bytes(resp.read())
+        out = run(["openssl", "cms", "-verify", "-inform", "DER", "-in", tmp_path / "next.p7",
+                   "-CAfile", srv.root_pem, "-purpose", "any", "-out", tmp_path / "inner.der"])
+        assert out.returncode == 0, out.stdout + out.stderr
+        next_pem = srv.state_dir / "ca" / "next" / "ca.pem"
+        nxt = x509.load_pem_x509_certificate(next_pem.read_bytes())
+        assert wire.certs_from_certs_only((tmp_path / "inner.der").read_bytes()) == [nxt]
+
+        srv.scepd("ca", "activate-next")
+        _reload(srv)
+        assert (srv.state_dir / "ca" / "ca.key.uri").read_text().strip() == hsm.uri("scepd-roll", "serve-next")
+        cert, _serial = _enroll_with_pki(srv, tmp_path, "after-hsm-rollover")  # verified against the new ca.pem
+        leaf = x509.load_pem_x509_certificate(cert.read_bytes())
+        assert leaf.issuer == nxt.subject
+        leaf.verify_directly_issued_by(nxt)
+        assert srv.proc.pid == pid and srv.proc.poll() is None
+    finally:
+        stop_server(srv)
