@@ -256,17 +256,34 @@ async def test_eddsa_account_and_order(acme):
 
 # --- stateless nonces (issue 13): issuing writes nothing, redeeming is one insert ---------------
 
-def _writes(services) -> list[str]:
-    """Collects every write statement the store's engine executes from now on."""
+def sql_trace(store) -> list[str]:
+    """Every SQL statement the store executes from now on, on each of its engines (the async
+    one and, on SQLite, the synchronous one behind `read`/`write` units), BEGINs included."""
     import sqlalchemy as sa
 
     seen: list[str] = []
-
-    def before(_conn, _cursor, statement, *_rest):
-        if statement.lstrip().split(None, 1)[0].upper() in {"INSERT", "UPDATE", "DELETE", "REPLACE"}:
-            seen.append(statement)
-    sa.event.listen(services.store.engine.sync_engine, "before_cursor_execute", before)
+    units = getattr(store, "_units", None)
+    engines = [store.engine.sync_engine] + ([units.engine] if units is not None else [])
+    for engine in engines:
+        sa.event.listen(engine, "before_cursor_execute",
+                        lambda _c, _cur, statement, *_r: seen.append(" ".join(statement.split())))
     return seen
+
+
+def _writes(services) -> list[str]:
+    """Collects every write statement the store executes from now on."""
+    trace = sql_trace(services.store)
+
+    class Writes(list):
+        def _now(self):
+            return [s for s in trace if s.split(None, 1)[0].upper() in {"INSERT", "UPDATE", "DELETE", "REPLACE"}]
+
+        def __eq__(self, other):
+            return self._now() == other
+
+        def __iter__(self):
+            return iter(self._now())
+    return Writes()
 
 
 async def test_new_nonce_writes_nothing(acme, services):
@@ -280,17 +297,23 @@ async def test_new_nonce_writes_nothing(acme, services):
     assert [w.split()[:3] for w in writes] == [["INSERT", "INTO", "acme_used_nonces"]]
 
 
-async def test_kid_account_is_read_in_the_nonce_transaction(acme, services):
-    """A kid-signed POST redeems its nonce and reads its account in one transaction: the
-    account costs no connection (BEGIN) of its own."""
-    import sqlalchemy as sa
-
-    seen: list[str] = []
-    sa.event.listen(services.store.engine.sync_engine, "before_cursor_execute",
-                    lambda _c, _cur, statement, *_r: seen.append(" ".join(statement.split()[:4])))
-    assert (await acme.post("/acme/acct/" + acme.kid.rsplit("/", 1)[1], {})).status == 200
-    assert [s.split()[:3] for s in seen[:3]] == [["BEGIN", "IMMEDIATE"], ["INSERT", "INTO", "acme_used_nonces"],
-                                                 ["SELECT", "acme_accounts.id,", "acme_accounts.thumbprint,"]]
+async def test_kid_post_as_get_is_one_read_unit_and_one_write_unit(acme, services):
+    """Issue 13: a kid-signed POST-as-GET reads its account and the object it asks for in one
+    read unit (one BEGIN), and spends its nonce in one small write unit (BEGIN IMMEDIATE, the
+    insert, nothing else)."""
+    resp = await acme.post("/acme/new-order", {"identifiers": [{"type": "dns", "value": "u.example.test"}]})
+    order_path = "/acme/order/" + resp.headers["Location"].rsplit("/", 1)[1]
+    seen = sql_trace(services.store)
+    resp = await acme.post(order_path, None)
+    assert resp.status == 200 and (await resp.json())["status"] == "pending"
+    heads = [" ".join(s.split()[:2]) for s in seen]
+    assert heads.count("BEGIN") + heads.count("BEGIN IMMEDIATE") == 2, heads
+    read = heads.index("BEGIN")
+    assert [h.split()[1].split(".")[0] for h in heads[read + 1:read + 4]] == [
+        "acme_accounts", "acme_orders", "acme_authzs"], heads
+    write = heads.index("BEGIN IMMEDIATE")
+    assert heads[write + 1:write + 2] == ["INSERT INTO"] and "acme_used_nonces" in seen[write + 1]
+    assert sum(1 for s in seen if s.split()[0] in ("INSERT", "UPDATE", "DELETE")) == 1
 
 
 @pytest.mark.parametrize("case", ["mac-flipped", "id-changed", "other-key", "truncated", "expired", "future"])
