@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import ipaddress
 import ssl
+import weakref
 from dataclasses import dataclass
 
 import aiohttp
@@ -67,6 +68,29 @@ class ValidatorSettings:
         return out
 
 
+#: one client session per event loop for every http-01 fetch (building a session and its
+#: connector per validation cost more than the fetch). Shared state is kept out of it: no
+#: cookies, no DNS cache, no keep-alive (each validation opens its own connection, as before).
+_sessions: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession]" = weakref.WeakKeyDictionary()
+
+
+def _session() -> aiohttp.ClientSession:
+    loop = asyncio.get_running_loop()
+    session = _sessions.get(loop)
+    if session is None or session.closed:
+        session = _sessions[loop] = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(force_close=True, use_dns_cache=False),
+            cookie_jar=aiohttp.DummyCookieJar(), timeout=aiohttp.ClientTimeout(total=TIMEOUT))
+    return session
+
+
+async def close() -> None:
+    """Close this event loop's http-01 session (the ACME service's shutdown)."""
+    session = _sessions.pop(asyncio.get_running_loop(), None)
+    if session is not None:
+        await session.close()
+
+
 async def http01(target: Target, token: str, key_authorization: str, settings: ValidatorSettings) -> None:
     """RFC 8555 §8.3: GET http://name/.well-known/acme-challenge/TOKEN, no redirects."""
     addr = settings.address_for(target.value)
@@ -74,11 +98,10 @@ async def http01(target: Target, token: str, key_authorization: str, settings: V
     url = f"http://{netloc}:{settings.http01_port}/.well-known/acme-challenge/{token}"
     host = f"[{target.value}]" if ":" in target.value else target.value
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session:
-            async with session.get(url, headers={"Host": host}, allow_redirects=False) as resp:
-                # the whole body, however many segments it comes in
-                body = (await read_stream(resp.content, MAX_BODY, TIMEOUT)).decode("utf-8", "replace").strip()
-                status = resp.status
+        async with _session().get(url, headers={"Host": host}, allow_redirects=False) as resp:
+            # the whole body, however many segments it comes in
+            body = (await read_stream(resp.content, MAX_BODY, TIMEOUT)).decode("utf-8", "replace").strip()
+            status = resp.status
     except PayloadTooLarge:
         raise ValidationFailed(f"http-01: {target.value} answered with more than {MAX_BODY} bytes") from None
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError, MalformedRequest):

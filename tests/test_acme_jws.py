@@ -384,3 +384,51 @@ async def test_nonce_single_use_across_restart_and_pruned_after_expiry(make_serv
     assert (await b.post(path, {})).status == 200  # redeeming prunes the expired records
     assert await used() == 1
     assert await problem_type(await b.post(path, {}, nonce=kept)) == P + "badNonce"
+
+
+# --- the parsed account key cache (issue 13) --------------------------------------------------
+
+def _rollover_elsewhere(services, account_id: str, new_key) -> None:
+    """What a keyChange by another process on the same database leaves behind: the row names
+    the new key (this process's cache is not told)."""
+    from acme import jws
+    from acme.store import accounts
+    import sqlalchemy as sa
+
+    jwk = rsa_jwk(new_key)
+    tp = jws.thumbprint(jws.load_jwk(jwk))
+    return services.store.write(lambda conn: conn.execute(
+        sa.update(accounts).where(accounts.c.id == account_id).values(jwk=json.dumps(jwk), thumbprint=tp)))
+
+
+async def test_account_key_is_parsed_once_per_process(acme, monkeypatch):
+    """kid-signed requests reuse the parsed account key (josepy's JWK parse is the slow part
+    of a request's authentication)."""
+    from acme import jws
+    parsed = []
+    real = jws.load_jwk
+    monkeypatch.setattr(jws, "load_jwk", lambda jwk: parsed.append(1) or real(jwk))
+    path = "/acme/acct/" + acme.kid.rsplit("/", 1)[1]
+    for _ in range(3):
+        assert (await acme.post(path, None)).status == 200
+    assert len(parsed) == 1
+
+
+async def test_account_key_cache_honours_rollover_and_deactivation_by_another_process(acme, services):
+    from acme.store import accounts
+    import sqlalchemy as sa
+
+    account_id = acme.kid.rsplit("/", 1)[1]
+    path = "/acme/acct/" + account_id
+    assert (await acme.post(path, None)).status == 200  # the old key is cached now
+    new_key = rsa_key(3)
+    await _rollover_elsewhere(services, account_id, new_key)
+    resp = await acme.post(path, None)  # signed with the old key: refused at once
+    assert resp.status == 400 and await problem_type(resp) == P + "malformed"
+    assert "does not verify" in (await resp.json())["detail"]
+    assert (await acme.post(path, None, key=new_key)).status == 200
+    await services.store.write(lambda conn: conn.execute(
+        sa.update(accounts).where(accounts.c.id == account_id).values(status="deactivated")))
+    resp = await acme.post(path, None, key=new_key)  # cached key, deactivated row: refused
+    assert resp.status == 401 and await problem_type(resp) == P + "unauthorized"
+    assert "deactivated" in (await resp.json())["detail"]
