@@ -117,6 +117,7 @@ class AcmeService:
         self.services = services
         self.clock = services.clock
         self.db = AcmeStore(services.store)
+        self._writes = acme_store.WriteBatcher(services.store)  # every ACME write unit (group commit)
         self.settings = settings
         if settings.default_profile not in ACME_PROFILES:
             raise ValueError(f"acme.default_profile must be one of {', '.join(ACME_PROFILES)}")
@@ -245,7 +246,7 @@ class AcmeService:
             acme_store.spend_nonce(conn, nonce_id, expires, prune)
             return None if fn is None else fn(conn)
         try:
-            result = await self.services.store.write(unit)
+            result = await self._writes.write(unit)
         except acme_store.NonceUsed:
             raise BadNonce("the nonce is unknown, used or expired") from None
         auth.spent = True
@@ -793,7 +794,7 @@ class AcmeService:
         now = self.clock.now()
         body = None if error is None else problem(error)
         expires = now + AUTHZ_LIFETIME if error is None else a["expires"]
-        await self.services.store.write(lambda conn: acme_store.settle_challenge(
+        await self._writes.write(lambda conn: acme_store.settle_challenge(
             conn, ch["id"], a["id"], error is None, now, body, expires))
         if error is not None:
             self.services.limits.spend(ACME_FAILED_VALIDATIONS_PER_ACCOUNT, a["account_id"])
@@ -891,7 +892,7 @@ class AcmeService:
                 log.info("acme order %s waits for approval (pending request %s)", order_id, decision.pending.id)
                 return None
             serial = decision.issued.record.serial
-            await self.services.store.write(lambda conn: acme_store.order_issued(conn, order_id, serial))
+            await self._writes.write(lambda conn: acme_store.order_issued(conn, order_id, serial))
             return serial
         finally:
             self._finalizing.discard(order_id)

@@ -432,3 +432,30 @@ async def test_account_key_cache_honours_rollover_and_deactivation_by_another_pr
     resp = await acme.post(path, None, key=new_key)  # cached key, deactivated row: refused
     assert resp.status == 401 and await problem_type(resp) == P + "unauthorized"
     assert "deactivated" in (await resp.json())["detail"]
+
+
+async def test_concurrent_write_units_commit_together_and_fail_alone(services):
+    """Group commit (issue 13): write units submitted together run in one transaction, each in
+    a savepoint; a replayed nonce fails alone, the other units are committed."""
+    import asyncio
+    import datetime as dt
+
+    import sqlalchemy as sa
+
+    from acme.store import NonceUsed, WriteBatcher, spend_nonce, used_nonces
+
+    batcher = WriteBatcher(services.store)
+    expires = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+    seen = sql_trace(services.store)
+    results = await asyncio.gather(*(batcher.write(lambda conn, n=n: spend_nonce(conn, n, expires, None))
+                                     for n in ("n-1", "n-2", "n-1", "n-3")), return_exceptions=True)
+    assert [type(r).__name__ for r in results] == ["NoneType", "NoneType", "NonceUsed", "NoneType"]
+    assert isinstance(results[2], NonceUsed)
+    heads = [" ".join(s.split()[:2]) for s in seen]
+    assert heads.count("BEGIN IMMEDIATE") + heads.count("BEGIN") == 1 and heads.count("SAVEPOINT sa_savepoint_1") == 1
+    ids = await services.store.read(lambda conn: sorted(r[0] for r in conn.execute(sa.select(used_nonces.c.id))))
+    assert ids == ["n-1", "n-2", "n-3"]
+    # alone, a unit is its own transaction (no savepoint)
+    seen.clear()
+    await batcher.write(lambda conn: spend_nonce(conn, "n-4", expires, None))
+    assert not any(s.startswith("SAVEPOINT") for s in seen)
