@@ -200,21 +200,37 @@ class AcmeService:
         the row just read (deactivation and key rollover by any process count at once).
         Returns (account or None, fn's result)."""
         aid, tp = auth.kid_account, auth.thumbprint
+        req = auth.req
+        # SQLite runs read units in a store thread (scepd.store.sql): a kid's signature is
+        # verified there with the cached key of the row, saving the request a thread hop of
+        # its own. Elsewhere (PostgreSQL runs units on the loop) it goes to a worker thread.
+        keys = self._keys if aid is not None and self.services.store.dialect == "sqlite" else None
 
         def unit(conn):
             account = acme_store.account_by_id(conn, aid) if aid is not None \
                 else acme_store.account_by_thumbprint(conn, tp)
-            return account, (None if fn is None else fn(conn))
-        account, data = await self.services.store.read(unit)
-        req = auth.req
+            data = None if fn is None else fn(conn)
+            verified = None
+            if keys is not None and account is not None and (key := keys.get(account["thumbprint"])) is not None:
+                try:
+                    jws.verify(req, key)
+                    verified = key
+                except ScepdError as err:
+                    verified = err
+            return account, data, verified
+        account, data, verified = await self.services.store.read(unit)
         if aid is None:
             if account is not None and account["status"] != "valid":  # RFC 8555 §7.3.6
                 raise AccountDeactivated("the account of this key is deactivated")
         else:
             if account is None or not req.kid.endswith(f"/acct/{aid}"):
                 raise AccountDoesNotExist("no account with this kid")
-            key = self._account_key(account)
-            await asyncio.to_thread(jws.verify, req, key)
+            if isinstance(verified, ScepdError):
+                raise verified
+            key = verified
+            if key is None:
+                key = self._account_key(account)
+                await asyncio.to_thread(jws.verify, req, key)
             if account["status"] != "valid":
                 raise AccountDeactivated("the account is deactivated")
             auth.key, auth.thumbprint = key, account["thumbprint"]
