@@ -68,8 +68,15 @@ def _nonce_mac(key: bytes, body: bytes) -> bytes:
     return hmac_mod.new(key, b"scepd-acme-nonce\0" + body, "sha256").digest()[:_NONCE_MAC_BYTES]
 
 
-def new_id() -> str:
-    return secrets.token_urlsafe(16)
+def new_id(nbytes: int = 16) -> str:
+    """A random base64url id that never starts with "-": ids and EAB keys are typed as command
+    line arguments (`scepd acme deactivate ID`, certbot's --eab-hmac-key KEY), where a leading
+    dash reads as an option."""
+    for _ in range(64):  # each draw starts with "-" with probability 1/64
+        value = secrets.token_urlsafe(nbytes)
+        if not value.startswith("-"):
+            return value
+    return "a" + value[1:]
 
 
 @dataclass(frozen=True)
@@ -377,7 +384,7 @@ class AcmeService:
     async def create_eab(self, ttl: dt.timedelta, identifiers: str | None, actor: str) -> tuple[str, str]:
         """A single-use EAB key id and HMAC key (base64url), optionally limited to identifiers
         matching a shell pattern: how an enrollment token becomes an ACME account."""
-        kid, key = new_id(), jws.b64u_encode(secrets.token_bytes(32))
+        kid, key = new_id(), new_id(32)
         now = self.clock.now()
         await self.db.insert(eab_keys, kid=kid, hmac_key=key, identifiers=identifiers or None,
                              created_at=now, expires_at=now + ttl)
@@ -541,14 +548,12 @@ class AcmeService:
                 serial = self._serial_from_cert_id(payload["replaces"])
         except ScepdError as err:
             early = err
-        aid = auth.kid_account
 
         def reads(conn):
-            bound = acme_store.eab_pattern(conn, aid) if aid is not None else (False, None)
             if serial is None:
-                return bound, None, False
-            return bound, acme_store.order_of_serial(conn, serial), acme_store.is_replaced(conn, serial)
-        account, (bound, replaced_order, replaced) = await self._read(auth, reads)
+                return None, False
+            return acme_store.order_of_serial(conn, serial), acme_store.is_replaced(conn, serial)
+        account, (replaced_order, replaced) = await self._read(auth, reads)
         if gate is not None:
             gate(account)
         if early is not None:
@@ -564,7 +569,7 @@ class AcmeService:
                 self.services.enrollment.check_window(window, PROFILES[profile])
             except PolicyViolation as err:
                 raise MalformedRequest(err.detail) from None
-        pattern = bound[1]
+        pattern = account.get("eab_identifiers")  # read with the account
         if pattern:
             refused = [i for i in clean if not fnmatch.fnmatchcase(i["value"], pattern)]
             if refused:
@@ -824,9 +829,8 @@ class AcmeService:
         meanwhile). The response waits briefly so fast issuances answer `valid` at once. One
         read unit (account, order, authorizations, EAB binding), one write unit (nonce, order
         `processing`), then the issuance's own units."""
-        aid = auth.kid_account
-        account, ((order, order_authzs), bound) = await self._read(
-            auth, lambda conn: (acme_store.order_with_authzs(conn, order_id), acme_store.eab_pattern(conn, aid)))
+        account, (order, order_authzs) = await self._read(
+            auth, lambda conn: acme_store.order_with_authzs(conn, order_id))
         order = await self._order_view(order, order_authzs, account)
         req, key = auth.req, auth.key
         if order["status"] != "ready":
@@ -856,7 +860,7 @@ class AcmeService:
         # the account proved exactly the order's identifiers (and its EAB key may bind a pattern)
         authorization = Authorization(
             "acme-account", protocol="acme", names=tuple(glob.escape(i["value"]) for i in order["identifiers"]),
-            bound_names=(bound[1],) if bound[1] else None,
+            bound_names=(account["eab_identifiers"],) if account.get("eab_identifiers") else None,
             profile=order.get("profile") or self.settings.default_profile, challenge_kind="acme",
             requester=f"acme:{account['id']}", transaction_id=order_id,
             allow_wildcard=any(a.get("wildcard") for a in order["authzs"]))

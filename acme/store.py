@@ -154,15 +154,20 @@ def _row(row) -> dict:
 # statement construction or cache-key work. Each unit below is a plain function of a synchronous
 # connection, the same on SQLite and PostgreSQL.
 _p = sa.bindparam
-_ACCOUNT_BY_ID = sa.select(accounts).where(accounts.c.id == _p("id"))
-_ACCOUNT_BY_TP = sa.select(accounts).where(accounts.c.thumbprint == _p("tp"))
-_EAB_OF_ACCOUNT = sa.select(eab_keys.c.kid, eab_keys.c.identifiers).where(eab_keys.c.account_id == _p("account_id"))
+#: an account with its EAB binding (the key that bound it at creation, never changed after):
+#: whether it is bound and the identifier pattern it may order, in the same statement
+_ACCOUNT_COLUMNS = sa.select(accounts, eab_keys.c.kid.label("eab_kid"),
+                             eab_keys.c.identifiers.label("eab_identifiers")).select_from(
+    accounts.outerjoin(eab_keys, eab_keys.c.account_id == accounts.c.id))
+_ACCOUNT_BY_ID = _ACCOUNT_COLUMNS.where(accounts.c.id == _p("id"))
+_ACCOUNT_BY_TP = _ACCOUNT_COLUMNS.where(accounts.c.thumbprint == _p("tp"))
 _EAB_BY_KID = sa.select(eab_keys).where(eab_keys.c.kid == _p("kid"))
 _ORDER_BY_ID = sa.select(orders).where(orders.c.id == _p("id"))
 _AUTHZS_OF_ORDER = sa.select(authzs).where(authzs.c.order_id == _p("order_id"))
 _AUTHZ_BY_ID = sa.select(authzs).where(authzs.c.id == _p("id"))
 _CHALLENGES_OF_AUTHZ = sa.select(challenges).where(challenges.c.authz_id == _p("authz_id"))
-_CHALLENGE_BY_ID = sa.select(challenges).where(challenges.c.id == _p("id"))
+_SIBLING_CHALLENGES = sa.select(challenges).where(challenges.c.authz_id == sa.select(challenges.c.authz_id).where(
+    challenges.c.id == _p("id")).scalar_subquery())
 _ORDER_OF_SERIAL = sa.select(orders.c.id, orders.c.account_id, orders.c.identifiers).where(
     orders.c.cert_serial == _p("serial"))
 _REPLACED = sa.select(replacements.c.order_id).where(replacements.c.replaced_serial == _p("serial"))
@@ -214,12 +219,6 @@ def account_by_thumbprint(conn: sa.Connection, tp: str) -> dict | None:
     return _one(conn, _ACCOUNT_BY_TP, {"tp": tp})
 
 
-def eab_pattern(conn: sa.Connection, account_id: str) -> tuple[bool, str | None]:
-    """(bound by an EAB key, the identifier pattern it binds or None)."""
-    row = conn.execute(_EAB_OF_ACCOUNT, {"account_id": account_id}).first()
-    return (False, None) if row is None else (True, row[1])
-
-
 def order_with_authzs(conn: sa.Connection, order_id: str) -> tuple[dict | None, list[dict]]:
     order = _one(conn, _ORDER_BY_ID, {"id": order_id})
     return (None, []) if order is None else (order, _all(conn, _AUTHZS_OF_ORDER, {"order_id": order_id}))
@@ -231,12 +230,13 @@ def authz_with_challenges(conn: sa.Connection, authz_id: str) -> tuple[dict | No
 
 
 def challenge_view(conn: sa.Connection, challenge_id: str) -> tuple[dict | None, dict | None, list[dict]]:
-    """A challenge, its authorization and the authorization's challenges."""
-    ch = _one(conn, _CHALLENGE_BY_ID, {"id": challenge_id})
+    """A challenge, its authorization and the authorization's challenges (two statements: the
+    challenges are read as the authorization's, by the challenge's authz_id)."""
+    chs = _all(conn, _SIBLING_CHALLENGES, {"id": challenge_id})
+    ch = next((c for c in chs if c["id"] == challenge_id), None)
     if ch is None:
         return None, None, []
-    a, chs = authz_with_challenges(conn, ch["authz_id"])
-    return ch, a, chs
+    return ch, _one(conn, _AUTHZ_BY_ID, {"id": ch["authz_id"]}), chs
 
 
 def order_of_serial(conn: sa.Connection, serial: str) -> dict | None:
