@@ -292,10 +292,11 @@ class WriteBatcher:
     """Group commit for ACME's write units. SQLite commits one fsync at a time (synchronous=FULL:
     several milliseconds on real disks), so write units run one by one cap a process at a few
     hundred requests a second whatever the CPU. Units submitted while one commits are queued
-    and run together in the next transaction, each in a SAVEPOINT of its own: a unit that
-    raises (a replayed nonce, a unique key) rolls back alone and gets its exception; the others
-    commit. Every caller's unit is committed before its `write` returns, as before. A unit
-    arriving when nothing commits runs at once, alone, without a savepoint."""
+    and run together in the next transaction. Every caller's unit is committed before its
+    `write` returns, as before, and a unit that raises (a replayed nonce, a unique key) fails
+    alone: the batch is then rolled back and run again with each unit in a SAVEPOINT of its
+    own, so the failing one rolls back by itself and the others commit. A unit arriving when
+    nothing commits runs at once, alone."""
 
     MAX_BATCH = 64
 
@@ -318,8 +319,15 @@ class WriteBatcher:
                 batch, self._queue = self._queue[:self.MAX_BATCH], self._queue[self.MAX_BATCH:]
                 units = [fn for fn, _ in batch]
                 try:
-                    results = await self.store.write(lambda conn: _run_batch(conn, units))
-                except Exception as exc:  # the transaction failed: every unit in it did
+                    if len(units) == 1:  # alone: the unit is the transaction
+                        results = [(True, await self.store.write(units[0]))]
+                    else:
+                        try:
+                            values = await self.store.write(lambda conn: _run_all(conn, units))
+                            results = [(True, v) for v in values]
+                        except _UnitFailed:  # rolled back: again, each unit in a savepoint
+                            results = await self.store.write(lambda conn: _run_isolated(conn, units))
+                except Exception as exc:  # the unit (alone) or the transaction failed
                     results = [(False, exc)] * len(batch)
                 for (_, fut), (ok, value) in zip(batch, results):
                     if not fut.done():
@@ -332,9 +340,21 @@ class WriteBatcher:
             self._queue = []
 
 
-def _run_batch(conn: sa.Connection, units: list) -> list[tuple[bool, object]]:
-    if len(units) == 1:  # alone: the unit is the transaction (its exception rolls it back)
-        return [(True, units[0](conn))]
+class _UnitFailed(Exception):
+    """A unit of a batch raised: the batch's transaction is rolled back and run isolated."""
+
+
+def _run_all(conn: sa.Connection, units: list) -> list:
+    out = []
+    for fn in units:
+        try:
+            out.append(fn(conn))
+        except Exception as exc:
+            raise _UnitFailed() from exc
+    return out
+
+
+def _run_isolated(conn: sa.Connection, units: list) -> list[tuple[bool, object]]:
     out: list[tuple[bool, object]] = []
     for fn in units:
         savepoint = conn.begin_nested()
