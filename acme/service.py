@@ -1000,7 +1000,6 @@ class AcmeService:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        await validators.close()
 
 
 def _pem(der: bytes) -> str:

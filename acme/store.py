@@ -161,7 +161,6 @@ _ACCOUNT_COLUMNS = sa.select(accounts, eab_keys.c.kid.label("eab_kid"),
     accounts.outerjoin(eab_keys, eab_keys.c.account_id == accounts.c.id))
 _ACCOUNT_BY_ID = _ACCOUNT_COLUMNS.where(accounts.c.id == _p("id"))
 _ACCOUNT_BY_TP = _ACCOUNT_COLUMNS.where(accounts.c.thumbprint == _p("tp"))
-_EAB_BY_KID = sa.select(eab_keys).where(eab_keys.c.kid == _p("kid"))
 _ORDER_BY_ID = sa.select(orders).where(orders.c.id == _p("id"))
 _AUTHZS_OF_ORDER = sa.select(authzs).where(authzs.c.order_id == _p("order_id"))
 _AUTHZ_BY_ID = sa.select(authzs).where(authzs.c.id == _p("id"))

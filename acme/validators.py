@@ -81,7 +81,7 @@ async def _http_get(addr: str, port: int, host: str, path: str) -> tuple[int, by
     try:
         writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: scepd-acme-validator\r\n"
                      "Accept: */*\r\nConnection: close\r\n\r\n".encode("ascii"))
-        while True:  # 1xx interim answers are skipped
+        for _ in range(8):  # 1xx interim answers are skipped (a few)
             try:
                 head = await reader.readuntil(b"\r\n\r\n")
             except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
@@ -93,6 +93,8 @@ async def _http_get(addr: str, port: int, host: str, path: str) -> tuple[int, by
             status = int(parts[1])
             if not 100 <= status < 200:
                 break
+        else:
+            raise _BadResponse()
         headers: dict[str, str] = {}
         for line in lines[1:]:
             if line:
@@ -160,10 +162,6 @@ async def http01(target: Target, token: str, key_authorization: str, settings: V
     if status != 200 or body != key_authorization:
         raise ValidationFailed(f"http-01: {target.value} answered HTTP {status} "
                                "without the expected key authorization")
-
-
-async def close() -> None:
-    """Nothing is kept between validations (kept for the service's shutdown hook)."""
 
 
 def dns01_value(key_authorization: str) -> str:

@@ -76,8 +76,10 @@ big = b"x" * (validators.MAX_BODY + 1)
     (b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\nshort", ValidationConnection, "could not fetch"),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", ValidationConnection, "could not fetch"),
     (b"HTTP/1.1 200 OK\r\nX-Long: " + b"h" * 20000 + b"\r\n\r\n", ValidationConnection, "could not fetch"),
+    (b"HTTP/1.1 100 Continue\r\n\r\n" * 9 + b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n" + KA.encode(),
+     ValidationConnection, "could not fetch"),
 ], ids=["redirect-not-followed", "length-over-cap", "chunked-over-cap", "close-over-cap", "wrong-body",
-        "not-http", "truncated", "bad-chunk", "huge-header"])
+        "not-http", "truncated", "bad-chunk", "huge-header", "endless-interim"])
 async def test_http01_refusals(answer, error, match):
     async with RawServer([answer]) as server:
         with pytest.raises(error, match=match):
