@@ -267,6 +267,9 @@ def sql_trace(store) -> list[str]:
     for engine in engines:
         sa.event.listen(engine, "before_cursor_execute",
                         lambda _c, _cur, statement, *_r: seen.append(" ".join(statement.split())))
+    if units is not None:  # the units' BEGIN goes straight to the driver: seen at the begin event
+        sa.event.listen(units.engine, "begin", lambda conn: seen.append(
+            "BEGIN IMMEDIATE" if conn.get_execution_options().get("sqlite_immediate") else "BEGIN"))
     return seen
 
 
