@@ -263,8 +263,7 @@ def sql_trace(store) -> list[str]:
 
     seen: list[str] = []
     units = getattr(store, "_units", None)
-    engines = [store.engine.sync_engine] + ([units.engine] if units is not None else [])
-    for engine in engines:
+    for engine in store.sync_engines():
         sa.event.listen(engine, "before_cursor_execute",
                         lambda _c, _cur, statement, *_r: seen.append(" ".join(statement.split())))
     if units is not None:  # the units' BEGIN goes straight to the driver: seen at the begin event
