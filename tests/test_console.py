@@ -187,14 +187,15 @@ async def test_inventory_search_filters_and_pem(services, ui):
 async def test_timeline_counts(services, clock):
     """Bucketed per day from `at`; the expired and revoked counts beside them."""
     at = clock.now() + dt.timedelta(days=2)
-    for days, n in ((5, 2), (42, 1), (1, 1), (202, 1)):  # validity from clock.now()
+    for days, n in ((5, 2), (42, 1), (92, 1), (1, 1), (202, 1)):  # validity from clock.now()
         services.enrollment.validity = dt.timedelta(days=days)
         for i in range(n):
             await _issue(services, f"t{days}-{i}", rsa_key(0))
     rev = await _issue(services, "gone", rsa_key(1))
     await services.revocation.revoke(rev.record.serial, RevocationReason.UNSPECIFIED, "test")
     t = await services.store.read(queries.timeline(at))
-    assert sum(t.per_day) == 3 and t.per_day[3] == 2 and t.per_day[40] == 1
+    assert len(t.per_day) == 91 and sum(t.per_day) == 4
+    assert t.per_day[3] == 2 and t.per_day[40] == 1 and t.per_day[90] == 1
     assert t.expired == 1 and t.revoked == 1
 
 

@@ -177,7 +177,7 @@ def timeline_svg(t: Timeline) -> str:
     """Bars per day over the next TIMELINE_DAYS days; each bar has a <title> for screen readers."""
     w, h, left, bottom, top = 900, 260, 40, 40, 20
     peak = max(t.per_day) or 1
-    bw = (w - left - 10) / TIMELINE_DAYS
+    bw = (w - left - 10) / len(t.per_day)
     parts = [f'<svg id="timeline" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {w} {h}" width="{w}" height="{h}" '
              f'role="img" aria-labelledby="timeline-title"><title id="timeline-title">Certificates expiring per day, '
              f'next {TIMELINE_DAYS} days: {sum(t.per_day)} in total</title>']

@@ -67,7 +67,7 @@ def choices(conn: sa.Connection) -> dict[str, list[str]]:
 @dataclass(frozen=True)
 class Timeline:
     start: dt.date
-    per_day: list[int]  # valid certificates expiring on start + i days, i < TIMELINE_DAYS
+    per_day: list[int]  # valid certificates expiring on start + i days, 0 <= i <= TIMELINE_DAYS
     expired: int
     revoked: int
 
@@ -84,10 +84,9 @@ def timeline(now: dt.datetime):
         revoked = conn.execute(sa.select(sa.func.count()).select_from(c).where(
             c.c.status == "revoked")).scalar_one()
         start = now.date()
-        per_day = [0] * TIMELINE_DAYS
+        per_day = [0] * (TIMELINE_DAYS + 1)  # today .. the day `end` falls on
         for t in ends:
-            i = (t.date() - start).days
-            per_day[min(max(i, 0), TIMELINE_DAYS - 1)] += 1
+            per_day[min(max((t.date() - start).days, 0), TIMELINE_DAYS)] += 1
         return Timeline(start, per_day, int(expired), int(revoked))
     return unit
 
