@@ -235,3 +235,94 @@ async def test_the_console_is_where_the_admin_api_is(make_services, aiohttp_clie
     admin_app = await aiohttp_client(create_admin_app(services))
     assert (await https_app.get("/ui/login")).status == 404
     assert (await admin_app.get("/ui/login")).status == 200
+
+
+async def _pending(services, cn: str, key) -> int:
+    import hashlib
+
+    from scepd.ca.csr import decode_csr
+    from scepd.store import PendingRecord
+
+    from .helpers import make_csr
+    csr = make_csr(key, cn)
+    spki = decode_csr(csr).spki_sha256
+    async with services.store.transaction() as tx:
+        return await tx.insert_pending(PendingRecord(
+            id=0, transaction_id=hashlib.sha256(csr).hexdigest(), spki_sha256=spki, signer_spki_sha256=spki,
+            csr_der=csr, subject=f"CN={cn}", profile=services.config.scep.profile, protocol="scep",
+            requester="test", created_at=services.clock.now()))
+
+
+async def test_approve_and_reject_are_audited_with_the_signed_in_actor(services, ui):
+    ok = await _pending(services, "approve-me", rsa_key(0))
+    no = await _pending(services, "reject-me", rsa_key(1))
+    token_id, token = await _token(services)
+    session = await sign_in(ui, token)
+    csrf = await _page_csrf(ui, session, "/ui/pending")
+    actor = f"console:token:{token_id}:ops"
+    r = await ui.post(f"/ui/pending/{no}/reject", data={"csrf": csrf, "reason": "  "}, cookies={COOKIE: session},
+                      allow_redirects=False)
+    assert r.status == 400 and "reason" in await r.text()
+    r = await ui.post(f"/ui/pending/{no}/reject", data={"csrf": csrf, "reason": "unknown device"},
+                      cookies={COOKIE: session}, allow_redirects=False)
+    assert r.status == 303 and r.headers["Location"] == "/ui/pending"
+    rejected = await services.store.get_pending(no)
+    assert rejected.status == "rejected" and rejected.reason == "unknown device" and rejected.decided_by == actor
+    r = await ui.post(f"/ui/pending/{ok}/approve", data={"csrf": csrf}, cookies={COOKIE: session},
+                      allow_redirects=False)
+    assert r.status == 303
+    approved = await services.store.get_pending(ok)
+    assert approved.status == "issued" and approved.decided_by == actor
+    assert r.headers["Location"] == f"/ui/certificates/{approved.serial}"
+    # deciding twice is refused with the service's message, not a 500
+    r = await ui.post(f"/ui/pending/{ok}/approve", data={"csrf": csrf}, cookies={COOKIE: session},
+                      allow_redirects=False)
+    assert 400 <= r.status < 500 and "already" in await r.text()
+    assert (await ui.post("/ui/pending/x/approve", data={"csrf": csrf}, cookies={COOKIE: session})).status == 400
+    text = await (await ui.get("/ui/audit", cookies={COOKIE: session})).text()
+    assert actor in text and "unknown device" in text
+    assert "No request is waiting" in await (await ui.get("/ui/pending", cookies={COOKIE: session})).text()
+
+
+async def test_agents_page_shows_health(services, ui, clock):
+    from scepd.ops.agents import AgentInventory, Checkin
+    now = clock.now()
+    inv = AgentInventory(services.store, clock)
+    await inv.record(Checkin("fresh-host", "1.0", "a1", "CN=fresh", now + dt.timedelta(days=30)))
+    await inv.record(Checkin("<b>old-host</b>", "1.0", "a2", "CN=old", now + dt.timedelta(days=30)))
+    clock.advance(dt.timedelta(days=4))
+    await inv.record(Checkin("fresh-host", "1.1", "a1", "CN=fresh", now + dt.timedelta(days=30)))
+    _id, token = await _token(services)
+    session = await sign_in(ui, token)
+    text = await (await ui.get("/ui/agents", cookies={COOKIE: session})).text()
+    rows = {m.group(1): m.group(0) for m in re.finditer(r"<tr><td>([^<]*)</td>.*?</tr>", text)}
+    assert "healthy" in rows["fresh-host"] and "1.1" in rows["fresh-host"]
+    assert "silent" in rows["&lt;b&gt;old-host&lt;/b&gt;"]
+
+
+async def test_inventory_pages(services, ui, monkeypatch):
+    monkeypatch.setattr(queries, "PAGE_SIZE", 2)
+    for i in range(5):
+        await _issue(services, f"page-{i}", rsa_key(0))
+    _id, token = await _token(services)
+    session = await sign_in(ui, token)
+    seen = []
+    for page in (1, 2, 3):
+        text = await (await ui.get(f"/ui/certificates?q=page-&page={page}", cookies={COOKIE: session})).text()
+        seen += re.findall(r"CN=(page-\d)", text)
+        assert ('rel="next"' in text) == (page < 3) and ('rel="prev"' in text) == (page > 1)
+        if page < 3:
+            assert f'href="/ui/certificates?q=page-&amp;page={page + 1}"' in text
+    assert sorted(seen) == [f"page-{i}" for i in range(5)]
+
+
+def test_the_session_key_is_created_once_and_shared(tmp_path, clock):
+    from scepd.console.session import KEY_FILE, load_key
+    key = load_key(tmp_path)
+    assert len(key) == 32 and load_key(tmp_path) == key
+    assert (tmp_path / KEY_FILE).stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == [KEY_FILE]
+    value, _ = Sessions(key, clock).issue(7)
+    assert Sessions(load_key(tmp_path), clock).verify(value) == 7  # another worker reads the same key
+    tampered = value.replace("7.", "8.", 1)
+    assert Sessions(key, clock).verify(tampered) is None

@@ -1,5 +1,5 @@
 """The console in a real browser (headless Chromium through selenium) against a real `scepd serve`
-with HTTPS on 127.0.0.1: sign in with a token, find an enrolled certificate, approve a pending
+with HTTPS on 127.0.0.1 and two workers: sign in with a token, find an enrolled certificate, approve a pending
 request and see it issued, revoke one and see it revoked, and the expiry timeline's counts.
 Screenshots of each step are saved under the test's tmp dir (`<tmp_path>/screenshots/`, printed
 at the end; pytest keeps the last three runs' tmp dirs)."""
@@ -97,7 +97,8 @@ async def test_console_in_a_browser(state_dir, tmp_path, browser):
     shots = tmp_path / "screenshots"
     shots.mkdir()
     https = _free_port()
-    served = serve(state_dir, "--no-demo-challenge", "--https", f"127.0.0.1:{https}")
+    # two worker processes: the session cookie is honoured by whichever one answers
+    served = serve(state_dir, "--workers", "2", "--no-demo-challenge", "--https", f"127.0.0.1:{https}")
     try:
         _wait_https(https)
         base = f"https://127.0.0.1:{https}"
