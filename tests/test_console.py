@@ -326,3 +326,23 @@ def test_the_session_key_is_created_once_and_shared(tmp_path, clock):
     assert Sessions(load_key(tmp_path), clock).verify(value) == 7  # another worker reads the same key
     tampered = value.replace("7.", "8.", 1)
     assert Sessions(key, clock).verify(tampered) is None
+
+
+async def test_ca_status(services, ui):
+    from cryptography.hazmat.primitives import serialization
+
+    from scepd.ca import pki
+    _id, token = await _token(services)
+    session = await sign_in(ui, token)
+    text = await (await ui.get("/ui/ca", cookies={COOKIE: session})).text()
+    crl = await services.crl.current()
+    assert services.authority.ca_id in text and "none staged" in text
+    assert re.search(rf"CRL number</th><td>{crl.number}</td>", text)
+    assert crl.next_update.strftime("%Y-%m-%d %H:%M:%S UTC") in text
+    assert f"{services.config.base_url}/ocsp" in text
+    # a next CA staged by `scepd ca rollover` (its certificate in the next/ directory) is shown
+    nxt = pki.next_dir(services.config.state_dir)
+    nxt.mkdir(parents=True, exist_ok=True)
+    (nxt / "ca.pem").write_bytes(services.ca_material.root.public_bytes(serialization.Encoding.PEM))
+    text = await (await ui.get("/ui/ca", cookies={COOKIE: session})).text()
+    assert "none staged" not in text and "CN=Test" in text.split("Next CA", 1)[1]

@@ -91,6 +91,7 @@ def browser():
 
 async def test_console_in_a_browser(state_dir, tmp_path, browser):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import Select
 
     data = await _populate(state_dir)
@@ -118,10 +119,17 @@ async def test_console_in_a_browser(state_dir, tmp_path, browser):
         field.send_keys("scepd_not-the-token")
         field.submit()
         assert "Invalid or revoked token" in text("main")
-        b.find_element(By.ID, "token").send_keys(data["token"])
+        # the keyboard alone: the field has the focus, Enter submits
+        assert b.switch_to.active_element.get_attribute("id") == "token"
+        b.switch_to.active_element.send_keys(data["token"])
         shot("01-sign-in")
-        b.find_element(By.ID, "token").submit()
+        b.switch_to.active_element.send_keys(Keys.ENTER)
         assert b.current_url.endswith("/ui/certificates") and "Sign out" in text("header")
+        # the first Tab reaches the skip link, the next ones the navigation
+        b.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
+        assert b.switch_to.active_element.text == "Skip to content"
+        b.switch_to.active_element.send_keys(Keys.TAB)
+        assert b.switch_to.active_element.text == "Inventory"
         assert b.get_cookie("scepd_console")["httpOnly"] is True
 
         # find the enrolled certificate by CN, open it
@@ -174,7 +182,7 @@ async def test_console_in_a_browser(state_dir, tmp_path, browser):
         for path, expect in (("/ui/agents", "No agent"), ("/ui/ca", "CRL number"), ("/ui/audit", "certificate.revoked")):
             b.get(base + path)
             assert expect in text("main"), path
-        shot("07-audit")
+            shot("07-" + path.rsplit("/", 1)[1])
 
         # sign out: the session cookie is gone and pages go back to the form
         b.find_element(By.CSS_SELECTOR, "header form button").click()
