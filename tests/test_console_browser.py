@@ -92,7 +92,8 @@ def browser():
 async def test_console_in_a_browser(state_dir, tmp_path, browser):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import Select
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     data = await _populate(state_dir)
     shots = tmp_path / "screenshots"
@@ -111,19 +112,27 @@ async def test_console_in_a_browser(state_dir, tmp_path, browser):
         def text(css: str) -> str:
             return b.find_element(By.CSS_SELECTOR, css).text
 
+        def navigates(action, url_part: str) -> None:
+            """Do `action` (a click, Enter) and wait, bounded, until the next page has loaded."""
+            old = b.find_element(By.TAG_NAME, "html")
+            action()
+            WebDriverWait(b, 20).until(EC.staleness_of(old))
+            WebDriverWait(b, 20).until(lambda d: url_part in d.current_url
+                                       and d.execute_script("return document.readyState") == "complete")
+
         # sign in: a page without a session goes to the form; one password field
         b.get(f"{base}/ui/certificates")
         assert b.current_url.endswith("/ui/login")
         field = b.find_element(By.ID, "token")
         assert field.get_attribute("type") == "password"
         field.send_keys("scepd_not-the-token")
-        field.submit()
+        navigates(field.submit, "/ui/login")
         assert "Invalid or revoked token" in text("main")
         # the keyboard alone: the field has the focus, Enter submits
         assert b.switch_to.active_element.get_attribute("id") == "token"
         b.switch_to.active_element.send_keys(data["token"])
         shot("01-sign-in")
-        b.switch_to.active_element.send_keys(Keys.ENTER)
+        navigates(lambda: b.switch_to.active_element.send_keys(Keys.ENTER), "/ui/certificates")
         assert b.current_url.endswith("/ui/certificates") and "Sign out" in text("header")
         # the first Tab reaches the skip link, the next ones the navigation
         b.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
@@ -134,11 +143,11 @@ async def test_console_in_a_browser(state_dir, tmp_path, browser):
 
         # find the enrolled certificate by CN, open it
         b.find_element(By.ID, "f-q").send_keys("web-01")
-        b.find_element(By.ID, "f-q").submit()
+        navigates(b.find_element(By.ID, "f-q").submit, "q=web-01")
         rows = b.find_elements(By.CSS_SELECTOR, "main tbody tr")
         assert len(rows) == 1 and "web-01.example" in rows[0].text
         shot("02-inventory-search")
-        rows[0].find_element(By.LINK_TEXT, data["found"].serial).click()
+        navigates(rows[0].find_element(By.LINK_TEXT, data["found"].serial).click, data["found"].serial)
         assert "valid" in text("#facts") and data["found"].serial in text("#facts")
         shot("03-certificate")
 
@@ -155,7 +164,8 @@ async def test_console_in_a_browser(state_dir, tmp_path, browser):
         b.get(f"{base}/ui/pending")
         assert "pending-01.example" in text(f"#pending-{data['pending_id']}")
         shot("04-pending")
-        b.find_element(By.CSS_SELECTOR, f"#pending-{data['pending_id']} form[action$='/approve'] button").click()
+        navigates(b.find_element(By.CSS_SELECTOR, f"#pending-{data['pending_id']} form[action$='/approve'] button").click,
+                  "/ui/certificates/")
         assert "/ui/certificates/" in b.current_url
         assert "CN=pending-01.example" in text("#facts") and "valid" in text("#facts")
         assert "pending.approved" in text("main") or "certificate.issued" in text("main")
@@ -167,7 +177,7 @@ async def test_console_in_a_browser(state_dir, tmp_path, browser):
         Select(b.find_element(By.ID, "reason")).select_by_value("keyCompromise")
         b.find_element(By.ID, "confirm").click()
         shot("05-revoke")
-        b.find_element(By.CSS_SELECTOR, "button.danger").click()
+        navigates(b.find_element(By.CSS_SELECTOR, "button.danger").click, data["victim"].serial)
         assert "revoked" in text("#facts") and "keyCompromise" in text("#facts")
         assert "certificate.revoked" in text("main")
 
@@ -185,7 +195,7 @@ async def test_console_in_a_browser(state_dir, tmp_path, browser):
             shot("07-" + path.rsplit("/", 1)[1])
 
         # sign out: the session cookie is gone and pages go back to the form
-        b.find_element(By.CSS_SELECTOR, "header form button").click()
+        navigates(b.find_element(By.CSS_SELECTOR, "header form button").click, "/ui/login")
         assert b.current_url.endswith("/ui/login") and b.get_cookie("scepd_console") is None
         b.get(f"{base}/ui/certificates")
         assert b.current_url.endswith("/ui/login")
