@@ -271,7 +271,7 @@ async def _ca_key_signs(services: Services) -> None:
 #: scepd's own HTTPS routes, a callable(app, services) each; protocol front-ends (acme/) come
 #: from scepd.http.assembly.frontends().
 HTTPS_ROUTES: list = []
-#: the admin API (and later the web console): on the admin listener when [server] admin is set,
+#: the admin API and the web console (scepd/console): on the admin listener when [server] admin is set,
 #: else on the HTTPS listener
 ADMIN_ROUTES: list = [add_admin_routes, add_console_routes]
 #: Packages that serve on the mTLS listener (agent API) append a callable(app, services).
