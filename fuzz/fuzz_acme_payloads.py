@@ -1,27 +1,25 @@
 """Fuzz the ACME JSON payload handling of acme/service.py: newAccount (contact,
 onlyReturnExisting, externalAccountBinding), account update, newOrder (identifiers, profile,
 notBefore/notAfter, replaces), finalize (csr), revokeCert (certificate, reason) and keyChange,
-each given the input as the payload of a signed request.
+each given the input as the payload of an already authenticated request (an `Auth`).
 
-The service is the real one, built once at start as `scepd serve` builds it (a fresh CA, SQLite
-in a temporary directory) and holding an account, a single-use EAB key and a ready order for
-a.example. Each input is signed by the account's key (kid) and by a key no account holds (jwk),
-and each operation runs as the server runs it: `open` (the nonce), `precheck` (url, jwk
-signature), then the handler with its read unit. Only the request's write unit is left out
-(`_write` raises _Reached: the database never grows and nothing is issued or revoked); reaching
-it means parsing and checking accepted the payload, which ends the operation as a success.
+The service's database units are replaced at their two seams: `_read` (the request's read unit)
+hands its `fn` a connection answering from a small table (the account `abc`, a ready order
+`order-1` for a.example; nothing else stored), `_write` (the request's write unit) raises
+_Reached. The remaining `db` calls (EAB key `kid-1`, key lookups) are stubs too, and the store
+knows no certificate. A write or an approval means parsing and checking accepted the payload:
+the operation ends as a success. The acme_store read functions and the enrollment Pipeline's
+scope checks are the real ones.
 Allowed: ScepdError, and each one must render as the problem document the server sends.
 """
 from __future__ import annotations
 
 import asyncio
-import atexit
 import datetime as dt
 import hmac as std_hmac
 import json
-import shutil
 import sys
-import tempfile
+import types
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's acme wins
@@ -41,99 +39,152 @@ with atheris.instrument_imports(include=["acme", "scepd"]):
 
     from acme import jws
     from acme import store as acme_store
-    from acme.service import AcmeService, AcmeSettings, problem
-    from scepd import config as config_mod
-    from scepd.ca import pki
+    from acme.service import AcmeService, AcmeSettings, Auth, problem
+    from scepd.ca import policy
     from scepd.clock import FixedClock
     from scepd.errors import ScepdError
-    from scepd.http.app import open_services
+    from scepd.store import StoreNotFound
 
 NAME = "acme_payloads"
 ALLOWED = (ScepdError,)
 NOW = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.timezone.utc)
 URL = "https://127.0.0.1/acme/new-acct"
+CA = x509.load_pem_x509_certificate(common.vector("pki/ca.pem"))
 DEVICE_DER = x509.load_pem_x509_certificate(common.vector("pki/old.pem")).public_bytes(serialization.Encoding.DER)
-ACCOUNT_KEY = ec.generate_private_key(ec.SECP256R1())  # holds the account
+ACCOUNT_KEY = ec.generate_private_key(ec.SECP256R1())
 ACCOUNT_JWK = josepy.JWKEC(key=ACCOUNT_KEY.public_key())
-OTHER_KEY = ec.generate_private_key(ec.SECP256R1())  # holds none: newAccount, revocation by certificate key
-OTHER_JWK = josepy.JWKEC(key=OTHER_KEY.public_key())
-LOOP = asyncio.new_event_loop()
+EAB_KEY = b"k" * 32
+ACCOUNT = {"id": "abc", "status": "valid", "thumbprint": jws.thumbprint(ACCOUNT_JWK),
+           "jwk": json.dumps(ACCOUNT_JWK.to_partial_json()), "contact": "[]"}
+
+
+ORDER = {"id": "order-1", "account_id": "abc", "status": "ready",
+         "identifiers": json.dumps([{"type": "dns", "value": "a.example"}]), "profile": None,
+         "not_before": None, "not_after": None, "expires": NOW + dt.timedelta(days=1), "created_at": NOW,
+         "processing_at": None, "error": None, "cert_serial": None}
+AUTHZ = {"id": "authz-1", "order_id": "order-1", "account_id": "abc", "type": "dns", "value": "a.example",
+         "wildcard": False, "status": "valid", "expires": NOW + dt.timedelta(days=1)}
 
 
 class _Reached(Exception):
-    """The request's write unit was reached: parsing and checking accepted the payload."""
+    """A stub was asked to write or issue: parsing and checking accepted the payload."""
 
 
-async def _write(auth, fn=None):
+class _Conn:
+    """The connection a read unit's `fn` gets: rows by prebuilt statement (acme/store.py)."""
+    ROWS = {id(acme_store._ORDER_BY_ID): [ORDER], id(acme_store._AUTHZS_OF_ORDER): [AUTHZ]}
+
+    def execute(self, stmt, params=None):
+        return _Result(types.SimpleNamespace(_mapping=dict(r)) for r in self.ROWS.get(id(stmt), []))
+
+
+class _Result(list):
+    def first(self):
+        return self[0] if self else None
+
+
+async def _read(auth: Auth, fn=None):
+    """AcmeService._read with the database left out: the account the kid names (its key is the
+    request's, as the real unit verifies), or none for a jwk no account holds."""
+    account = dict(ACCOUNT) if auth.kid_account == "abc" else None
+    data = None if fn is None else fn(_Conn())
+    if account is not None:
+        auth.key, auth.thumbprint = ACCOUNT_JWK, account["thumbprint"]
+    auth.account = account
+    return account, data
+
+
+async def _write(auth: Auth, fn=None):
     raise _Reached
 
 
-async def _setup():
-    state = Path(tempfile.mkdtemp(prefix="fuzz-acme-"))
-    atexit.register(shutil.rmtree, state, ignore_errors=True)
-    pki.create(state, FixedClock(NOW - dt.timedelta(days=1)), cn="Fuzz", org="scepd-fuzz", root_bits=2048)
-    (state / config_mod.CONFIG_NAME).write_text(config_mod.render_default())
-    services = await open_services(config_mod.load(state, environ={}), FixedClock(NOW))
-    service = AcmeService(services, AcmeSettings())
-    nonce = await service.new_nonce()  # never spent below (no write unit runs), and the clock stands still
-    kid, eab_key = await service.create_eab(dt.timedelta(days=1), None, "fuzz")
-    auth = await service.open(jws.parse(make_jws(ACCOUNT_KEY, "ES256", b'{"termsOfServiceAgreed": true}',
-                                                 nonce=await service.new_nonce(), url=URL)))
-    await service.precheck(auth, URL, jwk_required=True)
-    account, _ = await service.new_account(auth, None)
-    az = dict(id="authz-1", order_id="order-1", account_id=account["id"], type="dns", value="a.example",
-              wildcard=False, status="valid", expires=NOW + dt.timedelta(days=1))
-    order = dict(id="order-1", account_id=account["id"], status="pending",
-                 identifiers=[{"type": "dns", "value": "a.example"}], expires=NOW + dt.timedelta(days=1),
-                 created_at=NOW, profile=None, not_before=None, not_after=None)
-    await service._writes.write(lambda conn: acme_store.insert_order(conn, order, [az], [], None))
-    service._write = _write  # from here on every write unit is refused with _Reached
-    return service, nonce, account["id"], kid, jws.b64u_decode(eab_key)
+class _Db:
+    async def account_by_thumbprint(self, tp):
+        return None
+
+    async def get_eab(self, kid):
+        if kid != "kid-1":
+            return None
+        return {"kid": kid, "hmac_key": jws.b64u_encode(EAB_KEY), "used_at": None,
+                "expires_at": NOW + dt.timedelta(days=1)}
+
+    async def insert(self, *args, **kw):
+        raise _Reached
+
+    async def update(self, *args, **kw):
+        raise _Reached
+
+    async def get(self, table, key):
+        return dict(ACCOUNT)
+
+    async def find(self, *args, **kw):
+        return []
 
 
-SERVICE, NONCE, ACCOUNT_ID, EAB_KID, EAB_KEY = LOOP.run_until_complete(_setup())
-KID = f"https://127.0.0.1/acme/acct/{ACCOUNT_ID}"
-CA = SERVICE.services.ca_material.cert
+class _Enrollment:
+    key_limits = policy.KeyLimits()
+
+    def check_window(self, window, profile):
+        policy.check_window(window, NOW, profile.validity, CA.not_valid_after_utc)
+
+    def approve(self, *args, **kw):
+        raise _Reached
 
 
-async def _run(body: bytes, handler, **precheck):
-    auth = await SERVICE.open(jws.parse(body))
-    await SERVICE.precheck(auth, URL, **precheck)
-    return await handler(auth)
+class _Store:
+    dialect = "sqlite"
+
+    async def get_certificate(self, serial):
+        raise StoreNotFound(serial)
+
+    async def find_transaction(self, transaction_id):
+        return [], []
 
 
-async def _new_account(auth):
-    return await SERVICE.new_account(auth, await SERVICE.account_for_key(auth))
+SERVICE = AcmeService.__new__(AcmeService)
+SERVICE.services = types.SimpleNamespace(clock=FixedClock(NOW), enrollment=_Enrollment(), store=_Store(),
+                                         ca_material=types.SimpleNamespace(cert=CA), pipeline=None)
+SERVICE.clock = FixedClock(NOW)
+SERVICE.db = _Db()
+SERVICE.settings = AcmeSettings()
+SERVICE._tasks, SERVICE._finalizing, SERVICE._keys = set(), set(), {}
+SERVICE._read, SERVICE._write = _read, _write
+LOOP = asyncio.new_event_loop()
+
+
+def _auth(payload: bytes, kid: bool) -> Auth:
+    """An authenticated request with this payload: by the account's kid, or by a jwk (precheck's
+    work done: key and thumbprint set) that no account holds."""
+    req = jws.JwsRequest(alg="ES256", nonce="n", url=URL, jwk=None if kid else ACCOUNT_JWK.to_partial_json(),
+                         kid="https://127.0.0.1/acme/acct/abc" if kid else None,
+                         payload=payload, signing_input=b"", signature=b"", protected={})
+    auth = Auth(req, "n", NOW + dt.timedelta(hours=1), None)
+    if kid:
+        auth.kid_account = "abc"
+    else:
+        auth.key, auth.thumbprint = ACCOUNT_JWK, ACCOUNT["thumbprint"]
+    return auth
 
 
 def operations(payload: bytes):
-    """Each operation as acme/server.py runs it: the same payload signed by the account (kid)
-    and by a key no account holds (jwk)."""
-    by_kid = make_jws(ACCOUNT_KEY, "ES256", payload, kid=KID, nonce=NONCE, url=URL)
-    by_jwk = make_jws(OTHER_KEY, "ES256", payload, nonce=NONCE, url=URL)
-    yield _run(by_jwk, _new_account, jwk_required=True)
-    yield _run(by_kid, lambda auth: SERVICE.update_account(auth, ACCOUNT_ID))
-    yield _run(by_kid, SERVICE.new_order)
-    yield _run(by_kid, lambda auth: SERVICE.finalize(auth, "order-1"))
-    yield _run(by_kid, SERVICE.revoke, allow_jwk=True)
-    yield _run(by_jwk, SERVICE.revoke, allow_jwk=True)  # signed with the certificate's key
-    yield _run(by_kid, lambda auth: SERVICE.key_change(auth, URL))
-
-
-async def _all(ops) -> list:
-    return await asyncio.gather(*ops, return_exceptions=True)
+    yield SERVICE.new_account(_auth(payload, kid=False), None)
+    yield SERVICE.update_account(_auth(payload, kid=True), "abc")
+    yield SERVICE.new_order(_auth(payload, kid=True))
+    yield SERVICE.finalize(_auth(payload, kid=True), "order-1")
+    yield SERVICE.revoke(_auth(payload, kid=True))
+    yield SERVICE.revoke(_auth(payload, kid=False))  # signed with the certificate's key
+    yield SERVICE.key_change(_auth(payload, kid=True), URL)
 
 
 def check(data: bytes) -> None:
-    """The operations run concurrently (none writes): their thread hops (store thread,
-    signature checks) overlap."""
-    for outcome in LOOP.run_until_complete(_all(list(operations(data)))):
-        if not isinstance(outcome, BaseException) or isinstance(outcome, _Reached):
-            continue
-        if not isinstance(outcome, ALLOWED + common.TOLERATED):
-            raise outcome
-        if isinstance(outcome, ScepdError):
-            json.dumps(problem(outcome))
+    for op in operations(data):
+        try:
+            LOOP.run_until_complete(op)
+        except _Reached:
+            pass
+        except ALLOWED + common.TOLERATED as err:
+            if isinstance(err, ScepdError):
+                json.dumps(problem(err))
 
 
 def payload_of(data: bytes) -> bytes:
@@ -155,9 +206,9 @@ def TestOneInput(data: bytes) -> None:
     check(payload_of(data))
 
 
-def _eab() -> dict:
-    protected = jws.b64u_encode(json.dumps({"alg": "HS256", "kid": EAB_KID, "url": URL}).encode())
-    payload = jws.b64u_encode(json.dumps(OTHER_JWK.to_partial_json()).encode())
+def _eab(kid: str = "kid-1") -> dict:
+    protected = jws.b64u_encode(json.dumps({"alg": "HS256", "kid": kid, "url": URL}).encode())
+    payload = jws.b64u_encode(json.dumps(ACCOUNT_JWK.to_partial_json()).encode())
     mac = std_hmac.new(EAB_KEY, f"{protected}.{payload}".encode(), "sha256").digest()
     return {"protected": protected, "payload": payload, "signature": jws.b64u_encode(mac)}
 
@@ -190,7 +241,7 @@ def seeds() -> list[bytes]:
     ]
     out = [json.dumps(p).encode() for p in payloads]
     inner = make_jws(ec.generate_private_key(ec.SECP256R1()), "ES256", json.dumps(
-        {"account": KID, "oldKey": ACCOUNT_JWK.to_partial_json()}).encode(),
+        {"account": "https://127.0.0.1/acme/acct/abc", "oldKey": ACCOUNT_JWK.to_partial_json()}).encode(),
         nonce=None, url=URL)
     out.append(inner)
     out += [b"\1" + bytes(range(i, i + 64)) for i in range(0, 192, 16)]  # structured: any bytes do
