@@ -107,6 +107,7 @@ def add_routes(app: web.Application, services) -> None:
             base = _base(request)
             if "/order/" in request.path:  # every log line of this request carries the order id
                 set_transaction_id(request.match_info.get("id"))
+            auth = None
             try:
                 try:
                     ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
@@ -114,10 +115,15 @@ def add_routes(app: web.Application, services) -> None:
                         raise UnsupportedMediaType("Content-Type must be application/jose+json")
                     body = await read_body(request, MAX_BODY)  # 413 problem above the cap
                     req = jws.parse(body)
-                    account, key = await service.authenticate(req, str(request.url), jwk_required=jwk,
-                                                              allow_jwk=allow_jwk)
-                    response = await handler(request, base, req, account, key)
+                    auth = await service.open(req)  # BadNonce: forged or expired
+                    await service.precheck(auth, str(request.url), jwk_required=jwk, allow_jwk=allow_jwk)
+                    response = await handler(request, base, auth)
+                    # a request that wrote nothing spends its nonce now (one small write unit)
+                    err = await service.settle(auth)
+                    if err is not None:
+                        raise err
                 except ScepdError as err:
+                    err = await service.settle(auth, err)  # a used nonce is the answer
                     log.info("ACME %s refused: %s (%s)", request.path, mapping_for(err).acme_type, err.detail)
                     services.metrics.acme_problem(mapping_for(err).acme_type)
                     response = _problem(err)
@@ -168,37 +174,34 @@ def add_routes(app: web.Application, services) -> None:
         return web.Response(status=status, headers={
             "Replay-Nonce": await service.new_nonce(), "Cache-Control": "no-store", "Link": link})
 
-    async def new_account(request, base, req, _account, key):
+    async def new_account(request, base, auth):
         address = address_key(request.remote)
-        if _account is None:  # no account holds this key: the request would create one
+        existing = await service.account_for_key(auth)
+        if existing is None:  # no account holds this key: the request would create one
             limits.acquire(ACME_NEW_ACCOUNTS_PER_ADDRESS, address)
         created = False
         try:
-            acct, created = await service.new_account(req, key)
+            acct, created = await service.new_account(auth, existing)
         finally:
-            if _account is None and not created:  # only accounts created count
+            if existing is None and not created:  # only accounts created count
                 limits.refund(ACME_NEW_ACCOUNTS_PER_ADDRESS, address)
         return _json(_account_json(base, acct), status=201 if created else 200,
                      headers={"Location": f"{base}/acct/{acct['id']}"})
 
-    async def account(request, base, req, acct, _key):
-        if request.match_info["id"] != acct["id"]:
-            raise_unauth()
-        acct = await service.update_account(acct, req)
+    async def account(request, base, auth):
+        acct = await service.update_account(auth, request.match_info["id"])
         return _json(_account_json(base, acct), headers={"Location": f"{base}/acct/{acct['id']}"})
 
-    async def account_orders(request, base, req, acct, _key):
-        if request.match_info["id"] != acct["id"]:
-            raise_unauth()
-        ids, cursor = await service.orders_page(acct, request.query.get("cursor"))
+    async def account_orders(request, base, auth):
+        ids, cursor = await service.orders_page(auth, request.match_info["id"], request.query.get("cursor"))
         headers = {}
         if cursor is not None:  # RFC 8555 §7.1.2.1: the next page
-            headers["Link"] = f'<{base}/acct/{acct["id"]}/orders?cursor={cursor}>;rel="next"'
+            headers["Link"] = f'<{base}/acct/{request.match_info["id"]}/orders?cursor={cursor}>;rel="next"'
         return _json({"orders": [f"{base}/order/{i}" for i in ids]}, headers=headers)
 
-    async def key_change(request, base, req, acct, _key):
+    async def key_change(request, base, auth):
         try:
-            acct = await service.key_change(acct, req, str(request.url))
+            acct = await service.key_change(auth, str(request.url))
         except KeyConflict as exc:
             resp = _json({"type": "urn:ietf:params:acme:error:malformed",
                           "detail": "that key already belongs to an account", "status": 409}, status=409,
@@ -207,61 +210,64 @@ def add_routes(app: web.Application, services) -> None:
             return resp
         return _json(_account_json(base, acct), headers={"Location": f"{base}/acct/{acct['id']}"})
 
-    async def new_order(request, base, req, acct, _key):
-        limits.acquire(ACME_NEW_ORDERS_PER_ACCOUNT, acct["id"])
+    async def new_order(request, base, auth):
+        acquired = []
+
+        def gate(acct):  # the rate limit, once the account is authenticated
+            limits.acquire(ACME_NEW_ORDERS_PER_ACCOUNT, acct["id"])
+            acquired.append(acct["id"])
         try:
-            order = await service.new_order(acct, req)
+            order = await service.new_order(auth, gate)
         except ScepdError:  # only orders created count
-            limits.refund(ACME_NEW_ORDERS_PER_ACCOUNT, acct["id"])
+            for account_id in acquired:
+                limits.refund(ACME_NEW_ORDERS_PER_ACCOUNT, account_id)
             raise
         return _json(_order_json(base, order), status=201, headers={"Location": f"{base}/order/{order['id']}"})
 
-    async def order(request, base, req, acct, _key):
-        o = await service.order(request.match_info["id"], acct)
+    async def order(request, base, auth):
+        o = await service.order(auth, request.match_info["id"])
         headers = {"Retry-After": "1"} if o["status"] == "processing" else {}
         return _json(_order_json(base, o), headers=headers)
 
-    async def finalize(request, base, req, acct, key):
-        o = await service.finalize(request.match_info["id"], acct, req, key)
+    async def finalize(request, base, auth):
+        o = await service.finalize(auth, request.match_info["id"])
         headers = {"Location": f"{base}/order/{o['id']}"}
         if o["status"] == "processing":
             headers["Retry-After"] = "1"
         return _json(_order_json(base, o), headers=headers)
 
-    async def authz(request, base, req, acct, _key):
+    async def authz(request, base, auth):
+        req = auth.req
         if req.is_post_as_get:
-            a = await service.authz(request.match_info["id"], acct)
+            a = await service.authz(auth, request.match_info["id"])
         elif req.payload_json().get("status") == "deactivated":
-            a = await service.deactivate_authz(request.match_info["id"], acct)
+            a = await service.deactivate_authz(auth, request.match_info["id"])
         else:
             raise MalformedRequest("an authorization can only be fetched or deactivated")
         headers = {"Retry-After": "1"} if a["status"] == "pending" else {}
         return _json(_authz_json(base, a), headers=headers)
 
-    async def challenge(request, base, req, acct, key):
+    async def challenge(request, base, auth):
+        req = auth.req
         if req.is_post_as_get:
-            ch, a = await service.challenge(request.match_info["id"], acct)
+            ch, a = await service.challenge(auth, request.match_info["id"])
         else:
             req.payload_json()  # {} to respond
-            limits.ensure(ACME_FAILED_VALIDATIONS_PER_ACCOUNT, acct["id"])  # validations that failed
-            ch = await service.respond(request.match_info["id"], acct, key)
+            ch = await service.respond(auth, request.match_info["id"], gate=lambda acct: limits.ensure(
+                ACME_FAILED_VALIDATIONS_PER_ACCOUNT, acct["id"]))  # validations that failed
         headers = {"Link": f'<{base}/authz/{ch["authz_id"]}>;rel="up"'}
         if ch["status"] == "processing":
             headers["Retry-After"] = "1"
         resp = _json(_challenge_json(base, ch), headers=headers)
         return resp
 
-    async def certificate(request, base, req, acct, _key):
-        pem = await service.certificate_pem(request.match_info["serial"], acct)
+    async def certificate(request, base, auth):
+        pem = await service.certificate_pem(auth, request.match_info["serial"])
         return web.Response(body=pem.encode(), content_type="application/pem-certificate-chain")
 
-    async def revoke(request, base, req, acct, key):
-        await service.revoke(req, acct, key)
+    async def revoke(request, base, auth):
+        await service.revoke(auth)
         return web.Response(status=200)
-
-    def raise_unauth():
-        from scepd.errors import Unauthorized
-        raise Unauthorized("that account is not yours")
 
     r = app.router
     r.add_get("/acme/directory", directory)

@@ -4,6 +4,7 @@ Certificates are issued only through scepd's EnrollmentService (policy -> CA -> 
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import fnmatch
 import glob
@@ -14,6 +15,7 @@ import logging
 import secrets
 from dataclasses import dataclass
 
+import sqlalchemy.exc as sa_exc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, hmac, serialization
@@ -30,10 +32,11 @@ from scepd.ca.policy import PROFILES, check_key, valid_dns_name
 from scepd.ops.ratelimit import ACME_FAILED_VALIDATIONS_PER_ACCOUNT
 from scepd.ca.revocation import RevocationReason
 from scepd.render import serial_hex
-from scepd.store import Conflict, StoreNotFound
+from scepd.store import StoreNotFound
 
 from . import jws, validators
-from .store import AcmeStore, accounts, authzs, challenges, eab_keys, orders, replacements
+from . import store as acme_store
+from .store import AcmeStore, accounts, authzs, challenges, eab_keys, orders
 
 log = logging.getLogger("scepd.acme")
 
@@ -51,6 +54,7 @@ VALIDATION_TIMEOUT = 30.0
 #: an order `processing` for longer than this without a live issuance is settled from the store
 ISSUANCE_DEADLINE = dt.timedelta(minutes=5)
 MAX_IDENTIFIERS = 100
+KEY_CACHE_SIZE = 4096  # parsed account keys kept per process (by thumbprint)
 
 #: draft-ietf-acme-profiles: what newOrder may name, mapped to scepd's issuance profiles
 ACME_PROFILES = {
@@ -64,8 +68,15 @@ def _nonce_mac(key: bytes, body: bytes) -> bytes:
     return hmac_mod.new(key, b"scepd-acme-nonce\0" + body, "sha256").digest()[:_NONCE_MAC_BYTES]
 
 
-def new_id() -> str:
-    return secrets.token_urlsafe(16)
+def new_id(nbytes: int = 16) -> str:
+    """A random base64url id that never starts with "-": ids and EAB keys are typed as command
+    line arguments (`scepd acme deactivate ID`, certbot's --eab-hmac-key KEY), where a leading
+    dash reads as an option."""
+    for _ in range(64):  # each draw starts with "-" with probability 1/64
+        value = secrets.token_urlsafe(nbytes)
+        if not value.startswith("-"):
+            return value
+    return "a" + value[1:]
 
 
 @dataclass(frozen=True)
@@ -84,6 +95,21 @@ class AcmeSettings:
                                             resolve=self.resolve, dns_resolvers=self.dns_resolver)
 
 
+@dataclass
+class Auth:
+    """One POST's authentication: its nonce (checked, spent by the request's write unit or at
+    the end by `settle`), and once known the signing key and account."""
+    req: jws.JwsRequest
+    nonce_id: str
+    nonce_expires: dt.datetime
+    prune: dt.datetime | None
+    kid_account: str | None = None  # the account id the kid names
+    key: object = None
+    thumbprint: str | None = None
+    account: dict | None = None
+    spent: bool = False
+
+
 def problem(err: ScepdError) -> dict:
     m = mapping_for(err)
     out = {"type": m.acme_type, "detail": err.detail, "status": m.http_status}
@@ -98,6 +124,7 @@ class AcmeService:
         self.services = services
         self.clock = services.clock
         self.db = AcmeStore(services.store)
+        self._writes = acme_store.WriteBatcher(services.store)  # every ACME write unit (group commit)
         self.settings = settings
         if settings.default_profile not in ACME_PROFILES:
             raise ValueError(f"acme.default_profile must be one of {', '.join(ACME_PROFILES)}")
@@ -109,6 +136,8 @@ class AcmeService:
         self._nonce_key: bytes | None = None
         self._nonce_key_lock = asyncio.Lock()
         self._nonces_pruned: dt.datetime | None = None
+        self._keys: dict[str, object] = {}  # thumbprint -> parsed account key (see _account_key)
+        self._chain_pem: tuple[object, str] | None = None  # (CA material, its PEM chain)
 
     # --- nonces and authentication ---------------------------------------------------------------
 
@@ -126,87 +155,176 @@ class AcmeService:
         body = secrets.token_bytes(_NONCE_ID_BYTES) + int(self.clock.now().timestamp()).to_bytes(8, "big")
         return jws.b64u_encode(body + _nonce_mac(await self._key(), body))
 
-    async def use_nonce(self, value, account_id: str | None = None) -> tuple[bool, dict | None]:
-        """(True, ...) once per nonce this service (or a replica on the same database) issued,
-        within NONCE_LIFETIME; (False, None) for anything else (forged, malformed, expired or
-        replayed). With `account_id`, a redeemed nonce comes with that account (or None)."""
+    async def open(self, req: jws.JwsRequest) -> "Auth":
+        """The request's nonce, checked without the database: one this service (or a replica
+        on the same database) issued, within NONCE_LIFETIME; BadNonce for anything else (forged,
+        malformed, expired). Whether it was used before is settled by the request's write unit,
+        where spending it is the first statement (`_write`)."""
+        value = req.nonce
         if not isinstance(value, str) or len(value) != _NONCE_CHARS:
-            return False, None
+            raise BadNonce("the nonce is unknown, used or expired")
         try:
             raw = jws.b64u_decode(value)
         except ScepdError:
-            return False, None
+            raise BadNonce("the nonce is unknown, used or expired") from None
         body, mac = raw[:-_NONCE_MAC_BYTES], raw[-_NONCE_MAC_BYTES:]
         if len(raw) != _NONCE_BYTES or not hmac_mod.compare_digest(mac, _nonce_mac(await self._key(), body)):
-            return False, None
+            raise BadNonce("the nonce is unknown, used or expired")
         issued = dt.datetime.fromtimestamp(int.from_bytes(body[_NONCE_ID_BYTES:], "big"), dt.timezone.utc)
         now = self.clock.now()
         expires = issued + NONCE_LIFETIME
         if not (issued - NONCE_CLOCK_SKEW <= now <= expires):
-            return False, None
+            raise BadNonce("the nonce is unknown, used or expired")
         prune = None
         if self._nonces_pruned is None or now - self._nonces_pruned >= NONCE_PRUNE_EVERY:
             # records are kept NONCE_CLOCK_SKEW past expiry, so a replica whose clock lags
             # still finds them
             prune, self._nonces_pruned = now - NONCE_CLOCK_SKEW, now
-        return await self.db.redeem_nonce(jws.b64u_encode(body[:_NONCE_ID_BYTES]), expires, prune, account_id)
+        return Auth(req, jws.b64u_encode(body[:_NONCE_ID_BYTES]), expires, prune)
 
-    async def authenticate(self, req: jws.JwsRequest, url: str, *, jwk_required: bool = False,
-                           allow_jwk: bool = False) -> tuple[dict | None, object]:
-        """Check nonce, url and signature. Returns (account or None, josepy JWK)."""
-        account_id = None
-        if req.jwk is None and isinstance(req.kid, str):
-            account_id = req.kid.rstrip("/").rsplit("/", 1)[-1]
-        redeemed, kid_account = await self.use_nonce(req.nonce, account_id)
-        if not redeemed:
-            raise BadNonce("the nonce is unknown, used or expired")
+    async def precheck(self, auth: "Auth", url: str, *, jwk_required: bool = False,
+                       allow_jwk: bool = False) -> None:
+        """What needs no database: the url, jwk or kid, and for a jwk its limits and the
+        signature (a kid's key is the account's: checked by `_read`)."""
+        req = auth.req
         if req.url != url:
             raise Unauthorized("the url in the protected header does not match the request")
         if req.jwk is not None:
             if not (jwk_required or allow_jwk):
                 raise MalformedRequest("this resource needs a kid, not a jwk")
             key = jws.load_jwk(req.jwk)
-            await self._verify(req, key)
-            account = await self.db.account_by_thumbprint(jws.thumbprint(key))
-            if account is not None and account["status"] != "valid":  # RFC 8555 §7.3.6
-                raise AccountDeactivated("the account of this key is deactivated")
-            return account, key
+            check_key(jws.public_key_of(key), self.services.enrollment.key_limits, allow_ed25519=True)
+            await asyncio.to_thread(jws.verify, req, key)
+            auth.key, auth.thumbprint = key, jws.thumbprint(key)
+            return
         if jwk_required:
             raise MalformedRequest("this resource needs a jwk, not a kid")
-        account = kid_account  # read with the nonce redemption
-        if account is None or not req.kid.endswith(f"/acct/{account_id}"):
-            raise AccountDoesNotExist("no account with this kid")
-        key = jws.load_jwk(json.loads(account["jwk"]))
-        await self._verify(req, key)
-        if account["status"] != "valid":
-            raise AccountDeactivated("the account is deactivated")
-        return account, key
+        auth.kid_account = req.kid.rstrip("/").rsplit("/", 1)[-1]
 
-    async def _verify(self, req: jws.JwsRequest, key) -> None:
-        """The key limits first (cheap: an absurd key costs no verification), then the
-        signature, in a worker thread."""
-        check_key(jws.public_key_of(key), self.services.enrollment.key_limits, allow_ed25519=True)
-        await asyncio.to_thread(jws.verify, req, key)
+    async def _read(self, auth: "Auth", fn=None):
+        """One read unit: the signing account (by kid, or by the jwk's thumbprint) and whatever
+        `fn(conn)` reads for the request; then the kid's signature is verified with the key of
+        the row just read (deactivation and key rollover by any process count at once).
+        Returns (account or None, fn's result)."""
+        aid, tp = auth.kid_account, auth.thumbprint
+        req = auth.req
+        # SQLite runs read units in a store thread (scepd.store.sql): a kid's signature is
+        # verified there with the cached key of the row, saving the request a thread hop of
+        # its own. Elsewhere (PostgreSQL runs units on the loop) it goes to a worker thread.
+        keys = self._keys if aid is not None and self.services.store.dialect == "sqlite" else None
+
+        def unit(conn):
+            account = acme_store.account_by_id(conn, aid) if aid is not None \
+                else acme_store.account_by_thumbprint(conn, tp)
+            data = None if fn is None else fn(conn)
+            verified = None
+            if keys is not None and account is not None and (key := keys.get(account["thumbprint"])) is not None:
+                try:
+                    jws.verify(req, key)
+                    verified = key
+                except ScepdError as err:
+                    verified = err
+            return account, data, verified
+        account, data, verified = await self.services.store.read(unit)
+        if aid is None:
+            if account is not None and account["status"] != "valid":  # RFC 8555 §7.3.6
+                raise AccountDeactivated("the account of this key is deactivated")
+        else:
+            if account is None or not req.kid.endswith(f"/acct/{aid}"):
+                raise AccountDoesNotExist("no account with this kid")
+            if isinstance(verified, ScepdError):
+                raise verified
+            key = verified
+            if key is None:
+                key = self._account_key(account)
+                await asyncio.to_thread(jws.verify, req, key)
+            if account["status"] != "valid":
+                raise AccountDeactivated("the account is deactivated")
+            auth.key, auth.thumbprint = key, account["thumbprint"]
+        auth.account = account
+        return account, data
+
+    def _account_key(self, account: dict):
+        """The parsed (and limit-checked) key of an account row, cached by its RFC 7638
+        thumbprint: a key rollover changes the row's thumbprint, so the cache can never hand out
+        a key the row no longer names; status is read from the row on every request."""
+        tp = account["thumbprint"]
+        key = self._keys.get(tp)
+        if key is None:
+            key = jws.load_jwk(json.loads(account["jwk"]))
+            check_key(jws.public_key_of(key), self.services.enrollment.key_limits, allow_ed25519=True)
+            if jws.thumbprint(key) != tp:  # a row written inconsistently: never cache it
+                raise AccountDoesNotExist("the account key is unreadable")
+            if len(self._keys) >= KEY_CACHE_SIZE:
+                self._keys.pop(next(iter(self._keys)))
+            self._keys[tp] = key
+        return key
+
+    async def _write(self, auth: "Auth", fn=None):
+        """One write unit: spend the nonce (its first statement; BadNonce, and nothing
+        written, if it was spent before) and `fn(conn)`'s writes, committed together."""
+        nonce_id, expires, prune = auth.nonce_id, auth.nonce_expires, auth.prune
+
+        def unit(conn):
+            acme_store.spend_nonce(conn, nonce_id, expires, prune)
+            return None if fn is None else fn(conn)
+        try:
+            result = await self._writes.write(unit)
+        except acme_store.NonceUsed:
+            raise BadNonce("the nonce is unknown, used or expired") from None
+        auth.spent = True
+        return result
+
+    async def settle(self, auth: "Auth | None", err: ScepdError | None = None) -> ScepdError | None:
+        """At the end of every POST: a nonce the request did not spend in a write unit of its
+        own (read-only requests, refused ones) is spent now, in one small write unit. Returns
+        the error to answer: BadNonce if the nonce was used before, else `err`."""
+        if auth is None or auth.spent:
+            return err
+        try:
+            await self._write(auth)
+        except BadNonce as bad:
+            return bad
+        return err
 
     # --- accounts ------------------------------------------------------------------------------------
 
-    async def new_account(self, req: jws.JwsRequest, key) -> tuple[dict, bool]:
+    async def account_for_key(self, auth: Auth) -> dict | None:
+        """newAccount: the account that holds the request's (verified) jwk, if any; refused if
+        it is deactivated."""
+        existing = await self.db.account_by_thumbprint(auth.thumbprint)
+        if existing is not None and existing["status"] != "valid":  # RFC 8555 §7.3.6
+            raise AccountDeactivated("the account of this key is deactivated")
+        return existing
+
+    async def new_account(self, auth: Auth, existing: dict | None) -> tuple[dict, bool]:
+        req = auth.req
         payload = req.payload_json()
-        tp = jws.thumbprint(key)
-        existing = await self.db.account_by_thumbprint(tp)
+        tp = auth.thumbprint
         if existing is not None:
             return existing, False
         if payload.get("onlyReturnExisting"):
             raise AccountDoesNotExist("no account exists for this key")
         contact = self._contact(payload.get("contact", []))
         account = dict(id=new_id(), thumbprint=tp, jwk=json.dumps(req.jwk), status="valid",
-                       contact=contact, created_at=self.clock.now())
+                       contact=json.dumps(contact), created_at=self.clock.now())
         binding = payload.get("externalAccountBinding")
         if binding is not None:
             kid = await self._verify_eab(binding, req)
+            now = self.clock.now()
+
+            def bind(conn):
+                result = conn.execute(eab_keys.update().where(
+                    eab_keys.c.kid == kid, eab_keys.c.used_at.is_(None),
+                    eab_keys.c.expires_at > acme_store._naive(now))
+                    .values(used_at=acme_store._naive(now), account_id=account["id"], hmac_key=""))
+                if result.rowcount != 1:
+                    return False
+                conn.execute(accounts.insert(), acme_store._naive_values(account))
+                return True
             try:
-                created = await self.db.create_account_bound(account, kid, self.clock.now())
-            except Conflict:
+                created = await self._write(auth, bind)
+            except sa_exc.IntegrityError:  # a concurrent newAccount with this key won
                 return await self._race_winner(tp), False
             if not created:
                 raise Unauthorized("the external account binding key is unknown, expired or already used")
@@ -215,11 +333,12 @@ class AcmeService:
                                           "(`scepd eab create`)")
         else:
             try:
-                await self.db.create_account(account)
-            except Conflict:
+                await self._write(auth, lambda conn: conn.execute(accounts.insert(),
+                                                                  acme_store._naive_values(account)))
+            except sa_exc.IntegrityError:
                 return await self._race_winner(tp), False
         await self._audit("acme.account.created", {"account": account["id"]})
-        return await self.db.get(accounts, account["id"]), True
+        return account, True
 
     async def _race_winner(self, tp: str) -> dict:
         """A concurrent newAccount with the same key created the account first: it is the answer."""
@@ -265,7 +384,7 @@ class AcmeService:
     async def create_eab(self, ttl: dt.timedelta, identifiers: str | None, actor: str) -> tuple[str, str]:
         """A single-use EAB key id and HMAC key (base64url), optionally limited to identifiers
         matching a shell pattern: how an enrollment token becomes an ACME account."""
-        kid, key = new_id(), jws.b64u_encode(secrets.token_bytes(32))
+        kid, key = new_id(), new_id(32)
         now = self.clock.now()
         await self.db.insert(eab_keys, kid=kid, hmac_key=key, identifiers=identifiers or None,
                              created_at=now, expires_at=now + ttl)
@@ -297,19 +416,35 @@ class AcmeService:
             raise MalformedRequest("contact must be a list of mailto: URLs")
         return contact
 
-    async def update_account(self, account: dict, req: jws.JwsRequest) -> dict:
+    async def update_account(self, auth: Auth, account_id: str) -> dict:
+        account, _ = await self._read(auth)
+        if account_id != account["id"]:
+            raise Unauthorized("that account is not yours")
+        req = auth.req
         if req.is_post_as_get:
             return account
         payload = req.payload_json()
+        changes = {}
         if payload.get("status") == "deactivated":
-            await self.db.update(accounts, account["id"], status="deactivated")
+            changes["status"] = "deactivated"
         elif "status" in payload:
             raise MalformedRequest("an account can only be deactivated")
         if "contact" in payload:
-            await self.db.update(accounts, account["id"], contact=self._contact(payload["contact"]))
-        return await self.db.get(accounts, account["id"])
+            changes["contact"] = json.dumps(self._contact(payload["contact"]))
+        if changes:
+            await self._write(auth, lambda conn: conn.execute(
+                accounts.update().where(accounts.c.id == account["id"]).values(**changes)))
+        return {**account, **changes}
 
-    async def key_change(self, account: dict, outer: jws.JwsRequest, outer_url: str) -> dict:
+    async def _verify(self, req: jws.JwsRequest, key) -> None:
+        """The key limits first (cheap: an absurd key costs no verification), then the
+        signature, in a worker thread."""
+        check_key(jws.public_key_of(key), self.services.enrollment.key_limits, allow_ed25519=True)
+        await asyncio.to_thread(jws.verify, req, key)
+
+    async def key_change(self, auth: Auth, outer_url: str) -> dict:
+        account, _ = await self._read(auth)
+        outer = auth.req
         inner = jws.parse(outer.payload, inner=True)
         if inner.url != outer_url:
             raise MalformedRequest("the inner JWS must name the same url")
@@ -325,9 +460,18 @@ class AcmeService:
         clash = await self.db.account_by_thumbprint(tp)
         if clash is not None:
             raise KeyConflict(clash["id"])
-        await self.db.update(accounts, account["id"], thumbprint=tp, jwk=json.dumps(inner.jwk))
+        changes = dict(thumbprint=tp, jwk=json.dumps(inner.jwk))
+        try:  # only if the key is still the one this request was signed with
+            changed = await self._write(auth, lambda conn: conn.execute(accounts.update().where(
+                accounts.c.id == account["id"], accounts.c.thumbprint == account["thumbprint"])
+                .values(**changes)).rowcount == 1)
+        except sa_exc.IntegrityError:  # a concurrent keyChange or newAccount took that key
+            clash = await self.db.account_by_thumbprint(tp)
+            raise KeyConflict(clash["id"] if clash else account["id"]) from None
+        if not changed:
+            raise Unauthorized("the account key changed meanwhile")
         await self._audit("acme.account.key_changed", {"account": account["id"]})
-        return await self.db.get(accounts, account["id"])
+        return {**account, **changes}
 
     # --- orders --------------------------------------------------------------------------------------
 
@@ -392,8 +536,28 @@ class AcmeService:
         except OverflowError:  # 0001-01-01T00:00:00+01:00 is before datetime.min in UTC
             raise MalformedRequest(f"{field} is out of range") from None
 
-    async def new_order(self, account: dict, req: jws.JwsRequest) -> dict:
-        payload = req.payload_json()
+    async def new_order(self, auth: Auth, gate=None) -> dict:
+        """One read unit (account, EAB binding, what `replaces` names), one write unit (nonce,
+        order, authorizations, challenges, replacement). `gate(account)` runs once the account
+        is authenticated (the rate limit)."""
+        req = auth.req
+        early, serial = None, None
+        try:  # a certID is read before the unit, refused after authentication
+            payload = req.payload_json()
+            if payload.get("replaces") is not None:
+                serial = self._serial_from_cert_id(payload["replaces"])
+        except ScepdError as err:
+            early = err
+
+        def reads(conn):
+            if serial is None:
+                return None, False
+            return acme_store.order_of_serial(conn, serial), acme_store.is_replaced(conn, serial)
+        account, (replaced_order, replaced) = await self._read(auth, reads)
+        if gate is not None:
+            gate(account)
+        if early is not None:
+            raise early
         clean = self._identifiers(payload.get("identifiers"))
         profile = payload.get("profile") or self.settings.default_profile
         if not isinstance(profile, str) or profile not in ACME_PROFILES:
@@ -405,16 +569,14 @@ class AcmeService:
                 self.services.enrollment.check_window(window, PROFILES[profile])
             except PolicyViolation as err:
                 raise MalformedRequest(err.detail) from None
-        bound = await self.db.find(eab_keys, account_id=account["id"])
-        pattern = bound[0]["identifiers"] if bound else None
+        pattern = account.get("eab_identifiers")  # read with the account
         if pattern:
             refused = [i for i in clean if not fnmatch.fnmatchcase(i["value"], pattern)]
             if refused:
                 raise Unauthorized(f"this account may only order identifiers matching {pattern!r}: "
                                    + ", ".join(i["value"] for i in refused))
-        replaced = None
-        if payload.get("replaces") is not None:
-            replaced = await self._check_replaces(payload["replaces"], account, clean)
+        if serial is not None:
+            self._check_replaces(serial, replaced_order, replaced, account, clean)
         now = self.clock.now()
         order = dict(id=new_id(), account_id=account["id"], status="pending", identifiers=clean,
                      expires=now + ORDER_LIFETIME, created_at=now, profile=profile,
@@ -429,15 +591,22 @@ class AcmeService:
             for kind in challenge_types(ident["type"], wildcard):
                 ch.append(dict(id=new_id(), authz_id=aid, type=kind, status="pending",
                                token=jws.b64u_encode(secrets.token_bytes(24))))
-        replacement = None if replaced is None else dict(replaced_serial=replaced, order_id=order["id"],
-                                                         account_id=account["id"])
+        replacement = None if serial is None else dict(replaced_serial=serial, order_id=order["id"],
+                                                       account_id=account["id"])
         set_transaction_id(order["id"])  # log lines of this request carry the new order id
-        if not await self.db.create_order(order, az, ch, replacement):
-            raise AlreadyReplaced("that certificate has already been replaced")
-        return await self.order(order["id"])
+        try:
+            await self._write(auth, lambda conn: acme_store.insert_order(conn, order, az, ch, replacement))
+        except sa_exc.IntegrityError:  # a concurrent order replaced it first
+            raise AlreadyReplaced("that certificate has already been replaced") from None
+        view = dict(order, error=None, cert_serial=None, authzs=az)
+        view["status"] = self._order_status(view)
+        return view
 
-    async def orders_page(self, account: dict, cursor: str | None) -> tuple[list[str], str | None]:
+    async def orders_page(self, auth: Auth, account_id: str, cursor: str | None) -> tuple[list[str], str | None]:
         """Order ids of the account (oldest first, invalid ones left out) and the next cursor."""
+        account, _ = await self._read(auth)
+        if account_id != account["id"]:
+            raise Unauthorized("that account is not yours")
         size = self.orders_page_size
         rows = await self.db.orders_page(account["id"], cursor, size)
         if rows is None:
@@ -480,19 +649,18 @@ class AcmeService:
         fmt = lambda t: t.replace(microsecond=0).isoformat().replace("+00:00", "Z")  # noqa: E731
         return {"suggestedWindow": {"start": fmt(start), "end": fmt(end)}}
 
-    async def _check_replaces(self, cert_id, account: dict, identifiers: list[dict]) -> str:
-        serial = self._serial_from_cert_id(cert_id)
-        owned = await self.db.find(orders, cert_serial=serial)
-        if not owned:
+    @staticmethod
+    def _check_replaces(serial: str, owned: dict | None, replaced: bool, account: dict,
+                        identifiers: list[dict]) -> None:
+        if owned is None:
             raise NotFound("replaces names a certificate this server did not issue over ACME")
-        if owned[0]["account_id"] != account["id"]:
+        if owned["account_id"] != account["id"]:
             raise Unauthorized("replaces names another account's certificate")
-        old = {(i["type"], i["value"]) for i in json.loads(owned[0]["identifiers"])}
+        old = {(i["type"], i["value"]) for i in json.loads(owned["identifiers"])}
         if not old & {(i["type"], i["value"]) for i in identifiers}:
             raise MalformedRequest("the new order shares no identifier with the certificate it replaces")
-        if await self.db.find(replacements, replaced_serial=serial):
+        if replaced:
             raise AlreadyReplaced("that certificate has already been replaced")
-        return serial
 
     async def mark_renew_now(self, serial: str) -> None:
         try:
@@ -501,13 +669,19 @@ class AcmeService:
             raise NotFound(f"no certificate with serial {serial}") from None
         await self.db.set_renew_now(serial, self.clock.now())
 
-    async def order(self, order_id: str, account: dict | None = None) -> dict:
-        order, order_authzs = await self.db.get_with_children(orders, order_id, authzs, "order_id")
-        if order is None or (account is not None and order["account_id"] != account["id"]):
+    async def order(self, auth: Auth, order_id: str) -> dict:
+        """POST-as-GET of an order: the account and the order with its authorizations in one
+        read unit (the nonce is spent by `settle`)."""
+        account, (order, order_authzs) = await self._read(
+            auth, lambda conn: acme_store.order_with_authzs(conn, order_id))
+        return await self._order_view(order, order_authzs, account)
+
+    async def _order_view(self, order: dict | None, order_authzs: list[dict], account: dict) -> dict:
+        if order is None or order["account_id"] != account["id"]:
             raise NotFound("no such order")
         order["identifiers"] = json.loads(order["identifiers"])
         order["authzs"] = order_authzs
-        if order["status"] == "processing" and order_id not in self._finalizing:
+        if order["status"] == "processing" and order["id"] not in self._finalizing:
             order = await self._recover_processing(order)
         order["status"] = self._order_status(order)
         return order
@@ -553,8 +727,7 @@ class AcmeService:
             return "invalid"
         return "ready" if states == {"valid"} else "pending"
 
-    async def authz(self, authz_id: str, account: dict) -> dict:
-        a, authz_challenges = await self.db.get_with_children(authzs, authz_id, challenges, "authz_id")
+    def _authz_view(self, a: dict | None, authz_challenges: list[dict], account: dict) -> dict:
         if a is None or a["account_id"] != account["id"]:
             raise NotFound("no such authorization")
         if a["status"] == "pending" and a["expires"] <= self.clock.now():
@@ -562,32 +735,47 @@ class AcmeService:
         a["challenges"] = authz_challenges
         return a
 
-    async def deactivate_authz(self, authz_id: str, account: dict) -> dict:
-        a = await self.authz(authz_id, account)
+    async def authz(self, auth: Auth, authz_id: str) -> dict:
+        account, (a, chs) = await self._read(auth, lambda conn: acme_store.authz_with_challenges(conn, authz_id))
+        return self._authz_view(a, chs, account)
+
+    async def deactivate_authz(self, auth: Auth, authz_id: str) -> dict:
+        a = await self.authz(auth, authz_id)
         if a["status"] not in ("pending", "valid"):
             raise MalformedRequest(f"an authorization that is {a['status']} cannot be deactivated")
-        await self.db.update(authzs, a["id"], status="deactivated")
-        return await self.authz(a["id"], account)
+        await self._write(auth, lambda conn: conn.execute(
+            authzs.update().where(authzs.c.id == a["id"]).values(status="deactivated")))
+        a["status"] = "deactivated"
+        return a
 
-    async def challenge(self, challenge_id: str, account: dict) -> tuple[dict, dict]:
-        ch = await self.db.get(challenges, challenge_id)
+    async def challenge(self, auth: Auth, challenge_id: str, gate=None) -> tuple[dict, dict]:
+        """A challenge and its authorization (with its challenges): one read unit."""
+        account, (ch, a, chs) = await self._read(auth, lambda conn: acme_store.challenge_view(conn, challenge_id))
+        if gate is not None:
+            gate(account)
         if ch is None:
             raise NotFound("no such challenge")
-        a = await self.authz(ch["authz_id"], account)
-        return ch, a
+        return ch, self._authz_view(a, chs, account)
 
-    async def respond(self, challenge_id: str, account: dict, key) -> dict:
+    async def respond(self, auth: Auth, challenge_id: str, gate=None) -> dict:
         """The client is ready: validate in the background (RFC 8555 §7.5.1). Responding again,
-        or to a second challenge while one runs, changes nothing."""
-        ch, a = await self.challenge(challenge_id, account)
+        or to a second challenge while one runs, changes nothing. One read unit, one write unit
+        (nonce and challenge `processing`); a validation that ends within `respond_wait` is
+        answered with its outcome, which the validation's own write unit recorded."""
+        ch, a = await self.challenge(auth, challenge_id, gate)
         busy = any(c["status"] == "processing" for c in a["challenges"])
         if ch["status"] == "pending" and a["status"] == "pending" and not busy:
-            if await self.db.update(challenges, ch["id"], where={"status": "pending"}, status="processing"):
-                task = self._spawn_validation(ch, a, jws.thumbprint(key))
+            if await self._write(auth, lambda conn: acme_store.start_challenge(conn, ch["id"])):
+                ch["status"] = "processing"
+                task = self._spawn_validation(ch, a, auth.thumbprint)
                 # a validation that completes quickly is answered at once, so the client's first
                 # poll finds the authorization settled instead of sleeping a Retry-After second
                 await asyncio.wait({task}, timeout=self.respond_wait)
-        return await self.db.get(challenges, challenge_id)
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    ch.update(task.result())
+            else:  # another request started it meanwhile
+                ch = (await self.db.get(challenges, challenge_id)) or ch
+        return ch
 
     def _spawn_validation(self, ch: dict, a: dict, thumb: str) -> asyncio.Task:
         task = asyncio.create_task(self._validate(ch, a, thumb))
@@ -605,9 +793,10 @@ class AcmeService:
             log.info("acme: resuming the %s validation of %s", ch["type"], a["value"])
             self._spawn_validation(ch, a, acct["thumbprint"])
 
-    async def _validate(self, ch: dict, a: dict, thumb: str) -> None:
+    async def _validate(self, ch: dict, a: dict, thumb: str) -> dict:
         """The supervisor: one validator under a time limit; whatever happens, the outcome is
-        recorded on challenge and authorization (nothing stays `processing`)."""
+        recorded on challenge and authorization in one write unit (nothing stays
+        `processing`). Returns the challenge's new fields."""
         target = validators.Target(a["type"], a["value"])
         key_authorization = f"{ch['token']}.{thumb}"
         error: ScepdError | None = None
@@ -625,27 +814,28 @@ class AcmeService:
             error = ValidationFailed(f"{ch['type']} validation failed")
         now = self.clock.now()
         # the challenge and its authorization change in one transaction (a stop in between
-        # cannot leave a valid challenge under a pending authorization)
-        # only a challenge still `processing` takes an outcome: a duplicate validation (a
-        # restarted primary worker resuming one that another worker still runs) records nothing
-        if error is None:
-            await self.db.update_together(
-                (challenges, ch["id"], {"status": "processing"}, {"status": "valid", "validated": now}),
-                (authzs, a["id"], {"status": "pending"}, {"status": "valid", "expires": now + AUTHZ_LIFETIME}))
-        else:
-            recorded, _ = await self.db.update_together(
-                (challenges, ch["id"], {"status": "processing"},
-                 {"status": "invalid", "validated": now, "error": problem(error)}),
-                (authzs, a["id"], {"status": "pending"}, {"status": "invalid"}))
-            if recorded:
-                self.services.limits.spend(ACME_FAILED_VALIDATIONS_PER_ACCOUNT, a["account_id"])
+        # cannot leave a valid challenge under a pending authorization); only a challenge still
+        # `processing` takes an outcome, so a duplicate validation records nothing
+        body = None if error is None else problem(error)
+        expires = now + AUTHZ_LIFETIME if error is None else a["expires"]
+        recorded = await self._writes.write(lambda conn: acme_store.settle_challenge(
+            conn, ch["id"], a["id"], error is None, now, body, expires))
+        if error is not None and recorded:
+            self.services.limits.spend(ACME_FAILED_VALIDATIONS_PER_ACCOUNT, a["account_id"])
         log.info("acme %s %s for %s%s", ch["type"], "valid" if error is None else "invalid", a["value"],
                  "" if error is None else f": {error.detail}")
+        return {"status": "valid" if error is None else "invalid", "validated": now,
+                "error": None if body is None else json.dumps(body)}
 
-    async def finalize(self, order_id: str, account: dict, req: jws.JwsRequest, key) -> dict:
+    async def finalize(self, auth: Auth, order_id: str) -> dict:
         """Checks in the request; issuance runs as a background task (the order is `processing`
-        meanwhile). The response waits briefly so fast issuances answer `valid` at once."""
-        order = await self.order(order_id, account)
+        meanwhile). The response waits briefly so fast issuances answer `valid` at once. One
+        read unit (account, order, authorizations, EAB binding), one write unit (nonce, order
+        `processing`), then the issuance's own units."""
+        account, (order, order_authzs) = await self._read(
+            auth, lambda conn: acme_store.order_with_authzs(conn, order_id))
+        order = await self._order_view(order, order_authzs, account)
+        req, key = auth.req, auth.key
         if order["status"] != "ready":
             raise OrderNotReady(f"the order is {order['status']}, not ready")
         payload = req.payload_json()
@@ -670,11 +860,10 @@ class AcmeService:
         if account_spki == facts.spki_der:
             raise BadCsr("the certificate key must differ from the account key")
         window = (order.get("not_before"), order.get("not_after"))
-        bound = await self.db.find(eab_keys, account_id=account["id"])
         # the account proved exactly the order's identifiers (and its EAB key may bind a pattern)
         authorization = Authorization(
             "acme-account", protocol="acme", names=tuple(glob.escape(i["value"]) for i in order["identifiers"]),
-            bound_names=(bound[0]["identifiers"],) if bound and bound[0]["identifiers"] else None,
+            bound_names=(account["eab_identifiers"],) if account.get("eab_identifiers") else None,
             profile=order.get("profile") or self.settings.default_profile, challenge_kind="acme",
             requester=f"acme:{account['id']}", transaction_id=order_id,
             allow_wildcard=any(a.get("wildcard") for a in order["authzs"]))
@@ -683,8 +872,8 @@ class AcmeService:
                 authorization, CsrRequest(facts, csr_der, window if window != (None, None) else None))
         except PolicyViolation as err:
             raise BadCsr(err.detail) from None
-        if not await self.db.update(orders, order_id, where={"status": "pending"}, status="processing",
-                                    processing_at=self.clock.now()):
+        now = self.clock.now()
+        if not await self._write(auth, lambda conn: acme_store.start_order(conn, order_id, now)):
             raise OrderNotReady("the order is already being finalized")
         self._finalizing.add(order_id)
         task = asyncio.create_task(self._issue(order_id, approved))
@@ -694,7 +883,10 @@ class AcmeService:
         done, _ = await asyncio.wait({task}, timeout=self.finalize_wait)
         if done and task.exception() is not None:
             raise task.exception()
-        return await self.order(order_id, account)
+        order.update(status="processing", processing_at=now)
+        if done and task.result() is not None:  # issued: the serial the order now names
+            order.update(status="valid", cert_serial=task.result())
+        return order
 
     @property
     def _pipeline(self) -> Pipeline:
@@ -704,7 +896,7 @@ class AcmeService:
                 self.services.enrollment, default_profiles={"acme": self.settings.default_profile})
         return pipeline
 
-    async def _issue(self, order_id: str, approved: Approved) -> None:
+    async def _issue(self, order_id: str, approved: Approved) -> str | None:
         """The rest of the pipeline (external check, approval, issuance). The certificate is in
         the store before the order says `valid`; a request waiting for an administrator leaves
         the order `processing` (the store settles it: see _recover_processing)."""
@@ -721,21 +913,32 @@ class AcmeService:
                 raise ScepdError("the issuance failed") from None
             if decision.pending is not None:
                 log.info("acme order %s waits for approval (pending request %s)", order_id, decision.pending.id)
-                return
-            await self.db.update(orders, order_id, status="valid", cert_serial=decision.issued.record.serial)
+                return None
+            serial = decision.issued.record.serial
+            await self._writes.write(lambda conn: acme_store.order_issued(conn, order_id, serial))
+            return serial
         finally:
             self._finalizing.discard(order_id)
 
-    async def certificate_pem(self, serial: str, account: dict) -> str:
-        owned = await self.db.find(orders, cert_serial=serial, account_id=account["id"])
-        if not owned:
+    async def certificate_pem(self, auth: Auth, serial: str) -> str:
+        """The account, the order naming the certificate and its DER: one read unit."""
+        account, (owner, der) = await self._read(
+            auth, lambda conn: (acme_store.order_of_serial(conn, serial), acme_store.certificate_der(conn, serial)))
+        if owner is None or owner["account_id"] != account["id"] or der is None:
             raise NotFound("no such certificate for this account")
-        rec = await self.services.store.get_certificate(serial)
-        cert = x509.load_der_x509_certificate(rec.der)
-        chain = [cert, self.services.ca_material.cert, *self.services.ca_material.intermediates]
-        return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in chain)
+        return _pem(der) + self._ca_chain_pem()
 
-    async def revoke(self, req: jws.JwsRequest, account: dict | None, key) -> None:
+    def _ca_chain_pem(self) -> str:
+        """The CA part of every chain, encoded once per CA material (a rollover replaces it)."""
+        material = self.services.ca_material
+        if self._chain_pem is None or self._chain_pem[0] is not material:
+            chain = [material.cert, *material.intermediates]
+            self._chain_pem = (material, "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in chain))
+        return self._chain_pem[1]
+
+    async def revoke(self, auth: Auth) -> None:
+        account, _ = await self._read(auth)
+        req, key = auth.req, auth.key
         payload = req.payload_json()
         try:
             cert = x509.load_der_x509_certificate(jws.b64u_decode(payload.get("certificate", "")))
@@ -769,6 +972,7 @@ class AcmeService:
                 raise Unauthorized("this account neither ordered that certificate nor holds valid "
                                    "authorizations for all its names")
             actor = f"acme:{account['id']}"
+        await self._write(auth)  # the nonce before the revocation: a replay revokes nothing
         await self.services.revocation.revoke(serial, parsed, actor)
 
     async def _authorized_for_all(self, account: dict, cert: x509.Certificate) -> bool:
@@ -799,6 +1003,12 @@ class AcmeService:
     async def close(self) -> None:
         for task in list(self._tasks):
             task.cancel()
+
+
+def _pem(der: bytes) -> str:
+    b64 = base64.b64encode(der).decode()
+    return "-----BEGIN CERTIFICATE-----\n" + "\n".join(b64[i:i + 64] for i in range(0, len(b64), 64)) \
+        + "\n-----END CERTIFICATE-----\n"
 
 
 def _reap(task: asyncio.Task) -> None:

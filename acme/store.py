@@ -1,6 +1,7 @@
 """ACME storage: accounts, orders, authorizations, challenges, nonces (component "acme")."""
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import secrets
@@ -8,8 +9,8 @@ import secrets
 import sqlalchemy as sa
 import sqlalchemy.exc  # noqa: F401
 
-from scepd.store import Conflict, SqlStore
-from scepd.store.sql import _aware, _naive
+from scepd.store import SqlStore
+from scepd.store.sql import _aware, _naive, certificates
 
 metadata = sa.MetaData()
 
@@ -148,6 +149,230 @@ def _row(row) -> dict:
     return out
 
 
+# --- prebuilt statements for the request paths ------------------------------------------------
+# Built once and executed with parameter dicts inside `SqlStore.read`/`write` units: no per-call
+# statement construction or cache-key work. Each unit below is a plain function of a synchronous
+# connection, the same on SQLite and PostgreSQL.
+_p = sa.bindparam
+#: an account with its EAB binding (the key that bound it at creation, never changed after):
+#: whether it is bound and the identifier pattern it may order, in the same statement
+_ACCOUNT_COLUMNS = sa.select(accounts, eab_keys.c.kid.label("eab_kid"),
+                             eab_keys.c.identifiers.label("eab_identifiers")).select_from(
+    accounts.outerjoin(eab_keys, eab_keys.c.account_id == accounts.c.id))
+_ACCOUNT_BY_ID = _ACCOUNT_COLUMNS.where(accounts.c.id == _p("id"))
+_ACCOUNT_BY_TP = _ACCOUNT_COLUMNS.where(accounts.c.thumbprint == _p("tp"))
+_ORDER_BY_ID = sa.select(orders).where(orders.c.id == _p("id"))
+_AUTHZS_OF_ORDER = sa.select(authzs).where(authzs.c.order_id == _p("order_id"))
+_AUTHZ_BY_ID = sa.select(authzs).where(authzs.c.id == _p("id"))
+_CHALLENGES_OF_AUTHZ = sa.select(challenges).where(challenges.c.authz_id == _p("authz_id"))
+_SIBLING_CHALLENGES = sa.select(challenges).where(challenges.c.authz_id == sa.select(challenges.c.authz_id).where(
+    challenges.c.id == _p("id")).scalar_subquery())
+_ORDER_OF_SERIAL = sa.select(orders.c.id, orders.c.account_id, orders.c.identifiers).where(
+    orders.c.cert_serial == _p("serial"))
+_REPLACED = sa.select(replacements.c.order_id).where(replacements.c.replaced_serial == _p("serial"))
+_NONCE_INSERT = used_nonces.insert()
+_NONCE_PRUNE = used_nonces.delete().where(used_nonces.c.expires_at < _p("before"))
+_ORDER_INSERT, _AUTHZ_INSERT, _CHALLENGE_INSERT = orders.insert(), authzs.insert(), challenges.insert()
+_REPLACEMENT_INSERT = replacements.insert()
+_CHALLENGE_START = challenges.update().where(challenges.c.id == _p("cid"), challenges.c.status == "pending").values(
+    status="processing")
+_CHALLENGE_SETTLE = challenges.update().where(challenges.c.id == _p("cid"), challenges.c.status == "processing").values(
+    status=_p("status"), validated=_p("validated"), error=_p("error"))
+_AUTHZ_SETTLE = authzs.update().where(authzs.c.id == _p("aid"), authzs.c.status == "pending").values(
+    status=_p("status"), expires=_p("expires"))
+_ORDER_START = orders.update().where(orders.c.id == _p("oid"), orders.c.status == "pending").values(
+    status="processing", processing_at=_p("at"))
+_ORDER_ISSUED = orders.update().where(orders.c.id == _p("oid")).values(status="valid", cert_serial=_p("serial"))
+
+
+def _one(conn: sa.Connection, stmt, params: dict) -> dict | None:
+    row = conn.execute(stmt, params).first()
+    return None if row is None else _row(row)
+
+
+def _all(conn: sa.Connection, stmt, params: dict) -> list[dict]:
+    return [_row(r) for r in conn.execute(stmt, params)]
+
+
+class NonceUsed(Exception):
+    """Raised inside a write unit: the nonce was redeemed before (the unit rolls back)."""
+
+
+def spend_nonce(conn: sa.Connection, nonce_id: str, expires_at: dt.datetime, prune_before: dt.datetime | None) -> None:
+    """Record a (verified, unexpired) nonce as used: the first statement of the request's write
+    unit; NonceUsed if its id is recorded already (the primary key refuses the replay, across
+    processes). `prune_before`: also drop the records that expired before then."""
+    try:
+        conn.execute(_NONCE_INSERT, {"id": nonce_id, "expires_at": _naive(expires_at)})
+    except sa.exc.IntegrityError:
+        raise NonceUsed() from None
+    if prune_before is not None:
+        conn.execute(_NONCE_PRUNE, {"before": _naive(prune_before)})
+
+
+def account_by_id(conn: sa.Connection, account_id: str) -> dict | None:
+    return _one(conn, _ACCOUNT_BY_ID, {"id": account_id})
+
+
+def account_by_thumbprint(conn: sa.Connection, tp: str) -> dict | None:
+    return _one(conn, _ACCOUNT_BY_TP, {"tp": tp})
+
+
+def order_with_authzs(conn: sa.Connection, order_id: str) -> tuple[dict | None, list[dict]]:
+    order = _one(conn, _ORDER_BY_ID, {"id": order_id})
+    return (None, []) if order is None else (order, _all(conn, _AUTHZS_OF_ORDER, {"order_id": order_id}))
+
+
+def authz_with_challenges(conn: sa.Connection, authz_id: str) -> tuple[dict | None, list[dict]]:
+    a = _one(conn, _AUTHZ_BY_ID, {"id": authz_id})
+    return (None, []) if a is None else (a, _all(conn, _CHALLENGES_OF_AUTHZ, {"authz_id": authz_id}))
+
+
+def challenge_view(conn: sa.Connection, challenge_id: str) -> tuple[dict | None, dict | None, list[dict]]:
+    """A challenge, its authorization and the authorization's challenges (two statements: the
+    challenges are read as the authorization's, by the challenge's authz_id)."""
+    chs = _all(conn, _SIBLING_CHALLENGES, {"id": challenge_id})
+    ch = next((c for c in chs if c["id"] == challenge_id), None)
+    if ch is None:
+        return None, None, []
+    return ch, _one(conn, _AUTHZ_BY_ID, {"id": ch["authz_id"]}), chs
+
+
+def order_of_serial(conn: sa.Connection, serial: str) -> dict | None:
+    return _one(conn, _ORDER_OF_SERIAL, {"serial": serial})
+
+
+_CERT_DER = sa.select(certificates.c.der).where(certificates.c.serial == _p("serial"))
+
+
+def certificate_der(conn: sa.Connection, serial: str) -> bytes | None:
+    row = conn.execute(_CERT_DER, {"serial": serial}).first()
+    return None if row is None else bytes(row[0])
+
+
+def is_replaced(conn: sa.Connection, serial: str) -> bool:
+    return conn.execute(_REPLACED, {"serial": serial}).first() is not None
+
+
+def insert_order(conn: sa.Connection, order: dict, authz_rows: list[dict], challenge_rows: list[dict],
+                 replacement: dict | None) -> None:
+    """IntegrityError (the unit rolls back) if `replacement` names an already replaced certificate."""
+    if replacement is not None:
+        conn.execute(_REPLACEMENT_INSERT, replacement)
+    conn.execute(_ORDER_INSERT, _naive_values(order))
+    conn.execute(_AUTHZ_INSERT, [_naive_values(a) for a in authz_rows])
+    if challenge_rows:
+        conn.execute(_CHALLENGE_INSERT, [_naive_values(c) for c in challenge_rows])
+
+
+def start_challenge(conn: sa.Connection, challenge_id: str) -> bool:
+    return conn.execute(_CHALLENGE_START, {"cid": challenge_id}).rowcount == 1
+
+
+def settle_challenge(conn: sa.Connection, challenge_id: str, authz_id: str, valid: bool, now: dt.datetime,
+                     error: dict | None, authz_expires: dt.datetime) -> bool:
+    """A validation's outcome on challenge and authorization together (never a valid challenge
+    under a pending authorization). Only a challenge still `processing` takes an outcome: a
+    duplicate validation (a restarted primary worker resuming one another worker still runs)
+    records nothing and returns False."""
+    if conn.execute(_CHALLENGE_SETTLE, {"cid": challenge_id, "status": "valid" if valid else "invalid",
+                                        "validated": _naive(now),
+                                        "error": None if error is None else json.dumps(error)}).rowcount != 1:
+        return False
+    conn.execute(_AUTHZ_SETTLE, {"aid": authz_id, "status": "valid" if valid else "invalid",
+                                 "expires": _naive(authz_expires)})
+    return True
+
+
+def start_order(conn: sa.Connection, order_id: str, now: dt.datetime) -> bool:
+    return conn.execute(_ORDER_START, {"oid": order_id, "at": _naive(now)}).rowcount == 1
+
+
+def order_issued(conn: sa.Connection, order_id: str, serial: str) -> None:
+    conn.execute(_ORDER_ISSUED, {"oid": order_id, "serial": serial})
+
+
+class WriteBatcher:
+    """Group commit for ACME's write units. SQLite commits one fsync at a time (synchronous=FULL:
+    several milliseconds on real disks), so write units run one by one cap a process at a few
+    hundred requests a second whatever the CPU. Units submitted while one commits are queued
+    and run together in the next transaction. Every caller's unit is committed before its
+    `write` returns, as before, and a unit that raises (a replayed nonce, a unique key) fails
+    alone: the batch is then rolled back and run again with each unit in a SAVEPOINT of its
+    own, so the failing one rolls back by itself and the others commit. A unit arriving when
+    nothing commits runs at once, alone."""
+
+    MAX_BATCH = 64
+
+    def __init__(self, store: SqlStore):
+        self.store = store
+        self._queue: list[tuple] = []
+        self._task: asyncio.Task | None = None
+
+    async def write(self, fn):
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((fn, fut))
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain())
+        return await fut
+
+    async def _drain(self) -> None:
+        batch: list[tuple] = []
+        try:
+            while self._queue:
+                batch, self._queue = self._queue[:self.MAX_BATCH], self._queue[self.MAX_BATCH:]
+                units = [fn for fn, _ in batch]
+                try:
+                    if len(units) == 1:  # alone: the unit is the transaction
+                        results = [(True, await self.store.write(units[0]))]
+                    else:
+                        try:
+                            values = await self.store.write(lambda conn: _run_all(conn, units))
+                            results = [(True, v) for v in values]
+                        except _UnitFailed:  # rolled back: again, each unit in a savepoint
+                            results = await self.store.write(lambda conn: _run_isolated(conn, units))
+                except Exception as exc:  # the unit (alone) or the transaction failed
+                    results = [(False, exc)] * len(batch)
+                for (_, fut), (ok, value) in zip(batch, results):
+                    if not fut.done():
+                        fut.set_result(value) if ok else fut.set_exception(value)
+        finally:
+            self._task = None
+            for _, fut in batch + self._queue:  # only when cancelled (shutdown)
+                if not fut.done():
+                    fut.cancel()
+            self._queue = []
+
+
+class _UnitFailed(Exception):
+    """A unit of a batch raised: the batch's transaction is rolled back and run isolated."""
+
+
+def _run_all(conn: sa.Connection, units: list) -> list:
+    out = []
+    for fn in units:
+        try:
+            out.append(fn(conn))
+        except Exception as exc:
+            raise _UnitFailed() from exc
+    return out
+
+
+def _run_isolated(conn: sa.Connection, units: list) -> list[tuple[bool, object]]:
+    out: list[tuple[bool, object]] = []
+    for fn in units:
+        savepoint = conn.begin_nested()
+        try:
+            value = fn(conn)
+        except Exception as exc:
+            savepoint.rollback()
+            out.append((False, exc))
+        else:
+            savepoint.commit()
+            out.append((True, value))
+    return out
+
+
 class AcmeStore:
     def __init__(self, store: SqlStore):
         self.store = store
@@ -169,26 +394,6 @@ class AcmeStore:
                 row = (await conn.execute(sa.select(nonce_keys.c.key).where(nonce_keys.c.id == 1))).first()
         return bytes.fromhex(row[0])
 
-    async def redeem_nonce(self, nonce_id: str, expires_at: dt.datetime, prune_before: dt.datetime | None,
-                           account_id: str | None = None) -> tuple[bool, dict | None]:
-        """Record a (verified, unexpired) nonce as used: one insert; (False, None) if it was used
-        before. `prune_before`: also drop the records that expired before then (indexed range
-        delete). `account_id`: the account row too, read in the same transaction (a request
-        signed with a kid needs it next; this saves it a connection of its own)."""
-        account = None
-        try:
-            async with self.store.transaction() as tx:
-                c = tx.connection
-                await c.execute(used_nonces.insert().values(id=nonce_id, expires_at=_naive(expires_at)))
-                if prune_before is not None:
-                    await c.execute(used_nonces.delete().where(used_nonces.c.expires_at < _naive(prune_before)))
-                if account_id is not None:
-                    row = (await c.execute(sa.select(accounts).where(accounts.c.id == account_id))).first()
-                    account = None if row is None else _row(row)
-        except sa.exc.IntegrityError:
-            return False, None
-        return True, account
-
     # --- generic helpers --------------------------------------------------------------------------
 
     async def insert(self, table: sa.Table, **values) -> None:
@@ -207,28 +412,6 @@ class AcmeStore:
         async with self.store.engine.connect() as conn:
             row = (await conn.execute(sa.select(table).where(table.c.id == key))).first()
         return None if row is None else _row(row)
-
-    async def get_with_children(self, table: sa.Table, key: str, child: sa.Table,
-                                fk: str) -> tuple[dict | None, list[dict]]:
-        """A row and the rows of `child` whose `fk` names it (an order and its authorizations, an
-        authorization and its challenges), through one connection."""
-        async with self.store.engine.connect() as conn:
-            row = (await conn.execute(sa.select(table).where(table.c.id == key))).first()
-            if row is None:
-                return None, []
-            rows = (await conn.execute(sa.select(child).where(child.c[fk] == key))).all()
-        return _row(row), [_row(r) for r in rows]
-
-    async def update_together(self, *updates: tuple[sa.Table, str, dict | None, dict]) -> list[bool]:
-        """Several `update`s (table, key, where, values) in one transaction: all or none."""
-        done = []
-        async with self.store.transaction() as tx:
-            for table, key, where, values in updates:
-                q = table.update().where(table.c.id == key)
-                for col, val in (where or {}).items():
-                    q = q.where(table.c[col] == val)
-                done.append((await tx.connection.execute(q.values(**_naive_values(values)))).rowcount == 1)
-        return done
 
     async def find(self, table: sa.Table, **where) -> list[dict]:
         q = sa.select(table)
@@ -255,52 +438,7 @@ class AcmeStore:
         return [_row(r) for r in rows]
 
     async def account_by_thumbprint(self, tp: str) -> dict | None:
-        found = await self.find(accounts, thumbprint=tp)
-        return found[0] if found else None
-
-    async def create_order(self, order: dict, authz_rows: list[dict], challenge_rows: list[dict],
-                           replacement: dict | None = None) -> bool:
-        """False (and nothing written) if `replacement` names an already replaced certificate."""
-        try:
-            async with self.store.transaction() as tx:
-                c = tx.connection
-                if replacement is not None:
-                    await c.execute(replacements.insert().values(**replacement))
-                await c.execute(orders.insert().values(**_naive_values(order)))
-                for a in authz_rows:
-                    await c.execute(authzs.insert().values(**_naive_values(a)))
-                for ch in challenge_rows:
-                    await c.execute(challenges.insert().values(**_naive_values(ch)))
-        except sa.exc.IntegrityError:
-            return False
-        return True
-
-    async def create_account(self, account: dict) -> None:
-        """Conflict if an account with this key (thumbprint) exists: a concurrent newAccount won."""
-        try:
-            await self.insert(accounts, **account)
-        except sa.exc.IntegrityError:
-            raise Conflict("an account with this key exists") from None
-
-    async def create_account_bound(self, account: dict, eab_kid: str, now: dt.datetime) -> bool:
-        """Insert the account and spend its EAB key in one transaction; False if the key was
-        used meanwhile (single use under concurrency); Conflict (and the key unspent) if an
-        account with this key exists."""
-        try:
-            async with self.store.transaction() as tx:
-                c = tx.connection
-                result = await c.execute(eab_keys.update().where(
-                    eab_keys.c.kid == eab_kid, eab_keys.c.used_at.is_(None),
-                    eab_keys.c.expires_at > _naive(now))
-                    .values(used_at=_naive(now), account_id=account["id"], hmac_key=""))
-                if result.rowcount != 1:
-                    raise _Spent()
-                await c.execute(accounts.insert().values(**_naive_values(account)))
-        except _Spent:
-            return False
-        except sa.exc.IntegrityError:
-            raise Conflict("an account with this key exists") from None
-        return True
+        return await self.store.read(lambda conn: account_by_thumbprint(conn, tp))
 
     async def get_eab(self, kid: str) -> dict | None:
         async with self.store.engine.connect() as conn:
@@ -331,7 +469,3 @@ def _naive_values(values: dict) -> dict:
             v = json.dumps(v)
         out[k] = v
     return out
-
-
-class _Spent(Exception):
-    """Aborts the binding transaction: the EAB key was used or expired meanwhile."""

@@ -14,13 +14,11 @@ import ipaddress
 import ssl
 from dataclasses import dataclass
 
-import aiohttp
 from cryptography import x509
 from cryptography.x509.oid import ObjectIdentifier
 
-from scepd.errors import (MalformedRequest, PayloadTooLarge, ValidationConnection, ValidationDns,
+from scepd.errors import (PayloadTooLarge, ValidationConnection, ValidationDns,
                           ValidationFailed, ValidationTls)
-from scepd.http_body import read_stream
 
 from . import jws
 
@@ -67,22 +65,100 @@ class ValidatorSettings:
         return out
 
 
+_MAX_HEAD = 16 * 1024  # status line and headers of an http-01 answer
+
+
+class _BadResponse(Exception):
+    """The http-01 answer is not HTTP/1.x we can read."""
+
+
+async def _http_get(addr: str, port: int, host: str, path: str) -> tuple[int, bytes]:
+    """One HTTP/1.1 GET on a fresh connection (Connection: close): (status, body). No
+    redirects, no cookies, nothing kept between validations; the body is capped at MAX_BODY
+    (PayloadTooLarge above) whether it comes with a Content-Length, chunked or until close.
+    A plain request on asyncio streams: a client session cost more than the fetch."""
+    reader, writer = await asyncio.open_connection(addr, port, limit=_MAX_HEAD)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: scepd-acme-validator\r\n"
+                     "Accept: */*\r\nConnection: close\r\n\r\n".encode("ascii"))
+        for _ in range(8):  # 1xx interim answers are skipped (a few)
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                raise _BadResponse() from None
+            lines = head.decode("latin-1").split("\r\n")
+            parts = lines[0].split(" ", 2)
+            if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit() or len(parts[1]) != 3:
+                raise _BadResponse()
+            status = int(parts[1])
+            if not 100 <= status < 200:
+                break
+        else:
+            raise _BadResponse()
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if line:
+                name, sep, value = line.partition(":")
+                if not sep:
+                    raise _BadResponse()
+                headers[name.strip().lower()] = value.strip()
+        if status in (204, 304):
+            return status, b""
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            body = b""
+            while True:
+                try:
+                    size_line = await reader.readuntil(b"\r\n")
+                    size = int(size_line.split(b";", 1)[0].strip(), 16)
+                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
+                    raise _BadResponse() from None
+                if size == 0:
+                    return status, body
+                if len(body) + size > MAX_BODY:
+                    raise PayloadTooLarge("the http-01 answer is too large")
+                try:
+                    body += (await reader.readexactly(size + 2))[:-2]
+                except asyncio.IncompleteReadError:
+                    raise _BadResponse() from None
+        if "content-length" in headers:
+            try:
+                length = int(headers["content-length"])
+            except ValueError:
+                raise _BadResponse() from None
+            if length < 0:
+                raise _BadResponse()
+            if length > MAX_BODY:
+                raise PayloadTooLarge("the http-01 answer is too large")
+            try:
+                return status, await reader.readexactly(length)
+            except asyncio.IncompleteReadError:
+                raise _BadResponse() from None
+        body = await reader.read(MAX_BODY + 1)  # delimited by the close
+        while body and len(body) <= MAX_BODY:
+            more = await reader.read(MAX_BODY + 1 - len(body))
+            if not more:
+                break
+            body += more
+        if len(body) > MAX_BODY:
+            raise PayloadTooLarge("the http-01 answer is too large")
+        return status, body
+    finally:
+        writer.close()
+
+
 async def http01(target: Target, token: str, key_authorization: str, settings: ValidatorSettings) -> None:
     """RFC 8555 §8.3: GET http://name/.well-known/acme-challenge/TOKEN, no redirects."""
     addr = settings.address_for(target.value)
-    netloc = f"[{addr}]" if ":" in addr else addr
-    url = f"http://{netloc}:{settings.http01_port}/.well-known/acme-challenge/{token}"
     host = f"[{target.value}]" if ":" in target.value else target.value
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as session:
-            async with session.get(url, headers={"Host": host}, allow_redirects=False) as resp:
-                # the whole body, however many segments it comes in
-                body = (await read_stream(resp.content, MAX_BODY, TIMEOUT)).decode("utf-8", "replace").strip()
-                status = resp.status
+        async with asyncio.timeout(TIMEOUT):
+            status, raw = await _http_get(addr.strip("[]"), settings.http01_port, host,
+                                          f"/.well-known/acme-challenge/{token}")
     except PayloadTooLarge:
         raise ValidationFailed(f"http-01: {target.value} answered with more than {MAX_BODY} bytes") from None
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, MalformedRequest):
+    except (_BadResponse, asyncio.TimeoutError, OSError, UnicodeError):
         raise ValidationConnection(f"http-01: could not fetch the challenge from {target.value}") from None
+    body = raw.decode("utf-8", "replace").strip()
     if status != 200 or body != key_authorization:
         raise ValidationFailed(f"http-01: {target.value} answered HTTP {status} "
                                "without the expected key authorization")

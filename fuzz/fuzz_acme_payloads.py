@@ -1,11 +1,15 @@
 """Fuzz the ACME JSON payload handling of acme/service.py: newAccount (contact,
 onlyReturnExisting, externalAccountBinding), account update, newOrder (identifiers, profile,
 notBefore/notAfter, replaces), finalize (csr), revokeCert (certificate, reason) and keyChange,
-each given the input as its (already authenticated) JWS payload.
+each given the input as the payload of an already authenticated request (an `Auth`).
 
-The service runs against stubs that answer "nothing stored" (and an EAB key `kid-1`, and a
-ready order for a.example), so only parsing and checking is exercised; a stub that would
-write or issue raises _Reached, which ends the operation as a success.
+The service's database units are replaced at their two seams: `_read` (the request's read unit)
+hands its `fn` a connection answering from a small table (the account `abc`, a ready order
+`order-1` for a.example; nothing else stored), `_write` (the request's write unit) raises
+_Reached. The remaining `db` calls (EAB key `kid-1`, key lookups) are stubs too, and the store
+knows no certificate. A write or an approval means parsing and checking accepted the payload:
+the operation ends as a success. The acme_store read functions and the enrollment Pipeline's
+scope checks are the real ones.
 Allowed: ScepdError, and each one must render as the problem document the server sends.
 """
 from __future__ import annotations
@@ -34,7 +38,8 @@ with atheris.instrument_imports(include=["acme", "scepd"]):
     from cryptography.x509.oid import NameOID
 
     from acme import jws
-    from acme.service import AcmeService, AcmeSettings, problem
+    from acme import store as acme_store
+    from acme.service import AcmeService, AcmeSettings, Auth, problem
     from scepd.ca import policy
     from scepd.clock import FixedClock
     from scepd.errors import ScepdError
@@ -53,8 +58,44 @@ ACCOUNT = {"id": "abc", "status": "valid", "thumbprint": jws.thumbprint(ACCOUNT_
            "jwk": json.dumps(ACCOUNT_JWK.to_partial_json()), "contact": "[]"}
 
 
+ORDER = {"id": "order-1", "account_id": "abc", "status": "ready",
+         "identifiers": json.dumps([{"type": "dns", "value": "a.example"}]), "profile": None,
+         "not_before": None, "not_after": None, "expires": NOW + dt.timedelta(days=1), "created_at": NOW,
+         "processing_at": None, "error": None, "cert_serial": None}
+AUTHZ = {"id": "authz-1", "order_id": "order-1", "account_id": "abc", "type": "dns", "value": "a.example",
+         "wildcard": False, "status": "valid", "expires": NOW + dt.timedelta(days=1)}
+
+
 class _Reached(Exception):
     """A stub was asked to write or issue: parsing and checking accepted the payload."""
+
+
+class _Conn:
+    """The connection a read unit's `fn` gets: rows by prebuilt statement (acme/store.py)."""
+    ROWS = {id(acme_store._ORDER_BY_ID): [ORDER], id(acme_store._AUTHZS_OF_ORDER): [AUTHZ]}
+
+    def execute(self, stmt, params=None):
+        return _Result(types.SimpleNamespace(_mapping=dict(r)) for r in self.ROWS.get(id(stmt), []))
+
+
+class _Result(list):
+    def first(self):
+        return self[0] if self else None
+
+
+async def _read(auth: Auth, fn=None):
+    """AcmeService._read with the database left out: the account the kid names (its key is the
+    request's, as the real unit verifies), or none for a jwk no account holds."""
+    account = dict(ACCOUNT) if auth.kid_account == "abc" else None
+    data = None if fn is None else fn(_Conn())
+    if account is not None:
+        auth.key, auth.thumbprint = ACCOUNT_JWK, account["thumbprint"]
+    auth.account = account
+    return account, data
+
+
+async def _write(auth: Auth, fn=None):
+    raise _Reached
 
 
 class _Db:
@@ -66,12 +107,6 @@ class _Db:
             return None
         return {"kid": kid, "hmac_key": jws.b64u_encode(EAB_KEY), "used_at": None,
                 "expires_at": NOW + dt.timedelta(days=1)}
-
-    async def create_account(self, *args):
-        raise _Reached
-
-    async def create_account_bound(self, *args):
-        raise _Reached
 
     async def insert(self, *args, **kw):
         raise _Reached
@@ -85,9 +120,6 @@ class _Db:
     async def find(self, *args, **kw):
         return []
 
-    async def create_order(self, *args):
-        return False
-
 
 class _Enrollment:
     key_limits = policy.KeyLimits()
@@ -100,45 +132,52 @@ class _Enrollment:
 
 
 class _Store:
+    dialect = "sqlite"
+
     async def get_certificate(self, serial):
         raise StoreNotFound(serial)
+
+    async def find_transaction(self, transaction_id):
+        return [], []
 
 
 SERVICE = AcmeService.__new__(AcmeService)
 SERVICE.services = types.SimpleNamespace(clock=FixedClock(NOW), enrollment=_Enrollment(), store=_Store(),
-                                         ca_material=types.SimpleNamespace(cert=CA))
+                                         ca_material=types.SimpleNamespace(cert=CA), pipeline=None)
 SERVICE.clock = FixedClock(NOW)
 SERVICE.db = _Db()
 SERVICE.settings = AcmeSettings()
-SERVICE._tasks, SERVICE._finalizing = set(), set()
-
-
-async def _ready_order(order_id, account=None):
-    return {"id": order_id, "status": "ready", "identifiers": [{"type": "dns", "value": "a.example"}],
-            "authzs": [{"wildcard": False}], "profile": None, "not_before": None, "not_after": None}
-
-
-SERVICE.order = _ready_order
+SERVICE._tasks, SERVICE._finalizing, SERVICE._keys = set(), set(), {}
+SERVICE._read, SERVICE._write = _read, _write
 LOOP = asyncio.new_event_loop()
 
 
-def _request(payload: bytes) -> jws.JwsRequest:
-    return jws.JwsRequest(alg="ES256", nonce="n", url=URL, jwk=ACCOUNT_JWK.to_partial_json(), kid=None,
-                          payload=payload, signing_input=b"", signature=b"", protected={})
+def _auth(payload: bytes, kid: bool) -> Auth:
+    """An authenticated request with this payload: by the account's kid, or by a jwk (precheck's
+    work done: key and thumbprint set) that no account holds."""
+    req = jws.JwsRequest(alg="ES256", nonce="n", url=URL, jwk=None if kid else ACCOUNT_JWK.to_partial_json(),
+                         kid="https://127.0.0.1/acme/acct/abc" if kid else None,
+                         payload=payload, signing_input=b"", signature=b"", protected={})
+    auth = Auth(req, "n", NOW + dt.timedelta(hours=1), None)
+    if kid:
+        auth.kid_account = "abc"
+    else:
+        auth.key, auth.thumbprint = ACCOUNT_JWK, ACCOUNT["thumbprint"]
+    return auth
 
 
-def operations(req: jws.JwsRequest):
-    yield SERVICE.new_account(req, ACCOUNT_JWK)
-    yield SERVICE.update_account(dict(ACCOUNT), req)
-    yield SERVICE.new_order(dict(ACCOUNT), req)
-    yield SERVICE.finalize("order-1", dict(ACCOUNT), req, ACCOUNT_JWK)
-    yield SERVICE.revoke(req, dict(ACCOUNT), ACCOUNT_JWK)
-    yield SERVICE.revoke(req, None, ACCOUNT_JWK)
-    yield SERVICE.key_change(dict(ACCOUNT), req, URL)
+def operations(payload: bytes):
+    yield SERVICE.new_account(_auth(payload, kid=False), None)
+    yield SERVICE.update_account(_auth(payload, kid=True), "abc")
+    yield SERVICE.new_order(_auth(payload, kid=True))
+    yield SERVICE.finalize(_auth(payload, kid=True), "order-1")
+    yield SERVICE.revoke(_auth(payload, kid=True))
+    yield SERVICE.revoke(_auth(payload, kid=False))  # signed with the certificate's key
+    yield SERVICE.key_change(_auth(payload, kid=True), URL)
 
 
 def check(data: bytes) -> None:
-    for op in operations(_request(data)):
+    for op in operations(data):
         try:
             LOOP.run_until_complete(op)
         except _Reached:

@@ -66,3 +66,14 @@ async def test_expired_eab_key(eab_acme):
     resp = await acme.post("/acme/new-account", {"externalAccountBinding": binding(acme, kid, key, acme.key)},
                            jwk=True)
     assert await problem_type(resp) == P + "unauthorized"
+
+
+def test_ids_and_eab_keys_never_start_with_a_dash(monkeypatch):
+    """Account ids and EAB keys are typed as arguments (`scepd acme deactivate ID`, certbot
+    --eab-hmac-key KEY): one starting with "-" reads as an option (a conformance run hit both)."""
+    import secrets
+
+    from acme import service
+    draws = iter(["-first", "-second", "third"])
+    monkeypatch.setattr(secrets, "token_urlsafe", lambda n: next(draws))
+    assert service.new_id() == "third"

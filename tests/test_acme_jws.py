@@ -256,17 +256,36 @@ async def test_eddsa_account_and_order(acme):
 
 # --- stateless nonces (issue 13): issuing writes nothing, redeeming is one insert ---------------
 
-def _writes(services) -> list[str]:
-    """Collects every write statement the store's engine executes from now on."""
+def sql_trace(store) -> list[str]:
+    """Every SQL statement the store executes from now on, on each of its engines (the async
+    one and, on SQLite, the synchronous one behind `read`/`write` units), BEGINs included."""
     import sqlalchemy as sa
 
     seen: list[str] = []
-
-    def before(_conn, _cursor, statement, *_rest):
-        if statement.lstrip().split(None, 1)[0].upper() in {"INSERT", "UPDATE", "DELETE", "REPLACE"}:
-            seen.append(statement)
-    sa.event.listen(services.store.engine.sync_engine, "before_cursor_execute", before)
+    units = getattr(store, "_units", None)
+    for engine in store.sync_engines():
+        sa.event.listen(engine, "before_cursor_execute",
+                        lambda _c, _cur, statement, *_r: seen.append(" ".join(statement.split())))
+    if units is not None:  # the units' BEGIN goes straight to the driver: seen at the begin event
+        sa.event.listen(units.engine, "begin", lambda conn: seen.append(
+            "BEGIN IMMEDIATE" if conn.get_execution_options().get("sqlite_immediate") else "BEGIN"))
     return seen
+
+
+def _writes(services) -> list[str]:
+    """Collects every write statement the store executes from now on."""
+    trace = sql_trace(services.store)
+
+    class Writes(list):
+        def _now(self):
+            return [s for s in trace if s.split(None, 1)[0].upper() in {"INSERT", "UPDATE", "DELETE", "REPLACE"}]
+
+        def __eq__(self, other):
+            return self._now() == other
+
+        def __iter__(self):
+            return iter(self._now())
+    return Writes()
 
 
 async def test_new_nonce_writes_nothing(acme, services):
@@ -280,17 +299,23 @@ async def test_new_nonce_writes_nothing(acme, services):
     assert [w.split()[:3] for w in writes] == [["INSERT", "INTO", "acme_used_nonces"]]
 
 
-async def test_kid_account_is_read_in_the_nonce_transaction(acme, services):
-    """A kid-signed POST redeems its nonce and reads its account in one transaction: the
-    account costs no connection (BEGIN) of its own."""
-    import sqlalchemy as sa
-
-    seen: list[str] = []
-    sa.event.listen(services.store.engine.sync_engine, "before_cursor_execute",
-                    lambda _c, _cur, statement, *_r: seen.append(" ".join(statement.split()[:4])))
-    assert (await acme.post("/acme/acct/" + acme.kid.rsplit("/", 1)[1], {})).status == 200
-    assert [s.split()[:3] for s in seen[:3]] == [["BEGIN", "IMMEDIATE"], ["INSERT", "INTO", "acme_used_nonces"],
-                                                 ["SELECT", "acme_accounts.id,", "acme_accounts.thumbprint,"]]
+async def test_kid_post_as_get_is_one_read_unit_and_one_write_unit(acme, services):
+    """Issue 13: a kid-signed POST-as-GET reads its account and the object it asks for in one
+    read unit (one BEGIN), and spends its nonce in one small write unit (BEGIN IMMEDIATE, the
+    insert, nothing else)."""
+    resp = await acme.post("/acme/new-order", {"identifiers": [{"type": "dns", "value": "u.example.test"}]})
+    order_path = "/acme/order/" + resp.headers["Location"].rsplit("/", 1)[1]
+    seen = sql_trace(services.store)
+    resp = await acme.post(order_path, None)
+    assert resp.status == 200 and (await resp.json())["status"] == "pending"
+    heads = [" ".join(s.split()[:2]) for s in seen]
+    assert heads.count("BEGIN") + heads.count("BEGIN IMMEDIATE") == 2, heads
+    read = heads.index("BEGIN")
+    assert [h.split()[1].split(".")[0] for h in heads[read + 1:read + 4]] == [
+        "acme_accounts", "acme_orders", "acme_authzs"], heads
+    write = heads.index("BEGIN IMMEDIATE")
+    assert heads[write + 1:write + 2] == ["INSERT INTO"] and "acme_used_nonces" in seen[write + 1]
+    assert sum(1 for s in seen if s.split()[0] in ("INSERT", "UPDATE", "DELETE")) == 1
 
 
 @pytest.mark.parametrize("case", ["mac-flipped", "id-changed", "other-key", "truncated", "expired", "future"])
@@ -361,3 +386,96 @@ async def test_nonce_single_use_across_restart_and_pruned_after_expiry(make_serv
     assert (await b.post(path, {})).status == 200  # redeeming prunes the expired records
     assert await used() == 1
     assert await problem_type(await b.post(path, {}, nonce=kept)) == P + "badNonce"
+
+
+# --- the parsed account key cache (issue 13) --------------------------------------------------
+
+def _rollover_elsewhere(services, account_id: str, new_key) -> None:
+    """What a keyChange by another process on the same database leaves behind: the row names
+    the new key (this process's cache is not told)."""
+    from acme import jws
+    from acme.store import accounts
+    import sqlalchemy as sa
+
+    jwk = rsa_jwk(new_key)
+    tp = jws.thumbprint(jws.load_jwk(jwk))
+    return services.store.write(lambda conn: conn.execute(
+        sa.update(accounts).where(accounts.c.id == account_id).values(jwk=json.dumps(jwk), thumbprint=tp)))
+
+
+async def test_account_key_is_parsed_once_per_process(acme, monkeypatch):
+    """kid-signed requests reuse the parsed account key (josepy's JWK parse is the slow part
+    of a request's authentication)."""
+    from acme import jws
+    parsed = []
+    real = jws.load_jwk
+    monkeypatch.setattr(jws, "load_jwk", lambda jwk: parsed.append(1) or real(jwk))
+    path = "/acme/acct/" + acme.kid.rsplit("/", 1)[1]
+    for _ in range(3):
+        assert (await acme.post(path, None)).status == 200
+    assert len(parsed) == 1
+
+
+async def test_account_key_cache_honours_rollover_and_deactivation_by_another_process(acme, services):
+    from acme.store import accounts
+    import sqlalchemy as sa
+
+    account_id = acme.kid.rsplit("/", 1)[1]
+    path = "/acme/acct/" + account_id
+    assert (await acme.post(path, None)).status == 200  # the old key is cached now
+    new_key = rsa_key(3)
+    await _rollover_elsewhere(services, account_id, new_key)
+    resp = await acme.post(path, None)  # signed with the old key: refused at once
+    assert resp.status == 400 and await problem_type(resp) == P + "malformed"
+    assert "does not verify" in (await resp.json())["detail"]
+    assert (await acme.post(path, None, key=new_key)).status == 200
+    await services.store.write(lambda conn: conn.execute(
+        sa.update(accounts).where(accounts.c.id == account_id).values(status="deactivated")))
+    resp = await acme.post(path, None, key=new_key)  # cached key, deactivated row: refused
+    assert resp.status == 401 and await problem_type(resp) == P + "unauthorized"
+    assert "deactivated" in (await resp.json())["detail"]
+
+
+async def test_concurrent_write_units_commit_together_and_fail_alone(database_url):
+    """Group commit (issue 13): write units submitted together run in one transaction; a
+    replayed nonce among them fails alone (the batch runs again, each unit in a savepoint) and
+    the other units are committed (SQLite and PostgreSQL: there a failed statement must not void
+    the others' transaction)."""
+    from scepd.http.assembly import open_store
+
+    store = await open_store(database_url)
+    try:
+        await _batched_units(store)
+    finally:
+        await store.close()
+
+
+async def _batched_units(store):
+    import asyncio
+    import datetime as dt
+
+    import sqlalchemy as sa
+
+    from acme.store import NonceUsed, WriteBatcher, spend_nonce, used_nonces
+
+    batcher = WriteBatcher(store)
+    expires = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+
+    def spend(*ids):
+        return asyncio.gather(*(batcher.write(lambda conn, n=n: spend_nonce(conn, n, expires, None)) for n in ids),
+                              return_exceptions=True)
+
+    seen = sql_trace(store)
+    assert await spend("n-0", "n-00", "n-000") == [None, None, None]
+    heads = [" ".join(s.split()[:2]) for s in seen]
+    assert heads.count("INSERT INTO") == 3 and heads.count("BEGIN IMMEDIATE") <= 1  # PostgreSQL: implicit
+    assert not any(h.startswith("SAVEPOINT") for h in heads)  # no failure: no savepoints
+    results = await spend("n-1", "n-2", "n-1", "n-3")
+    assert [type(r).__name__ for r in results] == ["NoneType", "NoneType", "NonceUsed", "NoneType"]
+    assert isinstance(results[2], NonceUsed)
+    ids = await store.read(lambda conn: sorted(r[0] for r in conn.execute(sa.select(used_nonces.c.id))))
+    assert ids == ["n-0", "n-00", "n-000", "n-1", "n-2", "n-3"]
+    # alone, a unit is its own transaction
+    seen.clear()
+    await batcher.write(lambda conn: spend_nonce(conn, "n-4", expires, None))
+    assert not any(s.startswith("SAVEPOINT") for s in seen)

@@ -163,10 +163,12 @@ async def test_checkin_path_uses_indexes(services, state_dir, clock):
     inventory = AgentInventory(services.store, clock)
     for i in range(5):
         await inventory.record(Checkin(f"h{i}", "1", f"{i:x}", f"CN=h{i}", clock.now()))
-    event.listen(services.store.engine.sync_engine, "before_cursor_execute", capture)
+    for _engine in services.store.sync_engines():  # the async engine and the units' one
+        event.listen(_engine, "before_cursor_execute", capture)
     await inventory.record(Checkin("h1", "1", "ff", "CN=h1", clock.now()))
     await inventory.record(Checkin("new", "1", "fe", "CN=new", clock.now()))
-    event.remove(services.store.engine.sync_engine, "before_cursor_execute", capture)
+    for _engine in services.store.sync_engines():  # the async engine and the units' one
+        event.remove(_engine, "before_cursor_execute", capture)
     assert len(captured) >= 4
     db = sqlite3.connect(state_dir / "scepd.db")
     for statement, params in captured:

@@ -396,7 +396,8 @@ async def test_fresh_crl_costs_one_key_read_and_other_process_revocations_are_se
     def statement_seen(_c, _cur, statement, *_r):
         if statement.split()[0].upper() not in {"BEGIN", "COMMIT", "ROLLBACK"}:
             seen.append(" ".join(statement.split()))
-    sa.event.listen(services.store.engine.sync_engine, "before_cursor_execute", statement_seen)
+    for _engine in services.store.sync_engines():  # the async engine and the units' one
+        sa.event.listen(_engine, "before_cursor_execute", statement_seen)
     crl = await _crl(client, services)
     assert _number(crl) == 1 and len(seen) == 1 and "count(" not in seen[0].lower()
     assert seen[0].startswith("SELECT revocation_generation.generation FROM revocation_generation")

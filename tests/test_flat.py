@@ -72,7 +72,8 @@ async def test_scrape_gauges_come_from_the_counter_and_match_a_count(database_ur
 
         def capture(conn, cursor, statement, parameters, context, executemany):
             statements.append(statement)
-        event.listen(store.engine.sync_engine, "before_cursor_execute", capture)
+        for _engine in store.sync_engines():  # the async engine and the units' one
+            event.listen(_engine, "before_cursor_execute", capture)
         try:
             for at in (NOW, NOW + dt.timedelta(hours=11, minutes=30), NOW + dt.timedelta(hours=12),
                        NOW - dt.timedelta(hours=12), NOW + dt.timedelta(days=6, hours=23),
@@ -84,7 +85,8 @@ async def test_scrape_gauges_come_from_the_counter_and_match_a_count(database_ur
                     want = sum(1 for t in valid if at < t <= at + dt.timedelta(days=days))
                     assert metrics.expiring.labels(within_days=str(days))._value.get() == want, (at, days)
         finally:
-            event.remove(store.engine.sync_engine, "before_cursor_execute", capture)
+            for _engine in store.sync_engines():  # the async engine and the units' one
+                event.remove(_engine, "before_cursor_execute", capture)
         assert any("certificate_expiry_counts" in s for s in statements)
         # every read of the certificates table is bounded above on not_after: at most a day of rows
         on_certs = [s for s in statements if re.search(r"FROM certificates\b", s)]
@@ -124,11 +126,14 @@ async def _plans(store: SqlStore, run) -> list[tuple[str, str]]:
     def capture(conn, cursor, statement, parameters, context, executemany):
         if re.match(r"\s*SELECT", statement, re.I):
             captured.append((statement, parameters))
-    event.listen(store.engine.sync_engine, "before_cursor_execute", capture)
+    engines = store.sync_engines()
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", capture)
     try:
         await run()
     finally:
-        event.remove(store.engine.sync_engine, "before_cursor_execute", capture)
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", capture)
     out = []
     postgres = store.engine.dialect.name == "postgresql"
     if postgres:  # what autovacuum does after a bulk load: statistics and the visibility map

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from acme import jws
-from acme.service import AcmeService
+from acme.service import AcmeService, AcmeSettings, Auth
 from scepd.ca.csr import decode_csr
 from scepd.errors import BadMessageCheck, BadSignatureAlgorithm, MalformedRequest, ScepdError, ValidationFailed
 from scepd.scep import der, wire
@@ -140,12 +140,23 @@ def _invalid_version_certificate() -> bytes:
     return jws.b64u_decode(payload["certificate"])
 
 
-def test_revoke_of_a_certificate_with_an_invalid_version_is_malformed():
-    class Req:  # revokeCert's payload, as the fuzzer sent it (x509.InvalidVersion is no ValueError)
-        def payload_json(self):
-            return json.loads((DATA / "acme_payloads" / "revoke-certificate-invalid-version.json").read_bytes())
+async def test_revoke_of_a_certificate_with_an_invalid_version_is_malformed(make_services, clock, monkeypatch):
+    # revokeCert's payload as the fuzzer sent it (x509.InvalidVersion is no ValueError), from a
+    # key no account holds (authenticated: the request's read unit finds no account)
+    services = await make_services()
+    service = AcmeService(services, AcmeSettings())
+    looked_up = []
+
+    async def get_certificate(serial):
+        looked_up.append(serial)
+    monkeypatch.setattr(services.store, "get_certificate", get_certificate)
+    req = jws.JwsRequest(alg="ES256", nonce="n", url="https://127.0.0.1/acme/revoke-cert", jwk={}, kid=None,
+                         payload=(DATA / "acme_payloads" / "revoke-certificate-invalid-version.json").read_bytes(),
+                         signing_input=b"", signature=b"", protected={})
+    auth = Auth(req, "n", clock.now(), None, thumbprint="no-account-holds-this-key")
     with pytest.raises(MalformedRequest):
-        asyncio.run(AcmeService.revoke(None, Req(), None, None))  # refused before any lookup
+        await service.revoke(auth)
+    assert looked_up == []  # refused before any lookup
 
 
 def test_tls_alpn01_certificate_with_an_invalid_version_fails_validation():

@@ -38,7 +38,8 @@ def _statements(services) -> list[str]:
     def listener(_c, _cur, statement, *_r):
         if statement.split()[0].upper() not in {"BEGIN", "COMMIT", "ROLLBACK"}:
             seen.append(" ".join(statement.split()))
-    sa.event.listen(services.store.engine.sync_engine, "before_cursor_execute", listener)
+    for _engine in services.store.sync_engines():  # the async engine and the units' one
+        sa.event.listen(_engine, "before_cursor_execute", listener)
     return seen
 
 

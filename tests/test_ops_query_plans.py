@@ -26,7 +26,8 @@ async def test_status_paths_use_indexes(client, services, state_dir):
     def capture(conn, cursor, statement, parameters, context, executemany):
         if re.match(r"\s*(SELECT|UPDATE|DELETE)", statement, re.I):
             captured.append((statement, tuple(parameters or ())))
-    event.listen(services.store.engine.sync_engine, "before_cursor_execute", capture)
+    for _engine in services.store.sync_engines():  # the async engine and the units' one
+        event.listen(_engine, "before_cursor_execute", capture)
     await services.revocation.revoke(issued[0].record.serial, RevocationReason.KEY_COMPROMISE, "test")
     services.clock.advance(dt.timedelta(hours=13))
     assert (await client.get(f"/crl/{services.authority.ca_id}.crl")).status == 200
@@ -34,7 +35,8 @@ async def test_status_paths_use_indexes(client, services, state_dir):
     assert (await client.post("/ocsp", data=req.build().public_bytes(serialization.Encoding.DER))).status == 200
     assert (await client.get("/metrics")).status == 200
     assert await admin.check_token(token) is not None
-    event.remove(services.store.engine.sync_engine, "before_cursor_execute", capture)
+    for _engine in services.store.sync_engines():  # the async engine and the units' one
+        event.remove(_engine, "before_cursor_execute", capture)
     assert len(captured) >= 8
     db = sqlite3.connect(state_dir / "scepd.db")
     for statement, params in captured:

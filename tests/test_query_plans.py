@@ -21,7 +21,9 @@ async def test_request_path_uses_indexes(client, state_dir):
     def capture(conn, cursor, statement, parameters, context, executemany):
         if re.match(r"\s*(SELECT|UPDATE|DELETE)", statement, re.I):
             captured.append((statement, tuple(parameters or ())))
-    event.listen(services.store.engine.sync_engine, "before_cursor_execute", capture)
+    engines = services.store.sync_engines()  # the async engine and the read/write units' one
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", capture)
     ca = services.ca_material.cert
     key, new_key = rsa_key(0), rsa_key(1)
     secret = await services.challenges.create(dt.timedelta(hours=1))
@@ -40,7 +42,8 @@ async def test_request_path_uses_indexes(client, state_dir):
                              message_type=21, signer=(old, key))
     assert wire.decode_cert_rep(await (await client.post("/scep?operation=PKIOperation",
                                                          data=getcert)).read()).status == wire.PkiStatus.SUCCESS
-    event.remove(services.store.engine.sync_engine, "before_cursor_execute", capture)
+    for engine in engines:
+        event.remove(engine, "before_cursor_execute", capture)
     assert len(captured) >= 6
     db = sqlite3.connect(state_dir / "scepd.db")
     for statement, params in captured:

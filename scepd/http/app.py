@@ -38,6 +38,7 @@ from ..store import SqlStore
 from ..ops.routes import add_https_context, add_ops_routes, attach_ops
 from ..ops.retention import CORE_PURGES, RetentionService, RetentionSettings
 from ..admin.http import add_admin_routes
+from ..console.routes import add_console_routes
 from .assembly import frontends, migrations
 
 if TYPE_CHECKING:
@@ -273,9 +274,9 @@ async def _ca_key_signs(services: Services) -> None:
 #: scepd's own HTTPS routes, a callable(app, services) each; protocol front-ends (acme/) come
 #: from scepd.http.assembly.frontends().
 HTTPS_ROUTES: list = []
-#: the admin API (and later the web console): on the admin listener when [server] admin is set,
+#: the admin API and the web console (scepd/console): on the admin listener when [server] admin is set,
 #: else on the HTTPS listener
-ADMIN_ROUTES: list = [add_admin_routes]
+ADMIN_ROUTES: list = [add_admin_routes, add_console_routes]
 #: Packages that serve on the mTLS listener (agent API) append a callable(app, services).
 MTLS_ROUTES: list = []
 

@@ -508,6 +508,11 @@ class SqlStore:
     def dialect(self) -> str:
         return self.engine.dialect.name
 
+    def sync_engines(self) -> list[sa.Engine]:
+        """Every engine this store executes statements on (the async engine's sync side, and on
+        SQLite the stdlib-driver engine behind read/write units): for statement tracing."""
+        return [self.engine.sync_engine] + ([self._units.engine] if self._units is not None else [])
+
     async def read(self, fn: Callable[[sa.Connection], T]) -> T:
         """Run `fn(connection)` -- synchronous SQLAlchemy Core reads -- as one unit, in one
         snapshot. See the module docstring."""
