@@ -835,13 +835,14 @@ def rollover(state_dir, root_key, root_passphrase_env, next_key_uri=None, root_k
     _audit(cfg, "ca.rollover", {"next_ca": cert.subject.rfc4514_string(),
                                 "next_ca_id": pki.ca_id_of(cert)})
     click.echo(f"next CA ready: {cert.subject.rfc4514_string()} (id {pki.ca_id_of(cert)}); "
-               "published by GetNextCACert; restart the server, then `scepd ca activate-next` to switch")
+               "GetNextCACert publishes it after a reload of the server (systemctl reload scepd, or "
+               "kill -HUP the server's pid); then `scepd ca activate-next` and reload again to switch")
 
 
 @ca.command("activate-next")
 @STATE_DIR
 def activate_next(state_dir):
-    """Switch issuance to the next CA (restart the server afterwards)."""
+    """Switch issuance to the next CA (reload the server afterwards: SIGHUP)."""
     cfg = _load_config(state_dir)
     try:
         cert = pki.activate_next(state_dir)
@@ -850,7 +851,8 @@ def activate_next(state_dir):
         return
     _audit(cfg, "ca.activated", {"ca": cert.subject.rfc4514_string(), "ca_id": pki.ca_id_of(cert)})
     click.echo(f"issuing CA is now {cert.subject.rfc4514_string()} (id {pki.ca_id_of(cert)}); "
-               "the previous CA still decrypts and authorizes renewals")
+               "the previous CA still decrypts and authorizes renewals; reload the server "
+               "(systemctl reload scepd, or kill -HUP) to issue from it")
 
 
 def _audit(cfg, event: str, details: dict) -> None:
