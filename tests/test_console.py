@@ -346,3 +346,32 @@ async def test_ca_status(services, ui):
     (nxt / "ca.pem").write_bytes(services.ca_material.root.public_bytes(serialization.Encoding.PEM))
     text = await (await ui.get("/ui/ca", cookies={COOKIE: session})).text()
     assert "none staged" not in text and "CN=Test" in text.split("Next CA", 1)[1]
+
+
+async def test_every_page_reads_postgresql_too(make_services, aiohttp_client, postgres_cluster):
+    """The console's own queries (scepd/console/queries.py) on PostgreSQL: filters, search,
+    the timeline buckets, pending, agents, CA and audit pages."""
+    url = postgres_cluster.create_database("scepd_console_pg")
+    services = await make_services({"SCEPD_DATABASE_URL": url, "SCEPD_SCEP_STATIC_CHALLENGE": "s"})
+    ui = await aiohttp_client(create_https_app(services), cookie_jar=DummyCookieJar())
+    a = await _issue(services, "pg-router.example", rsa_key(0))
+    b = await _issue(services, "pg-printer.example", rsa_key(1))
+    await services.revocation.revoke(b.record.serial, RevocationReason.SUPERSEDED, "test")
+    await _pending(services, "pg-pending.example", rsa_key(2))
+    _id, token = await _token(services)
+    session = await sign_in(ui, token)
+
+    async def page(path: str) -> str:
+        r = await ui.get(path, cookies={COOKIE: session})
+        assert r.status == 200, (path, r.status, await r.text())
+        return await r.text()
+    text = await page("/ui/certificates?q=ROUTER&state=valid&protocol=test")
+    assert "pg-router.example" in text and "pg-printer.example" not in text
+    assert "pg-printer.example" in await page(f"/ui/certificates?q={b.record.serial}")
+    assert "pg-router.example" in await page(f"/ui/certificates/{a.record.serial}")
+    assert "revoked" in (await page("/ui/timeline")).lower()
+    t = await services.store.read(queries.timeline(services.clock.now()))
+    assert t.revoked == 1 and sum(t.per_day) == 1
+    assert "pg-pending.example" in await page("/ui/pending")
+    for path in ("/ui/agents", "/ui/ca", "/ui/audit"):
+        await page(path)

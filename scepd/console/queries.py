@@ -34,7 +34,8 @@ def search(f: Filters, now: dt.datetime):
     c = certificates
     q = sa.select(c)
     if f.q:
-        terms = [c.c.subject.like(_like(f.q), escape="\\"), c.c.sans.like(_like(f.q), escape="\\")]
+        # case-insensitive on both databases (SQLite's LIKE is, PostgreSQL's is not: ILIKE)
+        terms = [c.c.subject.ilike(_like(f.q), escape="\\"), c.c.sans.ilike(_like(f.q), escape="\\")]
         try:
             terms.append(c.c.serial == serial_key(f.q))
         except ValueError:
