@@ -172,34 +172,35 @@ def _dns_name(value: str) -> bool:
     return valid_dns_name(value, allow_wildcard=True)
 
 
-async def _enroll(directory: AgentDir, server: str, identity: Identity, challenge: str,
-                  pin: str | None, mtls_url: str | None, hostname: str | None = None) -> None:
-    served = await ScepClient(server, None).fetch_ca_certs()  # type: ignore[arg-type]
-    anchor = pinned_anchor(served, pin, "GetCACert")
+async def _enroll_pinned(client_class, protocol: str, ca_source: str, directory: AgentDir, server: str,
+                         identity: Identity, challenge: str, pin: str | None, mtls_url: str | None,
+                         hostname: str | None) -> None:
+    """SCEP and EST alike: the CA certificates fetched unverified, the anchor chosen by its pin
+    (or trusted on first use), then enrollment verified against it."""
+    anchor = pinned_anchor(await client_class(server, None).fetch_ca_certs(), pin, ca_source)
     if pin is None:
         log.warning("trusting on first use: %s SHA-256 %s", anchor.subject.rfc4514_string(), fingerprint(anchor))
     directory.create()
     directory.save_anchor(anchor)
     key = await asyncio.to_thread(new_key)
-    issued = await ScepClient(server, anchor).enroll(key, identity, challenge)
+    issued = await client_class(server, anchor).enroll(key, identity, challenge)
     directory.save_ca_certs(issued.ca_certs)
-    await _installed(directory, server, "scep", identity, anchor, key, issued, mtls_url, hostname)
+    await _installed(directory, server, protocol, identity, anchor, key, issued, mtls_url, hostname)
+
+
+async def _enroll(directory: AgentDir, server: str, identity: Identity, challenge: str,
+                  pin: str | None, mtls_url: str | None, hostname: str | None = None) -> None:
+    await _enroll_pinned(ScepClient, "scep", "GetCACert", directory, server, identity, challenge, pin,
+                         mtls_url, hostname)
 
 
 async def _enroll_est(directory: AgentDir, server: str, identity: Identity, challenge: str,
                       pin: str | None, mtls_url: str | None, hostname: str | None = None) -> None:
-    """EST: cacerts over an unverified connection, the anchor chosen by its pin as with SCEP's
-    GetCACert; from then on TLS verified against it (agent/est_client.py)."""
+    """EST: cacerts over an unverified connection, then TLS verified against the pinned anchor
+    (agent/est_client.py)."""
     from .est_client import EstClient
-    anchor = pinned_anchor(await EstClient(server, None).fetch_ca_certs(), pin, "EST cacerts")
-    if pin is None:
-        log.warning("trusting on first use: %s SHA-256 %s", anchor.subject.rfc4514_string(), fingerprint(anchor))
-    directory.create()
-    directory.save_anchor(anchor)
-    key = await asyncio.to_thread(new_key)
-    issued = await EstClient(server, anchor).enroll(key, identity, challenge)
-    directory.save_ca_certs(issued.ca_certs)
-    await _installed(directory, server, "est", identity, anchor, key, issued, mtls_url, hostname)
+    await _enroll_pinned(EstClient, "est", "EST cacerts", directory, server, identity, challenge, pin,
+                         mtls_url, hostname)
 
 
 async def _enroll_acme(directory: AgentDir, server: str, identity: Identity, token: str, pin: str | None,
