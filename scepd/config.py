@@ -235,6 +235,14 @@ class Config:
     def database_url(self) -> str:
         return self.database.url or f"sqlite+aiosqlite:///{self.state_dir / 'scepd.db'}"
 
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The database file when the database is SQLite (None for PostgreSQL)."""
+        url = self.database_url
+        if not url.startswith("sqlite") or ":///" not in url:
+            return None
+        return Path(url.split(":///", 1)[1])
+
 
 class ConfigError(ValueError):
     pass

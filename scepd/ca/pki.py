@@ -312,20 +312,30 @@ def load(state_dir: Path, passphrase: bytes | None) -> CaMaterial:
 PRIVATE_KEY_DIRS = ("ca", "tls", "ocsp")
 
 
-def check_private_key_modes(state_dir: Path) -> None:
-    """Refuse to start with a private key that group or others may read or write."""
+def private_key_files(state_dir: Path) -> list[Path]:
+    """Every private key file the server keeps (PRIVATE_KEY_DIRS, `*.key`)."""
+    found: list[Path] = []
     for sub in PRIVATE_KEY_DIRS:
         base = state_dir / sub
-        if not base.is_dir():
+        if base.is_dir():
+            found.extend(sorted(base.rglob("*.key")))
+    return found
+
+
+def loose_mode(mode: int) -> int | None:
+    """The permission bits of a key file whose group or others may read or write it, else None."""
+    return mode & 0o777 if mode & 0o077 else None
+
+
+def check_private_key_modes(state_dir: Path) -> None:
+    """Refuse to start with a private key that group or others may read or write."""
+    for path in private_key_files(state_dir):
+        try:
+            loose = loose_mode(path.stat().st_mode)
+        except FileNotFoundError:
             continue
-        for path in sorted(base.rglob("*.key")):
-            try:
-                mode = path.stat().st_mode
-            except FileNotFoundError:
-                continue
-            if mode & 0o077:
-                raise PkiError(f"{path} is readable by group or others (mode {mode & 0o777:o}); "
-                               f"chmod 600 it")
+        if loose is not None:
+            raise PkiError(f"{path} is readable by group or others (mode {loose:o}); chmod 600 it")
 
 
 def pem(*certs: x509.Certificate) -> str:

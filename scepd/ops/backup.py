@@ -69,13 +69,6 @@ class RestoreResult:
     crl_numbers_raised: int
 
 
-def _sqlite_path(cfg: Config) -> Path | None:
-    url = cfg.database_url
-    if not url.startswith("sqlite"):
-        return None
-    return Path(url.split(":///", 1)[1])
-
-
 def _scan(state_dir: Path) -> tuple[list[str], list[str]]:
     """(plain files, private key files), relative paths, of the covered directories + config."""
     files = [CONFIG_NAME] if (state_dir / CONFIG_NAME).is_file() else []
@@ -158,7 +151,7 @@ def create(cfg: Config, out: Path, include_keys: bool, passphrase: bytes | None,
         raise BackupError(f"--include-keys needs a passphrase ({PASSPHRASE_ENV} or the prompt)")
     files, keys = _scan(state)
     sums: dict[str, str] = {}
-    db_path = _sqlite_path(cfg)
+    db_path = cfg.sqlite_path
     out = Path(out)
     tmp = out.with_name(f".{out.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o600)
@@ -334,7 +327,7 @@ def commands():
             fail(f"cannot restore: {exc}")
             return
         cfg = load_config(state_dir)
-        db = _sqlite_path(cfg)
+        db = cfg.sqlite_path
         if db is not None and db.resolve() != (state_dir / "scepd.db").resolve():
             click.echo(f"note: the configuration names the database {db}; the restored one is "
                        f"{state_dir / 'scepd.db'} -- edit [database] url", err=True)

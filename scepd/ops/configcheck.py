@@ -91,20 +91,17 @@ def static_problems(cfg: Config) -> list[str]:
 def _file_problems(cfg: Config) -> list[str]:
     problems: list[str] = []
     state = cfg.state_dir
-    for sub in pki.PRIVATE_KEY_DIRS:
-        base = state / sub
-        if not base.is_dir():
+    for path in pki.private_key_files(state):
+        try:
+            mode = path.stat().st_mode
+            with path.open("rb"):
+                pass
+        except OSError as exc:
+            problems.append(f"{path}: not readable ({exc.strerror})")
             continue
-        for path in sorted(base.rglob("*.key")):
-            try:
-                mode = path.stat().st_mode
-                with path.open("rb"):
-                    pass
-            except OSError as exc:
-                problems.append(f"{path}: not readable ({exc.strerror})")
-                continue
-            if mode & 0o077:
-                problems.append(f"{path}: readable by group or others (mode {mode & 0o777:o}); chmod 600 it")
+        loose = pki.loose_mode(mode)
+        if loose is not None:
+            problems.append(f"{path}: readable by group or others (mode {loose:o}); chmod 600 it")
     if not pki.exists(state):
         problems.append(f"{pki.ca_dir(state)}: no CA here; run `scepd init --state-dir {state}`")
         return problems
@@ -123,7 +120,7 @@ def _database_target(cfg: Config) -> str | None:
     url = cfg.database_url
     if not url.startswith("sqlite"):
         return None
-    path = Path(url.split(":///", 1)[1]) if ":///" in url else None
+    path = cfg.sqlite_path
     if path is None:
         return f"[database] url: cannot read a file path from {url!r}"
     if not path.parent.is_dir():
