@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import logging
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -27,7 +26,7 @@ import sqlalchemy as sa
 from ..clock import Clock
 from ..config import ConfigError, parse_duration
 from ..store import AuditRecord, SqlStore
-from ..store.sql import _naive, audit, challenges, pending_requests
+from ..store.sql import _naive, challenges, insert_audit, pending_requests
 
 log = logging.getLogger("scepd.retention")
 
@@ -82,11 +81,9 @@ def purge_pending(conn: sa.Connection, now: dt.datetime, age: dt.timedelta) -> i
     stale = conn.execute(sa.select(p.id, p.subject, p.transaction_id, p.protocol).where(
         p.status == "pending", p.created_at < cutoff).limit(BATCH)).all()
     for row in stale:  # nobody decided: the request expires, and the trail says so
-        conn.execute(audit.insert(), dict(at=_naive(now), event="request.expired", subject=row.subject,
-                                          serial=None, actor="retention",
-                                          details=json.dumps({"pending_id": int(row.id), "protocol": row.protocol,
-                                                              "transaction_id": row.transaction_id},
-                                                             sort_keys=True)))
+        insert_audit(conn, AuditRecord(at=now, event="request.expired", subject=row.subject, actor="retention",
+                                       details={"pending_id": int(row.id), "protocol": row.protocol,
+                                                "transaction_id": row.transaction_id}))
     ids = decided + [r.id for r in stale]
     if ids:
         conn.execute(pending_requests.delete().where(p.id.in_(ids)))
@@ -125,8 +122,8 @@ class RetentionService:
             if total:
                 done[purge.kind] = total
         if done:
-            async with self.store.transaction() as tx:
-                await tx.audit(AuditRecord(at=now, event="retention.purged", actor="retention", details=done))
+            record = AuditRecord(at=now, event="retention.purged", actor="retention", details=dict(done))
+            await self.store.write(lambda conn: insert_audit(conn, record))
             log.info("retention: purged %s", ", ".join(f"{k}={v}" for k, v in sorted(done.items())))
         return done
 
