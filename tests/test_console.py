@@ -375,3 +375,23 @@ async def test_every_page_reads_postgresql_too(make_services, aiohttp_client, po
     assert "pg-pending.example" in await page("/ui/pending")
     for path in ("/ui/agents", "/ui/ca", "/ui/audit"):
         await page(path)
+
+
+async def test_filter_menus_are_read_once_a_minute(services, ui, clock, monkeypatch):
+    """The menus are DISTINCTs over the whole inventory: not on every page view."""
+    calls = []
+    real = queries.choices
+
+    def counting(conn):
+        calls.append(1)
+        return real(conn)
+    monkeypatch.setattr(queries, "choices", counting)
+    await _issue(services, "menu.example", rsa_key(0))
+    _id, token = await _token(services)
+    session = await sign_in(ui, token)
+    for _ in range(3):
+        assert (await ui.get("/ui/certificates", cookies={COOKIE: session})).status == 200
+    assert len(calls) == 1
+    clock.advance(dt.timedelta(seconds=61))
+    assert (await ui.get("/ui/certificates", cookies={COOKIE: session})).status == 200
+    assert len(calls) == 2

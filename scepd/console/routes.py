@@ -50,6 +50,10 @@ def _see(location: str) -> web.Response:
     return web.Response(status=303, headers={**SECURITY_HEADERS, "Location": location})
 
 
+#: how long the inventory's filter menus (profiles, protocols, CAs present) are reused
+MENU_TTL = dt.timedelta(minutes=1)
+
+
 def add_console_routes(app: web.Application, services) -> None:
     class _Clock:  # the services' clock, read at each request (tests swap it)
         def now(self):
@@ -149,6 +153,16 @@ def add_console_routes(app: web.Application, services) -> None:
     async def home(_request, _actor, _csrf, _form):
         return _see(f"{PREFIX}/certificates")
 
+    menu_cache: dict = {}
+
+    async def menus(now):
+        """The filter menus: three DISTINCTs over the whole inventory, so read at most once a
+        minute per process rather than on every page."""
+        if menu_cache.get("until") is None or now >= menu_cache["until"] or now < menu_cache["at"]:
+            menu_cache.update(value=await services.store.read(queries.choices), at=now,
+                              until=now + MENU_TTL)
+        return menu_cache["value"]
+
     async def inventory(request, actor, csrf, _form):
         qs = request.query
         page_text = qs.get("page", "1")
@@ -161,7 +175,7 @@ def add_console_routes(app: web.Application, services) -> None:
                             protocol=qs.get("protocol", "")[:16], ca=qs.get("ca", "")[:32], page=int(page_text))
         now = services.clock.now()
         records, more = await services.store.read(queries.search(f, now))
-        choices = await services.store.read(queries.choices)
+        choices = await menus(now)
         return _html(pages.layout("Inventory", pages.inventory(records, more, f, choices, now), actor, csrf))
 
     async def _record(serial_text: str):
