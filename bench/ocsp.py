@@ -294,7 +294,7 @@ def main() -> None:
                 break
             except OSError:
                 time.sleep(0.1)
-        copies = max(1, args.workers or 1)
+        copies = max(1, args.workers or os.cpu_count() or 1)  # serve defaults to one worker per core
         t0 = time.monotonic()
         for _ in range(copies):  # warm-up: every response signed (once per worker, if they take turns)
             for der in requests:  # (POST and GET share the cache)
