@@ -1,7 +1,7 @@
 """Side by side: scepd against micromdm's scepserver (SCEP) and pebble (ACME), same load, same run.
 
     .venv/bin/python bench/compare.py [--quick] [--scep-requests 200] [--acme-orders 60]
-                                      [--max-seconds 60] [--json FILE]
+                                      [--max-seconds 60] [--json FILE] [--database sqlite|postgresql]
 
 The whole run happens in a private network namespace with only loopback up (`unshare --net`, as
 root, else `unshare --map-root-user --net`): scepserver binds every interface, so nothing here can
@@ -17,6 +17,11 @@ ACME: full orders (ES256 account, newOrder, http-01 validated by the server agai
 matched by scepd-agent's client) at 1 and 16 concurrent clients against `scepd serve --https` and
 `pebble` (its DNS from `pebble-challtestsrv`, everything resolving to 127.0.0.1). Both clients poll
 every 50 ms whatever Retry-After says, so neither server is measured by the client's politeness.
+
+--database postgresql: scepd stores in a throwaway PostgreSQL (Debian `postgresql`) started inside
+the namespace on 127.0.0.1, durable as a production one (fsync and synchronous_commit on, like
+SQLite's synchronous=FULL in the default run); PostgreSQL's CPU (every backend) is counted in
+scepd's and also shown alone ("db ms").
 
 Server CPU per request is the utime+stime delta (/proc/PID/stat, the process and its children)
 over each setting; the load generator runs in this process, on the same cores. Every setting is
@@ -62,6 +67,9 @@ INNER = "SCEPD_BENCH_COMPARE_NETNS"
 CHALLENGE = "bench-static-challenge"
 POLL_SECONDS = 0.05
 PROCS: list[subprocess.Popen] = []
+#: processes whose CPU is scepd's database's (PostgreSQL's postmaster, with its backends)
+DB_PIDS: list[int] = []
+CLUSTERS: list = []  # tests.pg.PostgresCluster, stopped with the servers
 WORKDIRS: list[Path] = []
 
 
@@ -79,6 +87,16 @@ def spawn(cmd: list[str], env: dict | None = None, log: Path | None = None) -> s
 
 
 def stop_all() -> None:
+    stop_servers()
+    while CLUSTERS:
+        try:
+            CLUSTERS.pop().stop()
+        except Exception as exc:  # noqa: BLE001 - reported, the rest still stops
+            print(f"stopping PostgreSQL: {exc}", file=sys.stderr)
+    DB_PIDS.clear()
+
+
+def stop_servers() -> None:
     for proc in reversed(PROCS):
         if proc.poll() is None:
             try:
@@ -124,6 +142,7 @@ class Row:
     duplicate_serials: int = 0
     elapsed: float = 0.0
     cpu: float = 0.0
+    db_cpu: float = 0.0  # of `cpu`: the database server's (PostgreSQL), 0 with SQLite (in-process)
     http01_answered: int | None = None
     errors: list[str] = dataclasses.field(default_factory=list)
 
@@ -136,6 +155,16 @@ class Row:
     def cpu_ms_per_req(self) -> float:
         """Server CPU per request sent, successful or not."""
         return self.cpu * 1000 / self.sent if self.sent else 0.0
+
+    @property
+    def db_ms_per_req(self) -> float:
+        return self.db_cpu * 1000 / self.sent if self.sent else 0.0
+
+
+def cpu_now(pids: list[int]) -> tuple[float, float]:
+    """(CPU seconds of `pids` and of the database processes, CPU seconds of the database's alone)."""
+    db = sum(tree_cpu(p) for p in DB_PIDS) if DB_PIDS and pids else 0.0
+    return sum(tree_cpu(p) for p in pids) + db, db
 
 
 class CountingResponder(SharedResponder):
@@ -184,11 +213,12 @@ async def scep_setting(name: str, url: str, pids: list[int], ca_certs: list[x509
 
     conn = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as session:
-        cpu0 = sum(tree_cpu(p) for p in pids)
+        cpu0, db0 = cpu_now(pids)
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(session) for _ in range(clients)))
         row.elapsed = time.perf_counter() - t0
-        row.cpu = sum(tree_cpu(p) for p in pids) - cpu0
+        cpu1, db1 = cpu_now(pids)
+        row.cpu, row.db_cpu = cpu1 - cpu0, db1 - db0
     serials = []
     for req, status, body in replies:  # verified after the clock stopped
         row.sent += 1
@@ -250,11 +280,12 @@ async def acme_setting(name: str, directory: str, anchor: x509.Certificate, tls:
                 row.errors.append(str(exc)[:200] or type(exc).__name__)
 
     answered0 = responder.answered
-    cpu0 = sum(tree_cpu(p) for p in pids)
+    cpu0, db0 = cpu_now(pids)
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(c) for c in accounts))
     row.elapsed = time.perf_counter() - t0
-    row.cpu = sum(tree_cpu(p) for p in pids) - cpu0
+    cpu1, db1 = cpu_now(pids)
+    row.cpu, row.db_cpu = cpu1 - cpu0, db1 - db0
     row.http01_answered = responder.answered - answered0
     row.duplicate_serials = count_duplicates([(c.issuer.public_bytes(), c.serial_number) for c in issued])
     return row
@@ -279,6 +310,12 @@ async def bench_scepd(work: Path, args, keys, signers, acme_keys) -> list[Row]:
            "SCEPD_ROOT_KEY_PASSPHRASE": "bench-root-passphrase",
            "SCEPD_ACME_HTTP01_PORT": str(http01), "SCEPD_ACME_RESOLVE": "*=127.0.0.1"}
     state = work / "scepd"
+    if args.database == "postgresql":
+        from tests import pg
+        cluster = pg.PostgresCluster().start(durable=True)
+        CLUSTERS.append(cluster)
+        env["SCEPD_DATABASE_URL"] = cluster.create_database("scepd_bench")
+        DB_PIDS[:] = [int((cluster.data / "postmaster.pid").read_text().split()[0])]
     proc = start_scepd(state, env, workers=args.workers)
     PROCS.append(proc)
     url = f"http://127.0.0.1:{http}/scep"
@@ -357,8 +394,9 @@ REFERENCE = {"SCEP": "micromdm", "ACME": "pebble"}
 
 
 def table(rows: list[Row]) -> str:
+    db = any(r.db_cpu for r in rows)
     head = (f"{'protocol':8} {'clients':>7} {'server':9} {'sent':>5} {'ok':>5} {'fail':>5} {'dupser':>6} "
-            f"{'secs':>7} {'ok/s':>8} {'cpu ms/req':>10} {'x ok/s':>7} {'x cpu':>6}")
+            f"{'secs':>7} {'ok/s':>8} {'cpu ms/req':>10} {'x ok/s':>7} {'x cpu':>6}" + (f" {'db ms':>6}" if db else ""))
     lines = [head, "-" * len(head)]
     by_key = {(r.protocol, r.clients, r.server): r for r in rows}
     for r in rows:
@@ -369,7 +407,8 @@ def table(rows: list[Row]) -> str:
             ratio_cpu = f"{r.cpu_ms_per_req / ref.cpu_ms_per_req:.1f}"
         lines.append(f"{r.protocol:8} {r.clients:>7} {r.server:9} {r.sent:>5} {r.ok:>5} {r.failures:>5} "
                      f"{r.duplicate_serials:>6} {r.elapsed:>7.2f} {r.ok_per_s:>8.1f} {r.cpu_ms_per_req:>10.1f} "
-                     f"{ratio_ops:>7} {ratio_cpu:>6}")
+                     f"{ratio_ops:>7} {ratio_cpu:>6}"
+                     + (f" {r.db_ms_per_req:>6.1f}" if db and r.server == "scepd" else ""))
     return "\n".join(lines)
 
 
@@ -380,8 +419,8 @@ async def inner(args) -> int:
     ifaces = sorted(line.split(":")[0].strip() for line in Path("/proc/self/net/dev").read_text().splitlines()[2:])
     print(f"loadavg at start: {' '.join(loadavg)} ({os.cpu_count()} cores, shared with other jobs); "
           f"network namespace interfaces: {', '.join(ifaces)}", flush=True)
-    print(f"scepd serve --workers {args.workers if args.workers is not None else f'(default: {os.cpu_count()})'}",
-          flush=True)
+    print(f"scepd serve --workers {args.workers if args.workers is not None else f'(default: {os.cpu_count()})'}"
+          f", database {args.database}", flush=True)
     if ifaces != ["lo"]:
         print("refusing to run: this network namespace has interfaces besides loopback", file=sys.stderr)
         return 2
@@ -424,10 +463,11 @@ async def inner(args) -> int:
             print(f"{r.protocol} {r.clients} {r.server}: {r.failures} failures, e.g. {sorted(set(r.errors))[:3]}")
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"loadavg": loadavg, "scepd_workers": args.workers,
+            {"loadavg": loadavg, "scepd_workers": args.workers, "database": args.database,
              "rows": [{**{k: v for k, v in r.__dict__.items() if k != "errors"},
                                            "errors": r.errors[:10], "ok_per_s": r.ok_per_s,
-                                           "cpu_ms_per_req": r.cpu_ms_per_req} for r in rows]}, indent=1))
+                                           "cpu_ms_per_req": r.cpu_ms_per_req,
+                                           "db_ms_per_req": r.db_ms_per_req} for r in rows]}, indent=1))
     return 0
 
 
@@ -457,6 +497,8 @@ def main() -> int:
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--workers", type=int, default=None,
                     help="scepd serve --workers N (default: the server's, one per core)")
+    ap.add_argument("--database", choices=("sqlite", "postgresql"), default="sqlite",
+                    help="scepd's store: SQLite in its state dir, or a throwaway durable PostgreSQL")
     args = ap.parse_args()
     if os.environ.get(INNER) != "1":
         return outer(sys.argv[1:])

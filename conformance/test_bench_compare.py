@@ -16,19 +16,29 @@ from conformance.conftest import require
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_compare_quick_runs_all_three_servers(tmp_path):
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_compare_quick_runs_all_three_servers(tmp_path, database):
     for binary in ("scepserver", "pebble", "pebble-challtestsrv", "unshare", "ip"):
         require(binary)
+    if database == "postgresql":
+        from tests import pg
+        if not pg.available():
+            if os.environ.get("SCEPD_REQUIRE_CLIENTS") == "1":
+                pytest.fail("PostgreSQL (Debian postgresql) is not installed")
+            pytest.skip("PostgreSQL (Debian postgresql) is not installed")
     if os.geteuid() != 0:
         if os.environ.get("SCEPD_REQUIRE_CLIENTS") == "1":
             pytest.fail("bench/compare.py needs root for its network namespace")
         pytest.skip("bench/compare.py needs root for its network namespace")
     out_json = tmp_path / "rows.json"
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "compare.py"), "--quick", "--json", str(out_json)],
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "compare.py"), "--quick", "--json", str(out_json),
+                          "--database", database],
                          capture_output=True, text=True, timeout=170, cwd=REPO)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "network namespace interfaces: lo\n" in out.stdout
-    rows = json.loads(out_json.read_text())["rows"]
+    result = json.loads(out_json.read_text())
+    assert result["database"] == database
+    rows = result["rows"]
     settings = {(r["protocol"], r["clients"], r["server"]) for r in rows}
     assert settings == {("SCEP", c, s) for c in (1, 8, 32) for s in ("scepd", "micromdm")} | \
                        {("ACME", c, s) for c in (1, 16) for s in ("scepd", "pebble")}
@@ -42,6 +52,11 @@ def test_compare_quick_runs_all_three_servers(tmp_path):
         if r["protocol"] == "ACME":
             # the servers validated http-01 for real: our responder answered each certificate's challenge
             assert r["http01_answered"] >= r["ok"], r
+    db_cpu = sum(r["db_cpu"] for r in rows if r["server"] == "scepd")
+    if database == "postgresql":  # scepd's store really was the PostgreSQL the run started
+        assert db_cpu > 0 and "db ms" in out.stdout, rows
+    else:
+        assert db_cpu == 0 and "db ms" not in out.stdout, rows
     # the reference servers issued too (their failures are counted, not asserted away)
     assert all(r["ok"] > 0 for r in rows if r["server"] == "pebble")
     assert any(r["ok"] > 0 for r in rows if r["server"] == "micromdm")

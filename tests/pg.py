@@ -40,10 +40,13 @@ class PostgresCluster:
         if out.returncode != 0:
             raise RuntimeError(f"{cmd[0]} failed: {out.stdout}{out.stderr}")
 
-    def start(self) -> "PostgresCluster":
+    def start(self, durable: bool = False) -> "PostgresCluster":
+        """durable=False (the tests): fsync off, a crash may lose the cluster. durable=True (the
+        benchmarks): fsync and synchronous_commit on, as in production."""
         self._run(_bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        sync = "" if durable else " -c fsync=off"
         self._run(_bin("pg_ctl"), "-D", str(self.data), "-l", str(self.dir / "log"), "-w", "-t", "60",
-                  "-o", f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir} -c fsync=off",
+                  "-o", f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.dir}{sync}",
                   "start")
         return self
 
