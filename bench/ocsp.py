@@ -341,7 +341,8 @@ def main() -> None:
         print(f"server CPU: {cpu:.2f} s = {cpu / n * 1e6 if n else 0:.0f} µs per response "
               f"({cpu / stats['seconds']:.2f} cores busy); loadavg {load_before[0]:.2f} before, "
               f"{load_after[0]:.2f} after")
-        print("server's pre-signed response counters (/metrics scepd_ocsp_cache_events): "
+        print("server's pre-signed response counters (/metrics scepd_ocsp_cache_events, of the process "
+              "that answered the scrape -- one worker's share with --workers N): "
               + ", ".join(f"{k} {v}" for k, v in sorted(events.items())))
         if generator == "python":
             print("(the Python load generator is the bottleneck here: install `wrk` for the real figure)")
