@@ -3,6 +3,7 @@ a database read, refreshed at half their life, replaced at once on a revocation 
 within [ocsp] status_poll (1 s, on the injected clock) on one made by another process."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import os
@@ -331,3 +332,51 @@ async def test_delegated_responder_renewal_replaces_presigned_responses(make_ser
     assert r.this_update_utc == services.clock.now() and r.certificate_status == GOOD
     from cryptography.hazmat.primitives.asymmetric import ec
     r2.public_key().verify(r.signature, r.tbs_response_bytes, ec.ECDSA(hashes.SHA256()))
+
+
+async def test_delegated_responder_renewal_due_in_two_processes_issues_once(make_services):
+    """Two workers (two DelegatedResponder objects over the same DIR/ocsp, each with its own
+    in-process lock) find the responder certificate due at the same moment: one issues, the other
+    waits on DIR/ocsp/responder.lock and loads that pair -- one certificate, key matching."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from scepd.ca.ocsp import DelegatedResponder
+    services = await make_services({"SCEPD_CA_OCSP_DELEGATED": "1"})
+    directory = services.config.state_dir / "ocsp"
+    issued: list[str] = []
+    real_issue = services.enrollment.issue_internal
+
+    async def counting_issue(*args, **kwargs):
+        issued.append(args[0])
+        await asyncio.sleep(0.05)  # the other worker runs meanwhile
+        return await real_issue(*args, **kwargs)
+    services.enrollment.issue_internal = counting_issue
+    first, second = DelegatedResponder(directory, services.enrollment), DelegatedResponder(directory, services.enrollment)
+    (cert_a, key_a), (cert_b, key_b) = await asyncio.gather(first.current(), second.current())
+    assert len(issued) == 1 and cert_a == cert_b
+    spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert key_b.public_key().public_bytes(*spki) == cert_a.public_key().public_bytes(*spki)
+    signature = key_b.sign(b"tbs", ec.ECDSA(hashes.SHA256()))
+    cert_a.public_key().verify(signature, b"tbs", ec.ECDSA(hashes.SHA256()))
+    # at renewal time, the same: one new certificate for both
+    services.clock.set(cert_a.not_valid_before_utc + (cert_a.not_valid_after_utc - cert_a.not_valid_before_utc) * 2 / 3)
+    (renewed_a, _), (renewed_b, _) = await asyncio.gather(first.current(), second.current())
+    assert len(issued) == 2 and renewed_a == renewed_b != cert_a
+
+
+async def test_delegated_responder_never_loads_a_key_of_another_certificate(make_services):
+    """A key file beside the certificate of another pair (a renewal cut short) is not loaded: a
+    new pair is issued, and it verifies."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from scepd.ca.ocsp import DelegatedResponder
+    services = await make_services({"SCEPD_CA_OCSP_DELEGATED": "1"})
+    directory = services.config.state_dir / "ocsp"
+    cert, _key = await DelegatedResponder(directory, services.enrollment).current()
+    stray = ec.generate_private_key(ec.SECP256R1())
+    (directory / "responder.key").write_bytes(stray.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    fresh = DelegatedResponder(directory, services.enrollment)  # a worker starting now
+    cert2, key2 = await fresh.current()
+    assert cert2 != cert
+    signature = key2.sign(b"tbs", ec.ECDSA(hashes.SHA256()))
+    cert2.public_key().verify(signature, b"tbs", ec.ECDSA(hashes.SHA256()))
+    assert DelegatedResponder(directory, services.enrollment)._load()[0] == cert2

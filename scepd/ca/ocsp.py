@@ -37,9 +37,13 @@ being served; if the store cannot be read either, the answer is tryLater.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import logging
+import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,7 +126,17 @@ def _error(status: ocsp.OCSPResponseStatus, label: str) -> OcspAnswer:
 
 class DelegatedResponder:
     """DIR/ocsp/responder.pem and responder.key (0600): an OCSP signing certificate of the
-    current issuing CA, issued on first use and renewed once two thirds of its life have passed."""
+    current issuing CA, issued on first use and renewed once two thirds of its life have passed.
+
+    Several processes (`serve --workers N`) share the pair: loading, issuing and writing it happen
+    under an exclusive lock on DIR/ocsp/responder.lock, so when renewal falls due in two workers at
+    once one of them issues and the other loads what it wrote (one certificate, never a key file
+    of one renewal beside the certificate of another); and a pair whose key is not the
+    certificate's is never loaded."""
+
+    #: how long a process waits for another's renewal (bounded; then it goes on without the lock:
+    #: the key-matches-certificate check on load still keeps a mixed pair out)
+    LOCK_SECONDS = 30.0
 
     def __init__(self, directory: Path, enrollment):
         self.directory = directory
@@ -143,7 +157,34 @@ class DelegatedResponder:
             key = serialization.load_pem_private_key(self.key_path.read_bytes(), None)
         except (FileNotFoundError, ValueError, TypeError):
             return None
+        spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):  # type: ignore[union-attr]
+            log.warning("OCSP responder key and certificate in %s do not match: issuing a new pair",
+                        self.directory)
+            return None
         return cert, key
+
+    @contextlib.asynccontextmanager
+    async def _across_processes(self):
+        """Hold DIR/ocsp/responder.lock (flock, exclusive) for the block: polled without blocking
+        the event loop, for at most LOCK_SECONDS."""
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.directory / "responder.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            deadline = time.monotonic() + self.LOCK_SECONDS
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        log.warning("OCSP responder: %s still locked after %.0f s; going on without it",
+                                    self.directory / "responder.lock", self.LOCK_SECONDS)
+                        break
+                    await asyncio.sleep(0.02)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
 
     def _due(self, pair, now: dt.datetime) -> bool:
         if pair is None:
@@ -165,7 +206,7 @@ class DelegatedResponder:
         now = self.enrollment.clock.now()
         if not self._due(self._current, now):
             return self._current  # type: ignore[return-value]
-        async with self._lock:
+        async with self._lock, self._across_processes():
             pair = self._current if not self._due(self._current, now) else self._load()
             if self._due(pair, now):
                 pair = await self._issue()
