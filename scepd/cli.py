@@ -668,6 +668,10 @@ def _serve_workers(cfg: config_mod.Config, demo_challenge: bool, count: int, rel
         socks = _bind_listeners(cfg)
         # counters and histograms of every worker, summed by whichever answers /metrics
         metrics_dir = _metrics_directory(cfg.state_dir)
+        # rate-limit buckets in memory the workers share (a limit is the configured one whichever
+        # worker a client reaches); made before the first fork, kept across reloads
+        from .ops.ratelimit import share_across_processes
+        share_across_processes(max(1, cfg.limits.max_keys))
         supervisor = Supervisor(count, functools.partial(_worker_process, cfg, socks, metrics_dir),
                                 on_reload=reload)
         supervisor.install_signal_handlers()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import subprocess
 
 import pytest
@@ -375,3 +376,82 @@ async def test_acme_failed_validations_per_account(aiohttp_client, make_services
     authz = await (await other.post(path_of((await resp.json())["authorizations"][0]), None)).json()
     assert (await other.post(path_of(authz["challenges"][0]["url"]), {})).status == 200
     assert await _acme_metric(acme, "acme_failed_validations_per_account") == 1
+
+
+# --- shared across worker processes ------------------------------------------------------------
+
+@pytest.fixture
+def shared_table(monkeypatch):
+    """The table `serve --workers N` makes in its parent before forking (module state reset after)."""
+    import scepd.ops.ratelimit as rl
+    monkeypatch.setattr(rl, "_shared", None)
+    return rl.share_across_processes(100)
+
+
+def _in_child(fn) -> int:
+    """Run fn() in a forked child; its exit code (0 when fn returned normally)."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            fn()
+        except BaseException:
+            code = 1
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def test_workers_share_one_bucket_per_key(shared_table):
+    """Tokens taken in one forked process are gone in another: a limit of 3 lets 3 requests
+    through in all, not 3 per process; failures spent in a child count in the parent."""
+    clock = FixedClock(T0)
+    name = "acme_new_orders_per_account"
+    parent = limiter(clock, **{name: "3/1h"})
+    assert parent.shared
+    assert _in_child(lambda: [limiter(clock, **{name: "3/1h"}).acquire(name, "acct") for _ in range(2)]) == 0
+    parent.acquire(name, "acct")  # the third
+    with pytest.raises(RateLimited):
+        parent.acquire(name, "acct")
+    assert _in_child(lambda: limiter(clock, **{name: "3/1h"}).acquire(name, "acct")) == 1  # refused there too
+    parent.acquire(name, "other")  # another key, its own bucket
+    failures = "scep_failures_per_address"
+    assert _in_child(lambda: [limiter(clock, **{failures: "2/1h"}).spend(failures, "10.0.0.1") for _ in range(2)]) == 0
+    with pytest.raises(RateLimited):
+        limiter(clock, **{failures: "2/1h"}).ensure(failures, "10.0.0.1")
+    clock.advance(dt.timedelta(minutes=31))  # one failure refilled
+    limiter(clock, **{failures: "2/1h"}).ensure(failures, "10.0.0.1")
+
+
+def test_a_worker_dying_inside_the_lock_does_not_stop_the_others(shared_table):
+    """The lock between processes is a POSIX record lock: the kernel releases it with the process
+    (a semaphore would stay taken, and every worker would hang on its next check)."""
+    import threading
+
+    def die_holding_it():
+        shared_table.__enter__()
+        os._exit(9)
+    assert _in_child(die_holding_it) == 9
+    done = threading.Event()
+    clock = FixedClock(T0)
+    name = "acme_new_nonces_per_address"
+
+    def check():
+        limiter(clock, **{name: "5/1m"}).acquire(name, "127.0.0.1")
+        done.set()
+    t = threading.Thread(target=check, daemon=True)
+    t.start()
+    t.join(timeout=10)
+    assert done.is_set(), "the rate-limit lock stayed held after its process died"
+
+
+def test_the_shared_table_is_bounded_and_a_key_cycling_flood_only_evicts(shared_table):
+    clock = FixedClock(T0)
+    name = "scep_failures_per_transaction"
+    lim = limiter(clock, **{name: "1/1d"})
+    for i in range(5000):
+        lim.spend(name, f"txn-{i}")
+    assert lim.tracked(name) <= shared_table.slots
+    lim.spend(name, "victim")
+    with pytest.raises(RateLimited):
+        lim.ensure(name, "victim")

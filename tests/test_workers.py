@@ -700,3 +700,41 @@ async def test_a_late_duplicate_validation_records_nothing(lab):  # noqa: F811
     after = await lab.service.db.get(challenges, cid)
     assert after["status"] == "valid" and not after["error"]
     assert (await get(lab, order["authorizations"][0]))["status"] == "valid"
+
+
+def test_a_rate_limit_holds_across_workers_not_per_worker(state_dir):
+    """newNonce limited to 4 an hour per address: asked alternately over a connection held by each
+    of the two workers, 4 answers in all, then 429 at both (per-worker buckets would allow 8)."""
+    import ssl
+    https = _free_port()
+    served = serve(state_dir, "--workers", "2", "--no-demo-challenge",
+                   env={"SCEPD_SERVER_HTTPS": f"127.0.0.1:{https}",
+                        "SCEPD_LIMITS_ACME_NEW_NONCES_PER_ADDRESS": "4/1h"})
+    tls = ssl.create_default_context(cafile=str(state_dir / "ca" / "root.pem"))
+    by_worker: dict[int, http.client.HTTPSConnection] = {}
+    try:
+        for _ in range(200):  # bounded: one kept-alive connection held by each worker
+            conn = http.client.HTTPSConnection("127.0.0.1", https, timeout=30, context=tls)
+            conn.request("GET", "/acme/directory")  # not rate limited
+            conn.getresponse().read()
+            owner = _owner(conn.sock, https, served.pids)  # type: ignore[arg-type]
+            if owner in by_worker or owner is None:
+                conn.close()
+            else:
+                by_worker[owner] = conn
+            if len(by_worker) == 2:
+                break
+        assert len(by_worker) == 2
+        statuses = []
+        for i in range(8):
+            conn = list(by_worker.values())[i % 2]
+            conn.request("HEAD", "/acme/new-nonce")
+            resp = conn.getresponse()
+            resp.read()
+            statuses.append(resp.status)
+        assert statuses[:4] == [200] * 4 and statuses[4:] == [429] * 4, statuses
+        assert {_owner(c.sock, https, served.pids) for c in by_worker.values()} == set(by_worker)
+    finally:
+        for conn in by_worker.values():
+            conn.close()
+        assert stop(served) == 0, served.log_text()

@@ -10,12 +10,25 @@ Memory is bounded: each limit keeps at most `max_keys` buckets, least recently u
 and buckets that have refilled to `burst` (the same as no bucket) are dropped as they age out.
 A key whose bucket is evicted starts again with a full bucket: under a flood of more distinct
 keys than `max_keys` the limit weakens for the longest-idle keys, memory never grows.
+
+With `serve --workers N` the buckets are shared by the workers (`share_across_processes`, called
+by the parent before it forks them): a fixed table per limit in anonymous shared memory, each
+check one read-modify-write under a POSIX record lock (released by the kernel if a worker dies
+holding it), so a limit is the configured one whichever worker a client reaches. The table has
+room for `max_keys` keys of each limit as configured at start (open addressing, 16 slots a key
+may use; the least recently refilled of them is evicted when all 16 are taken).
 """
 from __future__ import annotations
 
+import fcntl
 import math
+import mmap
+import os
 import re
 import socket
+import struct
+import tempfile
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -96,6 +109,165 @@ class TokenBucket:
         return self.tokens
 
 
+class SharedBuckets:
+    """Token buckets of every limit in one anonymous shared mapping, inherited by forked workers.
+
+    Per limit, a table of `slots` entries (hash of the key, tokens, stamp); a key lives in one of
+    PROBE consecutive entries from its hash. The key's hash is Python's str hash, salted per
+    server start and the same in every worker forked from the parent. Every operation runs under
+    a lockf lock on an unlinked file (between processes; the kernel drops it with its process) and
+    a threading lock (between the threads of one process)."""
+
+    PROBE = 16
+    _ENTRY = struct.Struct("<qdd")  # hash (0: empty), tokens, stamp
+
+    def __init__(self, max_keys: int, names=None):
+        self.names = list(names or LIMITS)
+        slots = 1
+        while slots < max(2 * max_keys, self.PROBE):
+            slots *= 2
+        self.slots = slots
+        self.max_keys = max_keys
+        self._size = slots * self._ENTRY.size
+        self.mem = mmap.mmap(-1, self._size * len(self.names), flags=mmap.MAP_SHARED)
+        self._base = {name: i * self._size for i, name in enumerate(self.names)}
+        fd, path = tempfile.mkstemp(prefix="scepd-limits-")
+        os.unlink(path)
+        self._fd = fd
+        self._thread_lock = threading.Lock()
+
+    def __enter__(self):
+        self._thread_lock.acquire()
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._thread_lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._thread_lock.release()
+
+    def _positions(self, name: str, key: str):
+        h = hash(key) or 1
+        base, mask, size = self._base[name], self.slots - 1, self._ENTRY.size
+        return h, [base + ((h + i) & mask) * size for i in range(self.PROBE)]
+
+    def find(self, name: str, key: str) -> tuple[int, float, float] | None:
+        """(offset, tokens, stamp) of the key's entry, or None; call inside `with self`."""
+        h, positions = self._positions(name, key)
+        unpack = self._ENTRY.unpack_from
+        for pos in positions:
+            eh, tokens, stamp = unpack(self.mem, pos)
+            if eh == h:
+                return pos, tokens, stamp
+        return None
+
+    def place(self, name: str, key: str, per_second: float, burst: float, now: float) -> int:
+        """The offset of a new entry for the key (full bucket as of now), taking an empty entry,
+        else one that has refilled to `burst` (the same as none), else the least recently
+        refilled; call inside `with self`, after `find` returned None."""
+        h, positions = self._positions(name, key)
+        unpack = self._ENTRY.unpack_from
+        victim, oldest = positions[0], None
+        for pos in positions:
+            eh, tokens, stamp = unpack(self.mem, pos)
+            if eh == 0 or tokens + max(0.0, now - stamp) * per_second >= burst:
+                victim = pos
+                break
+            if oldest is None or stamp < oldest:
+                victim, oldest = pos, stamp
+        self._ENTRY.pack_into(self.mem, victim, h, burst, now)
+        return victim
+
+    def store(self, pos: int, key: str, tokens: float, stamp: float) -> None:
+        self._ENTRY.pack_into(self.mem, pos, hash(key) or 1, tokens, stamp)
+
+    def tracked(self, name: str) -> int:
+        base, size = self._base[name], self._ENTRY.size
+        with self:
+            return sum(1 for i in range(self.slots) if self._ENTRY.unpack_from(self.mem, base + i * size)[0])
+
+
+#: set in the parent of `serve --workers N` before the workers are forked (see the module text)
+_shared: SharedBuckets | None = None
+
+
+def share_across_processes(max_keys: int) -> SharedBuckets:
+    """Called once by the parent, before forking: every RateLimiter made afterwards in this
+    process or its children keeps its buckets in one shared table."""
+    global _shared
+    if _shared is None:
+        _shared = SharedBuckets(max_keys)
+    return _shared
+
+
+class _SharedLimit:
+    """One limit's buckets in the SharedBuckets table: the operations RateLimiter needs, each one
+    read-modify-write under the table's lock."""
+
+    __slots__ = ("name", "rate", "per_second", "burst", "detail", "table")
+
+    def __init__(self, name: str, rate: Rate, detail: str, table: SharedBuckets):
+        self.name, self.rate, self.detail, self.table = name, rate, detail, table
+        self.per_second, self.burst = rate.per_second, float(rate.burst)
+
+    def _refilled(self, tokens: float, stamp: float, now: float) -> tuple[float, float]:
+        if now > stamp:
+            tokens = min(self.burst, tokens + (now - stamp) * self.per_second)
+            stamp = now
+        return tokens, stamp
+
+    def take(self, key: str, now: float) -> float | None:
+        """acquire: None if a token was taken, else the tokens left (nothing taken)."""
+        t = self.table
+        with t:
+            found = t.find(self.name, key)
+            if found is None:
+                pos, tokens, stamp = t.place(self.name, key, self.per_second, self.burst, now), self.burst, now
+            else:
+                pos, tokens, stamp = found
+                tokens, stamp = self._refilled(tokens, stamp, now)
+            if tokens >= 1.0:
+                t.store(pos, key, tokens - 1.0, stamp)
+                return None
+            t.store(pos, key, tokens, stamp)
+            return tokens
+
+    def left(self, key: str, now: float) -> float | None:
+        """ensure: the tokens left, or None if the key has no bucket (a full one)."""
+        t = self.table
+        with t:
+            found = t.find(self.name, key)
+        if found is None:
+            return None
+        return self._refilled(found[1], found[2], now)[0]
+
+    def spend(self, key: str, now: float) -> None:
+        t = self.table
+        with t:
+            found = t.find(self.name, key)
+            if found is None:
+                pos, tokens, stamp = t.place(self.name, key, self.per_second, self.burst, now), self.burst, now
+            else:
+                pos, tokens, stamp = found
+                tokens, stamp = self._refilled(tokens, stamp, now)
+            t.store(pos, key, max(0.0, tokens - 1.0), stamp)
+
+    def refund(self, key: str) -> None:
+        t = self.table
+        with t:
+            found = t.find(self.name, key)
+            if found is not None:
+                t.store(found[0], key, min(self.burst, found[1] + 1.0), found[2])
+
+    def wait(self, tokens: float) -> float:
+        return (1.0 - tokens) / self.per_second
+
+
 class _Limit:
     """The buckets of one limit: an LRU map key -> TokenBucket of bounded size."""
 
@@ -130,6 +302,27 @@ class _Limit:
         """Seconds until a bucket holding `tokens` holds one."""
         return (1.0 - tokens) / self.per_second
 
+    # the operations of RateLimiter (the same as _SharedLimit's)
+    def take(self, key: str, now: float) -> float | None:
+        b = self.bucket(key, now)
+        if b.tokens >= 1.0:
+            b.tokens -= 1.0
+            return None
+        return b.tokens
+
+    def left(self, key: str, now: float) -> float | None:
+        b = self.buckets.get(key)
+        return None if b is None else b.refill(self.per_second, self.burst, now)
+
+    def spend(self, key: str, now: float) -> None:
+        b = self.bucket(key, now)
+        b.tokens = max(0.0, b.tokens - 1.0)
+
+    def refund(self, key: str) -> None:
+        b = self.buckets.get(key)
+        if b is not None:
+            b.tokens = min(self.burst, b.tokens + 1.0)
+
 
 class RateLimiter:
     """Every limit of the server. A limit that is not configured (or disabled) always allows."""
@@ -144,8 +337,12 @@ class RateLimiter:
         # the system clock gives POSIX seconds without building a datetime (about 0.2 instead of
         # 1.2 µs a read on the development machine, bench/ratelimit.py)
         self._now = getattr(clock, "timestamp", None) or (lambda: clock.now().timestamp())
-        self._limits = {name: _Limit(name, rate, LIMITS[name], max_keys)
-                        for name, rate in rates.items() if rate is not None}
+        shared = _shared  # `serve --workers N`: one table for every worker
+        self.shared = shared is not None
+        self._limits: dict[str, _Limit | _SharedLimit] = {
+            name: (_SharedLimit(name, rate, LIMITS[name], shared) if shared is not None
+                   else _Limit(name, rate, LIMITS[name], max_keys))
+            for name, rate in rates.items() if rate is not None}
         #: called with the limit name whenever a request is refused (metrics)
         self.listeners: list[Callable[[str], None]] = []
 
@@ -181,7 +378,9 @@ class RateLimiter:
 
     def tracked(self, name: str) -> int:
         limit = self._limits.get(name)
-        return len(limit.buckets) if limit is not None else 0
+        if limit is None:
+            return 0
+        return limit.table.tracked(name) if isinstance(limit, _SharedLimit) else len(limit.buckets)
 
     # --- the checks -------------------------------------------------------------------------
 
@@ -190,42 +389,33 @@ class RateLimiter:
         limit = self._limits.get(name)
         if limit is None:
             return
-        b = limit.bucket(key[:MAX_KEY_CHARS], self._now())
-        if b.tokens >= 1.0:
-            b.tokens -= 1.0
-            return
-        self._refuse(limit, b.tokens)
+        tokens = limit.take(key[:MAX_KEY_CHARS], self._now())
+        if tokens is not None:
+            self._refuse(limit, tokens)
 
     def ensure(self, name: str, key: str) -> None:
-        """Raise RateLimited if no token is left; take nothing (failures are `spend`-ed later)."""
+        """Raise RateLimited if no token is left; take nothing (failures are `spend`-ed later).
+        A key never seen (or long idle) has a full bucket: nothing is stored."""
         limit = self._limits.get(name)
         if limit is None:
             return
-        buckets = limit.buckets
-        b = buckets.get(key[:MAX_KEY_CHARS])
-        if b is None:  # never failed (or long idle): a full bucket, nothing to store
-            return
-        if b.refill(limit.per_second, limit.burst, self._now()) < 1.0:
-            self._refuse(limit, b.tokens)
+        tokens = limit.left(key[:MAX_KEY_CHARS], self._now())
+        if tokens is not None and tokens < 1.0:
+            self._refuse(limit, tokens)
 
     def spend(self, name: str, key: str) -> None:
         """Record one failure: one token less (never below zero)."""
         limit = self._limits.get(name)
-        if limit is None:
-            return
-        b = limit.bucket(key[:MAX_KEY_CHARS], self._now())
-        b.tokens = max(0.0, b.tokens - 1.0)
+        if limit is not None:
+            limit.spend(key[:MAX_KEY_CHARS], self._now())
 
     def refund(self, name: str, key: str) -> None:
         """Give back the token of an `acquire` whose request did not count after all."""
         limit = self._limits.get(name)
-        if limit is None:
-            return
-        b = limit.buckets.get(key[:MAX_KEY_CHARS])
-        if b is not None:
-            b.tokens = min(limit.burst, b.tokens + 1.0)
+        if limit is not None:
+            limit.refund(key[:MAX_KEY_CHARS])
 
-    def _refuse(self, limit: _Limit, tokens: float) -> None:
+    def _refuse(self, limit: "_Limit | _SharedLimit", tokens: float) -> None:
         for listener in self.listeners:
             listener(limit.name)
         retry_after = max(1, math.ceil(limit.wait(tokens)))
