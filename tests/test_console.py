@@ -105,6 +105,34 @@ async def test_revoking_the_token_ends_its_sessions(services, ui):
     assert r.status == 303
 
 
+async def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(services, ui, clock):
+    """Sign-out is recorded in the store: a copy of the cookie (another browser, a stolen one)
+    no longer signs in, in any worker; another session of the same token goes on."""
+    _id, token = await _token(services)
+    session = await sign_in(ui, token)
+    other = await sign_in(ui, token)
+    assert session != other
+    copy = str(session)
+    csrf = await _page_csrf(ui, session, "/ui/certificates")
+    r = await ui.post("/ui/logout", data={"csrf": csrf}, cookies={COOKIE: session}, allow_redirects=False)
+    assert r.status == 303 and r.headers["Location"] == "/ui/login"
+    r = await ui.get("/ui/certificates", cookies={COOKIE: copy}, allow_redirects=False)
+    assert r.status == 303 and r.headers["Location"] == "/ui/login"
+    r = await ui.post("/ui/logout", data={"csrf": csrf}, cookies={COOKIE: copy}, allow_redirects=False)
+    assert r.status == 401  # a signed-out session cannot post either
+    assert (await ui.get("/ui/certificates", cookies={COOKIE: other}, allow_redirects=False)).status == 200
+    # the record of a sign-out lives as long as the session would have, then goes with the next one
+    import sqlalchemy as sa
+    from scepd.console.queries import console_signouts
+    count = lambda: services.store.read(lambda c: c.execute(sa.select(sa.func.count()).select_from(console_signouts)).scalar())  # noqa: E731
+    assert await count() == 1
+    clock.advance(dt.timedelta(hours=8))
+    third = await sign_in(ui, token)
+    csrf = await _page_csrf(ui, third, "/ui/certificates")
+    await ui.post("/ui/logout", data={"csrf": csrf}, cookies={COOKIE: third}, allow_redirects=False)
+    assert await count() == 1
+
+
 async def test_a_cookie_signed_with_another_key_is_refused(services, ui):
     _id, token = await _token(services)
     await sign_in(ui, token)
@@ -323,7 +351,7 @@ def test_the_session_key_is_created_once_and_shared(tmp_path, clock):
     assert (tmp_path / KEY_FILE).stat().st_mode & 0o777 == 0o600
     assert [p.name for p in tmp_path.iterdir()] == [KEY_FILE]
     value, _ = Sessions(key, clock).issue(7)
-    assert Sessions(load_key(tmp_path), clock).verify(value) == 7  # another worker reads the same key
+    assert Sessions(load_key(tmp_path), clock).verify(value).token_id == 7  # another worker reads the same key
     tampered = value.replace("7.", "8.", 1)
     assert Sessions(key, clock).verify(tampered) is None
 

@@ -14,6 +14,18 @@ from ..store.sql import _cert_record, _naive, certificates
 PAGE_SIZE = 25
 TIMELINE_DAYS = 90
 
+_meta = sa.MetaData()
+
+#: sessions signed out before their expiry (scepd.console.session): kept until that expiry
+console_signouts = sa.Table(
+    "console_signouts", _meta,
+    sa.Column("sid", sa.String(32), primary_key=True),
+    sa.Column("expires_at", sa.DateTime, nullable=False, index=True),
+)
+
+#: component "console", version 1 (applied from the ordered list, scepd.http.assembly.migrations)
+MIGRATIONS = [(1, [console_signouts])]
+
 
 @dataclass(frozen=True)
 class Filters:
@@ -92,10 +104,24 @@ def timeline(now: dt.datetime):
     return unit
 
 
-def token_live(token_id: int):
-    """A read unit: the name of admin token `token_id` if it exists and is not revoked, else None."""
+def session_live(token_id: int, sid: str):
+    """A read unit: the name of admin token `token_id` if it exists and is not revoked and session
+    `sid` was not signed out, else None."""
     def unit(conn: sa.Connection) -> str | None:
         row = conn.execute(sa.select(admin_tokens.c.name, admin_tokens.c.revoked_at).where(
             admin_tokens.c.id == token_id)).first()
-        return row.name if row is not None and row.revoked_at is None else None
+        if row is None or row.revoked_at is not None:
+            return None
+        out = conn.execute(sa.select(console_signouts.c.sid).where(console_signouts.c.sid == sid)).first()
+        return row.name if out is None else None
+    return unit
+
+
+def sign_out(sid: str, expires: dt.datetime, now: dt.datetime):
+    """A write unit: session `sid` signed out until `expires`; signed-out sessions already expired
+    are dropped (the table holds at most the sessions of the last SESSION_TTL)."""
+    def unit(conn: sa.Connection) -> None:
+        conn.execute(console_signouts.delete().where(console_signouts.c.expires_at <= _naive(now)))
+        if conn.execute(sa.select(console_signouts.c.sid).where(console_signouts.c.sid == sid)).first() is None:
+            conn.execute(console_signouts.insert().values(sid=sid, expires_at=_naive(expires)))
     return unit

@@ -66,11 +66,11 @@ def add_console_routes(app: web.Application, services) -> None:
         """(actor, CSRF binding) of the caller, None if not signed in; _Refused for a client
         certificate that is not an admin certificate (403) or not a valid one of ours."""
         cookie = request.cookies.get(COOKIE)
-        token_id = sessions.verify(cookie)
-        if token_id is not None:
-            name = await services.store.read(queries.token_live(token_id))
+        session = sessions.verify(cookie)
+        if session is not None:
+            name = await services.store.read(queries.session_live(session.token_id, session.sid))
             if name is not None:
-                return f"token:{token_id}:{name}", "session|" + str(cookie)
+                return f"token:{session.token_id}:{name}", "session|" + str(cookie)
         if peer_certificate(request) is not None:
             try:
                 actor = await authenticate(request, services, admin)
@@ -143,7 +143,11 @@ def add_console_routes(app: web.Application, services) -> None:
         resp.del_cookie(PRE_COOKIE, path=f"{PREFIX}/")
         return resp
 
-    async def logout(_request, _actor, _csrf, _form) -> web.StreamResponse:
+    async def logout(request, actor, _csrf, _form) -> web.StreamResponse:
+        session = sessions.verify(request.cookies.get(COOKIE))
+        if session is not None:  # ended here for every copy of the cookie, not just this browser's
+            await services.store.write(queries.sign_out(session.sid, session.expires, services.clock.now()))
+            log.info("console sign-out: %s", actor)
         resp = _see(f"{PREFIX}/login")
         resp.del_cookie(COOKIE, path=f"{PREFIX}/", secure=True, httponly=True, samesite="Strict")
         return resp

@@ -1,6 +1,8 @@
 """Console sessions that work with `serve --workers N`: nothing is kept in memory. The cookie is
-`<token id>.<expiry unix>.<HMAC-SHA256>` with a key in the state directory (created once, shared
-by every worker); each request also checks that the admin token is still live (not revoked).
+`<token id>.<expiry unix>.<session id>.<HMAC-SHA256>` with a key in the state directory (created
+once, shared by every worker); each request also checks, in the store, that the admin token is
+still live (not revoked) and that the session was not signed out (sign-out records the session
+id until its expiry, so a copy of the cookie stops working too).
 CSRF tokens are HMACs of the session (or of the admin certificate's serial), so they need no
 storage either."""
 from __future__ import annotations
@@ -10,7 +12,9 @@ import datetime as dt
 import hashlib
 import hmac
 import os
+import re
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 
 COOKIE = "scepd_console"
@@ -18,6 +22,14 @@ COOKIE = "scepd_console"
 PRE_COOKIE = "scepd_console_login"
 SESSION_TTL = dt.timedelta(hours=8)
 KEY_FILE = "console-session.key"
+_SID = re.compile(r"[A-Za-z0-9_-]{16}")
+
+
+@dataclass(frozen=True)
+class Session:
+    token_id: int
+    sid: str  # random, in the cookie: what sign-out records
+    expires: dt.datetime
 
 
 def load_key(state_dir: Path) -> bytes:
@@ -57,24 +69,26 @@ class Sessions:
         self.ttl = ttl
 
     def issue(self, token_id: int) -> tuple[str, int]:
-        """A cookie value for this token, and its lifetime in seconds."""
+        """A cookie value for this token (a new session id), and its lifetime in seconds."""
         expiry = int((self.clock.now() + self.ttl).timestamp())
-        body = f"{token_id}.{expiry}"
+        body = f"{token_id}.{expiry}.{secrets.token_urlsafe(12)}"
         return f"{body}.{_mac(self.key, 'session|' + body)}", int(self.ttl.total_seconds())
 
-    def verify(self, value: str | None) -> int | None:
-        """The token id of a genuine, unexpired session cookie, else None."""
+    def verify(self, value: str | None) -> Session | None:
+        """The session of a genuine, unexpired session cookie, else None (whether it was signed
+        out is the store's to say: queries.session_live)."""
         if not value or len(value) > 200:
             return None
         parts = value.split(".")
-        if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+        if len(parts) != 4 or not parts[0].isdigit() or not parts[1].isdigit() or not _SID.fullmatch(parts[2]):
             return None
-        body = f"{parts[0]}.{parts[1]}"
-        if not hmac.compare_digest(parts[2], _mac(self.key, "session|" + body)):
+        body = ".".join(parts[:3])
+        if not hmac.compare_digest(parts[3], _mac(self.key, "session|" + body)):
             return None
-        if int(parts[1]) <= self.clock.now().timestamp():
+        expiry = int(parts[1])
+        if expiry <= self.clock.now().timestamp():
             return None
-        return int(parts[0])
+        return Session(int(parts[0]), parts[2], dt.datetime.fromtimestamp(expiry, dt.timezone.utc))
 
     def csrf(self, binding: str) -> str:
         """The CSRF token of a session cookie value, a certificate serial or a login nonce."""

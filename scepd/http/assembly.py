@@ -23,6 +23,7 @@ def migrations() -> list[Migration]:
     from acme import store as acme_store
 
     from ..admin import service as admin
+    from ..console import queries as console
     from ..ops import agents, audit, metrics
     from ..ca import crl
     from ..store.sql import MIGRATIONS as store_own
@@ -33,7 +34,8 @@ def migrations() -> list[Migration]:
                              ("ops", admin.MIGRATIONS),        # 3: admin API tokens
                              ("agents", agents.MIGRATIONS),    # 1: agent inventory, 2: check-in index
                              ("acme", acme_store.MIGRATIONS),  # 1-4: ACME accounts, orders, EAB, ARI
-                             ("metrics", metrics.MIGRATIONS)):  # 1: valid certificates per expiry day
+                             ("metrics", metrics.MIGRATIONS),  # 1: valid certificates per expiry day
+                             ("console", console.MIGRATIONS)):  # 1: signed-out console sessions
         ordered.extend((component, version, step) for version, step in steps)
     return ordered
 
