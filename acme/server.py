@@ -8,7 +8,7 @@ import logging
 
 from aiohttp import web
 
-from scepd.errors import MalformedRequest, RateLimited, ScepdError, UnsupportedMediaType, mapping_for
+from scepd.errors import MalformedRequest, RateLimited, ScepdError, Unavailable, UnsupportedMediaType, mapping_for
 from scepd.http_body import read_body
 from scepd.ops.logctx import set_transaction_id
 from scepd.ops.ratelimit import ACME_FAILED_VALIDATIONS_PER_ACCOUNT, ACME_NEW_ACCOUNTS_PER_ADDRESS, ACME_NEW_NONCES_PER_ADDRESS, ACME_NEW_ORDERS_PER_ACCOUNT, address_key
@@ -32,7 +32,7 @@ def _json(body: dict, status: int = 200, headers: dict | None = None) -> web.Res
 
 def _problem(err: ScepdError) -> web.Response:
     body = problem(err)
-    headers = {"Retry-After": str(err.retry_after)} if isinstance(err, RateLimited) else None
+    headers = {"Retry-After": str(err.retry_after)} if isinstance(err, (RateLimited, Unavailable)) else None
     return web.Response(text=json.dumps(body), status=body["status"], content_type="application/problem+json",
                         headers=headers)
 

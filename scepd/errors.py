@@ -200,6 +200,17 @@ class NotFound(ScepdError):
     """A named object (certificate, challenge) does not exist."""
 
 
+class Unavailable(ScepdError):
+    """Something the answer needs is down for now (the CA key's PKCS#11 token): HTTP 503 with
+    Retry-After, never a SCEP FAILURE (which a client takes as final) and never internal text."""
+
+    DETAIL = "the server cannot sign right now; retry later"
+
+    def __init__(self, detail: str = DETAIL, retry_after: int = 30):
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+
 class RateLimited(ScepdError):
     """A rate limit (scepd/ratelimit.py) refuses the request; retry after `retry_after` seconds."""
 
@@ -261,6 +272,7 @@ ERROR_TABLE: dict[type[ScepdError], ErrorMapping] = {
     InvalidProfile: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "invalidProfile", 400),
     RejectedIdentifiers: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "rejectedIdentifier", 400),
     RateLimited: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "rateLimited", 429),
+    Unavailable: ErrorMapping(FailInfo.BAD_REQUEST, _ACME + "serverInternal", 503),
 }
 
 

@@ -220,6 +220,46 @@ async def test_readyz_fails_when_the_token_loses_the_key(aiohttp_client, hsm, tm
     assert resp.status == 503 and await resp.text() == "CA key unusable\n"
 
 
+async def test_a_token_lost_mid_request_is_503_with_retry_after_and_nothing_issued(client, monkeypatch):
+    """The token goes away while serving (removed, its session lost for good): SCEP answers HTTP
+    503 with Retry-After -- not a 500, not a signed FAILURE (clients take that as final) -- with
+    nothing of the token's error in the body, issues and stores nothing, and enrolls again once
+    the token is back. ACME and EST map the same error to 503 + Retry-After."""
+    import json
+
+    import pkcs11
+    from acme.server import _problem
+    from scepd.est.transport import error_response
+    services = client.server.app[SERVICES]
+    token = services.ca_material.key._token
+    real_session = token.session
+
+    def gone():
+        raise pkcs11.exceptions.TokenNotPresent()
+    monkeypatch.setattr(token, "session", gone)
+    key = rsa_key(1)
+    signer = (self_signed(key), key)
+    for cn in ("token-gone-1", "token-gone-2"):
+        der, _txid, _nonce = pkcs_req(services.ca_material.cert, key, make_csr(key, cn, "static-secret"),
+                                      signer=signer)
+        resp = await client.post("/scep?operation=PKIOperation", data=der)
+        text = await resp.text()
+        assert resp.status == 503 and resp.headers["Retry-After"] == "30", (resp.status, text)
+        assert "PKCS" not in text and "TokenNotPresent" not in text and "scepd-ca" not in text
+        assert await services.store.list_certificates(limit=100) == []
+    monkeypatch.setattr(token, "session", real_session)
+    token.reset()
+    _body, rep, leaf = await _enroll(client, services.ca_material.cert, key, "token-back")
+    assert rep.status == wire.PkiStatus.SUCCESS and len(await services.store.list_certificates(limit=100)) == 1
+    err = p11.TokenUnavailable("PKCS#11 token scepd-ca, key issuing: TokenNotPresent")
+    problem = _problem(err)
+    assert problem.status == 503 and problem.headers["Retry-After"] == "30"
+    assert json.loads(problem.text)["type"] == "urn:ietf:params:acme:error:serverInternal"
+    assert "PKCS" not in problem.text
+    est = error_response(err)
+    assert est.status == 503 and est.headers["Retry-After"] == "30" and "PKCS" not in est.text
+
+
 def _serve_error(state: Path, env: dict | None = None) -> str:
     out = subprocess.run([sys.executable, "-m", "scepd", "serve", "--state-dir", str(state),
                           "--http", "127.0.0.1:0"], capture_output=True, text=True, timeout=120,

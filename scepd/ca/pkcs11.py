@@ -23,6 +23,7 @@ refused (the URI is stored in the state directory). Nothing here logs the PIN.
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -33,7 +34,10 @@ from cryptography.exceptions import UnsupportedAlgorithm, _Reasons
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 
+from ..errors import Unavailable
 from .pki import PkiError
+
+log = logging.getLogger("scepd.pkcs11")
 
 PIN_ENV = "SCEPD_PKCS11_PIN"
 
@@ -45,6 +49,19 @@ _QUERY_ATTRS = {"module-path", "pin-source"}
 
 class TokenError(PkiError):
     """The token, its PIN or a key object is unusable; the message is one line for the operator."""
+
+
+class TokenUnavailable(TokenError, Unavailable):
+    """A signature or decryption the token refused while serving (removed, session lost and not
+    regained, key gone): the operator's one line in the log; the client gets Unavailable's
+    answer (HTTP 503, Retry-After), with nothing of this text."""
+
+    def __init__(self, operator_detail: str):
+        Unavailable.__init__(self)
+        self.operator_detail = operator_detail
+
+    def __str__(self) -> str:
+        return self.operator_detail
 
 
 @dataclass(frozen=True)
@@ -311,15 +328,17 @@ class _TokenKey:
                         self._handle = _find(session, self.uri, pkcs11.ObjectClass.PRIVATE_KEY)
                         self._generation = self._token.generation
                         if self._handle is None:
-                            raise TokenError(f"no private {self.uri.where}")
+                            log.error("PKCS#11 token %s: no private %s", self._token.name, self.uri.where)
+                            raise TokenUnavailable(f"no private {self.uri.where}")
                     return op(self._handle)
                 except pkcs11.PKCS11Error as exc:
                     if type(exc).__name__ in _SESSION_ERRORS and attempt == 0:
                         self._token.reset()
                         self._handle = None
                         continue
-                    raise TokenError(f"PKCS#11 token {self._token.name}, {self.uri.where}: "
-                                     f"{type(exc).__name__}") from None
+                    log.error("PKCS#11 token %s, %s: %s", self._token.name, self.uri.where, type(exc).__name__)
+                    raise TokenUnavailable(f"PKCS#11 token {self._token.name}, {self.uri.where}: "
+                                           f"{type(exc).__name__}") from None
         raise AssertionError("unreachable")
 
     def public_key(self):

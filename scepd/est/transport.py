@@ -18,7 +18,7 @@ from aiohttp import web
 
 from ..enroll.pipeline import NameOutOfScope
 from ..errors import (ChallengeRejected, ExternalCheckDenied, MalformedRequest, NotFound, PayloadTooLarge, RateLimited,
-                      RenewalRefused, RequestRejected, ScepdError)
+                      RenewalRefused, RequestRejected, ScepdError, Unavailable)
 from ..http_body import read_body
 from ..ops.ratelimit import EST_FAILURES_PER_ADDRESS, RateLimiter, address_key
 from .service import AuthenticationRequired, Credentials, Enrolled, EstService, Forbidden, encode_base64
@@ -64,6 +64,8 @@ def status_of(err: ScepdError) -> int:
         return 413
     if isinstance(err, RateLimited):
         return 429
+    if isinstance(err, Unavailable):
+        return 503
     return 400  # malformed base64 or CSR, a refused key or subject (PolicyViolation), ...
 
 
@@ -72,7 +74,7 @@ def error_response(err: ScepdError) -> web.Response:
     headers = {}
     if status == 401:
         headers["WWW-Authenticate"] = f'Basic realm="{REALM}"'
-    if isinstance(err, RateLimited):
+    if isinstance(err, (RateLimited, Unavailable)):
         headers["Retry-After"] = str(err.retry_after)
     reason = (err.detail.splitlines() or ["refused"])[0][:300]
     return web.Response(status=status, text=reason + "\n", content_type="text/plain", headers=headers)

@@ -33,7 +33,7 @@ from ..enroll.enrollment import EnrollmentService
 from ..errors import (BadCertId, BadRequest, BadTime, ChallengeRejected, ForbiddenAlgorithm, MalformedRequest,
                       NotForUs, RenewalRefused, RequestRejected, ScepdError, UnknownTransaction,
                       UnsupportedMessageType, UnverifiableMessage, mapping_for)
-from ..errors import BadMessageCheck, UnreadableEnvelope
+from ..errors import BadMessageCheck, Unavailable, UnreadableEnvelope
 from ..render import serial_hex
 from ..enroll.external_check import ExternalCheck
 from ..ops.logctx import set_transaction_id
@@ -192,8 +192,8 @@ class ScepService:
             if msg.message_type == wire.MessageType.GET_CRL:
                 return (*await self._get_crl(msg, data, digest), msg)
             raise UnsupportedMessageType(f"messageType {msg.message_type} is not supported")
-        except NotForUs:  # decided from recipient identifiers, before any decryption: HTTP 400
-            raise
+        except (NotForUs, Unavailable):  # NotForUs: decided from recipient identifiers, before
+            raise  # any decryption: HTTP 400. Unavailable (the key token): HTTP 503, not a FAILURE
         except ScepdError as err:
             fail_info = mapping_for(err).fail_info
             # an UnreadableEnvelope's reason (padding, parse, CSR...) goes to the log, never the reply

@@ -16,7 +16,7 @@ from urllib.parse import unquote_to_bytes
 
 from aiohttp import web
 
-from ..errors import MalformedRequest, PayloadTooLarge, ScepdError, UnsupportedOperation, mapping_for
+from ..errors import MalformedRequest, PayloadTooLarge, ScepdError, Unavailable, UnsupportedOperation, mapping_for
 from ..http_body import read_body
 from ..ops.ratelimit import SCEP_FAILURES_PER_ADDRESS, SCEP_FAILURES_PER_TRANSACTION, RateLimiter, address_key
 from . import wire
@@ -56,7 +56,7 @@ def decode_get_message(value: bytes) -> bytes:
 
 
 def _error_response(err: ScepdError) -> web.Response:
-    status = 413 if isinstance(err, PayloadTooLarge) else 400
+    status = 413 if isinstance(err, PayloadTooLarge) else 503 if isinstance(err, Unavailable) else 400
     return web.Response(status=status, text=err.detail.splitlines()[0] + "\n", content_type="text/plain")
 
 
@@ -109,6 +109,11 @@ class ScepHandler:
             log.info("SCEP %s refused with HTTP %s: %s", operation[:40], mapping_for(err).http_status,
                      err.detail)
             return _error_response(err)
+        except Unavailable as err:  # no signature can be made now: no signed FAILURE either
+            log.warning("SCEP %s answered HTTP 503: %s", operation[:40], err)
+            resp = _error_response(err)
+            resp.headers["Retry-After"] = str(err.retry_after)
+            return resp
         finally:
             if self.observer is not None:
                 self.observer(op or "unknown", outcome, time.monotonic() - started)
