@@ -506,6 +506,11 @@ async def _serve(cfg: config_mod.Config, demo_challenge: bool, reloader: _Reload
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, hup.set)  # before anything is announced
     socks = _bind_listeners(cfg)
+    # counters and histograms in files, as with several workers: a reload's new generation of the
+    # services (same process) goes on from the old one's counts instead of restarting from zero
+    from .ops.metrics import share_across_processes
+    metrics_dir = _metrics_directory(cfg.state_dir)
+    share_across_processes(metrics_dir)
     try:
         gen = await _start_generation(cfg, socks, primary=True)
         try:
@@ -528,6 +533,8 @@ async def _serve(cfg: config_mod.Config, demo_challenge: bool, reloader: _Reload
     finally:
         for sock in socks.values():
             sock.close()
+        import shutil
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 async def _reload_in_process(cfg, gen: _Generation, socks: dict, reloader: _Reloader):

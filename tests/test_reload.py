@@ -249,3 +249,28 @@ def test_a_new_worker_that_fails_to_start_leaves_the_old_one_serving(tmp_path):
     finally:
         supervisor.stop()
     assert Path(events).read_text().splitlines() == ["old 0 start primary", "old 0 stop"]
+
+
+@WORKERS
+def test_metric_counters_go_on_across_a_reload(state_dir, count):
+    """scepd_certificates_issued counted before a SIGHUP is still counted after it (one process or
+    several): a reload is not a restart of the counters."""
+    import re
+    served = serve(state_dir, "--workers", count)
+    try:
+        ca = _ca_cert(served.port)
+        [e] = _enrollments(ca, 1, served.challenge, "metrics-reload")
+        assert _issued(e, *_post_pkcsreq(served.port, e.der)) is not None
+
+        def issued() -> float:
+            status, body = _get(served.port, "/metrics")
+            assert status == 200
+            return sum(float(m.group(1)) for m in re.finditer(
+                r'^scepd_certificates_issued_total\{[^}]*protocol="scep"[^}]*\} (\S+)$', body.decode(), re.M))
+        assert issued() == 1
+        _hup_and_wait(served)
+        assert issued() == 1
+    finally:
+        code = stop(served)
+    assert code == 0, served.log_text()
+    assert not list(state_dir.glob(".metrics-*"))  # removed at stop
