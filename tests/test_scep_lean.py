@@ -4,6 +4,7 @@ that unit whole and draws another serial; the common PKIMessage is read without 
 with the same answers."""
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import random
 from pathlib import Path
@@ -69,6 +70,42 @@ async def test_a_renewal_is_one_read_unit_and_one_write_unit(client, units):
                            csr=make_csr(new_key, "lean-renew"))
     assert units == {"read": 1, "write": 1, "transaction": 0}
     assert renewed.serial_number != cert.serial_number
+
+
+@pytest.fixture
+async def hops(monkeypatch):
+    """The event loop's hand-offs to threads (asyncio.to_thread and the store's units both go
+    through loop.run_in_executor): each costs the loop a submit, a wake-up and a callback."""
+    loop = asyncio.get_running_loop()
+    calls: list[str] = []
+    real = loop.run_in_executor
+
+    def spy(executor, func, *args):
+        calls.append(getattr(func, "__qualname__", repr(func)))
+        return real(executor, func, *args)
+    monkeypatch.setattr(loop, "run_in_executor", spy)
+    return calls
+
+
+async def test_an_enrollment_is_two_thread_hops(client, units, hops):
+    """Decode, verify, rate-limit gate, decrypt, the CSR's checks and the read unit are one hop;
+    signing, the reply and the write unit another (the signing thread hands the unit to the
+    store's writer itself). Each hop saved is a submit, a wake-up and a callback of the loop."""
+    await enroll(client, rsa_key(0), "hops-1", "static-secret")
+    units.update(read=0, write=0, transaction=0)
+    hops.clear()
+    await enroll(client, rsa_key(1), "hops-2", "static-secret")
+    assert len(hops) == 2, hops
+    assert units == {"read": 1, "write": 1, "transaction": 0}
+
+
+async def test_a_renewal_is_two_thread_hops(client, hops):
+    key = rsa_key(0)
+    cert = await enroll(client, key, "hops-renew", "static-secret")
+    hops.clear()
+    new_key = rsa_key(1)
+    await enroll(client, new_key, "hops-renew", None, signer=(cert, key), csr=make_csr(new_key, "hops-renew"))
+    assert len(hops) == 2, hops
 
 
 async def test_a_serial_collision_voids_the_unit_and_draws_another_serial(client, monkeypatch):

@@ -80,3 +80,34 @@ async def test_sqlite_units_run_off_the_event_loop_thread(tmp_path):
         assert seen.startswith("scepd-db-read")
     finally:
         await store.close()
+
+
+async def test_prepare_runs_off_the_loop_before_the_unit_and_its_result_is_the_units(database_url):
+    """read/write(fn, prepare=...): the CPU work a unit depends on runs first, never in the
+    event loop's thread (on SQLite: the read in the same store thread, the write's in a worker
+    thread that hands the unit to the writer), and the unit gets its result."""
+    store = await SqlStore.open(database_url)
+    try:
+        loop_thread = threading.get_ident()
+        prepared_in: list[int] = []
+
+        def prepare(secret):
+            def run():
+                prepared_in.append(threading.get_ident())
+                return secret
+            return run
+        first = await store.write(lambda conn, secret: _insert(secret)(conn), prepare=prepare("a" * 64))
+        assert await store.read(lambda conn, n: (_count(conn), n), prepare=prepare(7)) == (1, 7)
+        assert (await store.find_challenge("a" * 64)).id == first
+        assert len(prepared_in) == 2 and loop_thread not in prepared_in
+
+        def refuse():
+            raise ValueError("no")
+        ran: list[bool] = []
+        with pytest.raises(ValueError):
+            await store.write(lambda conn, _x: ran.append(True), prepare=refuse)
+        with pytest.raises(ValueError):
+            await store.read(lambda conn, _x: ran.append(True), prepare=refuse)
+        assert ran == []
+    finally:
+        await store.close()

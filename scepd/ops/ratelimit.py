@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 import socket
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
@@ -132,7 +133,9 @@ class _Limit:
 
 
 class RateLimiter:
-    """Every limit of the server. A limit that is not configured (or disabled) always allows."""
+    """Every limit of the server. A limit that is not configured (or disabled) always allows.
+    Thread-safe: one lock around each check's bucket arithmetic (SCEP's gate runs in the
+    worker thread that decodes a message, its `spend` on the event loop)."""
 
     def __init__(self, rates: dict[str, Rate | None], clock: Clock, max_keys: int = 10_000):
         if max_keys < 1:
@@ -148,6 +151,7 @@ class RateLimiter:
                         for name, rate in rates.items() if rate is not None}
         #: called with the limit name whenever a request is refused (metrics)
         self.listeners: list[Callable[[str], None]] = []
+        self._lock = threading.Lock()
 
     @classmethod
     def disabled(cls, clock: Clock | None = None) -> "RateLimiter":
@@ -190,40 +194,45 @@ class RateLimiter:
         limit = self._limits.get(name)
         if limit is None:
             return
-        b = limit.bucket(key[:MAX_KEY_CHARS], self._now())
-        if b.tokens >= 1.0:
-            b.tokens -= 1.0
-            return
-        self._refuse(limit, b.tokens)
+        with self._lock:
+            b = limit.bucket(key[:MAX_KEY_CHARS], self._now())
+            if b.tokens >= 1.0:
+                b.tokens -= 1.0
+                return
+            tokens = b.tokens
+        self._refuse(limit, tokens)
 
     def ensure(self, name: str, key: str) -> None:
         """Raise RateLimited if no token is left; take nothing (failures are `spend`-ed later)."""
         limit = self._limits.get(name)
         if limit is None:
             return
-        buckets = limit.buckets
-        b = buckets.get(key[:MAX_KEY_CHARS])
+        b = limit.buckets.get(key[:MAX_KEY_CHARS])
         if b is None:  # never failed (or long idle): a full bucket, nothing to store
             return
-        if b.refill(limit.per_second, limit.burst, self._now()) < 1.0:
-            self._refuse(limit, b.tokens)
+        with self._lock:
+            tokens = b.refill(limit.per_second, limit.burst, self._now())
+        if tokens < 1.0:
+            self._refuse(limit, tokens)
 
     def spend(self, name: str, key: str) -> None:
         """Record one failure: one token less (never below zero)."""
         limit = self._limits.get(name)
         if limit is None:
             return
-        b = limit.bucket(key[:MAX_KEY_CHARS], self._now())
-        b.tokens = max(0.0, b.tokens - 1.0)
+        with self._lock:
+            b = limit.bucket(key[:MAX_KEY_CHARS], self._now())
+            b.tokens = max(0.0, b.tokens - 1.0)
 
     def refund(self, name: str, key: str) -> None:
         """Give back the token of an `acquire` whose request did not count after all."""
         limit = self._limits.get(name)
         if limit is None:
             return
-        b = limit.buckets.get(key[:MAX_KEY_CHARS])
-        if b is not None:
-            b.tokens = min(limit.burst, b.tokens + 1.0)
+        with self._lock:
+            b = limit.buckets.get(key[:MAX_KEY_CHARS])
+            if b is not None:
+                b.tokens = min(limit.burst, b.tokens + 1.0)
 
     def _refuse(self, limit: _Limit, tokens: float) -> None:
         for listener in self.listeners:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -474,16 +475,28 @@ class _SqliteUnits:
                 self._conns.append(conn)
         return conn
 
-    def _run(self, fn, immediate: bool):
+    def _run(self, fn, immediate: bool, prepare=None):
+        args = () if prepare is None else (prepare(),)  # before BEGIN: no snapshot held meanwhile
         conn = self._connection(immediate)
         with conn.begin():
-            return fn(conn)
+            return fn(conn, *args)
 
-    async def read(self, fn):
-        return await asyncio.get_running_loop().run_in_executor(self._readers, self._run, fn, False)
+    async def read(self, fn, prepare=None):
+        # `prepare` runs in the reader thread itself: the unit and its CPU work are one hop
+        return await asyncio.get_running_loop().run_in_executor(self._readers, self._run, fn, False, prepare)
 
-    async def write(self, fn):
-        return await asyncio.get_running_loop().run_in_executor(self._writer, self._run, fn, True)
+    async def write(self, fn, prepare=None):
+        loop = asyncio.get_running_loop()
+        if prepare is None:
+            return await loop.run_in_executor(self._writer, self._run, fn, True)
+        # `prepare` runs in a worker thread, which hands the unit straight to the writer thread
+        # (no event-loop round trip between them); not in the writer itself, which would queue
+        # every write of the process behind each signature (an HSM's latency included)
+        return await loop.run_in_executor(None, self._prepared_write, fn, prepare)
+
+    def _prepared_write(self, fn, prepare):
+        prepared = prepare()
+        return self._writer.submit(self._run, lambda conn: fn(conn, prepared), True).result()
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
@@ -493,6 +506,10 @@ class _SqliteUnits:
                 conn.close()
             self._conns.clear()
         self.engine.dispose()
+
+
+def _with_prepared(fn, prepared, conn):
+    return fn(conn, prepared)
 
 
 class SqlStore:
@@ -513,19 +530,31 @@ class SqlStore:
         SQLite the stdlib-driver engine behind read/write units): for statement tracing."""
         return [self.engine.sync_engine] + ([self._units.engine] if self._units is not None else [])
 
-    async def read(self, fn: Callable[[sa.Connection], T]) -> T:
+    async def read(self, fn: Callable[..., T], prepare: Callable[[], object] | None = None) -> T:
         """Run `fn(connection)` -- synchronous SQLAlchemy Core reads -- as one unit, in one
-        snapshot. See the module docstring."""
+        snapshot. See the module docstring.
+
+        `prepare()`: CPU work the reads depend on (decoding, decrypting), run first and never on
+        the event loop; then the unit is `fn(connection, prepare())`. On SQLite both run in the
+        same store thread (one hop); on PostgreSQL `prepare` runs in a worker thread. What
+        `prepare` raises propagates, and no unit runs."""
         if self._units is not None:
-            return await self._units.read(fn)
+            return await self._units.read(fn, prepare)
+        if prepare is not None:
+            fn = functools.partial(_with_prepared, fn, await asyncio.to_thread(prepare))
         async with self.engine.connect() as conn:
             return await conn.run_sync(fn)
 
-    async def write(self, fn: Callable[[sa.Connection], T]) -> T:
+    async def write(self, fn: Callable[..., T], prepare: Callable[[], object] | None = None) -> T:
         """Run `fn(connection)` in one write transaction, committed when it returns (rolled back
-        when it raises). IntegrityError from a unique key is the caller's to interpret."""
+        when it raises). IntegrityError from a unique key is the caller's to interpret.
+        `prepare()`: as for read() (CPU work off the loop, e.g. signing what the unit stores;
+        then the unit is `fn(connection, prepare())`), run in a worker thread that hands the
+        unit on to the store's writer without a round trip through the event loop."""
         if self._units is not None:
-            return await self._units.write(fn)
+            return await self._units.write(fn, prepare)
+        if prepare is not None:
+            fn = functools.partial(_with_prepared, fn, await asyncio.to_thread(prepare))
         async with self.engine.begin() as conn:
             return await conn.run_sync(fn)
 
