@@ -218,3 +218,56 @@ async def test_acme_issues_cn_only_while_scep_keeps_the_subject(lab, tmp_path): 
     rep = wire.decode_cert_rep(reply)
     assert rep.status == wire.PkiStatus.SUCCESS, rep.fail_info_text
     assert cert_subject_der(reply_certs(rep, *signer)[0]) == SUBJECTS["scepclient"]
+
+
+def _csr_outcome(csr_der: bytes, digests, strict: bool, monkeypatch) -> tuple:
+    import scepd.ca.csr as csr_mod
+    with monkeypatch.context() as m:
+        if not strict:
+            m.setattr(csr_mod, "_load_strict", lambda _d: None)
+        try:
+            f = decode_csr(csr_der, allowed_digests=digests)
+        except Exception as err:  # noqa: BLE001 - the type and text are what is compared
+            return type(err).__name__, str(err)
+        return (f.spki_der, f.common_name, f.subject_rfc4514, f.sans, f.other_extensions, f.challenge_password,
+                f.subject_der)
+
+
+def test_the_strict_csr_reading_answers_as_the_asn1crypto_one(tmp_path, monkeypatch):
+    """decode_csr reads a CSR that pyca parses (not RSA-PSS) without asn1crypto: on the stock
+    clients' CSRs, openssl's, pyca's, the fuzz corpus and 400 mutants of them it answers exactly
+    what the asn1crypto reading answers (facts, or the same error)."""
+    import random
+
+    from .helpers import VECTORS, make_csr
+    inputs = [x509.load_pem_x509_csr(p.read_bytes()).public_bytes(serialization.Encoding.DER)
+              for p in sorted(VECTORS.glob("*.csr.pem"))]
+    inputs += [p.read_bytes() for p in sorted((Path(__file__).parent / "data" / "fuzz" / "csr").glob("*.der"))]
+    inputs += [openssl_csr(tmp_path, "-sha1"), openssl_csr(tmp_path, "-md5"),
+               openssl_csr(tmp_path, "-sha384", "-sigopt", "rsa_padding_mode:pss", "-sigopt", "rsa_pss_saltlen:32")]
+    subprocess.run(["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+                    "-out", str(tmp_path / "csr.key")], check=True, capture_output=True)
+    inputs += [openssl_csr(tmp_path, "-sha512", key="existing"),
+               make_csr(rsa_key(0), "strict", "pw", sans=[x509.DNSName("a.example")]),
+               x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(
+                   ed25519.Ed25519PrivateKey.generate(), None).public_bytes(serialization.Encoding.DER)]
+    import scepd.ca.csr as csr_mod
+    assert sum(csr_mod._load_strict(d) is not None for d in inputs) >= 8
+    rnd = random.Random(2986)
+    mutants = []
+    for _ in range(400):  # bounded: 400 mutants of 1-3 edits each
+        data = bytearray(rnd.choice(inputs))
+        for _ in range(rnd.randint(1, 3)):
+            at = rnd.randrange(len(data))
+            if rnd.random() < 0.7:
+                data[at] = rnd.randrange(256)
+            else:
+                del data[at:at + rnd.randint(1, 8)]
+        mutants.append(bytes(data))
+    kinds = set()
+    for data in inputs + mutants:
+        for digests in (STRONG_DIGESTS, LEGACY_SCEP_DIGESTS):
+            strict = _csr_outcome(data, digests, True, monkeypatch)
+            assert strict == _csr_outcome(data, digests, False, monkeypatch)
+            kinds.add(strict[0] if isinstance(strict[0], str) else "facts")
+    assert {"facts", "MalformedRequest", "BadMessageCheck", "ForbiddenAlgorithm"} <= kinds, kinds

@@ -1,14 +1,16 @@
 """The lean SCEP path (issue 13): an enrollment reads the store in ONE read unit and writes its
 whole issuance (challenge spent, certificate, audit) in ONE write unit; a serial collision voids
-that unit whole and draws another serial; the common PKIMessage is read without asn1crypto,
-with the same answers."""
+that unit whole and draws another serial; the common PKIMessage and its EnvelopedData are read
+without asn1crypto, with the same answers; an enrollment is two thread hops."""
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import random
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 import scepd.enroll.challenges
 import scepd.enroll.enrollment
@@ -71,6 +73,42 @@ async def test_a_renewal_is_one_read_unit_and_one_write_unit(client, units):
     assert renewed.serial_number != cert.serial_number
 
 
+@pytest.fixture
+async def hops(monkeypatch):
+    """The event loop's hand-offs to threads (asyncio.to_thread and the store's units both go
+    through loop.run_in_executor): each costs the loop a submit, a wake-up and a callback."""
+    loop = asyncio.get_running_loop()
+    calls: list[str] = []
+    real = loop.run_in_executor
+
+    def spy(executor, func, *args):
+        calls.append(getattr(func, "__qualname__", repr(func)))
+        return real(executor, func, *args)
+    monkeypatch.setattr(loop, "run_in_executor", spy)
+    return calls
+
+
+async def test_an_enrollment_is_two_thread_hops(client, units, hops):
+    """Decode, verify, rate-limit gate, decrypt, the CSR's checks and the read unit are one hop;
+    signing, the reply and the write unit another (the signing thread hands the unit to the
+    store's writer itself). Each hop saved is a submit, a wake-up and a callback of the loop."""
+    await enroll(client, rsa_key(0), "hops-1", "static-secret")
+    units.update(read=0, write=0, transaction=0)
+    hops.clear()
+    await enroll(client, rsa_key(1), "hops-2", "static-secret")
+    assert len(hops) == 2, hops
+    assert units == {"read": 1, "write": 1, "transaction": 0}
+
+
+async def test_a_renewal_is_two_thread_hops(client, hops):
+    key = rsa_key(0)
+    cert = await enroll(client, key, "hops-renew", "static-secret")
+    hops.clear()
+    new_key = rsa_key(1)
+    await enroll(client, new_key, "hops-renew", None, signer=(cert, key), csr=make_csr(new_key, "hops-renew"))
+    assert len(hops) == 2, hops
+
+
 async def test_a_serial_collision_voids_the_unit_and_draws_another_serial(client, monkeypatch):
     services = client.server.app[SERVICES]
     first = await enroll(client, rsa_key(0), "first", "static-secret")
@@ -128,3 +166,55 @@ def test_the_fast_pkimessage_parser_answers_as_the_tolerant_one(monkeypatch):
         mutants.append(bytes(data))
     for data in inputs + mutants:
         assert _outcome(data, True, monkeypatch) == _outcome(data, False, monkeypatch)
+
+
+def _envelope_outcome(envelope: wire.Envelope, recipients, fast: bool, monkeypatch) -> tuple:
+    with monkeypatch.context() as m:
+        if not fast:
+            m.setattr(wire, "_enveloped_fast", lambda _d: None)
+        try:
+            return ("ok", wire.open_envelope(envelope, recipients))
+        except ScepdError as err:
+            return type(err).__name__, err.detail
+
+
+def test_the_fast_envelopeddata_reader_answers_as_the_tolerant_one(monkeypatch):
+    """The byte-walking EnvelopedData reader reads the stock clients' envelopes and ours, and on
+    each of them and 400 mutants open_envelope answers exactly what it answers with the
+    asn1crypto reader alone (the fast one hands anything unusual to it)."""
+    from cryptography.hazmat.primitives import serialization
+
+    pki_dir = VECTORS / "pki"
+    load = serialization.load_pem_private_key
+    recipients = [wire.Recipient(x509.load_pem_x509_certificate((pki_dir / f"{name}.pem").read_bytes()),
+                                 load((pki_dir / f"{name}.key").read_bytes(), None))
+                  for name in ("ra", "ca", "old")]
+    key = rsa_key(0)
+    ours = self_signed(key, "CA")
+    recipients.append(wire.Recipient(ours, key))
+    envelopes = []
+    for data in [p.read_bytes() for p in sorted(VECTORS.glob("*.der"))] + [
+            pkcs_req(ours, key, make_csr(key, "e", "x"), cipher=c)[0] for c in ("aes-128-cbc", "des-ede3-cbc")]:
+        envelope = wire.decode_pki_message(data).envelope
+        if envelope is not None:
+            envelopes.append(envelope)
+    fast_read = sum(wire._enveloped_fast(e.enveloped_der) is not None for e in envelopes)
+    assert fast_read >= 15, fast_read
+    rnd = random.Random(8894)
+    mutants = []
+    for _ in range(400):  # bounded: 400 mutants of 1-3 edits each
+        envelope = rnd.choice(envelopes)
+        data = bytearray(envelope.enveloped_der)
+        for _ in range(rnd.randint(1, 3)):
+            at = rnd.randrange(len(data))
+            if rnd.random() < 0.7:
+                data[at] = rnd.randrange(256)
+            else:
+                del data[at:at + rnd.randint(1, 8)]
+        mutants.append(wire.Envelope(bytes(data), envelope.cipher))
+    answers = set()
+    for envelope in envelopes + mutants:
+        fast = _envelope_outcome(envelope, recipients, True, monkeypatch)
+        assert fast == _envelope_outcome(envelope, recipients, False, monkeypatch)
+        answers.add(fast[0])
+    assert {"ok", "MalformedRequest", "NotForUs", "UnreadableEnvelope"} <= answers, answers

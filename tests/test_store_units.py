@@ -80,3 +80,131 @@ async def test_sqlite_units_run_off_the_event_loop_thread(tmp_path):
         assert seen.startswith("scepd-db-read")
     finally:
         await store.close()
+
+
+async def test_prepare_runs_off_the_loop_before_the_unit_and_its_result_is_the_units(database_url):
+    """read/write(fn, prepare=...): the CPU work a unit depends on runs first, never in the
+    event loop's thread (on SQLite: the read in the same store thread, the write's in a worker
+    thread that hands the unit to the writer), and the unit gets its result."""
+    store = await SqlStore.open(database_url)
+    try:
+        loop_thread = threading.get_ident()
+        prepared_in: list[int] = []
+
+        def prepare(secret):
+            def run():
+                prepared_in.append(threading.get_ident())
+                return secret
+            return run
+        first = await store.write(lambda conn, secret: _insert(secret)(conn), prepare=prepare("a" * 64))
+        assert await store.read(lambda conn, n: (_count(conn), n), prepare=prepare(7)) == (1, 7)
+        assert (await store.find_challenge("a" * 64)).id == first
+        assert len(prepared_in) == 2 and loop_thread not in prepared_in
+
+        def refuse():
+            raise ValueError("no")
+        ran: list[bool] = []
+        with pytest.raises(ValueError):
+            await store.write(lambda conn, _x: ran.append(True), prepare=refuse)
+        with pytest.raises(ValueError):
+            await store.read(lambda conn, _x: ran.append(True), prepare=refuse)
+        assert ran == []
+    finally:
+        await store.close()
+
+
+def _unit_statements(store: SqlStore, now: dt.datetime):
+    """Every module-level unit statement of scepd.store.sql once (writes, then reads), as
+    (write unit, read unit); the read unit returns every record it read."""
+    from scepd.store import AuditRecord, CertificateRecord, PendingRecord, sql
+
+    def cert(serial: str, txn: str, subject: str) -> CertificateRecord:
+        return CertificateRecord(serial=serial, ca_id="ca1", subject=subject, sans=("DNS:a.example", "IP:10.0.0.1"),
+                                 not_before=now, not_after=now + dt.timedelta(days=30, microseconds=7),
+                                 profile="device", protocol="scep", transaction_id=txn, requester=None,
+                                 spki_sha256="ab" * 32, der=b"\x30\x03\x02\x01\x00", issued_at=now)
+
+    async def writes() -> list:
+        challenge = await store.write(_insert("c" * 64))
+        pending = PendingRecord(id=0, transaction_id="t1", spki_sha256="cd" * 32, signer_spki_sha256="ef" * 32,
+                                csr_der=b"\x30\x00", subject="CN=p", profile="device", protocol="scep",
+                                requester="r", created_at=now)
+        async with store.transaction() as tx:  # no unit function inserts a pending request
+            pending_id = await tx.insert_pending(pending)
+
+        def unit(conn):
+            out = [sql.consume_challenge(conn, challenge, now, "0a"), sql.consume_challenge(conn, challenge, now, "0b")]
+            sql.insert_certificate(conn, cert("0a", "t1", "CN=a"))
+            sql.insert_certificate(conn, cert("0b", "t1", "CN=b"))
+            out += [sql.decide_pending(conn, pending_id, "issued", now, "admin", serial="0a"),
+                    sql.decide_pending(conn, pending_id, "issued", now, "admin"),
+                    sql.revoke_certificate(conn, "0b", "superseded", now),
+                    sql.revoke_certificate(conn, "0b", "superseded", now)]
+            sql.insert_audit(conn, AuditRecord(at=now, event="e", subject="CN=a", serial="0a", actor="x",
+                                               details={"k": [1, "v"], "n": None}))
+            try:
+                sql.revoke_certificate(conn, "ff", "superseded", now)
+            except LookupError:
+                out.append("not found")
+            return out
+        out = await store.write(unit)
+        try:
+            await store.write(lambda conn: sql.insert_certificate(conn, cert("0a", "t2", "CN=dup")))
+        except Exception as err:  # noqa: BLE001 - the type is what is compared
+            out.append(type(err).__name__)
+        return out
+
+    def reads(conn) -> list:
+        return [sql.find_transaction(conn, "t1"), sql.find_pending(conn, "t1"), sql.get_pending(conn, 1),
+                sql.get_pending(conn, 99), sql.get_certificate(conn, "0a"), sql.get_certificate(conn, "ff"),
+                sql.find_certificate_for_transaction(conn, "t1", "ab" * 32),
+                sql.find_valid_by_subject(conn, "CN=a", now), sql.find_valid_by_subject(conn, "CN=b", now),
+                sql.find_challenge(conn, "c" * 64), sql.find_challenge(conn, "d" * 64)]
+    return writes, reads
+
+
+async def test_sqlite_unit_statements_on_the_driver_store_and_read_as_sqlalchemy_does(tmp_path, monkeypatch):
+    """The store threads run the unit statements straight on the stdlib driver (no
+    Connection.execute at all), unless something listens to the engine's statements: then
+    SQLAlchemy runs them. Both store the same rows, byte for byte, and read the same records."""
+    import sqlite3
+    from sqlalchemy import event
+
+    now = dt.datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=dt.timezone.utc)
+    executed: list[str] = []
+    real = sa.engine.Connection.execute
+
+    def spy(self, statement, *args, **kwargs):
+        executed.append(str(statement).split()[0])
+        return real(self, statement, *args, **kwargs)
+    monkeypatch.setattr(sa.engine.Connection, "execute", spy)
+
+    results, dumps = [], []
+    for traced in (False, True):
+        path = tmp_path / f"{traced}.db"
+        store = await SqlStore.open(f"sqlite+aiosqlite:///{path}")
+        listened = []
+        if traced:
+            event.listen(store.sync_engines()[-1], "before_cursor_execute",
+                         lambda _c, _cur, statement, *_a: listened.append(statement))
+        try:
+            writes, reads = _unit_statements(store, now)
+            executed.clear()
+            outcome = [await writes(), await store.read(reads)]
+            unit_statements = list(executed)
+        finally:
+            await store.close()
+        results.append(outcome)
+        db = sqlite3.connect(path)
+        dumps.append({t: db.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()
+                      for t in ("certificates", "challenges", "audit", "pending_requests", "revocation_generation")})
+        db.close()
+        if traced:
+            assert len(listened) >= 20  # the tracing tests see every statement
+        else:
+            # only this test's own inserts (the challenge, the pending request) went through it
+            assert [s for s in unit_statements if s not in ("SAVEPOINT", "RELEASE")] == ["INSERT", "INSERT"], \
+                unit_statements
+    assert results[0] == results[1]
+    assert dumps[0] == dumps[1]
+    assert results[0][0] == [True, False, True, False, True, False, "not found", "Conflict"]

@@ -124,9 +124,7 @@ def verify_csr_signature(req: asn1_csr.CertificationRequest, allowed_digests: fr
                                       salt_length=params["salt_length"].native)
     except (KeyError, ValueError, TypeError):
         raise MalformedRequest("the CSR's RSA-PSS parameters cannot be decoded") from None
-    if digest is not None and (digest not in _HASHES or digest not in allowed_digests):
-        raise ForbiddenAlgorithm(f"the CSR is signed with {_DIGEST_NAMES.get(digest, digest)}, "
-                                 "which is not accepted here")
+    _check_digest(digest, allowed_digests)
     try:
         info = req["certification_request_info"]
         tbs = info.dump()  # unmodified: the bytes received
@@ -134,6 +132,16 @@ def verify_csr_signature(req: asn1_csr.CertificationRequest, allowed_digests: fr
         key = serialization.load_der_public_key(info["subject_pk_info"].dump())
     except (ValueError, TypeError, KeyError, UnsupportedAlgorithm):
         raise MalformedRequest("the CSR public key cannot be read") from None
+    _verify(scheme, digest, pss_padding, key, sig, tbs)
+
+
+def _check_digest(digest: str | None, allowed_digests: frozenset[str]) -> None:
+    if digest is not None and (digest not in _HASHES or digest not in allowed_digests):
+        raise ForbiddenAlgorithm(f"the CSR is signed with {_DIGEST_NAMES.get(digest, digest)}, "
+                                 "which is not accepted here")
+
+
+def _verify(scheme: str, digest: str | None, pss_padding, key, sig: bytes, tbs: bytes) -> None:
     try:
         if scheme in ("pkcs1", "pss") and isinstance(key, rsa.RSAPublicKey):
             key.verify(sig, tbs, pss_padding or padding.PKCS1v15(), _HASHES[digest]())  # type: ignore[index]
@@ -178,6 +186,61 @@ def _load_tolerant(csr_der: bytes) -> tuple[x509.CertificateSigningRequest, asn1
         raise MalformedRequest("the request content is not a PKCS#10 certificate request") from None
 
 
+_PSS = "1.2.840.113549.1.1.10"
+
+
+def _der_elements(data: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]:
+    """(tag, element start, content start, content end) of each element in data[start:end],
+    definite lengths only (ValueError otherwise)."""
+    out = []
+    pos = start
+    while pos < end:  # bounded: pos advances by at least 2 each turn
+        tag, first, p = data[pos], data[pos + 1], pos + 2
+        if first & 0x80:
+            n = first & 0x7F
+            if n == 0 or n > 4:
+                raise ValueError("not a definite length")
+            length, p = int.from_bytes(data[p:p + n], "big"), p + n
+        else:
+            length = first
+        if p + length > end:
+            raise ValueError("truncated")
+        out.append((tag, pos, p, p + length))
+        pos = p + length
+    return out
+
+
+@dataclass(frozen=True)
+class _Strict:
+    """A CSR that pyca parses (strict DER) and that is not RSA-PSS, with what the signature
+    check and the subject need, taken from the bytes received."""
+
+    csr: x509.CertificateSigningRequest
+    signature_oid: str
+    tbs: bytes
+    signature: bytes
+    subject_der: bytes
+
+
+def _load_strict(csr_der: bytes) -> _Strict | None:
+    """The common case without asn1crypto: None when pyca cannot parse it, when it is signed
+    with RSA-PSS (parameters) or its signature BIT STRING has unused bits -- then the asn1crypto
+    reading (_load_tolerant, verify_csr_signature) decides, as it always did."""
+    try:
+        csr = x509.load_der_x509_csr(csr_der)
+        oid = csr.signature_algorithm_oid.dotted_string
+        outer = _der_elements(csr_der, 0, len(csr_der))
+        parts = _der_elements(csr_der, outer[0][2], outer[0][3])
+        info = _der_elements(csr_der, parts[0][2], parts[0][3])
+    except (ValueError, IndexError, x509.InvalidVersion):  # InvalidVersion is no ValueError
+        return None
+    if oid == _PSS or len(outer) != 1 or [e[0] for e in parts] != [0x30, 0x30, 0x03] \
+            or len(info) < 2 or info[1][0] != 0x30 or parts[2][3] - parts[2][2] < 1 or csr_der[parts[2][2]] != 0:
+        return None
+    return _Strict(csr, oid, csr_der[parts[0][1]:parts[0][3]], csr_der[parts[2][2] + 1:parts[2][3]],
+                   csr_der[info[1][1]:info[1][3]])
+
+
 def decode_csr(csr_der: bytes, verify_signature: bool = True,
                check_key: Callable[[object], None] | None = None,
                allowed_digests: frozenset[str] = STRONG_DIGESTS) -> CsrFacts:
@@ -185,7 +248,11 @@ def decode_csr(csr_der: bytes, verify_signature: bool = True,
     refused key costs no verification. `allowed_digests`: the signature digests accepted
     (STRONG_DIGESTS, SCEP_DIGESTS, LEGACY_SCEP_DIGESTS); Ed25519/Ed448 have none and are always
     verified."""
-    csr, req = _load_tolerant(csr_der)
+    strict = _load_strict(csr_der)
+    if strict is not None:
+        csr, req = strict.csr, None
+    else:
+        csr, req = _load_tolerant(csr_der)
     try:
         public_key = csr.public_key()
     except (ValueError, Exception):
@@ -193,13 +260,21 @@ def decode_csr(csr_der: bytes, verify_signature: bool = True,
     if check_key is not None:
         check_key(public_key)
     if verify_signature:
-        verify_csr_signature(req, allowed_digests)
+        if strict is not None:  # the same check as verify_csr_signature, on the same bytes
+            if strict.signature_oid not in _SIGNATURE_ALGORITHMS:
+                raise ForbiddenAlgorithm(f"CSR signature algorithm {strict.signature_oid} is not supported")
+            digest, scheme = _SIGNATURE_ALGORITHMS[strict.signature_oid]
+            _check_digest(digest, allowed_digests)
+            _verify(scheme, digest, None, public_key, strict.signature, strict.tbs)
+        else:
+            verify_csr_signature(req, allowed_digests)
     try:
         name = csr.subject  # pyca builds the Name here: TypeError for a BIT STRING other than
         cns = name.get_attributes_for_oid(NameOID.COMMON_NAME)  # x500UniqueIdentifier (fuzz_csr)
         cn = cns[0].value if cns else None
         subject = name.rfc4514_string()
-        subject_der = req["certification_request_info"]["subject"].dump()
+        subject_der = strict.subject_der if strict is not None else \
+            req["certification_request_info"]["subject"].dump()
     except (ValueError, TypeError):
         raise MalformedRequest("the CSR subject cannot be decoded") from None
     sans: tuple[SubjectAltName, ...] = ()

@@ -91,7 +91,8 @@ class EnrollmentService:
         """Sign and store. `renewal_of`: the serial this renews (revoked as superseded when the
         duplicate policy is "revoke"); `pending_id`: the pending request this answers.
         `finish(cert)`: the front end's reply, built in the same worker thread as the signature
-        (one hop); returned as Issued.reply, only once the certificate is committed."""
+        (the same hop as the write unit); returned as Issued.reply, only once the certificate is
+        committed."""
         now = self.clock.now()
         issued_subject = _subject_string(request)
         if self.duplicate_subjects == "refuse" and issued_subject:
@@ -104,24 +105,31 @@ class EnrollmentService:
         event = "certificate.renewed" if renewal_of else "certificate.issued"
         for _attempt in range(5):
             serial = random_serial()
-            cert, der, reply = await asyncio.to_thread(self._sign, request, serial, finish)
-            rec = CertificateRecord(
-                serial=serial_hex(serial), ca_id=self.ca.ca_id,
-                subject=cert.subject.rfc4514_string(), sans=tuple(str(s) for s in request.sans),
-                not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
-                profile=request.profile.name, protocol=protocol, transaction_id=transaction_id,
-                requester=requester, spki_sha256=spki_sha256, der=der, issued_at=now)
-            issued_audit = AuditRecord(at=now, event=event, subject=rec.subject, serial=rec.serial,
-                                       actor=requester,
-                                       details={"protocol": protocol, "profile": rec.profile,
-                                                "transaction_id": transaction_id, "challenge": grant.kind,
-                                                "renewal_of": renewal_of, "pending_id": pending_id,
-                                                "not_after": rec.not_after.isoformat(),
-                                                "sha256": hashlib.sha256(der).hexdigest()})
 
-            def unit(conn, rec=rec, issued_audit=issued_audit) -> None:
+            def sign(serial=serial) -> tuple[CertificateRecord, AuditRecord, x509.Certificate, object]:
+                # off the loop: the signature, the front end's reply, and the rows to store
+                cert = self.ca.issue(request, serial)
+                der = cert.public_bytes(serialization.Encoding.DER)
+                reply = None if finish is None else finish(cert)
+                rec = CertificateRecord(
+                    serial=serial_hex(serial), ca_id=self.ca.ca_id,
+                    subject=cert.subject.rfc4514_string(), sans=tuple(str(s) for s in request.sans),
+                    not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
+                    profile=request.profile.name, protocol=protocol, transaction_id=transaction_id,
+                    requester=requester, spki_sha256=spki_sha256, der=der, issued_at=now)
+                issued_audit = AuditRecord(at=now, event=event, subject=rec.subject, serial=rec.serial,
+                                           actor=requester,
+                                           details={"protocol": protocol, "profile": rec.profile,
+                                                    "transaction_id": transaction_id, "challenge": grant.kind,
+                                                    "renewal_of": renewal_of, "pending_id": pending_id,
+                                                    "not_after": rec.not_after.isoformat(),
+                                                    "sha256": hashlib.sha256(der).hexdigest()})
+                return rec, issued_audit, cert, reply
+
+            def unit(conn, signed):
                 # the whole issuance, one transaction: challenge spent, certificate stored,
                 # pending request decided, the renewed certificate superseded, audit rows
+                rec, issued_audit = signed[0], signed[1]
                 if grant.one_time_id is not None and \
                         not sql.consume_challenge(conn, grant.one_time_id, now, rec.serial):
                     raise ChallengeRejected("the challenge password is invalid, expired or already used")
@@ -138,10 +146,13 @@ class EnrollmentService:
                     except StoreNotFound:
                         pass  # renewed a certificate that predates the inventory
                 sql.insert_audit(conn, issued_audit)
+                return signed
             try:
-                await self.store.write(unit)
+                # signed in a worker thread that hands the unit to the store: one hop; the
+                # certificate (and the reply) reach the caller only once committed
+                rec, _audit, cert, reply = await self.store.write(unit, prepare=sign)
             except Conflict:
-                log.warning("serial collision on %s; drawing another", rec.serial)
+                log.warning("serial collision on %s; drawing another", serial_hex(serial))
                 continue
             log.info("issued serial=%s subject=%s protocol=%s txn=%s", rec.serial, rec.subject,
                      protocol, transaction_id)
@@ -151,10 +162,6 @@ class EnrollmentService:
                 listener(rec)
             return Issued(cert, rec, reply=reply)
         raise RuntimeError("could not draw an unused serial number")
-
-    def _sign(self, request: IssuanceRequest, serial: int, finish) -> tuple[x509.Certificate, bytes, object]:
-        cert = self.ca.issue(request, serial)
-        return cert, cert.public_bytes(serialization.Encoding.DER), None if finish is None else finish(cert)
 
     async def _tell_superseded(self, serial: str) -> None:
         from ..ca.revocation import RevocationReason

@@ -269,14 +269,17 @@ class _SharedLimit:
 
 
 class _Limit:
-    """The buckets of one limit: an LRU map key -> TokenBucket of bounded size."""
+    """The buckets of one limit: an LRU map key -> TokenBucket of bounded size. Thread-safe: the
+    RateLimiter operations below hold a lock around their bucket arithmetic (SCEP's gate runs in
+    the worker thread that decodes a message, its `spend` on the event loop)."""
 
-    __slots__ = ("name", "rate", "per_second", "burst", "detail", "buckets", "max_keys")
+    __slots__ = ("name", "rate", "per_second", "burst", "detail", "buckets", "max_keys", "lock")
 
     def __init__(self, name: str, rate: Rate, detail: str, max_keys: int):
         self.name, self.rate, self.detail, self.max_keys = name, rate, detail, max_keys
         self.per_second, self.burst = rate.per_second, float(rate.burst)
         self.buckets: OrderedDict[str, TokenBucket] = OrderedDict()
+        self.lock = threading.Lock()
 
     def bucket(self, key: str, now: float) -> TokenBucket:
         buckets = self.buckets
@@ -304,24 +307,28 @@ class _Limit:
 
     # the operations of RateLimiter (the same as _SharedLimit's)
     def take(self, key: str, now: float) -> float | None:
-        b = self.bucket(key, now)
-        if b.tokens >= 1.0:
-            b.tokens -= 1.0
-            return None
-        return b.tokens
+        with self.lock:
+            b = self.bucket(key, now)
+            if b.tokens >= 1.0:
+                b.tokens -= 1.0
+                return None
+            return b.tokens
 
     def left(self, key: str, now: float) -> float | None:
-        b = self.buckets.get(key)
-        return None if b is None else b.refill(self.per_second, self.burst, now)
+        with self.lock:
+            b = self.buckets.get(key)
+            return None if b is None else b.refill(self.per_second, self.burst, now)
 
     def spend(self, key: str, now: float) -> None:
-        b = self.bucket(key, now)
-        b.tokens = max(0.0, b.tokens - 1.0)
+        with self.lock:
+            b = self.bucket(key, now)
+            b.tokens = max(0.0, b.tokens - 1.0)
 
     def refund(self, key: str) -> None:
-        b = self.buckets.get(key)
-        if b is not None:
-            b.tokens = min(self.burst, b.tokens + 1.0)
+        with self.lock:
+            b = self.buckets.get(key)
+            if b is not None:
+                b.tokens = min(self.burst, b.tokens + 1.0)
 
 
 class RateLimiter:

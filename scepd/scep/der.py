@@ -164,34 +164,65 @@ def check_nesting(data: bytes, max_depth: int = MAX_DEPTH) -> None:
     when it parses as such, since asn1crypto will parse it too; when it does not parse it is
     just octets. One forward pass, no recursion: a cheap pre-scan before handing untrusted bytes
     to a parser that recurses."""
+    size = len(data)
     # open regions, innermost last: (end or None for indefinite, bound, speculative)
-    frames: list[tuple[int | None, int, bool]] = [(len(data), len(data), False)]
+    frames: list[tuple[int | None, int, bool]] = [(size, size, False)]
+    end, bound = size, size
     pos = 0
     while frames:  # bounded: each turn advances pos or closes a region opened by an earlier turn
-        end, bound, _spec = frames[-1]
         try:
-            if end is not None and pos == end:
+            if pos == end:
                 frames.pop()
-                continue
-            if end is None and pos + 2 <= bound and data[pos] == 0 and data[pos + 1] == 0:
-                frames.pop()
-                pos += 2
+                if frames:
+                    end, bound = frames[-1][0], frames[-1][1]
                 continue
             if pos + 2 > bound:
                 raise ValueError("truncated")
+            tag = data[pos]
+            first = data[pos + 1]
+            if end is None and tag == 0 and first == 0:
+                frames.pop()
+                pos += 2
+                if frames:
+                    end, bound = frames[-1][0], frames[-1][1]
+                continue
             if len(frames) > max_depth:
                 raise NestingTooDeep("nested too deeply")
-            tag, start, content_end = _header(data, pos)
-            if content_end is not None and content_end > bound:
+            # _header, inlined with the current region kept in locals: this loop runs for every
+            # element of every message (some 250 for a PKCSReq: message, envelope, CSR)
+            if tag & 0x1F == 0x1F:
+                raise ValueError("high tag numbers are not used in SCEP")
+            p = pos + 2
+            if first == 0x80:
+                if not tag & 0x20:
+                    raise ValueError("indefinite length on a primitive")
+                frames.append((None, bound, False))
+                end = None
+                pos = p
+                continue
+            if first & 0x80:
+                n = first & 0x7F
+                if n == 0 or n > 4 or p + n > size:
+                    raise ValueError("bad length")
+                length = int.from_bytes(data[p:p + n], "big")
+                p += n
+            else:
+                length = first
+            content_end = p + length
+            if content_end > size:
+                raise ValueError("truncated")
+            if content_end > bound:
                 raise ValueError("an element overruns its parent")
             if tag & 0x20:
-                frames.append((content_end, bound if content_end is None else content_end, False))
-                pos = start
+                frames.append((content_end, content_end, False))
+                end = bound = content_end
+                pos = p
                 continue
             pos = content_end
-            inner = start + 1 if tag == 0x03 else start
-            if tag in (0x03, 0x04) and content_end - inner >= 2 and (tag == 0x04 or data[start] == 0):
+            inner = p + 1 if tag == 0x03 else p
+            if content_end - inner >= 2 and (tag == 0x04 or (tag == 0x03 and data[p] == 0)):
                 frames.append((content_end, content_end, True))  # maybe encapsulated DER
+                end = bound = content_end
                 pos = inner
         except NestingTooDeep:
             raise
@@ -201,3 +232,5 @@ def check_nesting(data: bytes, max_depth: int = MAX_DEPTH) -> None:
             if not frames:
                 raise
             pos = frames.pop()[0]
+            if frames:
+                end, bound = frames[-1][0], frames[-1][1]

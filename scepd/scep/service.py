@@ -163,34 +163,26 @@ class ScepService:
 
     async def _pki_operation(self, message_der: bytes, requester: str | None, admit=None):
         # RSA and CMS work runs in worker threads (pyca/cryptography releases the GIL), so the
-        # event loop keeps serving and a second core is used.
-        refused = None
-        try:  # raises HTTP_ERRORS
-            msg = await asyncio.to_thread(wire.decode_pki_message, message_der, self._check_key)
-        except wire.SignerKeyRefused as exc:  # a signed FAILURE badAlg; the unverified message
-            msg, refused = exc.message, exc.error  # only addresses it (anyone may sign such a one)
+        # event loop keeps serving and a second core is used. Everything before the policy
+        # decisions -- decode and verify, the rate-limit gate, decryption, the CSR's checks --
+        # and the reads that depend on it are ONE hop: a read unit whose `prepare` is
+        # _receive (on SQLite both run in one store thread; see SqlStore.read)
+        received, rows = await self.enrollment.store.read(
+            self._lookup, prepare=lambda: self._receive(message_der, admit))  # raises HTTP_ERRORS
+        msg = received.msg
         set_transaction_id(msg.transaction_id)  # on every log line from here on
         digest = msg.digest if self._digest_allowed(msg.digest) else "sha256"
         try:
-            if refused is not None:
-                raise refused
-            if admit is not None:
-                admit(msg.message_type, msg.transaction_id)
-            self._check_algorithms(msg)
-            self._check_time(msg)
-            if msg.envelope is None:
-                raise MalformedRequest("the message has no pkcsPKIEnvelope")
-            if msg.message_type in (wire.MessageType.PKCS_REQ, wire.MessageType.RENEWAL_REQ):
-                # one worker-thread hop: decryption, the CSR's checks, a renewal signer's check
-                opened = await asyncio.to_thread(self._open_enrollment, msg)
-                return (*await self._enroll(msg, opened, digest, requester), msg)
-            data = await asyncio.to_thread(wire.open_envelope, msg.envelope, self.recipients)
+            if received.error is not None:
+                raise received.error
+            if received.opened is not None:
+                return (*await self._enroll(msg, received.opened, rows, digest, requester), msg)
             if msg.message_type == wire.MessageType.CERT_POLL:
-                return (*await self._poll(msg, data, digest), msg)
+                return (*await self._poll(msg, received.data, digest), msg)
             if msg.message_type == wire.MessageType.GET_CERT:
-                return (*await self._get_cert(msg, data, digest), msg)
+                return (*await self._get_cert(msg, received.data, digest), msg)
             if msg.message_type == wire.MessageType.GET_CRL:
-                return (*await self._get_crl(msg, data, digest), msg)
+                return (*await self._get_crl(msg, received.data, digest), msg)
             raise UnsupportedMessageType(f"messageType {msg.message_type} is not supported")
         except (NotForUs, Unavailable):  # NotForUs: decided from recipient identifiers, before
             raise  # any decryption: HTTP 400. Unavailable (the key token): HTTP 503, not a FAILURE
@@ -205,6 +197,40 @@ class ScepService:
                                fail_info=int(fail_info), fail_info_text=err.detail)
             return await asyncio.to_thread(self._sign, rep, digest), ScepOutcome(
                 msg.message_type, msg.transaction_id, wire.PkiStatus.FAILURE, int(fail_info)), msg
+
+    def _receive(self, message_der: bytes, admit) -> "_Received":
+        """The CPU work of any PKIOperation before a decision, in a worker (or store) thread:
+        decode and verify the message (HTTP_ERRORS propagate), `admit` it (the rate-limit gate,
+        before anything is decrypted), check its algorithms and time, then open the envelope:
+        for a PKCSReq/RenewalReq with its CSR's checks (_open_enrollment). A ScepdError from
+        `admit` on is kept in `error`, to be answered with a signed FAILURE."""
+        try:
+            msg = wire.decode_pki_message(message_der, self._check_key)
+        except wire.SignerKeyRefused as exc:  # a signed FAILURE badAlg; the unverified message
+            return _Received(exc.message, error=exc.error)  # only addresses it (anyone may sign such a one)
+        try:
+            if admit is not None:
+                admit(msg.message_type, msg.transaction_id)
+            self._check_algorithms(msg)
+            self._check_time(msg)
+            if msg.envelope is None:
+                raise MalformedRequest("the message has no pkcsPKIEnvelope")
+            if msg.message_type in (wire.MessageType.PKCS_REQ, wire.MessageType.RENEWAL_REQ):
+                return _Received(msg, opened=self._open_enrollment(msg))
+            return _Received(msg, data=wire.open_envelope(msg.envelope, self.recipients))
+        except ScepdError as err:
+            return _Received(msg, error=err)
+
+    def _lookup(self, conn, received: "_Received"):
+        """A PKCSReq/RenewalReq's read unit: everything it reads, once -- the transaction's
+        earlier answers, the presented one-time challenge, a renewal signer's inventory row."""
+        opened = received.opened
+        if opened is None:
+            return received, None
+        certs, pendings = sql.find_transaction(conn, received.msg.transaction_id)
+        return received, (certs, pendings,
+                          sql.find_challenge(conn, opened.challenge_key) if opened.challenge_key else None,
+                          sql.get_certificate(conn, opened.signer_serial) if opened.signer_serial else None)
 
     def _check_key(self, public_key) -> None:
         """Signer and CSR keys: checked before their signatures are verified."""
@@ -240,22 +266,15 @@ class ScepService:
         digests = LEGACY_SCEP_DIGESTS if self.settings.legacy_algorithms else SCEP_DIGESTS
         facts = _decode_enveloped_csr(csr_der, check_key=self._check_key, allowed_digests=digests)
         candidate = self.renewal.is_candidate(msg.signer_cert)
-        return _Opened(csr_der, facts, candidate, self.renewal.issuer_of(msg.signer_cert) if candidate else None)
+        return _Opened(csr_der, facts, candidate, self.renewal.issuer_of(msg.signer_cert) if candidate else None,
+                       challenge_key=self.challenges.lookup_key(facts.challenge_password),
+                       signer_serial=serial_hex(msg.signer_cert.serial_number) if candidate else None,
+                       signer_spki_sha256=_spki_sha256(msg.signer_cert))
 
-    async def _enroll(self, msg: wire.PkiMessage, opened: "_Opened", digest: str,
+    async def _enroll(self, msg: wire.PkiMessage, opened: "_Opened", rows, digest: str,
                       requester: str | None) -> tuple[bytes, ScepOutcome]:
         csr_der, facts = opened.csr_der, opened.facts
-        # everything this request reads, in one read unit: the transaction's earlier answers,
-        # the presented one-time challenge, a renewal signer's inventory row
-        challenge_key = self.challenges.lookup_key(facts.challenge_password)
-        signer_serial = serial_hex(msg.signer_cert.serial_number) if opened.renewal_candidate else None
-        transaction_id = msg.transaction_id
-
-        def lookup(conn):
-            certs, pendings = sql.find_transaction(conn, transaction_id)
-            return (certs, pendings, sql.find_challenge(conn, challenge_key) if challenge_key else None,
-                    sql.get_certificate(conn, signer_serial) if signer_serial else None)
-        certs, pendings, challenge_row, signer_row = await self.enrollment.store.read(lookup)
+        certs, pendings, challenge_row, signer_row = rows  # read with the message (_lookup)
         # a resent request (lost reply, or a client that polls by resending: certmonger,
         # micromdm scepclient) is the same transaction, answered from what we already decided
         # ...unless it is signed by that very certificate: then it is a same-key renewal
@@ -291,7 +310,7 @@ class ScepService:
         # pipeline; the SUCCESS reply is built in the hop that signs the certificate, and
         # returned once the certificate is committed
         decision = await self.pipeline.enroll(authorization, CsrRequest(
-            facts, csr_der, signer_spki_sha256=_spki_sha256(msg.signer_cert)),
+            facts, csr_der, signer_spki_sha256=opened.signer_spki_sha256),
             finish=lambda cert: self._success(msg, cert, digest))
         if decision.pending is not None:
             return await self._pending(msg, digest, decision.pending.id)
@@ -413,6 +432,21 @@ class _Opened:
     facts: CsrFacts
     renewal_candidate: bool  # the signer claims to be one of our certificates
     renewal_issuer: x509.Certificate | None  # ...and this CA of ours signed it (None: none did)
+    challenge_key: str | None = None  # ChallengeService.lookup_key of the presented challenge
+    signer_serial: str | None = None  # a renewal candidate's serial (its inventory row is read)
+    signer_spki_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class _Received:
+    """A PKIOperation after ScepService._receive: the decoded message, and either the ScepdError
+    it is answered with, or what its envelope held (`opened` for a PKCSReq/RenewalReq, else
+    the decrypted `data`)."""
+
+    msg: wire.PkiMessage
+    error: ScepdError | None = None
+    opened: _Opened | None = None
+    data: bytes | None = None
 
 
 def _challenge_authorization(grant: ChallengeGrant, auth: dict) -> Authorization:

@@ -576,6 +576,23 @@ def open_envelope(envelope: Envelope, recipients: list[Recipient]) -> bytes:
     if envelope.cipher not in CIPHERS:
         raise NotForUs(f"unsupported content encryption algorithm {envelope.cipher[8:]}")
     _oid, _key_len, block = CIPHERS[envelope.cipher]
+    fast = _enveloped_fast(envelope.enveloped_der)
+    if fast is not None:
+        iv, ciphertext, key_trans = fast
+        found = _recipient_fast(key_trans, recipients)
+        if found is None:
+            raise NotForUs("the pkcsPKIEnvelope is not encrypted to this server's certificate")
+        ours, encrypted_key = found
+    else:
+        ours, iv, ciphertext, encrypted_key = _open_tolerant(envelope, recipients)
+    if not isinstance(iv, bytes) or len(iv) != block or not ciphertext or len(ciphertext) % block \
+            or not isinstance(encrypted_key, bytes):
+        raise MalformedRequest("the pkcsPKIEnvelope's IV or ciphertext does not fit its cipher")
+    return _open_content(envelope.cipher, ours.key, encrypted_key, iv, ciphertext)
+
+
+def _open_tolerant(envelope: Envelope, recipients: list[Recipient]):
+    """The EnvelopedData read by asn1crypto (BER, odd encodings): (ours, iv, ciphertext, key)."""
     try:
         env = _EnvelopedData.load(envelope.enveloped_der)
         eci = env["encrypted_content_info"]
@@ -591,10 +608,75 @@ def open_envelope(envelope: Envelope, recipients: list[Recipient]) -> bytes:
         ours, encrypted_key = found[0], found[1]["encrypted_key"].native
     except (ValueError, TypeError, KeyError, AttributeError, IndexError, RecursionError):  # asn1crypto on odd encodings
         raise MalformedRequest("the pkcsPKIEnvelope is not a valid CMS EnvelopedData") from None
-    if not isinstance(iv, bytes) or len(iv) != block or not ciphertext or len(ciphertext) % block \
-            or not isinstance(encrypted_key, bytes):
-        raise MalformedRequest("the pkcsPKIEnvelope's IV or ciphertext does not fit its cipher")
-    return _open_content(envelope.cipher, ours.key, encrypted_key, iv, ciphertext)
+    return ours, iv, ciphertext, encrypted_key
+
+
+@dataclass(frozen=True)
+class _KeyTrans:
+    """A KeyTransRecipientInfo as the fast reader saw it: its recipient (issuer Name bytes and
+    serial, or a subjectKeyIdentifier) and the encrypted content key."""
+
+    issuer_der: bytes | None
+    serial: int | None
+    ski: bytes | None
+    encrypted_key: bytes
+
+
+def _enveloped_fast(data: bytes) -> tuple[bytes, bytes, list[_KeyTrans]] | None:
+    """(iv, ciphertext, key transport recipient infos) of an EnvelopedData in the common case --
+    definite-length DER, only KeyTransRecipientInfos, an IV parameter, encrypted content present
+    -- read by walking the bytes (no asn1crypto); None for anything else, which the tolerant
+    reader (_open_tolerant) then reads, so every unusual envelope gets exactly its answer."""
+    try:
+        outer = _elements(data, 0, len(data))
+        if len(outer) != 1 or outer[0][0] != 0x30:
+            return None
+        env = _elements(data, outer[0][2], outer[0][3])
+        if [e[0] for e in env] != [0x02, 0x31, 0x30]:
+            return None
+        key_trans = []
+        for ri in _elements(data, env[1][2], env[1][3]):
+            if ri[0] != 0x30:
+                return None
+            fields = _elements(data, ri[2], ri[3])
+            if [e[0] for e in fields[:1] + fields[2:]] != [0x02, 0x30, 0x04] or fields[1][0] not in (0x30, 0x80):
+                return None
+            rid = fields[1]
+            issuer = serial = ski = None
+            if rid[0] == 0x30:
+                ias = _elements(data, rid[2], rid[3])
+                if [e[0] for e in ias] != [0x30, 0x02]:
+                    return None
+                issuer = data[ias[0][1]:ias[0][3]]
+                serial = int.from_bytes(data[ias[1][2]:ias[1][3]], "big", signed=True)
+            else:
+                ski = data[rid[2]:rid[3]]
+            key_trans.append(_KeyTrans(issuer, serial, ski, data[fields[3][2]:fields[3][3]]))
+        eci = _elements(data, env[2][2], env[2][3])
+        if len(eci) != 3 or eci[0][0] != 0x06 or eci[1][0] != 0x30 or eci[2][0] not in (0x80, 0xA0):
+            return None
+        alg = _elements(data, eci[1][2], eci[1][3])
+        if len(alg) != 2 or alg[0][0] != 0x06 or alg[1][0] != 0x04:
+            return None
+        iv = data[alg[1][2]:alg[1][3]]
+        ciphertext = der.string_octets(data[eci[2][1]:eci[2][3]])
+    except (_Unusual, ValueError, IndexError):
+        return None
+    return iv, ciphertext, key_trans
+
+
+def _recipient_fast(key_trans: list[_KeyTrans], recipients: list[Recipient]) -> tuple[Recipient, bytes] | None:
+    """_recipient over the fast reader's recipient infos: the same order, the same matches."""
+    for ours in recipients:
+        ours_issuer, ours_ski = _recipient_ids(ours.cert)
+        for kt in key_trans:
+            if kt.ski is None:
+                match = kt.serial == ours.cert.serial_number and kt.issuer_der == ours_issuer
+            else:
+                match = ours_ski is not None and kt.ski == ours_ski
+            if match:
+                return ours, kt.encrypted_key
+    return None
 
 
 def _recipient(rinfos: list, recipients: list[Recipient]) -> tuple[Recipient, cms.KeyTransRecipientInfo] | None:
