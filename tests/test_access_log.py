@@ -64,3 +64,19 @@ async def test_off_when_disabled(services, caplog):
     finally:
         await client.close()
     assert not [r for r in caplog.records if r.name == LOGGER]
+
+
+def test_plain_queries_are_remembered_and_secret_ones_never():
+    """The redacted forms of short queries with nothing to hide are kept (the common SCEP and
+    OCSP targets are not parsed on every request); a query with a secret or a message is redacted
+    afresh each time and never kept, not even as a key."""
+    from scepd.ops import accesslog
+    accesslog._PLAIN_QUERIES.clear()
+    assert accesslog.redact_target("/scep", "operation=GetCACert") == "/scep?operation=GetCACert"
+    assert accesslog._PLAIN_QUERIES == {"operation=GetCACert": "operation=GetCACert"}
+    assert accesslog.redact_target("/scep", "operation=GetCACert") == "/scep?operation=GetCACert"
+    for query in ("challenge=hunter2", "operation=PKIOperation&message=MIIBhunter2", "token=hunter2&x=1"):
+        first = accesslog.redact_target("/scep", query)
+        assert "hunter2" not in first and accesslog.redact_target("/scep", query) == first
+    assert not any("hunter2" in k or "hunter2" in v for k, v in accesslog._PLAIN_QUERIES.items())
+    assert len(accesslog._PLAIN_QUERIES) == 1

@@ -22,11 +22,27 @@ SECRET_WORDS = ("token", "challenge", "password", "passwd", "secret", "key", "hm
 MAX_PATH = 512
 
 
+#: redacted forms of short queries that had nothing to hide (`operation=GetCACert`...), so the
+#: common ones are not parsed again on every request; bounded, and never holding a secret
+_PLAIN_QUERIES: dict[str, str] = {}
+
+
 def redact_target(path: str, query: str) -> str:
     """The request target for the log: path (capped) and the query with secrets removed."""
     shown = path if len(path) <= MAX_PATH else path[:MAX_PATH] + "..."
     if not query:
         return shown
+    known = _PLAIN_QUERIES.get(query)
+    if known is not None:
+        return f"{shown}?{known}"
+    redacted = _redact_query(query)
+    if len(query) <= 64 and "REDACTED" not in redacted and " bytes>" not in redacted \
+            and len(_PLAIN_QUERIES) < 256:
+        _PLAIN_QUERIES[query] = redacted
+    return f"{shown}?{redacted}"
+
+
+def _redact_query(query: str) -> str:
     parts = []
     for name, value in parse_qsl(query, keep_blank_values=True):
         low = name.lower()
@@ -37,7 +53,7 @@ def redact_target(path: str, query: str) -> str:
         elif len(value) > 128:
             value = value[:128] + "..."
         parts.append(f"{quote(name[:64], safe='')}={quote(value, safe='<> .-_')}")
-    return f"{shown}?{'&'.join(parts)}"
+    return "&".join(parts)
 
 
 class AccessLogger(AbstractAccessLogger):

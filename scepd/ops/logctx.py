@@ -56,6 +56,15 @@ class JsonFormatter(logging.Formatter):
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self._second: int | None = None
+        self._stamp = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """logging's default text ("2026-11-27 16:01:19,123"), the strftime part made once a second."""
+        second = int(record.created)
+        if second != self._second:
+            self._stamp, self._second = super().formatTime(record, datefmt).rsplit(",", 1)[0], second
+        return f"{self._stamp},{int(record.msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)

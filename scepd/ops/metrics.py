@@ -181,11 +181,23 @@ class Metrics:
             self.agents_seen.labels(within=within).set(0)
         self._hooks: list[Callable[["Metrics"], Awaitable[None]]] = []
         self._counted: bool | None = None  # does the database keep expiry_counts? (asked once)
+        #: labelled children looked up once: labels() builds a key and takes a lock per call
+        self._children: dict[tuple, object] = {}
+
+    def _child(self, metric, *values: str):
+        """metric.labels(*values) (label values in the metric's label order), cached (bounded)."""
+        key = (id(metric), *values)
+        child = self._children.get(key)
+        if child is None:
+            child = metric.labels(*values)
+            if len(self._children) < 4096:
+                self._children[key] = child
+        return child
 
     # --- the API other components call ------------------------------------------------------
 
     def issued(self, record: CertificateRecord) -> None:
-        self.issued_total.labels(protocol=record.protocol, profile=record.profile).inc()
+        self._child(self.issued_total, record.protocol, record.profile).inc()
 
     async def on_revocation(self, record: CertificateRecord, reason) -> None:
         self.revoked(reason.label)
@@ -203,19 +215,19 @@ class Metrics:
     def scep_observer(self, operation: str, outcome, seconds: float) -> None:
         """ScepHandler's observer(operation, outcome|None, seconds)."""
         op = operation if operation in _SCEP_OPERATIONS else "other"
-        self.scep_seconds.labels(operation=op).observe(seconds)
+        self._child(self.scep_seconds, op).observe(seconds)
         if outcome is not None and outcome.fail_info is not None:
-            self.scep_failures.labels(fail_info=_FAIL_INFO_NAMES.get(outcome.fail_info, "other")).inc()
+            self._child(self.scep_failures, _FAIL_INFO_NAMES.get(outcome.fail_info, "other")).inc()
 
     def est_observer(self, operation: str, status: int, seconds: float) -> None:
         """EstHandler's observer(operation, HTTP status, seconds); issuance is counted by
         scepd_certificates_issued{protocol="est"} like every protocol's."""
-        self.est_seconds.labels(operation=operation).observe(seconds)
-        self.est_responses.labels(operation=operation, status=str(status)).inc()
+        self._child(self.est_seconds, operation).observe(seconds)
+        self._child(self.est_responses, operation, str(status)).inc()
 
     def observe_request(self, endpoint: str, method: str, seconds: float, status: int = 0) -> None:
-        self.request_seconds.labels(endpoint=endpoint, method=method).observe(seconds)
-        self.responses.labels(endpoint=endpoint, status=str(status)).inc()
+        self._child(self.request_seconds, endpoint, method).observe(seconds)
+        self._child(self.responses, endpoint, str(status)).inc()
 
     def crl_published(self, published) -> None:
         self.crl_number.labels(ca_id=published.ca_id).set(published.number)
