@@ -406,3 +406,18 @@ async def test_order_round_runs_in_few_units_and_validation_commits_once(lab):
     # newOrder, authz, challenge (+ its validation), order poll, finalize (+ order valid), certificate
     assert len(acme_writes) <= 8, heads
     assert reads <= 6, heads
+
+
+async def test_order_turns_valid_in_the_certificates_transaction(lab):
+    """Issue 13: the order names its certificate in the transaction that stores it (no write
+    unit of its own after the issuance; never a stored certificate its order does not name)."""
+    from .test_acme_jws import sql_trace
+
+    seen = sql_trace(lab.services.store)
+    order, cert = await issue_http01(lab, ["tx.example.test"])
+    stored = next(i for i, s in enumerate(seen) if s.startswith("INSERT INTO certificates"))
+    begin = max(i for i in range(stored) if seen[i].startswith("BEGIN"))
+    end = next((i for i in range(stored, len(seen)) if seen[i].startswith("BEGIN")), len(seen))
+    names_cert = [s for s in seen if s.startswith("UPDATE acme_orders") and "cert_serial" in s]
+    assert len(names_cert) == 1 and names_cert[0] in seen[begin:end], seen[begin:end]
+    assert order["certificate"].endswith(format(cert.serial_number, "x"))
