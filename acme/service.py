@@ -108,6 +108,8 @@ class Auth:
     thumbprint: str | None = None
     account: dict | None = None
     spent: bool = False
+    #: what `_read(then=...)` returned, run in the unit itself (None: it did not run there)
+    then_result: object = None
 
 
 def problem(err: ScepdError) -> dict:
@@ -201,7 +203,7 @@ class AcmeService:
             raise MalformedRequest("this resource needs a jwk, not a kid")
         auth.kid_account = req.kid.rstrip("/").rsplit("/", 1)[-1]
 
-    async def _read(self, auth: "Auth", fn=None, *, spend: bool = False):
+    async def _read(self, auth: "Auth", fn=None, *, spend: bool = False, then=None):
         """One read unit: the signing account (by kid, or by the jwk's thumbprint) and whatever
         `fn(conn)` reads for the request; then the kid's signature is verified with the key of
         the row just read (deactivation and key rollover by any process count at once).
@@ -210,7 +212,12 @@ class AcmeService:
         `spend`: a request that writes nothing else (POST-as-GET) reads in its write unit
         instead, the nonce spent first: one unit (and one thread hop) instead of a read unit
         and `settle`'s write unit. Its nonce is spent whatever the reads find, as `settle`
-        would have."""
+        would have.
+
+        `then(conn, account, data)` (with `spend`): the request's own writes, in the same unit,
+        run only once the kid's signature verified there with the key of the valid account
+        just read (SQLite, a cached key); its result is left in `auth.then_result`. Where it
+        did not run (None there) the caller writes in a unit of its own after `_read`."""
         aid, tp = auth.kid_account, auth.thumbprint
         req = auth.req
         # SQLite runs read units in a store thread (scepd.store.sql): a kid's signature is
@@ -229,6 +236,9 @@ class AcmeService:
                     verified = key
                 except ScepdError as err:
                     verified = err
+            if then is not None and verified is not None and not isinstance(verified, ScepdError) \
+                    and account["status"] == "valid" and req.kid.endswith(f"/acct/{aid}"):
+                auth.then_result = then(conn, account, data)
             return account, data, verified
         account, data, verified = await (self._write(auth, unit) if spend else self.services.store.read(unit))
         if aid is None:
@@ -768,22 +778,48 @@ class AcmeService:
 
     async def respond(self, auth: Auth, challenge_id: str, gate=None) -> dict:
         """The client is ready: validate in the background (RFC 8555 §7.5.1). Responding again,
-        or to a second challenge while one runs, changes nothing. One read unit, one write unit
-        (nonce and challenge `processing`); a validation that ends within `respond_wait` is
-        answered with its outcome, which the validation's own write unit recorded."""
-        ch, a = await self.challenge(auth, challenge_id, gate, spend=False)
+        or to a second challenge while one runs, changes nothing. One unit: nonce spent, challenge
+        read and (on SQLite with the account key cached, once the signature verified in it) set
+        `processing`; elsewhere a second unit sets it. A validation that ends within
+        `respond_wait` is answered with its outcome, which the validation's own unit recorded."""
+        now = self.clock.now()
+        try:  # the rate limit, checked again below once the account is authenticated
+            if gate is not None and auth.kid_account is not None:
+                gate({"id": auth.kid_account})
+        except ScepdError:
+            gate_open = False
+        else:
+            gate_open = True
+
+        def start(conn, account, view):  # in the read's unit, the signature verified
+            ch, a, chs = view
+            if ch is None or a is None or a["account_id"] != account["id"] or ch["status"] != "pending" \
+                    or a["status"] != "pending" or a["expires"] <= now \
+                    or any(c["status"] == "processing" for c in chs):
+                return False
+            return acme_store.start_challenge(conn, ch["id"])
+        account, (ch, a, chs) = await self._read(auth, lambda conn: acme_store.challenge_view(conn, challenge_id),
+                                                 spend=True, then=start if gate_open else None)
+        started = auth.then_result
+        if gate is not None and not started:  # (a challenge started in the unit passed it above)
+            gate(account)
+        if ch is None:
+            raise NotFound("no such challenge")
+        a = self._authz_view(a, chs, account)
         busy = any(c["status"] == "processing" for c in a["challenges"])
-        if ch["status"] == "pending" and a["status"] == "pending" and not busy:
-            if await self._write(auth, lambda conn: acme_store.start_challenge(conn, ch["id"])):
-                ch["status"] = "processing"
-                task = self._spawn_validation(ch, a, auth.thumbprint)
-                # a validation that completes quickly is answered at once, so the client's first
-                # poll finds the authorization settled instead of sleeping a Retry-After second
-                await asyncio.wait({task}, timeout=self.respond_wait)
-                if task.done() and not task.cancelled() and task.exception() is None:
-                    ch.update(task.result())
-            else:  # another request started it meanwhile
+        if started is None and ch["status"] == "pending" and a["status"] == "pending" and not busy:
+            # not started in the read's unit (PostgreSQL, or the account key not cached yet)
+            started = await self._writes.write(lambda conn: acme_store.start_challenge(conn, ch["id"]))
+            if not started:  # another request started it meanwhile
                 ch = (await self.db.get(challenges, challenge_id)) or ch
+        if started:
+            ch["status"] = "processing"
+            task = self._spawn_validation(ch, a, auth.thumbprint)
+            # a validation that completes quickly is answered at once, so the client's first
+            # poll finds the authorization settled instead of sleeping a Retry-After second
+            await asyncio.wait({task}, timeout=self.respond_wait)
+            if task.done() and not task.cancelled() and task.exception() is None:
+                ch.update(task.result())
         return ch
 
     def _spawn_validation(self, ch: dict, a: dict, thumb: str) -> asyncio.Task:
