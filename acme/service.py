@@ -685,8 +685,8 @@ class AcmeService:
         await self.db.set_renew_now(serial, self.clock.now())
 
     async def order(self, auth: Auth, order_id: str) -> dict:
-        """POST-as-GET of an order: the account and the order with its authorizations in one
-        read unit (the nonce is spent by `settle`)."""
+        """POST-as-GET of an order: the nonce spent, the account and the order with its
+        authorizations read, in one unit."""
         account, (order, order_authzs) = await self._read(
             auth, lambda conn: acme_store.order_with_authzs(conn, order_id), spend=True)
         return await self._order_view(order, order_authzs, account)
@@ -765,11 +765,11 @@ class AcmeService:
         a["status"] = "deactivated"
         return a
 
-    async def challenge(self, auth: Auth, challenge_id: str, gate=None, *, spend: bool = True) -> tuple[dict, dict]:
-        """A challenge and its authorization (with its challenges): one read unit (a POST-as-GET:
-        `spend`, the nonce spent in it)."""
+    async def challenge(self, auth: Auth, challenge_id: str, gate=None) -> tuple[dict, dict]:
+        """POST-as-GET of a challenge: the nonce spent, the challenge and its authorization (with
+        its challenges) read, in one unit."""
         account, (ch, a, chs) = await self._read(auth, lambda conn: acme_store.challenge_view(conn, challenge_id),
-                                                 spend=spend)
+                                                 spend=True)
         if gate is not None:
             gate(account)
         if ch is None:
@@ -966,7 +966,7 @@ class AcmeService:
             self._finalizing.discard(order_id)
 
     async def certificate_pem(self, auth: Auth, serial: str) -> str:
-        """The account, the order naming the certificate and its DER: one read unit."""
+        """The nonce spent, the account, the order naming the certificate and its DER read: one unit."""
         account, (owner, der) = await self._read(
             auth, lambda conn: (acme_store.order_of_serial(conn, serial), acme_store.certificate_der(conn, serial)),
             spend=True)
