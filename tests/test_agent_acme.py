@@ -232,3 +232,38 @@ async def test_daemon_check_renews_when_due_and_replaces_an_expired_certificate(
     result = await agent.check()
     assert result.ok and result.decision.action is schedule.Action.REENROLL, result.message
     assert d.load_cert().serial_number != renewed.serial_number
+
+
+async def test_order_round_on_postgresql(aiohttp_client, make_services, postgres_cluster, tmp_path):
+    """The same round on PostgreSQL, where units run on the loop: a POST-as-GET spends its nonce
+    in its one unit, the challenge is started in a unit of its own, the order names its
+    certificate in the issuance's transaction; nonces stay single use."""
+    import time
+
+    from acme.server import ACME
+    port = free_port()
+    services = await make_services({"SCEPD_ACME_HTTP01_PORT": str(port), "SCEPD_ACME_RESOLVE": "*=127.0.0.1",
+                                    "SCEPD_DATABASE_URL": postgres_cluster.create_database(
+                                        f"scepd_agent_acme_{time.monotonic_ns()}")})
+    assert services.store.dialect == "postgresql"
+    app = create_https_app(services)
+    client = await aiohttp_client(app)
+    app[ACME].respond_wait = app[ACME].finalize_wait = 60.0
+    d = AgentDir(tmp_path / "agent")
+    d.create()
+    d.save_state({"server": str(client.make_url("/acme/directory")), "protocol": "acme",
+                  "acme": {"http01_address": "127.0.0.1", "http01_port": port}})
+    acme = acme_client_for(d.load_state(), d, services.ca_material.root)
+    first = await acme.enroll(new_key(), Identity("pg0.lab.test"), "")
+    seen = count_requests(acme)
+    second = await acme.enroll(new_key(), Identity("pg1.lab.test"), "")
+    assert seen == ["POST new-order", "POST authz", "POST chall", "POST order", "POST cert"], seen
+    assert first.cert.serial_number != second.cert.serial_number
+    # a nonce is good once
+    nonce = acme._nonce
+    status, _, _ = await acme._request("POST", acme.account_url, data=acme._sign(acme.account_url, None, nonce, False),
+                                       headers={"Content-Type": "application/jose+json"})
+    assert status == 200
+    status, _, raw = await acme._request("POST", acme.account_url, data=acme._sign(acme.account_url, None, nonce, False),
+                                         headers={"Content-Type": "application/jose+json"})
+    assert status == 400 and b"badNonce" in raw
