@@ -253,8 +253,10 @@ def add_routes(app: web.Application, services) -> None:
             ch, a = await service.challenge(auth, request.match_info["id"])
         else:
             req.payload_json()  # {} to respond
-            ch = await service.respond(auth, request.match_info["id"], gate=lambda acct: limits.ensure(
-                ACME_FAILED_VALIDATIONS_PER_ACCOUNT, acct["id"]))  # validations that failed
+            ch = await service.respond(  # validations that failed: `peek` before authentication
+                auth, request.match_info["id"],  # (counts nothing), `gate` after it (refuses, counted)
+                gate=lambda acct: limits.ensure(ACME_FAILED_VALIDATIONS_PER_ACCOUNT, acct["id"]),
+                peek=lambda acct: limits.allows(ACME_FAILED_VALIDATIONS_PER_ACCOUNT, acct["id"]))
         headers = {"Link": f'<{base}/authz/{ch["authz_id"]}>;rel="up"'}
         if ch["status"] == "processing":
             headers["Retry-After"] = "1"

@@ -108,6 +108,8 @@ class Auth:
     thumbprint: str | None = None
     account: dict | None = None
     spent: bool = False
+    #: what `_read(then=...)` returned, run in the unit itself (None: it did not run there)
+    then_result: object = None
 
 
 def problem(err: ScepdError) -> dict:
@@ -201,11 +203,21 @@ class AcmeService:
             raise MalformedRequest("this resource needs a jwk, not a kid")
         auth.kid_account = req.kid.rstrip("/").rsplit("/", 1)[-1]
 
-    async def _read(self, auth: "Auth", fn=None):
+    async def _read(self, auth: "Auth", fn=None, *, spend: bool = False, then=None):
         """One read unit: the signing account (by kid, or by the jwk's thumbprint) and whatever
         `fn(conn)` reads for the request; then the kid's signature is verified with the key of
         the row just read (deactivation and key rollover by any process count at once).
-        Returns (account or None, fn's result)."""
+        Returns (account or None, fn's result).
+
+        `spend`: a request that writes nothing else (POST-as-GET) reads in its write unit
+        instead, the nonce spent first: one unit (and one thread hop) instead of a read unit
+        and `settle`'s write unit. Its nonce is spent whatever the reads find, as `settle`
+        would have.
+
+        `then(conn, account, data)` (with `spend`): the request's own writes, in the same unit,
+        run only once the kid's signature verified there with the key of the valid account
+        just read (SQLite, a cached key); its result is left in `auth.then_result`. Where it
+        did not run (None there) the caller writes in a unit of its own after `_read`."""
         aid, tp = auth.kid_account, auth.thumbprint
         req = auth.req
         # SQLite runs read units in a store thread (scepd.store.sql): a kid's signature is
@@ -224,8 +236,11 @@ class AcmeService:
                     verified = key
                 except ScepdError as err:
                     verified = err
+            if then is not None and verified is not None and not isinstance(verified, ScepdError) \
+                    and account["status"] == "valid" and req.kid.endswith(f"/acct/{aid}"):
+                auth.then_result = then(conn, account, data)
             return account, data, verified
-        account, data, verified = await self.services.store.read(unit)
+        account, data, verified = await (self._write(auth, unit) if spend else self.services.store.read(unit))
         if aid is None:
             if account is not None and account["status"] != "valid":  # RFC 8555 §7.3.6
                 raise AccountDeactivated("the account of this key is deactivated")
@@ -417,7 +432,7 @@ class AcmeService:
         return contact
 
     async def update_account(self, auth: Auth, account_id: str) -> dict:
-        account, _ = await self._read(auth)
+        account, _ = await self._read(auth, spend=auth.req.is_post_as_get)
         if account_id != account["id"]:
             raise Unauthorized("that account is not yours")
         req = auth.req
@@ -604,7 +619,7 @@ class AcmeService:
 
     async def orders_page(self, auth: Auth, account_id: str, cursor: str | None) -> tuple[list[str], str | None]:
         """Order ids of the account (oldest first, invalid ones left out) and the next cursor."""
-        account, _ = await self._read(auth)
+        account, _ = await self._read(auth, spend=True)
         if account_id != account["id"]:
             raise Unauthorized("that account is not yours")
         size = self.orders_page_size
@@ -670,10 +685,10 @@ class AcmeService:
         await self.db.set_renew_now(serial, self.clock.now())
 
     async def order(self, auth: Auth, order_id: str) -> dict:
-        """POST-as-GET of an order: the account and the order with its authorizations in one
-        read unit (the nonce is spent by `settle`)."""
+        """POST-as-GET of an order: the nonce spent, the account and the order with its
+        authorizations read, in one unit."""
         account, (order, order_authzs) = await self._read(
-            auth, lambda conn: acme_store.order_with_authzs(conn, order_id))
+            auth, lambda conn: acme_store.order_with_authzs(conn, order_id), spend=True)
         return await self._order_view(order, order_authzs, account)
 
     async def _order_view(self, order: dict | None, order_authzs: list[dict], account: dict) -> dict:
@@ -735,12 +750,14 @@ class AcmeService:
         a["challenges"] = authz_challenges
         return a
 
-    async def authz(self, auth: Auth, authz_id: str) -> dict:
-        account, (a, chs) = await self._read(auth, lambda conn: acme_store.authz_with_challenges(conn, authz_id))
+    async def authz(self, auth: Auth, authz_id: str, *, spend: bool = True) -> dict:
+        """POST-as-GET (`spend`: its one unit spends the nonce), or the read of a deactivation."""
+        account, (a, chs) = await self._read(auth, lambda conn: acme_store.authz_with_challenges(conn, authz_id),
+                                             spend=spend)
         return self._authz_view(a, chs, account)
 
     async def deactivate_authz(self, auth: Auth, authz_id: str) -> dict:
-        a = await self.authz(auth, authz_id)
+        a = await self.authz(auth, authz_id, spend=False)
         if a["status"] not in ("pending", "valid"):
             raise MalformedRequest(f"an authorization that is {a['status']} cannot be deactivated")
         await self._write(auth, lambda conn: conn.execute(
@@ -749,32 +766,57 @@ class AcmeService:
         return a
 
     async def challenge(self, auth: Auth, challenge_id: str, gate=None) -> tuple[dict, dict]:
-        """A challenge and its authorization (with its challenges): one read unit."""
-        account, (ch, a, chs) = await self._read(auth, lambda conn: acme_store.challenge_view(conn, challenge_id))
+        """POST-as-GET of a challenge: the nonce spent, the challenge and its authorization (with
+        its challenges) read, in one unit."""
+        account, (ch, a, chs) = await self._read(auth, lambda conn: acme_store.challenge_view(conn, challenge_id),
+                                                 spend=True)
         if gate is not None:
             gate(account)
         if ch is None:
             raise NotFound("no such challenge")
         return ch, self._authz_view(a, chs, account)
 
-    async def respond(self, auth: Auth, challenge_id: str, gate=None) -> dict:
+    async def respond(self, auth: Auth, challenge_id: str, gate=None, peek=None) -> dict:
         """The client is ready: validate in the background (RFC 8555 §7.5.1). Responding again,
-        or to a second challenge while one runs, changes nothing. One read unit, one write unit
-        (nonce and challenge `processing`); a validation that ends within `respond_wait` is
-        answered with its outcome, which the validation's own write unit recorded."""
-        ch, a = await self.challenge(auth, challenge_id, gate)
+        or to a second challenge while one runs, changes nothing. One unit: nonce spent, challenge
+        read and (on SQLite with the account key cached, once the signature verified in it) set
+        `processing`; elsewhere a second unit sets it. A validation that ends within
+        `respond_wait` is answered with its outcome, which the validation's own unit recorded."""
+        now = self.clock.now()
+        # `peek(account)`: whether the rate limit would let the claimed account start a validation
+        # (nothing counted); `gate(account)` refuses for real, below, once it is authenticated
+        gate_open = gate is None or (peek is not None and auth.kid_account is not None
+                                     and peek({"id": auth.kid_account}))
+
+        def start(conn, account, view):  # in the read's unit, the signature verified
+            ch, a, chs = view
+            if ch is None or a is None or a["account_id"] != account["id"] or ch["status"] != "pending" \
+                    or a["status"] != "pending" or a["expires"] <= now \
+                    or any(c["status"] == "processing" for c in chs):
+                return False
+            return acme_store.start_challenge(conn, ch["id"])
+        account, (ch, a, chs) = await self._read(auth, lambda conn: acme_store.challenge_view(conn, challenge_id),
+                                                 spend=True, then=start if gate_open else None)
+        started = auth.then_result
+        if gate is not None and not started:  # (a challenge started in the unit passed it above)
+            gate(account)
+        if ch is None:
+            raise NotFound("no such challenge")
+        a = self._authz_view(a, chs, account)
         busy = any(c["status"] == "processing" for c in a["challenges"])
-        if ch["status"] == "pending" and a["status"] == "pending" and not busy:
-            if await self._write(auth, lambda conn: acme_store.start_challenge(conn, ch["id"])):
-                ch["status"] = "processing"
-                task = self._spawn_validation(ch, a, auth.thumbprint)
-                # a validation that completes quickly is answered at once, so the client's first
-                # poll finds the authorization settled instead of sleeping a Retry-After second
-                await asyncio.wait({task}, timeout=self.respond_wait)
-                if task.done() and not task.cancelled() and task.exception() is None:
-                    ch.update(task.result())
-            else:  # another request started it meanwhile
+        if started is None and ch["status"] == "pending" and a["status"] == "pending" and not busy:
+            # not started in the read's unit (PostgreSQL, or the account key not cached yet)
+            started = await self._writes.write(lambda conn: acme_store.start_challenge(conn, ch["id"]))
+            if not started:  # another request started it meanwhile
                 ch = (await self.db.get(challenges, challenge_id)) or ch
+        if started:
+            ch["status"] = "processing"
+            task = self._spawn_validation(ch, a, auth.thumbprint)
+            # a validation that completes quickly is answered at once, so the client's first
+            # poll finds the authorization settled instead of sleeping a Retry-After second
+            await asyncio.wait({task}, timeout=self.respond_wait)
+            if task.done() and not task.cancelled() and task.exception() is None:
+                ch.update(task.result())
         return ch
 
     def _spawn_validation(self, ch: dict, a: dict, thumb: str) -> asyncio.Task:
@@ -902,7 +944,9 @@ class AcmeService:
         the order `processing` (the store settles it: see _recover_processing)."""
         try:
             try:
-                decision = await self._pipeline.complete(approved)
+                # the order turns `valid` in the certificate's own transaction
+                decision = await self._pipeline.complete(approved, also=lambda conn, rec: acme_store.order_issued(
+                    conn, order_id, rec.serial))
             except ScepdError as err:
                 await self.db.update(orders, order_id, status="invalid", error=problem(err))
                 raise
@@ -914,16 +958,15 @@ class AcmeService:
             if decision.pending is not None:
                 log.info("acme order %s waits for approval (pending request %s)", order_id, decision.pending.id)
                 return None
-            serial = decision.issued.record.serial
-            await self._writes.write(lambda conn: acme_store.order_issued(conn, order_id, serial))
-            return serial
+            return decision.issued.record.serial
         finally:
             self._finalizing.discard(order_id)
 
     async def certificate_pem(self, auth: Auth, serial: str) -> str:
-        """The account, the order naming the certificate and its DER: one read unit."""
+        """The nonce spent, the account, the order naming the certificate and its DER read: one unit."""
         account, (owner, der) = await self._read(
-            auth, lambda conn: (acme_store.order_of_serial(conn, serial), acme_store.certificate_der(conn, serial)))
+            auth, lambda conn: (acme_store.order_of_serial(conn, serial), acme_store.certificate_der(conn, serial)),
+            spend=True)
         if owner is None or owner["account_id"] != account["id"] or der is None:
             raise NotFound("no such certificate for this account")
         return _pem(der) + self._ca_chain_pem()

@@ -486,19 +486,27 @@ class AcmeClient:
                         await stack.enter_async_context(self._dns01_record(authz, ch))
                         # the hook's own time (propagation) does not count against validation
                         deadline = max(deadline, asyncio.get_running_loop().time() + VALIDATION_DEADLINE)
-                for _, _, ch in pending:
-                    await self.post_json(ch["url"], {})
-                for authz_url, authz, _ in pending:
+                answers = [(await self.post_json(ch["url"], {}))[0] for _, _, ch in pending]
+                for (authz_url, authz, _), answer in zip(pending, answers):
+                    if answer.get("status") == "valid":
+                        continue  # validated while we asked (RFC 8555 §7.1.6: so is its authorization)
                     final = await self._poll(authz_url, ("pending", "processing"), deadline)
                     if final.get("status") != "valid":
                         errs = [c.get("error", {}).get("detail") for c in final.get("challenges", []) if c.get("error")]
                         raise AgentError(f"authorization for {authz.get('identifier', {}).get('value')} is "
                                          f"{final.get('status')}: {'; '.join(filter(None, errs)) or 'no detail'}")
-        order = await self._poll(order_url, ("pending",), deadline)
-        if order.get("status") != "ready":
-            raise AgentError(f"the order is {order.get('status')}, not ready: {order.get('error')}")
+        # every authorization is valid now, so the order is ready: finalize at once (as certbot
+        # and lego do); only a server that disagrees (orderNotReady) is polled first
         csr = build_csr(key, csr_identity(identity), None)
-        order, _ = await self.post_json(order["finalize"], {"csr": b64u(csr)})
+        try:
+            order, _ = await self.post_json(order["finalize"], {"csr": b64u(csr)})
+        except AcmeProblem as exc:
+            if not exc.type.endswith(":orderNotReady"):
+                raise
+            order = await self._poll(order_url, ("pending",), deadline)
+            if order.get("status") != "ready":
+                raise AgentError(f"the order is {order.get('status')}, not ready: {order.get('error')}") from None
+            order, _ = await self.post_json(order["finalize"], {"csr": b64u(csr)})
         if order.get("status") != "valid":
             order = await self._poll(order_url, ("processing", "ready"), deadline)
         if order.get("status") != "valid" or not order.get("certificate"):

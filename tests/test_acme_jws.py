@@ -299,23 +299,28 @@ async def test_new_nonce_writes_nothing(acme, services):
     assert [w.split()[:3] for w in writes] == [["INSERT", "INTO", "acme_used_nonces"]]
 
 
-async def test_kid_post_as_get_is_one_read_unit_and_one_write_unit(acme, services):
-    """Issue 13: a kid-signed POST-as-GET reads its account and the object it asks for in one
-    read unit (one BEGIN), and spends its nonce in one small write unit (BEGIN IMMEDIATE, the
-    insert, nothing else)."""
+async def test_kid_post_as_get_is_one_unit(acme, services):
+    """Issue 13: a kid-signed POST-as-GET is one unit: its nonce spent first (the insert), then
+    its account and the object it asks for read in the same transaction (before: a read unit
+    and a write unit of its own for the nonce, two thread hops)."""
     resp = await acme.post("/acme/new-order", {"identifiers": [{"type": "dns", "value": "u.example.test"}]})
     order_path = "/acme/order/" + resp.headers["Location"].rsplit("/", 1)[1]
     seen = sql_trace(services.store)
     resp = await acme.post(order_path, None)
     assert resp.status == 200 and (await resp.json())["status"] == "pending"
     heads = [" ".join(s.split()[:2]) for s in seen]
-    assert heads.count("BEGIN") + heads.count("BEGIN IMMEDIATE") == 2, heads
-    read = heads.index("BEGIN")
-    assert [h.split()[1].split(".")[0] for h in heads[read + 1:read + 4]] == [
-        "acme_accounts", "acme_orders", "acme_authzs"], heads
+    assert heads.count("BEGIN IMMEDIATE") == 1 and heads.count("BEGIN") == 0, heads
     write = heads.index("BEGIN IMMEDIATE")
-    assert heads[write + 1:write + 2] == ["INSERT INTO"] and "acme_used_nonces" in seen[write + 1]
+    assert heads[write + 1] == "INSERT INTO" and "acme_used_nonces" in seen[write + 1], heads
+    selects = [s.split(" FROM ", 1)[1].split()[0].split(".")[0] for s in seen if s.startswith("SELECT")]
+    assert selects == ["acme_accounts", "acme_orders", "acme_authzs"], seen
     assert sum(1 for s in seen if s.split()[0] in ("INSERT", "UPDATE", "DELETE")) == 1
+    # a replayed nonce is refused before anything is read
+    seen.clear()
+    nonce = await acme.nonce()
+    assert (await acme.post(order_path, None, nonce=nonce)).status == 200
+    resp = await acme.post(order_path, None, nonce=nonce)
+    assert await problem_type(resp) == P + "badNonce"
 
 
 @pytest.mark.parametrize("case", ["mac-flipped", "id-changed", "other-key", "truncated", "expired", "future"])

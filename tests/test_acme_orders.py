@@ -406,3 +406,50 @@ async def test_order_round_runs_in_few_units_and_validation_commits_once(lab):
     # newOrder, authz, challenge (+ its validation), order poll, finalize (+ order valid), certificate
     assert len(acme_writes) <= 8, heads
     assert reads <= 6, heads
+
+
+async def test_order_turns_valid_in_the_certificates_transaction(lab):
+    """Issue 13: the order names its certificate in the transaction that stores it (no write
+    unit of its own after the issuance; never a stored certificate its order does not name)."""
+    from .test_acme_jws import sql_trace
+
+    seen = sql_trace(lab.services.store)
+    order, cert = await issue_http01(lab, ["tx.example.test"])
+    stored = next(i for i, s in enumerate(seen) if s.startswith("INSERT INTO certificates"))
+    begin = max(i for i in range(stored) if seen[i].startswith("BEGIN"))
+    end = next((i for i in range(stored, len(seen)) if seen[i].startswith("BEGIN")), len(seen))
+    names_cert = [s for s in seen if s.startswith("UPDATE acme_orders") and "cert_serial" in s]
+    assert len(names_cert) == 1 and names_cert[0] in seen[begin:end], seen[begin:end]
+    assert order["certificate"].endswith(format(cert.serial_number, "x"))
+
+
+@pytest.mark.parametrize("cached", [True, False])
+async def test_challenge_response_starts_the_validation_in_its_one_unit(lab, cached):
+    """Issue 13: answering a challenge is one unit when the signature verifies in it (SQLite, the
+    account key cached): nonce spent, challenge read, challenge `processing`; before that, no
+    other unit. Without a cached key the signature is verified outside and a second unit starts
+    the validation (as on PostgreSQL); either way the challenge is validated once."""
+    from .test_acme_jws import sql_trace
+
+    resp, order = await new_order(lab, [{"type": "dns", "value": f"one{int(cached)}.example.test"}])
+    a = await get(lab, order["authorizations"][0])
+    ch = next(c for c in a["challenges"] if c["type"] == "http-01")
+    lab.tokens[ch["token"]] = key_authorization(lab, ch)
+    if not cached:
+        lab.service._keys.clear()
+    lab.service.respond_wait = 60.0
+    nonce = await lab.nonce()
+    seen = sql_trace(lab.services.store)
+    answer = await (await lab.post(path_of(ch["url"]), {}, nonce=nonce)).json()
+    assert answer["status"] == "valid", answer
+    heads = [" ".join(s.split()[:2]) for s in seen]
+    units = [i for i, h in enumerate(heads) if h.startswith("BEGIN")]
+    first = seen[units[0]:units[1]]
+    assert first[0] == "BEGIN IMMEDIATE" and "acme_used_nonces" in first[1], heads
+    started = [s for s in seen if s.startswith("UPDATE acme_challenges SET status=?") and "validated" not in s]
+    assert len(started) == 1, seen
+    assert (started[0] in first) == cached, heads
+    assert len(units) == (2 if cached else 3), heads  # + the validation's outcome
+    # the nonce was spent by that unit: a replay is refused and starts nothing
+    again = await lab.post(path_of(ch["url"]), {}, nonce=nonce)
+    assert await problem_type(again) == P + "badNonce"

@@ -30,7 +30,8 @@ async def lab(aiohttp_client, make_services):
     port = free_port()
     services = await make_services({"SCEPD_ACME_HTTP01_PORT": str(port), "SCEPD_ACME_RESOLVE": "*=127.0.0.1",
                                     "SCEPD_ACME_EAB_REQUIRED": "1"})
-    client = await aiohttp_client(create_https_app(services))
+    app = create_https_app(services)
+    client = await aiohttp_client(app)
     kid, hmac_key = await AcmeService(services, AcmeSettings()).create_eab(dt.timedelta(hours=1), "*.lab.test", "t")
 
     class Lab:
@@ -38,6 +39,8 @@ async def lab(aiohttp_client, make_services):
     lab = Lab()
     lab.services, lab.port, lab.token = services, port, f"{kid}:{hmac_key}"
     lab.directory = str(client.make_url("/acme/directory"))
+    from acme.server import ACME
+    lab.service = app[ACME]
     lab.anchor = services.ca_material.root
     return lab
 
@@ -93,6 +96,54 @@ async def test_the_finalize_csr_names_every_identifier_as_a_san(lab, tmp_path, m
     csr = x509.load_der_x509_csr(sent[-1])
     san = csr.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert sorted(san.get_values_for_type(x509.DNSName)) == ["alt.lab.test", "cn.lab.test"]
+
+
+def count_requests(client: AcmeClient) -> list[str]:
+    """The requests the client makes from now on, as "METHOD resource" (ids dropped)."""
+    seen: list[str] = []
+    real = client._request
+
+    async def counted(method, url, **kw):
+        seen.append(f"{method} {url.split('/acme/', 1)[1].split('/')[0]}")
+        return await real(method, url, **kw)
+    client._request = counted
+    return seen
+
+
+async def test_order_takes_five_requests_when_the_server_answers_at_once(lab, tmp_path):
+    """Issue 13: a challenge answered `valid` needs no authorization poll (RFC 8555 §7.1.6),
+    and with every authorization valid the order is finalized without polling it first; a
+    finalize answered `valid` names the certificate. Before: 7 requests an order."""
+    lab.service.respond_wait = lab.service.finalize_wait = 60.0  # the server answers outcomes
+    client, _ = client_for(lab, tmp_path)
+    await client.enroll(new_key(), Identity("e0.lab.test"), lab.token)  # account, nonce, directory
+    seen = count_requests(client)
+    issued = await client.enroll(new_key(), Identity("e1.lab.test"), "")
+    assert issued.cert.subject.rfc4514_string() == "CN=e1.lab.test"
+    assert seen == ["POST new-order", "POST authz", "POST chall", "POST order", "POST cert"], seen
+
+
+async def test_order_polls_when_the_server_answers_later(lab, tmp_path, monkeypatch):
+    """A challenge still `processing` is polled through its authorization, and a finalize
+    refused with orderNotReady waits for the order to be ready, then finalizes."""
+    from scepd.errors import OrderNotReady
+    lab.service.respond_wait = 0.0
+    client, _ = client_for(lab, tmp_path)
+    client.sleep = lambda _s: __import__("asyncio").sleep(0.01)
+    await client.enroll(new_key(), Identity("p0.lab.test"), lab.token)
+    real, refused = lab.service.finalize, []
+
+    async def not_yet(auth, order_id):
+        if not refused:
+            refused.append(order_id)
+            raise OrderNotReady("not ready yet")
+        return await real(auth, order_id)
+    monkeypatch.setattr(lab.service, "finalize", not_yet)
+    seen = count_requests(client)
+    issued = await client.enroll(new_key(), Identity("p1.lab.test"), "")
+    assert issued.cert.subject.rfc4514_string() == "CN=p1.lab.test" and refused
+    assert seen[:3] == ["POST new-order", "POST authz", "POST chall"] and seen[-1] == "POST cert", seen
+    assert seen.count("POST authz") >= 2 and seen.count("POST order") >= 3, seen  # polls, refused finalize, finalize
 
 
 async def test_enrollment_token_is_required_and_single_use(lab, tmp_path):
@@ -181,3 +232,38 @@ async def test_daemon_check_renews_when_due_and_replaces_an_expired_certificate(
     result = await agent.check()
     assert result.ok and result.decision.action is schedule.Action.REENROLL, result.message
     assert d.load_cert().serial_number != renewed.serial_number
+
+
+async def test_order_round_on_postgresql(aiohttp_client, make_services, postgres_cluster, tmp_path):
+    """The same round on PostgreSQL, where units run on the loop: a POST-as-GET spends its nonce
+    in its one unit, the challenge is started in a unit of its own, the order names its
+    certificate in the issuance's transaction; nonces stay single use."""
+    import time
+
+    from acme.server import ACME
+    port = free_port()
+    services = await make_services({"SCEPD_ACME_HTTP01_PORT": str(port), "SCEPD_ACME_RESOLVE": "*=127.0.0.1",
+                                    "SCEPD_DATABASE_URL": postgres_cluster.create_database(
+                                        f"scepd_agent_acme_{time.monotonic_ns()}")})
+    assert services.store.dialect == "postgresql"
+    app = create_https_app(services)
+    client = await aiohttp_client(app)
+    app[ACME].respond_wait = app[ACME].finalize_wait = 60.0
+    d = AgentDir(tmp_path / "agent")
+    d.create()
+    d.save_state({"server": str(client.make_url("/acme/directory")), "protocol": "acme",
+                  "acme": {"http01_address": "127.0.0.1", "http01_port": port}})
+    acme = acme_client_for(d.load_state(), d, services.ca_material.root)
+    first = await acme.enroll(new_key(), Identity("pg0.lab.test"), "")
+    seen = count_requests(acme)
+    second = await acme.enroll(new_key(), Identity("pg1.lab.test"), "")
+    assert seen == ["POST new-order", "POST authz", "POST chall", "POST order", "POST cert"], seen
+    assert first.cert.serial_number != second.cert.serial_number
+    # a nonce is good once
+    nonce = acme._nonce
+    status, _, _ = await acme._request("POST", acme.account_url, data=acme._sign(acme.account_url, None, nonce, False),
+                                       headers={"Content-Type": "application/jose+json"})
+    assert status == 200
+    status, _, raw = await acme._request("POST", acme.account_url, data=acme._sign(acme.account_url, None, nonce, False),
+                                         headers={"Content-Type": "application/jose+json"})
+    assert status == 400 and b"badNonce" in raw

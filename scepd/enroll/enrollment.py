@@ -87,12 +87,13 @@ class EnrollmentService:
     async def issue(self, request: IssuanceRequest, grant: ChallengeGrant, *, protocol: str,
                     transaction_id: str | None, requester: str | None, spki_sha256: str,
                     renewal_of: str | None = None, pending_id: int | None = None,
-                    decided_by: str | None = None, finish=None) -> Issued:
+                    decided_by: str | None = None, finish=None, also=None) -> Issued:
         """Sign and store. `renewal_of`: the serial this renews (revoked as superseded when the
         duplicate policy is "revoke"); `pending_id`: the pending request this answers.
         `finish(cert)`: the front end's reply, built in the same worker thread as the signature
         (the same hop as the write unit); returned as Issued.reply, only once the certificate is
-        committed."""
+        committed. `also(conn, rec)`: the front end's own writes, in the issuance's transaction
+        (ACME: the order `valid` with the certificate committed, no write unit of its own)."""
         now = self.clock.now()
         issued_subject = _subject_string(request)
         if self.duplicate_subjects == "refuse" and issued_subject:
@@ -146,6 +147,8 @@ class EnrollmentService:
                     except StoreNotFound:
                         pass  # renewed a certificate that predates the inventory
                 sql.insert_audit(conn, issued_audit)
+                if also is not None:
+                    also(conn, rec)
                 return signed
             try:
                 # signed in a worker thread that hands the unit to the store: one hop; the

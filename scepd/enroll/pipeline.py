@@ -217,8 +217,9 @@ class Pipeline:
                                           requested_subject=auth.protocol in REQUESTED_SUBJECT_PROTOCOLS)
         return Approved(auth, csr, request)
 
-    async def complete(self, approved: Approved, finish=None) -> Decision:
-        """Steps 4-6: external check, approval, issuance (with its audit record)."""
+    async def complete(self, approved: Approved, finish=None, also=None) -> Decision:
+        """Steps 4-6: external check, approval, issuance (with its audit record). `finish`,
+        `also`: see EnrollmentService.issue."""
         auth, csr, request = approved.authorization, approved.csr, approved.request
         facts = csr.facts
         if self.external_check.enabled:
@@ -236,7 +237,7 @@ class Pipeline:
         issued = await self.enrollment.issue(
             request, auth.grant, protocol=auth.protocol, transaction_id=auth.transaction_id,
             requester=auth.requester, spki_sha256=facts.spki_sha256, renewal_of=auth.renewal_of,
-            finish=finish)
+            finish=finish, also=also)
         return Decision(issued=issued)
 
 

@@ -410,6 +410,14 @@ class RateLimiter:
         if tokens is not None and tokens < 1.0:
             self._refuse(limit, tokens)
 
+    def allows(self, name: str, key: str) -> bool:
+        """Whether `ensure` would pass now: no exception, no listener told, nothing taken."""
+        limit = self._limits.get(name)
+        if limit is None:
+            return True
+        tokens = limit.left(key[:MAX_KEY_CHARS], self._now())
+        return tokens is None or tokens >= 1.0
+
     def spend(self, name: str, key: str) -> None:
         """Record one failure: one token less (never below zero)."""
         limit = self._limits.get(name)
