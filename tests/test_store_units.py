@@ -113,6 +113,39 @@ async def test_prepare_runs_off_the_loop_before_the_unit_and_its_result_is_the_u
         await store.close()
 
 
+async def test_meanwhile_overlaps_the_unit_and_is_handed_out_only_once_it_committed(database_url):
+    """write(fn, prepare=..., meanwhile=...): the reply's work runs while the unit runs and
+    commits (here the unit waits for a signal that only `meanwhile` gives: run one after the
+    other, they would not finish), off the loop; both results come back once the unit committed;
+    when the unit fails, its error propagates and meanwhile's result is not handed out."""
+    store = await SqlStore.open(database_url)
+    try:
+        loop_thread = threading.get_ident()
+        signal, threads = threading.Event(), []
+
+        def unit(conn, secret):
+            assert signal.wait(10), "meanwhile did not run while the unit ran"
+            return _insert(secret)(conn)
+
+        def meanwhile(secret):
+            threads.append(threading.get_ident())
+            signal.set()
+            return f"reply for {secret[:4]}"
+        row_id, reply = await store.write(unit, prepare=lambda: "b" * 64, meanwhile=meanwhile)
+        assert reply == "reply for bbbb" and (await store.find_challenge("b" * 64)).id == row_id
+        assert threads and loop_thread not in threads
+
+        def failing(conn, secret):
+            _insert(secret)(conn)
+            raise IntegrityError("INSERT", {}, Exception("taken"))
+        handed: list[str] = []
+        with pytest.raises(IntegrityError):
+            handed.append(await store.write(failing, prepare=lambda: "c" * 64, meanwhile=lambda s: "reply"))
+        assert handed == [] and await store.find_challenge("c" * 64) is None
+    finally:
+        await store.close()
+
+
 def _unit_statements(store: SqlStore, now: dt.datetime):
     """Every module-level unit statement of scepd.store.sql once (writes, then reads), as
     (write unit, read unit); the read unit returns every record it read."""

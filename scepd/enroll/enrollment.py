@@ -91,8 +91,8 @@ class EnrollmentService:
         """Sign and store. `renewal_of`: the serial this renews (revoked as superseded when the
         duplicate policy is "revoke"); `pending_id`: the pending request this answers.
         `finish(cert)`: the front end's reply, built in the same worker thread as the signature
-        (the same hop as the write unit); returned as Issued.reply, only once the certificate is
-        committed. `also(conn, rec)`: the front end's own writes, in the issuance's transaction
+        (the same hop as the write unit) while the writer commits; returned as Issued.reply, only
+        once the certificate is committed. `also(conn, rec)`: the front end's own writes, in the issuance's transaction
         (ACME: the order `valid` with the certificate committed, no write unit of its own)."""
         now = self.clock.now()
         issued_subject = _subject_string(request)
@@ -107,11 +107,10 @@ class EnrollmentService:
         for _attempt in range(5):
             serial = random_serial()
 
-            def sign(serial=serial) -> tuple[CertificateRecord, AuditRecord, x509.Certificate, object]:
-                # off the loop: the signature, the front end's reply, and the rows to store
+            def sign(serial=serial) -> tuple[CertificateRecord, AuditRecord, x509.Certificate]:
+                # off the loop: the signature and the rows to store
                 cert = self.ca.issue(request, serial)
                 der = cert.public_bytes(serialization.Encoding.DER)
-                reply = None if finish is None else finish(cert)
                 rec = CertificateRecord(
                     serial=serial_hex(serial), ca_id=self.ca.ca_id,
                     subject=cert.subject.rfc4514_string(), sans=tuple(str(s) for s in request.sans),
@@ -125,7 +124,7 @@ class EnrollmentService:
                                                     "renewal_of": renewal_of, "pending_id": pending_id,
                                                     "not_after": rec.not_after.isoformat(),
                                                     "sha256": hashlib.sha256(der).hexdigest()})
-                return rec, issued_audit, cert, reply
+                return rec, issued_audit, cert
 
             def unit(conn, signed):
                 # the whole issuance, one transaction: challenge spent, certificate stored,
@@ -151,9 +150,14 @@ class EnrollmentService:
                     also(conn, rec)
                 return signed
             try:
-                # signed in a worker thread that hands the unit to the store: one hop; the
-                # certificate (and the reply) reach the caller only once committed
-                rec, _audit, cert, reply = await self.store.write(unit, prepare=sign)
+                # signed in a worker thread that hands the unit to the store: one hop; the front
+                # end's reply is built there while the writer commits (the signature and the fsync
+                # overlap); the certificate and the reply reach the caller only once committed
+                if finish is None:
+                    (rec, _audit, cert), reply = await self.store.write(unit, prepare=sign), None
+                else:
+                    (rec, _audit, cert), reply = await self.store.write(
+                        unit, prepare=sign, meanwhile=lambda signed: finish(signed[2]))
             except Conflict:
                 log.warning("serial collision on %s; drawing another", serial_hex(serial))
                 continue

@@ -577,18 +577,25 @@ class _SqliteUnits:
         # `prepare` runs in the reader thread itself: the unit and its CPU work are one hop
         return await asyncio.get_running_loop().run_in_executor(self._readers, self._run, fn, False, prepare)
 
-    async def write(self, fn, prepare=None):
+    async def write(self, fn, prepare=None, meanwhile=None):
         loop = asyncio.get_running_loop()
         if prepare is None:
             return await loop.run_in_executor(self._writer, self._run, fn, True)
         # `prepare` runs in a worker thread, which hands the unit straight to the writer thread
         # (no event-loop round trip between them); not in the writer itself, which would queue
         # every write of the process behind each signature (an HSM's latency included)
-        return await loop.run_in_executor(None, self._prepared_write, fn, prepare)
+        return await loop.run_in_executor(None, self._prepared_write, fn, prepare, meanwhile)
 
-    def _prepared_write(self, fn, prepare):
+    def _prepared_write(self, fn, prepare, meanwhile=None):
         prepared = prepare()
-        return self._writer.submit(self._run, lambda conn: fn(conn, prepared), True).result()
+        unit = self._writer.submit(self._run, lambda conn: fn(conn, prepared), True)
+        if meanwhile is None:
+            return unit.result()
+        try:  # while the writer runs the unit and waits for its commit (fsync)
+            extra = meanwhile(prepared)
+        finally:
+            result = unit.result()  # the unit's outcome first: its error wins, and nothing of
+        return result, extra        # `meanwhile` is handed out before the commit
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
@@ -637,18 +644,34 @@ class SqlStore:
         async with self.engine.connect() as conn:
             return await conn.run_sync(fn)
 
-    async def write(self, fn: Callable[..., T], prepare: Callable[[], object] | None = None) -> T:
+    async def write(self, fn: Callable[..., T], prepare: Callable[[], object] | None = None,
+                    meanwhile: Callable[[object], object] | None = None):
         """Run `fn(connection)` in one write transaction, committed when it returns (rolled back
         when it raises). IntegrityError from a unique key is the caller's to interpret.
         `prepare()`: as for read() (CPU work off the loop, e.g. signing what the unit stores;
         then the unit is `fn(connection, prepare())`), run in a worker thread that hands the
-        unit on to the store's writer without a round trip through the event loop."""
+        unit on to the store's writer without a round trip through the event loop.
+        `meanwhile(prepared)` (with `prepare` only): more CPU work off the loop -- a reply to
+        sign -- done while the unit runs and commits (an fsync: the two overlap); the result is
+        then `(unit's result, meanwhile's)`, returned only once the unit committed; when the unit
+        raises, that is what propagates and meanwhile's result is dropped."""
         if self._units is not None:
-            return await self._units.write(fn, prepare)
-        if prepare is not None:
-            fn = functools.partial(_with_prepared, fn, await asyncio.to_thread(prepare))
-        async with self.engine.begin() as conn:
-            return await conn.run_sync(fn)
+            return await self._units.write(fn, prepare, meanwhile)
+        if prepare is None:
+            async with self.engine.begin() as conn:
+                return await conn.run_sync(fn)
+        prepared = await asyncio.to_thread(prepare)
+        fn = functools.partial(_with_prepared, fn, prepared)
+        side = None if meanwhile is None else asyncio.ensure_future(asyncio.to_thread(meanwhile, prepared))
+        try:
+            async with self.engine.begin() as conn:
+                result = await conn.run_sync(fn)
+        finally:
+            if side is not None:
+                await asyncio.wait([side])  # never left running; its error (if any) is read below
+        if side is None:
+            return result
+        return result, side.result()
 
     @classmethod
     async def open(cls, url: str, migrations: Sequence[Migration] | None = None) -> "SqlStore":
