@@ -83,14 +83,20 @@ class _Result(list):
         return self[0] if self else None
 
 
-async def _read(auth: Auth, fn=None):
+async def _read(auth: Auth, fn=None, *, spend: bool = False, then=None):
     """AcmeService._read with the database left out: the account the kid names (its key is the
-    request's, as the real unit verifies), or none for a jwk no account holds."""
+    request's, as the real unit verifies), or none for a jwk no account holds. `spend` (the
+    nonce spent in the same unit) is taken as done; `then` (the request's own writes in that
+    unit, where the real one may run them) is left to the service's other path, as on
+    PostgreSQL."""
     account = dict(ACCOUNT) if auth.kid_account == "abc" else None
     data = None if fn is None else fn(_Conn())
     if account is not None:
         auth.key, auth.thumbprint = ACCOUNT_JWK, account["thumbprint"]
     auth.account = account
+    if spend:
+        auth.spent = True
+    auth.then_result = None
     return account, data
 
 
