@@ -453,3 +453,24 @@ async def test_challenge_response_starts_the_validation_in_its_one_unit(lab, cac
     # the nonce was spent by that unit: a replay is refused and starts nothing
     again = await lab.post(path_of(ch["url"]), {}, nonce=nonce)
     assert await problem_type(again) == P + "badNonce"
+
+
+async def test_order_round_unit_statements_run_on_sqlites_driver(lab, monkeypatch):
+    """Issue 13: on SQLite the statements of an order round's units (nonce, account, order,
+    authorizations, challenges, certificate) run straight on the stdlib driver, as the core
+    store's do (scepd.store.sql.execute): none goes through SQLAlchemy's Connection.execute
+    (before: every one of them, about 30 µs each). A statement tracer still sees all of them
+    (test_order_round_runs_in_few_units_and_validation_commits_once)."""
+    import sqlalchemy as sa
+
+    await issue_http01(lab, ["warm.example.test"])  # nonce key, account key cache, CA chain
+    executed: list[str] = []
+    real = sa.engine.Connection.execute
+
+    def spy(self, statement, *args, **kwargs):
+        executed.append(str(statement).split()[0])
+        return real(self, statement, *args, **kwargs)
+    monkeypatch.setattr(sa.engine.Connection, "execute", spy)
+    order, cert = await issue_http01(lab, ["driver.example.test", "two.example.test"])
+    assert order["certificate"].endswith(format(cert.serial_number, "x"))
+    assert executed == [], executed
