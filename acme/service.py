@@ -551,10 +551,14 @@ class AcmeService:
         except OverflowError:  # 0001-01-01T00:00:00+01:00 is before datetime.min in UTC
             raise MalformedRequest(f"{field} is out of range") from None
 
-    async def new_order(self, auth: Auth, gate=None) -> dict:
-        """One read unit (account, EAB binding, what `replaces` names), one write unit (nonce,
-        order, authorizations, challenges, replacement). `gate(account)` runs once the account
-        is authenticated (the rate limit)."""
+    async def new_order(self, auth: Auth, gate=None, peek=None) -> dict:
+        """One write unit: nonce spent, account (with its EAB binding) read, and -- on SQLite
+        with the account key cached, once the signature verified in it -- the order, its
+        authorizations and challenges inserted. Otherwise (PostgreSQL, a key not cached yet, a
+        `replaces`, a request refused) the checks run after it, as before, and a second unit
+        inserts. `gate(account)` (the rate limit) runs once the account is authenticated, at
+        most once a request: in the unit when the order is inserted there. `peek(account_id)`
+        (counts nothing): whether the gate would pass, before the unit."""
         req = auth.req
         early, serial = None, None
         try:  # a certID is read before the unit, refused after authentication
@@ -563,16 +567,69 @@ class AcmeService:
                 serial = self._serial_from_cert_id(payload["replaces"])
         except ScepdError as err:
             early = err
+        checked = None  # the request's own checks, answered after authentication
+        if early is None:
+            try:
+                clean, profile, window = self._order_request(payload)
+            except ScepdError as err:
+                checked = err
+        gated = []
+
+        def take(account):
+            if gate is not None and not gated:  # once, even when a batch runs its units again
+                gate(account)
+                gated.append(account["id"])
+
+        now = self.clock.now()
+        rows = None
+        if early is None and checked is None and serial is None and auth.kid_account is not None \
+                and (peek is None or peek(auth.kid_account)):
+            rows = self._order_rows(auth.kid_account, clean, profile, window, now)
+
+        def create(conn, account, _data):  # in the unit, the signature verified
+            try:
+                take(account)
+                self._check_pattern(account, clean)
+            except ScepdError as err:  # answered after the unit; the nonce stays spent
+                return err
+            acme_store.insert_order(conn, *rows, None)
+            return True
 
         def reads(conn):
             if serial is None:
                 return None, False
             return acme_store.order_of_serial(conn, serial), acme_store.is_replaced(conn, serial)
-        account, (replaced_order, replaced) = await self._read(auth, reads)
-        if gate is not None:
-            gate(account)
-        if early is not None:
-            raise early
+        account, (replaced_order, replaced) = await self._read(
+            auth, reads, spend=True, then=create if rows is not None else None)
+        created = auth.then_result
+        if isinstance(created, ScepdError):
+            raise created
+        if created is None:  # not in the unit: the checks, then a unit of its own
+            take(account)
+            if early is not None:
+                raise early
+            if checked is not None:
+                raise checked
+            self._check_pattern(account, clean)
+            if serial is not None:
+                self._check_replaces(serial, replaced_order, replaced, account, clean)
+            rows = self._order_rows(account["id"], clean, profile, window, now)
+            replacement = None if serial is None else dict(replaced_serial=serial, order_id=rows[0]["id"],
+                                                           account_id=account["id"])
+            set_transaction_id(rows[0]["id"])  # log lines of this request carry the new order id
+            try:
+                await self._writes.write(lambda conn: acme_store.insert_order(conn, *rows, replacement))
+            except sa_exc.IntegrityError:  # a concurrent order replaced it first
+                raise AlreadyReplaced("that certificate has already been replaced") from None
+        else:
+            set_transaction_id(rows[0]["id"])
+        order, az, _ = rows
+        view = dict(order, error=None, cert_serial=None, authzs=az)
+        view["status"] = self._order_status(view)
+        return view
+
+    def _order_request(self, payload: dict) -> tuple[list[dict], str, tuple]:
+        """A newOrder payload's identifiers, profile and validity window, checked."""
         clean = self._identifiers(payload.get("identifiers"))
         profile = payload.get("profile") or self.settings.default_profile
         if not isinstance(profile, str) or profile not in ACME_PROFILES:
@@ -584,38 +641,35 @@ class AcmeService:
                 self.services.enrollment.check_window(window, PROFILES[profile])
             except PolicyViolation as err:
                 raise MalformedRequest(err.detail) from None
+        return clean, profile, window
+
+    @staticmethod
+    def _check_pattern(account: dict, clean: list[dict]) -> None:
         pattern = account.get("eab_identifiers")  # read with the account
         if pattern:
             refused = [i for i in clean if not fnmatch.fnmatchcase(i["value"], pattern)]
             if refused:
                 raise Unauthorized(f"this account may only order identifiers matching {pattern!r}: "
                                    + ", ".join(i["value"] for i in refused))
-        if serial is not None:
-            self._check_replaces(serial, replaced_order, replaced, account, clean)
-        now = self.clock.now()
-        order = dict(id=new_id(), account_id=account["id"], status="pending", identifiers=clean,
+
+    @staticmethod
+    def _order_rows(account_id: str, clean: list[dict], profile: str, window: tuple,
+                    now: dt.datetime) -> tuple[dict, list[dict], list[dict]]:
+        """The rows of a new order: the order, its authorizations, their challenges."""
+        order = dict(id=new_id(), account_id=account_id, status="pending", identifiers=clean,
                      expires=now + ORDER_LIFETIME, created_at=now, profile=profile,
                      not_before=window[0], not_after=window[1])
         az, ch = [], []
         for ident in clean:
             aid = new_id()
             wildcard = ident["value"].startswith("*.")
-            az.append(dict(id=aid, order_id=order["id"], account_id=account["id"], type=ident["type"],
+            az.append(dict(id=aid, order_id=order["id"], account_id=account_id, type=ident["type"],
                            value=ident["value"][2:] if wildcard else ident["value"], wildcard=wildcard,
                            status="pending", expires=now + ORDER_LIFETIME))
             for kind in challenge_types(ident["type"], wildcard):
                 ch.append(dict(id=new_id(), authz_id=aid, type=kind, status="pending",
                                token=jws.b64u_encode(secrets.token_bytes(24))))
-        replacement = None if serial is None else dict(replaced_serial=serial, order_id=order["id"],
-                                                       account_id=account["id"])
-        set_transaction_id(order["id"])  # log lines of this request carry the new order id
-        try:
-            await self._write(auth, lambda conn: acme_store.insert_order(conn, order, az, ch, replacement))
-        except sa_exc.IntegrityError:  # a concurrent order replaced it first
-            raise AlreadyReplaced("that certificate has already been replaced") from None
-        view = dict(order, error=None, cert_serial=None, authzs=az)
-        view["status"] = self._order_status(view)
-        return view
+        return order, az, ch
 
     async def orders_page(self, auth: Auth, account_id: str, cursor: str | None) -> tuple[list[str], str | None]:
         """Order ids of the account (oldest first, invalid ones left out) and the next cursor."""

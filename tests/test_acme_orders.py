@@ -474,3 +474,28 @@ async def test_order_round_unit_statements_run_on_sqlites_driver(lab, monkeypatc
     order, cert = await issue_http01(lab, ["driver.example.test", "two.example.test"])
     assert order["certificate"].endswith(format(cert.serial_number, "x"))
     assert executed == [], executed
+
+
+async def test_new_order_is_one_unit(lab):
+    """Issue 13: newOrder is one unit once the account key is cached (SQLite): nonce spent,
+    account read, order, authorization and challenges inserted in one transaction (before: a
+    read unit, then a write unit). A request refused after authentication inserts nothing and
+    still spends its nonce in that unit."""
+    from .test_acme_jws import sql_trace
+
+    await get(lab, lab.kid)  # the account key cached (as after any earlier request)
+    seen = sql_trace(lab.services.store)
+    resp, order = await new_order(lab, [{"type": "dns", "value": "unit.example.test"}])
+    assert resp.status == 201 and order["status"] == "pending", order
+    heads = [" ".join(s.split()[:3]) for s in seen]
+    assert [h for h in heads if h.startswith("BEGIN")] == ["BEGIN IMMEDIATE"], heads
+    assert "acme_used_nonces" in seen[1], heads
+    assert [h for h in heads if h.startswith("INSERT")] == [
+        "INSERT INTO acme_used_nonces", "INSERT INTO acme_orders", "INSERT INTO acme_authzs",
+        "INSERT INTO acme_challenges"], heads
+    assert (await get(lab, resp.headers["Location"]))["status"] == "pending"
+    seen.clear()
+    resp, body = await new_order(lab, [{"type": "dns", "value": "-bad-"}])
+    assert resp.status == 400 and body["type"].startswith(P), body
+    assert [" ".join(s.split()[:3]) for s in seen if s.startswith("INSERT")] == [
+        "INSERT INTO acme_used_nonces"], seen
