@@ -203,7 +203,7 @@ class AcmeService:
             raise MalformedRequest("this resource needs a jwk, not a kid")
         auth.kid_account = req.kid.rstrip("/").rsplit("/", 1)[-1]
 
-    async def _read(self, auth: "Auth", fn=None, *, spend: bool = False, then=None):
+    async def _read(self, auth: "Auth", fn=None, *, spend: bool = False, then=None, prepare=None):
         """One read unit: the signing account (by kid, or by the jwk's thumbprint) and whatever
         `fn(conn)` reads for the request; then the kid's signature is verified with the key of
         the row just read (deactivation and key rollover by any process count at once).
@@ -217,7 +217,11 @@ class AcmeService:
         `then(conn, account, data)` (with `spend`): the request's own writes, in the same unit,
         run only once the kid's signature verified there with the key of the valid account
         just read (SQLite, a cached key); its result is left in `auth.then_result`. Where it
-        did not run (None there) the caller writes in a unit of its own after `_read`."""
+        did not run (None there) the caller writes in a unit of its own after `_read`.
+
+        `prepare()` (without `spend`): the request's CPU work that needs no database (a CSR's
+        check), run in the read's own thread hop before the unit (SqlStore.read); it must hold
+        its outcome (errors included) for the caller rather than raise."""
         aid, tp = auth.kid_account, auth.thumbprint
         req = auth.req
         # SQLite runs read units in a store thread (scepd.store.sql): a kid's signature is
@@ -240,7 +244,12 @@ class AcmeService:
                     and account["status"] == "valid" and req.kid.endswith(f"/acct/{aid}"):
                 auth.then_result = then(conn, account, data)
             return account, data, verified
-        account, data, verified = await (self._write(auth, unit) if spend else self.services.store.read(unit))
+        if spend:
+            account, data, verified = await self._write(auth, unit)
+        elif prepare is not None:
+            account, data, verified = await self.services.store.read(lambda conn, _: unit(conn), prepare)
+        else:
+            account, data, verified = await self.services.store.read(unit)
         if aid is None:
             if account is not None and account["status"] != "valid":  # RFC 8555 §7.3.6
                 raise AccountDeactivated("the account of this key is deactivated")
@@ -926,25 +935,35 @@ class AcmeService:
     async def finalize(self, auth: Auth, order_id: str) -> dict:
         """Checks in the request; issuance runs as a background task (the order is `processing`
         meanwhile). The response waits briefly so fast issuances answer `valid` at once. One
-        read unit (account, order, authorizations, EAB binding), one write unit (nonce, order
-        `processing`), then the issuance's own units."""
+        read unit (account, order, authorizations, EAB binding), the CSR decoded and verified in
+        its thread hop; then the policy, one write unit (nonce, order `processing`), then the
+        issuance's own units."""
+        req = auth.req
+        limits = self.services.enrollment.key_limits
+        csr: list = []  # [csr_der, facts] or [the error to answer once the order is found ready]
+
+        def check_csr():  # in the read's own thread hop, before its unit (never on the loop)
+            try:
+                payload = req.payload_json()
+                try:
+                    csr_der = jws.b64u_decode(payload.get("csr", ""))
+                except MalformedRequest:
+                    raise BadCsr("csr is not base64url") from None
+                try:  # the key limits before the signature check (SHA-2 only, as Boulder: no SHA-1 CSRs)
+                    csr[:] = [csr_der, decode_csr(csr_der, True, lambda k: check_key(k, limits))]
+                except (PolicyViolation, ForbiddenAlgorithm) as err:  # RFC 8555 §6.7: badCSR, "e.g., due to a short key"
+                    raise BadCsr(err.detail) from None
+            except ScepdError as err:
+                csr[:] = [err]
         account, (order, order_authzs) = await self._read(
-            auth, lambda conn: acme_store.order_with_authzs(conn, order_id))
+            auth, lambda conn: acme_store.order_with_authzs(conn, order_id), prepare=check_csr)
         order = await self._order_view(order, order_authzs, account)
-        req, key = auth.req, auth.key
+        key = auth.key
         if order["status"] != "ready":
             raise OrderNotReady(f"the order is {order['status']}, not ready")
-        payload = req.payload_json()
-        try:
-            csr_der = jws.b64u_decode(payload.get("csr", ""))
-        except MalformedRequest:
-            raise BadCsr("csr is not base64url") from None
-        limits = self.services.enrollment.key_limits
-        try:  # the key limits before the signature check (SHA-2 only, as Boulder: no SHA-1 CSRs),
-            # which runs in a worker thread
-            facts = await asyncio.to_thread(decode_csr, csr_der, True, lambda k: check_key(k, limits))
-        except (PolicyViolation, ForbiddenAlgorithm) as err:  # RFC 8555 §6.7: badCSR, "e.g., due to a short key"
-            raise BadCsr(err.detail) from None
+        if len(csr) == 1:
+            raise csr[0]
+        csr_der, facts = csr
         names = {("dns", s.value.lower()) if s.kind == "dns" else (s.kind, s.value) for s in facts.sans}
         if facts.common_name:
             names.add(("ip", facts.common_name) if _is_ip(facts.common_name) else ("dns", facts.common_name.lower()))

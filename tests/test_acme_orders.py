@@ -499,3 +499,37 @@ async def test_new_order_is_one_unit(lab):
     assert resp.status == 400 and body["type"].startswith(P), body
     assert [" ".join(s.split()[:3]) for s in seen if s.startswith("INSERT")] == [
         "INSERT INTO acme_used_nonces"], seen
+
+
+async def test_finalize_checks_the_csr_in_the_reads_thread_hop(lab, monkeypatch):
+    """Issue 13: finalize decodes and verifies the CSR in its read unit's own thread hop, before
+    the unit (SqlStore.read's `prepare`), not in a worker thread hop of its own; a bad CSR is
+    still answered (badCSR, malformed), only once the order is found ready."""
+    import threading
+
+    import acme.service as service_mod
+
+    threads: list[str] = []
+    real = service_mod.decode_csr
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(service_mod, "decode_csr", spy)
+    resp, order = await new_order(lab, [{"type": "dns", "value": "hop.example.test"}])
+    bad = await lab.post(path_of(order["finalize"]), {"csr": b64(b"\x30\x03\x02\x01\x00")})
+    assert await problem_type(bad) == P + "orderNotReady"  # the order first, then the CSR
+    order, _cert = await issue_http01(lab, ["hop2.example.test"])
+    assert order["status"] == "valid"
+    assert len(threads) == 2 and all(t.startswith("scepd-db-read") for t in threads), threads
+    resp, order = await new_order(lab, [{"type": "dns", "value": "hop3.example.test"}])
+    for url in order["authorizations"]:
+        ch = next(c for c in (await get(lab, url))["challenges"] if c["type"] == "http-01")
+        lab.tokens[ch["token"]] = key_authorization(lab, ch)
+        await lab.post(path_of(ch["url"]), {})
+    order = await wait_status(lab, resp.headers["Location"])
+    bad = await lab.post(path_of(order["finalize"]), {"csr": "!not-base64url!"})
+    assert await problem_type(bad) == P + "badCSR"
+    bad = await lab.post(path_of(order["finalize"]), {"csr": b64(b"\x30\x03\x02\x01\x00")})
+    assert await problem_type(bad) == P + "malformed"  # not DER (as before)
+    assert len(threads) == 3 and all(t.startswith("scepd-db-read") for t in threads), threads
