@@ -178,7 +178,10 @@ def core_migrations() -> list[Migration]:
 def _naive(t: dt.datetime | None) -> dt.datetime | None:
     if t is None:
         return None
-    if t.tzinfo is None:
+    tz = t.tzinfo
+    if tz is dt.timezone.utc:  # the clock's own: no conversion
+        return t.replace(tzinfo=None)
+    if tz is None:
         raise ValueError("naive datetime given to the store")
     return t.astimezone(dt.timezone.utc).replace(tzinfo=None)
 
