@@ -217,7 +217,8 @@ def add_routes(app: web.Application, services) -> None:
             limits.acquire(ACME_NEW_ORDERS_PER_ACCOUNT, acct["id"])
             acquired.append(acct["id"])
         try:
-            order = await service.new_order(auth, gate)
+            order = await service.new_order(  # `peek` before authentication counts nothing
+                auth, gate, peek=lambda account_id: limits.allows(ACME_NEW_ORDERS_PER_ACCOUNT, account_id))
         except ScepdError:  # only orders created count
             for account_id in acquired:
                 limits.refund(ACME_NEW_ORDERS_PER_ACCOUNT, account_id)

@@ -65,7 +65,7 @@ ACME_PROFILES = {
 
 
 def _nonce_mac(key: bytes, body: bytes) -> bytes:
-    return hmac_mod.new(key, b"scepd-acme-nonce\0" + body, "sha256").digest()[:_NONCE_MAC_BYTES]
+    return hmac_mod.digest(key, b"scepd-acme-nonce\0" + body, "sha256")[:_NONCE_MAC_BYTES]  # one-shot, in C
 
 
 def new_id(nbytes: int = 16) -> str:
@@ -203,7 +203,7 @@ class AcmeService:
             raise MalformedRequest("this resource needs a jwk, not a kid")
         auth.kid_account = req.kid.rstrip("/").rsplit("/", 1)[-1]
 
-    async def _read(self, auth: "Auth", fn=None, *, spend: bool = False, then=None):
+    async def _read(self, auth: "Auth", fn=None, *, spend: bool = False, then=None, prepare=None):
         """One read unit: the signing account (by kid, or by the jwk's thumbprint) and whatever
         `fn(conn)` reads for the request; then the kid's signature is verified with the key of
         the row just read (deactivation and key rollover by any process count at once).
@@ -217,7 +217,11 @@ class AcmeService:
         `then(conn, account, data)` (with `spend`): the request's own writes, in the same unit,
         run only once the kid's signature verified there with the key of the valid account
         just read (SQLite, a cached key); its result is left in `auth.then_result`. Where it
-        did not run (None there) the caller writes in a unit of its own after `_read`."""
+        did not run (None there) the caller writes in a unit of its own after `_read`.
+
+        `prepare()` (without `spend`): the request's CPU work that needs no database (a CSR's
+        check), run in the read's own thread hop before the unit (SqlStore.read); it must hold
+        its outcome (errors included) for the caller rather than raise."""
         aid, tp = auth.kid_account, auth.thumbprint
         req = auth.req
         # SQLite runs read units in a store thread (scepd.store.sql): a kid's signature is
@@ -240,7 +244,12 @@ class AcmeService:
                     and account["status"] == "valid" and req.kid.endswith(f"/acct/{aid}"):
                 auth.then_result = then(conn, account, data)
             return account, data, verified
-        account, data, verified = await (self._write(auth, unit) if spend else self.services.store.read(unit))
+        if spend:
+            account, data, verified = await self._write(auth, unit)
+        elif prepare is not None:
+            account, data, verified = await self.services.store.read(lambda conn, _: unit(conn), prepare)
+        else:
+            account, data, verified = await self.services.store.read(unit)
         if aid is None:
             if account is not None and account["status"] != "valid":  # RFC 8555 §7.3.6
                 raise AccountDeactivated("the account of this key is deactivated")
@@ -551,10 +560,14 @@ class AcmeService:
         except OverflowError:  # 0001-01-01T00:00:00+01:00 is before datetime.min in UTC
             raise MalformedRequest(f"{field} is out of range") from None
 
-    async def new_order(self, auth: Auth, gate=None) -> dict:
-        """One read unit (account, EAB binding, what `replaces` names), one write unit (nonce,
-        order, authorizations, challenges, replacement). `gate(account)` runs once the account
-        is authenticated (the rate limit)."""
+    async def new_order(self, auth: Auth, gate=None, peek=None) -> dict:
+        """One write unit: nonce spent, account (with its EAB binding) read, and -- on SQLite
+        with the account key cached, once the signature verified in it -- the order, its
+        authorizations and challenges inserted. Otherwise (PostgreSQL, a key not cached yet, a
+        `replaces`, a request refused) the checks run after it, as before, and a second unit
+        inserts. `gate(account)` (the rate limit) runs once the account is authenticated, at
+        most once a request: in the unit when the order is inserted there. `peek(account_id)`
+        (counts nothing): whether the gate would pass, before the unit."""
         req = auth.req
         early, serial = None, None
         try:  # a certID is read before the unit, refused after authentication
@@ -563,16 +576,69 @@ class AcmeService:
                 serial = self._serial_from_cert_id(payload["replaces"])
         except ScepdError as err:
             early = err
+        checked = None  # the request's own checks, answered after authentication
+        if early is None:
+            try:
+                clean, profile, window = self._order_request(payload)
+            except ScepdError as err:
+                checked = err
+        gated = []
+
+        def take(account):
+            if gate is not None and not gated:  # once, even when a batch runs its units again
+                gate(account)
+                gated.append(account["id"])
+
+        now = self.clock.now()
+        rows = None
+        if early is None and checked is None and serial is None and auth.kid_account is not None \
+                and (peek is None or peek(auth.kid_account)):
+            rows = self._order_rows(auth.kid_account, clean, profile, window, now)
+
+        def create(conn, account, _data):  # in the unit, the signature verified
+            try:
+                take(account)
+                self._check_pattern(account, clean)
+            except ScepdError as err:  # answered after the unit; the nonce stays spent
+                return err
+            acme_store.insert_order(conn, *rows, None)
+            return True
 
         def reads(conn):
             if serial is None:
                 return None, False
             return acme_store.order_of_serial(conn, serial), acme_store.is_replaced(conn, serial)
-        account, (replaced_order, replaced) = await self._read(auth, reads)
-        if gate is not None:
-            gate(account)
-        if early is not None:
-            raise early
+        account, (replaced_order, replaced) = await self._read(
+            auth, reads, spend=True, then=create if rows is not None else None)
+        created = auth.then_result
+        if isinstance(created, ScepdError):
+            raise created
+        if created is None:  # not in the unit: the checks, then a unit of its own
+            take(account)
+            if early is not None:
+                raise early
+            if checked is not None:
+                raise checked
+            self._check_pattern(account, clean)
+            if serial is not None:
+                self._check_replaces(serial, replaced_order, replaced, account, clean)
+            rows = self._order_rows(account["id"], clean, profile, window, now)
+            replacement = None if serial is None else dict(replaced_serial=serial, order_id=rows[0]["id"],
+                                                           account_id=account["id"])
+            set_transaction_id(rows[0]["id"])  # log lines of this request carry the new order id
+            try:
+                await self._writes.write(lambda conn: acme_store.insert_order(conn, *rows, replacement))
+            except sa_exc.IntegrityError:  # a concurrent order replaced it first
+                raise AlreadyReplaced("that certificate has already been replaced") from None
+        else:
+            set_transaction_id(rows[0]["id"])
+        order, az, _ = rows
+        view = dict(order, error=None, cert_serial=None, authzs=az)
+        view["status"] = self._order_status(view)
+        return view
+
+    def _order_request(self, payload: dict) -> tuple[list[dict], str, tuple]:
+        """A newOrder payload's identifiers, profile and validity window, checked."""
         clean = self._identifiers(payload.get("identifiers"))
         profile = payload.get("profile") or self.settings.default_profile
         if not isinstance(profile, str) or profile not in ACME_PROFILES:
@@ -584,38 +650,35 @@ class AcmeService:
                 self.services.enrollment.check_window(window, PROFILES[profile])
             except PolicyViolation as err:
                 raise MalformedRequest(err.detail) from None
+        return clean, profile, window
+
+    @staticmethod
+    def _check_pattern(account: dict, clean: list[dict]) -> None:
         pattern = account.get("eab_identifiers")  # read with the account
         if pattern:
             refused = [i for i in clean if not fnmatch.fnmatchcase(i["value"], pattern)]
             if refused:
                 raise Unauthorized(f"this account may only order identifiers matching {pattern!r}: "
                                    + ", ".join(i["value"] for i in refused))
-        if serial is not None:
-            self._check_replaces(serial, replaced_order, replaced, account, clean)
-        now = self.clock.now()
-        order = dict(id=new_id(), account_id=account["id"], status="pending", identifiers=clean,
+
+    @staticmethod
+    def _order_rows(account_id: str, clean: list[dict], profile: str, window: tuple,
+                    now: dt.datetime) -> tuple[dict, list[dict], list[dict]]:
+        """The rows of a new order: the order, its authorizations, their challenges."""
+        order = dict(id=new_id(), account_id=account_id, status="pending", identifiers=clean,
                      expires=now + ORDER_LIFETIME, created_at=now, profile=profile,
                      not_before=window[0], not_after=window[1])
         az, ch = [], []
         for ident in clean:
             aid = new_id()
             wildcard = ident["value"].startswith("*.")
-            az.append(dict(id=aid, order_id=order["id"], account_id=account["id"], type=ident["type"],
+            az.append(dict(id=aid, order_id=order["id"], account_id=account_id, type=ident["type"],
                            value=ident["value"][2:] if wildcard else ident["value"], wildcard=wildcard,
                            status="pending", expires=now + ORDER_LIFETIME))
             for kind in challenge_types(ident["type"], wildcard):
                 ch.append(dict(id=new_id(), authz_id=aid, type=kind, status="pending",
                                token=jws.b64u_encode(secrets.token_bytes(24))))
-        replacement = None if serial is None else dict(replaced_serial=serial, order_id=order["id"],
-                                                       account_id=account["id"])
-        set_transaction_id(order["id"])  # log lines of this request carry the new order id
-        try:
-            await self._write(auth, lambda conn: acme_store.insert_order(conn, order, az, ch, replacement))
-        except sa_exc.IntegrityError:  # a concurrent order replaced it first
-            raise AlreadyReplaced("that certificate has already been replaced") from None
-        view = dict(order, error=None, cert_serial=None, authzs=az)
-        view["status"] = self._order_status(view)
-        return view
+        return order, az, ch
 
     async def orders_page(self, auth: Auth, account_id: str, cursor: str | None) -> tuple[list[str], str | None]:
         """Order ids of the account (oldest first, invalid ones left out) and the next cursor."""
@@ -872,25 +935,35 @@ class AcmeService:
     async def finalize(self, auth: Auth, order_id: str) -> dict:
         """Checks in the request; issuance runs as a background task (the order is `processing`
         meanwhile). The response waits briefly so fast issuances answer `valid` at once. One
-        read unit (account, order, authorizations, EAB binding), one write unit (nonce, order
-        `processing`), then the issuance's own units."""
+        read unit (account, order, authorizations, EAB binding), the CSR decoded and verified in
+        its thread hop; then the policy, one write unit (nonce, order `processing`), then the
+        issuance's own units."""
+        req = auth.req
+        limits = self.services.enrollment.key_limits
+        csr: list = []  # [csr_der, facts] or [the error to answer once the order is found ready]
+
+        def check_csr():  # in the read's own thread hop, before its unit (never on the loop)
+            try:
+                payload = req.payload_json()
+                try:
+                    csr_der = jws.b64u_decode(payload.get("csr", ""))
+                except MalformedRequest:
+                    raise BadCsr("csr is not base64url") from None
+                try:  # the key limits before the signature check (SHA-2 only, as Boulder: no SHA-1 CSRs)
+                    csr[:] = [csr_der, decode_csr(csr_der, True, lambda k: check_key(k, limits))]
+                except (PolicyViolation, ForbiddenAlgorithm) as err:  # RFC 8555 §6.7: badCSR, "e.g., due to a short key"
+                    raise BadCsr(err.detail) from None
+            except ScepdError as err:
+                csr[:] = [err]
         account, (order, order_authzs) = await self._read(
-            auth, lambda conn: acme_store.order_with_authzs(conn, order_id))
+            auth, lambda conn: acme_store.order_with_authzs(conn, order_id), prepare=check_csr)
         order = await self._order_view(order, order_authzs, account)
-        req, key = auth.req, auth.key
+        key = auth.key
         if order["status"] != "ready":
             raise OrderNotReady(f"the order is {order['status']}, not ready")
-        payload = req.payload_json()
-        try:
-            csr_der = jws.b64u_decode(payload.get("csr", ""))
-        except MalformedRequest:
-            raise BadCsr("csr is not base64url") from None
-        limits = self.services.enrollment.key_limits
-        try:  # the key limits before the signature check (SHA-2 only, as Boulder: no SHA-1 CSRs),
-            # which runs in a worker thread
-            facts = await asyncio.to_thread(decode_csr, csr_der, True, lambda k: check_key(k, limits))
-        except (PolicyViolation, ForbiddenAlgorithm) as err:  # RFC 8555 §6.7: badCSR, "e.g., due to a short key"
-            raise BadCsr(err.detail) from None
+        if len(csr) == 1:
+            raise csr[0]
+        csr_der, facts = csr
         names = {("dns", s.value.lower()) if s.kind == "dns" else (s.kind, s.value) for s in facts.sans}
         if facts.common_name:
             names.add(("ip", facts.common_name) if _is_ip(facts.common_name) else ("dns", facts.common_name.lower()))

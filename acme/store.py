@@ -10,7 +10,7 @@ import sqlalchemy as sa
 import sqlalchemy.exc  # noqa: F401
 
 from scepd.store import SqlStore
-from scepd.store.sql import _aware, _naive, certificates
+from scepd.store.sql import _aware, _naive, certificates, execute
 
 metadata = sa.MetaData()
 
@@ -186,12 +186,12 @@ _ORDER_ISSUED = orders.update().where(orders.c.id == _p("oid")).values(status="v
 
 
 def _one(conn: sa.Connection, stmt, params: dict) -> dict | None:
-    row = conn.execute(stmt, params).first()
+    row = execute(conn, stmt, params).first()
     return None if row is None else _row(row)
 
 
 def _all(conn: sa.Connection, stmt, params: dict) -> list[dict]:
-    return [_row(r) for r in conn.execute(stmt, params)]
+    return [_row(r) for r in execute(conn, stmt, params).all()]
 
 
 class NonceUsed(Exception):
@@ -203,11 +203,11 @@ def spend_nonce(conn: sa.Connection, nonce_id: str, expires_at: dt.datetime, pru
     unit; NonceUsed if its id is recorded already (the primary key refuses the replay, across
     processes). `prune_before`: also drop the records that expired before then."""
     try:
-        conn.execute(_NONCE_INSERT, {"id": nonce_id, "expires_at": _naive(expires_at)})
+        execute(conn, _NONCE_INSERT, {"id": nonce_id, "expires_at": _naive(expires_at)})
     except sa.exc.IntegrityError:
         raise NonceUsed() from None
     if prune_before is not None:
-        conn.execute(_NONCE_PRUNE, {"before": _naive(prune_before)})
+        execute(conn, _NONCE_PRUNE, {"before": _naive(prune_before)})
 
 
 def account_by_id(conn: sa.Connection, account_id: str) -> dict | None:
@@ -246,27 +246,27 @@ _CERT_DER = sa.select(certificates.c.der).where(certificates.c.serial == _p("ser
 
 
 def certificate_der(conn: sa.Connection, serial: str) -> bytes | None:
-    row = conn.execute(_CERT_DER, {"serial": serial}).first()
-    return None if row is None else bytes(row[0])
+    row = execute(conn, _CERT_DER, {"serial": serial}).first()
+    return None if row is None else bytes(row._mapping["der"])
 
 
 def is_replaced(conn: sa.Connection, serial: str) -> bool:
-    return conn.execute(_REPLACED, {"serial": serial}).first() is not None
+    return execute(conn, _REPLACED, {"serial": serial}).first() is not None
 
 
 def insert_order(conn: sa.Connection, order: dict, authz_rows: list[dict], challenge_rows: list[dict],
                  replacement: dict | None) -> None:
     """IntegrityError (the unit rolls back) if `replacement` names an already replaced certificate."""
     if replacement is not None:
-        conn.execute(_REPLACEMENT_INSERT, replacement)
-    conn.execute(_ORDER_INSERT, _naive_values(order))
-    conn.execute(_AUTHZ_INSERT, [_naive_values(a) for a in authz_rows])
+        execute(conn, _REPLACEMENT_INSERT, replacement)
+    execute(conn, _ORDER_INSERT, _naive_values(order))
+    execute(conn, _AUTHZ_INSERT, [_naive_values(a) for a in authz_rows])
     if challenge_rows:
-        conn.execute(_CHALLENGE_INSERT, [_naive_values(c) for c in challenge_rows])
+        execute(conn, _CHALLENGE_INSERT, [_naive_values(c) for c in challenge_rows])
 
 
 def start_challenge(conn: sa.Connection, challenge_id: str) -> bool:
-    return conn.execute(_CHALLENGE_START, {"cid": challenge_id}).rowcount == 1
+    return execute(conn, _CHALLENGE_START, {"cid": challenge_id}).rowcount == 1
 
 
 def settle_challenge(conn: sa.Connection, challenge_id: str, authz_id: str, valid: bool, now: dt.datetime,
@@ -275,21 +275,21 @@ def settle_challenge(conn: sa.Connection, challenge_id: str, authz_id: str, vali
     under a pending authorization). Only a challenge still `processing` takes an outcome: a
     duplicate validation (a restarted primary worker resuming one another worker still runs)
     records nothing and returns False."""
-    if conn.execute(_CHALLENGE_SETTLE, {"cid": challenge_id, "status": "valid" if valid else "invalid",
-                                        "validated": _naive(now),
-                                        "error": None if error is None else json.dumps(error)}).rowcount != 1:
+    if execute(conn, _CHALLENGE_SETTLE, {"cid": challenge_id, "status": "valid" if valid else "invalid",
+                                         "validated": _naive(now),
+                                         "error": None if error is None else json.dumps(error)}).rowcount != 1:
         return False
-    conn.execute(_AUTHZ_SETTLE, {"aid": authz_id, "status": "valid" if valid else "invalid",
-                                 "expires": _naive(authz_expires)})
+    execute(conn, _AUTHZ_SETTLE, {"aid": authz_id, "status": "valid" if valid else "invalid",
+                                  "expires": _naive(authz_expires)})
     return True
 
 
 def start_order(conn: sa.Connection, order_id: str, now: dt.datetime) -> bool:
-    return conn.execute(_ORDER_START, {"oid": order_id, "at": _naive(now)}).rowcount == 1
+    return execute(conn, _ORDER_START, {"oid": order_id, "at": _naive(now)}).rowcount == 1
 
 
 def order_issued(conn: sa.Connection, order_id: str, serial: str) -> None:
-    conn.execute(_ORDER_ISSUED, {"oid": order_id, "serial": serial})
+    execute(conn, _ORDER_ISSUED, {"oid": order_id, "serial": serial})
 
 
 class WriteBatcher:

@@ -82,13 +82,18 @@ class _Result(list):
     def first(self):
         return self[0] if self else None
 
+    def all(self):
+        return list(self)
 
-async def _read(auth: Auth, fn=None, *, spend: bool = False, then=None):
+
+async def _read(auth: Auth, fn=None, *, spend: bool = False, then=None, prepare=None):
     """AcmeService._read with the database left out: the account the kid names (its key is the
     request's, as the real unit verifies), or none for a jwk no account holds. `spend` (the
     nonce spent in the same unit) is taken as done; `then` (the request's own writes in that
     unit, where the real one may run them) is left to the service's other path, as on
-    PostgreSQL."""
+    PostgreSQL. `prepare` (the request's CPU work, before the unit) runs first, as in the real one."""
+    if prepare is not None:
+        prepare()
     account = dict(ACCOUNT) if auth.kid_account == "abc" else None
     data = None if fn is None else fn(_Conn())
     if account is not None:
@@ -102,6 +107,13 @@ async def _read(auth: Auth, fn=None, *, spend: bool = False, then=None):
 
 async def _write(auth: Auth, fn=None):
     raise _Reached
+
+
+class _Writes:
+    """The service's write batcher: a write unit ends the request (as `_write`)."""
+
+    async def write(self, fn):
+        raise _Reached
 
 
 class _Db:
@@ -154,7 +166,7 @@ SERVICE.clock = FixedClock(NOW)
 SERVICE.db = _Db()
 SERVICE.settings = AcmeSettings()
 SERVICE._tasks, SERVICE._finalizing, SERVICE._keys = set(), set(), {}
-SERVICE._read, SERVICE._write = _read, _write
+SERVICE._read, SERVICE._write, SERVICE._writes = _read, _write, _Writes()
 LOOP = asyncio.new_event_loop()
 
 

@@ -453,3 +453,83 @@ async def test_challenge_response_starts_the_validation_in_its_one_unit(lab, cac
     # the nonce was spent by that unit: a replay is refused and starts nothing
     again = await lab.post(path_of(ch["url"]), {}, nonce=nonce)
     assert await problem_type(again) == P + "badNonce"
+
+
+async def test_order_round_unit_statements_run_on_sqlites_driver(lab, monkeypatch):
+    """Issue 13: on SQLite the statements of an order round's units (nonce, account, order,
+    authorizations, challenges, certificate) run straight on the stdlib driver, as the core
+    store's do (scepd.store.sql.execute): none goes through SQLAlchemy's Connection.execute
+    (before: every one of them, about 30 µs each). A statement tracer still sees all of them
+    (test_order_round_runs_in_few_units_and_validation_commits_once)."""
+    import sqlalchemy as sa
+
+    await issue_http01(lab, ["warm.example.test"])  # nonce key, account key cache, CA chain
+    executed: list[str] = []
+    real = sa.engine.Connection.execute
+
+    def spy(self, statement, *args, **kwargs):
+        executed.append(str(statement).split()[0])
+        return real(self, statement, *args, **kwargs)
+    monkeypatch.setattr(sa.engine.Connection, "execute", spy)
+    order, cert = await issue_http01(lab, ["driver.example.test", "two.example.test"])
+    assert order["certificate"].endswith(format(cert.serial_number, "x"))
+    assert executed == [], executed
+
+
+async def test_new_order_is_one_unit(lab):
+    """Issue 13: newOrder is one unit once the account key is cached (SQLite): nonce spent,
+    account read, order, authorization and challenges inserted in one transaction (before: a
+    read unit, then a write unit). A request refused after authentication inserts nothing and
+    still spends its nonce in that unit."""
+    from .test_acme_jws import sql_trace
+
+    await get(lab, lab.kid)  # the account key cached (as after any earlier request)
+    seen = sql_trace(lab.services.store)
+    resp, order = await new_order(lab, [{"type": "dns", "value": "unit.example.test"}])
+    assert resp.status == 201 and order["status"] == "pending", order
+    heads = [" ".join(s.split()[:3]) for s in seen]
+    assert [h for h in heads if h.startswith("BEGIN")] == ["BEGIN IMMEDIATE"], heads
+    assert "acme_used_nonces" in seen[1], heads
+    assert [h for h in heads if h.startswith("INSERT")] == [
+        "INSERT INTO acme_used_nonces", "INSERT INTO acme_orders", "INSERT INTO acme_authzs",
+        "INSERT INTO acme_challenges"], heads
+    assert (await get(lab, resp.headers["Location"]))["status"] == "pending"
+    seen.clear()
+    resp, body = await new_order(lab, [{"type": "dns", "value": "-bad-"}])
+    assert resp.status == 400 and body["type"].startswith(P), body
+    assert [" ".join(s.split()[:3]) for s in seen if s.startswith("INSERT")] == [
+        "INSERT INTO acme_used_nonces"], seen
+
+
+async def test_finalize_checks_the_csr_in_the_reads_thread_hop(lab, monkeypatch):
+    """Issue 13: finalize decodes and verifies the CSR in its read unit's own thread hop, before
+    the unit (SqlStore.read's `prepare`), not in a worker thread hop of its own; a bad CSR is
+    still answered (badCSR, malformed), only once the order is found ready."""
+    import threading
+
+    import acme.service as service_mod
+
+    threads: list[str] = []
+    real = service_mod.decode_csr
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(service_mod, "decode_csr", spy)
+    resp, order = await new_order(lab, [{"type": "dns", "value": "hop.example.test"}])
+    bad = await lab.post(path_of(order["finalize"]), {"csr": b64(b"\x30\x03\x02\x01\x00")})
+    assert await problem_type(bad) == P + "orderNotReady"  # the order first, then the CSR
+    order, _cert = await issue_http01(lab, ["hop2.example.test"])
+    assert order["status"] == "valid"
+    assert len(threads) == 2 and all(t.startswith("scepd-db-read") for t in threads), threads
+    resp, order = await new_order(lab, [{"type": "dns", "value": "hop3.example.test"}])
+    for url in order["authorizations"]:
+        ch = next(c for c in (await get(lab, url))["challenges"] if c["type"] == "http-01")
+        lab.tokens[ch["token"]] = key_authorization(lab, ch)
+        await lab.post(path_of(ch["url"]), {})
+    order = await wait_status(lab, resp.headers["Location"])
+    bad = await lab.post(path_of(order["finalize"]), {"csr": "!not-base64url!"})
+    assert await problem_type(bad) == P + "badCSR"
+    bad = await lab.post(path_of(order["finalize"]), {"csr": b64(b"\x30\x03\x02\x01\x00")})
+    assert await problem_type(bad) == P + "malformed"  # not DER (as before)
+    assert len(threads) == 3 and all(t.startswith("scepd-db-read") for t in threads), threads

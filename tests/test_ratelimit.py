@@ -455,3 +455,29 @@ def test_the_shared_table_is_bounded_and_a_key_cycling_flood_only_evicts(shared_
     lim.spend(name, "victim")
     with pytest.raises(RateLimited):
         lim.ensure(name, "victim")
+
+
+async def test_acme_new_order_limit_taken_in_the_orders_unit(aiohttp_client, make_services, monkeypatch):
+    """Issue 13: newOrder is one unit (SQLite, account key cached) and takes its token there,
+    once authenticated. Here the peek before the unit always passes (as when another request
+    takes the last token meanwhile): the refusal comes from the unit's own acquire, inserts no
+    order, spends the nonce in that same unit and is counted once."""
+    import sqlalchemy as sa
+
+    from acme.store import orders
+
+    from .test_acme_jws import sql_trace
+
+    acme = await _acme(aiohttp_client, make_services, {"SCEPD_LIMITS_ACME_NEW_ORDERS_PER_ACCOUNT": "2/1h"})
+    monkeypatch.setattr(acme.services.limits, "allows", lambda name, key: True)
+    order = {"identifiers": [{"type": "dns", "value": "rl.example.test"}]}
+    for _ in range(2):
+        assert (await acme.post("/acme/new-order", order)).status == 201
+    seen = sql_trace(acme.services.store)
+    await _limited(await acme.post("/acme/new-order", order), "1800")
+    assert [s.split()[0] for s in seen if s.split()[0] in ("BEGIN", "INSERT")] == ["BEGIN", "INSERT"], seen
+    assert "acme_used_nonces" in next(s for s in seen if s.startswith("INSERT"))
+    count = await acme.services.store.read(
+        lambda conn: conn.execute(sa.select(sa.func.count()).select_from(orders)).scalar())
+    assert count == 2
+    assert await _acme_metric(acme, "acme_new_orders_per_account") == 1

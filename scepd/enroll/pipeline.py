@@ -148,7 +148,13 @@ def names_of(facts: CsrFacts) -> list[str]:
 
 def name_in_scope(name: str, patterns: tuple[str, ...]) -> bool:
     lowered = name.lower()
-    return any(fnmatch.fnmatchcase(lowered, p.lower()) for p in patterns)
+    # a pattern without wildcards (ACME's order names, glob-escaped) matches only itself: no
+    # regular expression compiled for each new name
+    return any(lowered == p.lower() if not _GLOB_CHARS.intersection(p) else fnmatch.fnmatchcase(lowered, p.lower())
+               for p in patterns)
+
+
+_GLOB_CHARS = frozenset("*?[")
 
 
 class NameOutOfScope(PolicyViolation):
