@@ -221,16 +221,21 @@ class _SharedLimit:
             stamp = now
         return tokens, stamp
 
+    def _bucket(self, key: str, now: float) -> tuple[int, float, float]:
+        """(offset, tokens, stamp) of the key's bucket refilled to `now`, a new full one if it
+        has none; call inside `with self.table`."""
+        t = self.table
+        found = t.find(self.name, key)
+        if found is None:
+            return t.place(self.name, key, self.per_second, self.burst, now), self.burst, now
+        pos, tokens, stamp = found
+        return (pos, *self._refilled(tokens, stamp, now))
+
     def take(self, key: str, now: float) -> float | None:
         """acquire: None if a token was taken, else the tokens left (nothing taken)."""
         t = self.table
         with t:
-            found = t.find(self.name, key)
-            if found is None:
-                pos, tokens, stamp = t.place(self.name, key, self.per_second, self.burst, now), self.burst, now
-            else:
-                pos, tokens, stamp = found
-                tokens, stamp = self._refilled(tokens, stamp, now)
+            pos, tokens, stamp = self._bucket(key, now)
             if tokens >= 1.0:
                 t.store(pos, key, tokens - 1.0, stamp)
                 return None
@@ -249,12 +254,7 @@ class _SharedLimit:
     def spend(self, key: str, now: float) -> None:
         t = self.table
         with t:
-            found = t.find(self.name, key)
-            if found is None:
-                pos, tokens, stamp = t.place(self.name, key, self.per_second, self.burst, now), self.burst, now
-            else:
-                pos, tokens, stamp = found
-                tokens, stamp = self._refilled(tokens, stamp, now)
+            pos, tokens, stamp = self._bucket(key, now)
             t.store(pos, key, max(0.0, tokens - 1.0), stamp)
 
     def refund(self, key: str) -> None:
