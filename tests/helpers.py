@@ -72,3 +72,19 @@ def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
 
 def ec_key():
     return ec.generate_private_key(ec.SECP256R1())
+
+
+def mutants(rnd, originals: list[bytes], count: int = 400) -> list[bytes]:
+    """`count` copies of randomly chosen originals with 1-3 edits each (a byte replaced, or up to
+    8 bytes cut): the differential tests' inputs. Bounded; reproducible from `rnd`'s seed."""
+    out = []
+    for _ in range(count):
+        data = bytearray(rnd.choice(originals))
+        for _ in range(rnd.randint(1, 3)):
+            at = rnd.randrange(len(data))
+            if rnd.random() < 0.7:
+                data[at] = rnd.randrange(256)
+            else:
+                del data[at:at + rnd.randint(1, 8)]
+        out.append(bytes(data))
+    return out

@@ -17,6 +17,7 @@ from scepd.ca.csr import LEGACY_SCEP_DIGESTS, SCEP_DIGESTS, STRONG_DIGESTS, deco
 from scepd.errors import BadMessageCheck, FailInfo, ForbiddenAlgorithm, UnreadableEnvelope
 from scepd.scep import wire
 
+from . import helpers
 from .helpers import pkcs_req, reply_certs, rsa_key, self_signed
 from .test_acme_ari import path_of, responder  # noqa: F401  (fixture)
 from .test_acme_jws import P, b64
@@ -254,16 +255,7 @@ def test_the_strict_csr_reading_answers_as_the_asn1crypto_one(tmp_path, monkeypa
     import scepd.ca.csr as csr_mod
     assert sum(csr_mod._load_strict(d) is not None for d in inputs) >= 8
     rnd = random.Random(2986)
-    mutants = []
-    for _ in range(400):  # bounded: 400 mutants of 1-3 edits each
-        data = bytearray(rnd.choice(inputs))
-        for _ in range(rnd.randint(1, 3)):
-            at = rnd.randrange(len(data))
-            if rnd.random() < 0.7:
-                data[at] = rnd.randrange(256)
-            else:
-                del data[at:at + rnd.randint(1, 8)]
-        mutants.append(bytes(data))
+    mutants = helpers.mutants(rnd, inputs)  # bounded: 400 mutants of 1-3 edits each
     kinds = set()
     for data in inputs + mutants:
         for digests in (STRONG_DIGESTS, LEGACY_SCEP_DIGESTS):

@@ -19,6 +19,7 @@ from scepd.http.app import SERVICES
 from scepd.render import serial_hex
 from scepd.scep import wire
 
+from . import helpers
 from .helpers import VECTORS, make_csr, pkcs_req, reply_certs, rsa_key, self_signed
 
 FUZZ_DATA = Path(__file__).resolve().parent / "data" / "fuzz"
@@ -154,16 +155,7 @@ def test_the_fast_pkimessage_parser_answers_as_the_tolerant_one(monkeypatch):
     fast_read = sum(wire._parse_signed_data_fast(d) is not None for d in inputs)
     assert fast_read >= 20, fast_read  # the captures (all but the BER/odd ones) and ours
     rnd = random.Random(13)
-    mutants = []
-    for _ in range(400):  # bounded: 400 mutants of 1-3 edits each
-        data = bytearray(rnd.choice(inputs))
-        for _ in range(rnd.randint(1, 3)):
-            at = rnd.randrange(len(data))
-            if rnd.random() < 0.7:
-                data[at] = rnd.randrange(256)
-            else:
-                del data[at:at + rnd.randint(1, 8)]
-        mutants.append(bytes(data))
+    mutants = helpers.mutants(rnd, inputs)  # bounded: 400 mutants of 1-3 edits each
     for data in inputs + mutants:
         assert _outcome(data, True, monkeypatch) == _outcome(data, False, monkeypatch)
 
@@ -202,16 +194,9 @@ def test_the_fast_envelopeddata_reader_answers_as_the_tolerant_one(monkeypatch):
     assert fast_read >= 15, fast_read
     rnd = random.Random(8894)
     mutants = []
-    for _ in range(400):  # bounded: 400 mutants of 1-3 edits each
-        envelope = rnd.choice(envelopes)
-        data = bytearray(envelope.enveloped_der)
-        for _ in range(rnd.randint(1, 3)):
-            at = rnd.randrange(len(data))
-            if rnd.random() < 0.7:
-                data[at] = rnd.randrange(256)
-            else:
-                del data[at:at + rnd.randint(1, 8)]
-        mutants.append(wire.Envelope(bytes(data), envelope.cipher))
+    for envelope in (rnd.choice(envelopes) for _ in range(400)):  # bounded: 400 mutants, 1-3 edits each
+        [data] = helpers.mutants(rnd, [envelope.enveloped_der], 1)
+        mutants.append(wire.Envelope(data, envelope.cipher))
     answers = set()
     for envelope in envelopes + mutants:
         fast = _envelope_outcome(envelope, recipients, True, monkeypatch)

@@ -135,6 +135,24 @@ def _owner(client: socket.socket, server_port: int, pids: list[int]) -> int | No
     return None
 
 
+def _connection_per_worker(port: int, tls, pids: list[int], method: str, path: str) -> dict:
+    """{worker pid: a kept-alive HTTPS connection that worker holds}, one for each of `pids`,
+    found by asking `method path` on fresh connections (bounded: 200)."""
+    by_worker: dict[int, http.client.HTTPSConnection] = {}
+    for _ in range(200):
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=tls)
+        conn.request(method, path)
+        conn.getresponse().read()
+        owner = _owner(conn.sock, port, pids)  # type: ignore[arg-type]
+        if owner in by_worker or owner is None:
+            conn.close()
+        else:
+            by_worker[owner] = conn
+        if len(by_worker) == len(pids):
+            break
+    return by_worker
+
+
 def _ca_cert(port: int) -> x509.Certificate:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request("GET", "/scep?operation=GetCACert")
@@ -301,18 +319,8 @@ def test_acme_nonces_are_good_at_the_other_worker_and_used_once_across_workers(s
                    env={"SCEPD_SERVER_HTTPS": f"127.0.0.1:{https}"})
     tls = ssl.create_default_context(cafile=str(state_dir / "ca" / "root.pem"))
     by_worker: dict[int, http.client.HTTPSConnection] = {}
-    try:
-        for _ in range(200):  # bounded: one kept-alive connection held by each worker
-            conn = http.client.HTTPSConnection("127.0.0.1", https, timeout=30, context=tls)
-            conn.request("HEAD", "/acme/new-nonce")
-            conn.getresponse().read()
-            owner = _owner(conn.sock, https, served.pids)  # type: ignore[arg-type]
-            if owner in by_worker or owner is None:
-                conn.close()
-            else:
-                by_worker[owner] = conn
-            if len(by_worker) == 2:
-                break
+    try:  # one kept-alive connection held by each worker
+        by_worker = _connection_per_worker(https, tls, served.pids, "HEAD", "/acme/new-nonce")
         (a, conn_a), (b, conn_b) = by_worker.items()
 
         def new_account(conn, nonce: str) -> tuple[int, dict]:
@@ -714,18 +722,8 @@ def test_a_rate_limit_holds_across_workers_not_per_worker(state_dir):
                         "SCEPD_LIMITS_ACME_NEW_NONCES_PER_ADDRESS": "4/1h"})
     tls = ssl.create_default_context(cafile=str(state_dir / "ca" / "root.pem"))
     by_worker: dict[int, http.client.HTTPSConnection] = {}
-    try:
-        for _ in range(200):  # bounded: one kept-alive connection held by each worker
-            conn = http.client.HTTPSConnection("127.0.0.1", https, timeout=30, context=tls)
-            conn.request("GET", "/acme/directory")  # not rate limited
-            conn.getresponse().read()
-            owner = _owner(conn.sock, https, served.pids)  # type: ignore[arg-type]
-            if owner in by_worker or owner is None:
-                conn.close()
-            else:
-                by_worker[owner] = conn
-            if len(by_worker) == 2:
-                break
+    try:  # one kept-alive connection held by each worker (the directory is not rate limited)
+        by_worker = _connection_per_worker(https, tls, served.pids, "GET", "/acme/directory")
         assert len(by_worker) == 2
         statuses = []
         for i in range(8):
