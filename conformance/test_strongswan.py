@@ -42,15 +42,18 @@ def _scep(server, tmp_path, ca_files, key, dn, *extra, out_name="cert.pem"):
     return out
 
 
-@pytest.mark.parametrize("cipher, digest", [("aes", "sha256"), ("des3", "sha256"), ("aes", "sha1")])
-def test_pki_scep_enrolls(server, tmp_path, ca_files, cipher, digest):
+@pytest.mark.parametrize("cipher, digest, padding", [("aes", "sha256", "pkcs1"), ("des3", "sha256", "pkcs1"),
+                                                     ("aes", "sha1", "pkcs1"), ("aes", "sha256", "pss")])
+def test_pki_scep_enrolls(server, tmp_path, ca_files, cipher, digest, padding):
     """`--digest sha1` signs the message and the CSR with SHA-1 (GetCACaps advertises SHA-1);
-    the issued subject is the requested DN, byte for byte."""
+    `--rsa-padding pss` signs the PKIMessage's SignerInfo and the CSR with RSASSA-PSS; the
+    issued subject is the requested DN, byte for byte."""
     key = _key(tmp_path)
-    cn = f"sw-{cipher}-{digest}"
+    cn = f"sw-{cipher}-{digest}-{padding}"
     dn = f"C=US, O=interop-lab, OU=MDM, CN={cn}"
     out = _scep(server, tmp_path, ca_files, key, dn, "--san", f"{cn}.example.test",
-                "--password", server.new_challenge(), "--cipher", cipher, "--digest", digest)
+                "--password", server.new_challenge(), "--cipher", cipher, "--digest", digest,
+                "--rsa-padding", padding)
     assert out.returncode == 0, out.stderr
     cert = server.verify(tmp_path / "cert.pem", key)
     assert cert.subject.rfc4514_string() == f"CN={cn},OU=MDM,O=interop-lab,C=US"

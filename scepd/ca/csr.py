@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Callable
 
-from asn1crypto import csr as asn1_csr
+from asn1crypto import algos, csr as asn1_csr
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
@@ -108,22 +108,9 @@ def verify_csr_signature(req: asn1_csr.CertificationRequest, allowed_digests: fr
     if oid not in _SIGNATURE_ALGORITHMS:
         raise ForbiddenAlgorithm(f"CSR signature algorithm {oid} is not supported")
     digest, scheme = _SIGNATURE_ALGORITHMS[oid]
-    try:
-        pss_padding = None
-        if scheme == "pss":
-            params = algo["parameters"]
-            digest = params["hash_algorithm"]["algorithm"].native
-            mgf = params["mask_gen_algorithm"]
-            if mgf["algorithm"].native != "mgf1" or params["trailer_field"].native != "trailer_field_bc":
-                raise ForbiddenAlgorithm("CSR RSA-PSS parameters are not supported (MGF1 only)")
-            mgf_digest = mgf["parameters"]["algorithm"].native
-            if mgf_digest not in _HASHES or mgf_digest not in allowed_digests:
-                raise ForbiddenAlgorithm("the CSR's RSA-PSS mask uses "
-                                         f"{_DIGEST_NAMES.get(mgf_digest, mgf_digest)}, which is not accepted here")
-            pss_padding = padding.PSS(mgf=padding.MGF1(_HASHES[mgf_digest]()),
-                                      salt_length=params["salt_length"].native)
-    except (KeyError, ValueError, TypeError):
-        raise MalformedRequest("the CSR's RSA-PSS parameters cannot be decoded") from None
+    pss_padding = None
+    if scheme == "pss":
+        digest, pss_padding = rsa_pss_padding(algo["parameters"], allowed_digests, "the CSR's")
     _check_digest(digest, allowed_digests)
     try:
         info = req["certification_request_info"]
@@ -133,6 +120,27 @@ def verify_csr_signature(req: asn1_csr.CertificationRequest, allowed_digests: fr
     except (ValueError, TypeError, KeyError, UnsupportedAlgorithm):
         raise MalformedRequest("the CSR public key cannot be read") from None
     _verify(scheme, digest, pss_padding, key, sig, tbs)
+
+
+def rsa_pss_padding(params: algos.RSASSAPSSParams, allowed_digests: frozenset[str],
+                    whose: str) -> tuple[str, padding.PSS]:
+    """The one reading of RSASSA-PSS parameters (RFC 4055), for CSRs and SCEP messages alike:
+    (the digest, the padding to verify with). MGF1 and the 0xBC trailer only; the mask's digest
+    must be one of `allowed_digests` (the caller checks the message digest). ForbiddenAlgorithm
+    for anything else, MalformedRequest when they cannot be decoded; `whose` starts the detail."""
+    try:
+        digest = params["hash_algorithm"]["algorithm"].native
+        mgf = params["mask_gen_algorithm"]
+        if mgf["algorithm"].native != "mgf1" or params["trailer_field"].native != "trailer_field_bc":
+            raise ForbiddenAlgorithm(f"{whose} RSA-PSS parameters are not supported (MGF1 only)")
+        mgf_digest = mgf["parameters"]["algorithm"].native
+        if mgf_digest not in _HASHES or mgf_digest not in allowed_digests:
+            raise ForbiddenAlgorithm(f"{whose} RSA-PSS mask uses "
+                                     f"{_DIGEST_NAMES.get(mgf_digest, mgf_digest)}, which is not accepted here")
+        return digest, padding.PSS(mgf=padding.MGF1(_HASHES[mgf_digest]()),
+                                   salt_length=params["salt_length"].native)
+    except (KeyError, ValueError, TypeError):
+        raise MalformedRequest(f"{whose} RSA-PSS parameters cannot be decoded") from None
 
 
 def _check_digest(digest: str | None, allowed_digests: frozenset[str]) -> None:

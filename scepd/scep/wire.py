@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from asn1crypto import cms, core
+from asn1crypto import algos, cms, core
 from asn1crypto import x509 as asn1_x509
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives import hashes, padding as sym_padding, seria
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from ..ca.csr import SCEP_DIGESTS, rsa_pss_padding
 from ..errors import MalformedRequest, NotForUs, ScepdError, UnreadableEnvelope, UnverifiableMessage
 from . import der
 
@@ -53,6 +54,7 @@ OID_CONTENT_TYPE = "1.2.840.113549.1.9.3"
 OID_MESSAGE_DIGEST = "1.2.840.113549.1.9.4"
 OID_SIGNING_TIME = "1.2.840.113549.1.9.5"
 OID_RSA = "1.2.840.113549.1.1.1"
+OID_RSA_PSS = "1.2.840.113549.1.1.10"
 OID_MESSAGE_TYPE = "2.16.840.1.113733.1.9.2"
 OID_PKI_STATUS = "2.16.840.1.113733.1.9.3"
 OID_FAIL_INFO = "2.16.840.1.113733.1.9.4"
@@ -80,6 +82,7 @@ _SIG_OIDS = {
     "1.2.840.113549.1.1.11": ("rsa", "sha256"),
     "1.2.840.113549.1.1.12": ("rsa", "sha384"),
     "1.2.840.113549.1.1.13": ("rsa", "sha512"),
+    OID_RSA_PSS: ("rsa-pss", None),  # strongSwan `pki --scep --rsa-padding pss`; parameters name the digest
     "1.2.840.10045.2.1": ("ecdsa", None),
     "1.2.840.10045.4.1": ("ecdsa", "sha1"),
     "1.2.840.10045.4.3.2": ("ecdsa", "sha256"),
@@ -230,10 +233,29 @@ def _find_signer(sd: cms.SignedData, si: cms.SignerInfo) -> tuple[x509.Certifica
 
 
 def _verify_signature(cert: x509.Certificate, si: cms.SignerInfo, digest: str, data: bytes) -> None:
-    _verify_raw(cert, si["signature_algorithm"]["algorithm"].dotted, si["signature"].native, digest, data)
+    params = si["signature_algorithm"]["parameters"]
+    _verify_raw(cert, si["signature_algorithm"]["algorithm"].dotted, si["signature"].native, digest, data,
+                None if isinstance(params, (core.Void, core.Null)) else params.dump())
 
 
-def _verify_raw(cert: x509.Certificate, sig_oid: str, signature: bytes, digest: str, data: bytes) -> None:
+def _pss_padding(params_der: bytes | None, digest: str) -> padding.PSS:
+    """RSASSA-PSS (RFC 4056 in CMS): the parameters' digest must be the SignerInfo's own."""
+    if params_der is None:
+        raise UnverifiableMessage("the RSA-PSS signature has no parameters")
+    try:
+        params = algos.RSASSAPSSParams.load(params_der)
+        pss_digest, pss = rsa_pss_padding(params, SCEP_DIGESTS, "the SCEP message's")
+    except ScepdError as err:
+        raise UnverifiableMessage(err.detail) from None
+    except (ValueError, TypeError):
+        raise UnverifiableMessage("the SCEP message's RSA-PSS parameters cannot be decoded") from None
+    if pss_digest != digest:
+        raise UnverifiableMessage("the RSA-PSS digest is not the SignerInfo's digest algorithm")
+    return pss
+
+
+def _verify_raw(cert: x509.Certificate, sig_oid: str, signature: bytes, digest: str, data: bytes,
+                params_der: bytes | None = None) -> None:
     kind, implied = _SIG_OIDS.get(sig_oid, (None, None))
     if kind is None:
         raise UnverifiableMessage(f"unsupported signature algorithm {sig_oid}")
@@ -242,6 +264,8 @@ def _verify_raw(cert: x509.Certificate, sig_oid: str, signature: bytes, digest: 
     try:
         if kind == "rsa" and isinstance(key, rsa.RSAPublicKey):
             key.verify(signature, data, padding.PKCS1v15(), hash_cls())
+        elif kind == "rsa-pss" and isinstance(key, rsa.RSAPublicKey):
+            key.verify(signature, data, _pss_padding(params_der, digest), hash_cls())
         elif kind == "ecdsa" and isinstance(key, ec.EllipticCurvePublicKey):
             key.verify(signature, data, ec.ECDSA(hash_cls()))
         else:
@@ -270,6 +294,7 @@ class _SignedParts:
     signature: bytes
     signed_attrs: bytes  # the signed attributes under a SET tag, as signed
     find_signer: Callable[[], tuple[x509.Certificate, bytes]]
+    signature_params: bytes | None = None  # the signature algorithm's parameters (DER), when not NULL
 
 
 def _parse_signed_data(message_der: bytes) -> _SignedParts:
@@ -291,9 +316,11 @@ def _parse_signed_data(message_der: bytes) -> _SignedParts:
     attrs: dict[str, list[bytes]] = {}
     for a in si["signed_attrs"]:
         attrs.setdefault(a["type"].dotted, [v.dump() for v in a["values"]])
+    params = si["signature_algorithm"]["parameters"]
     return _SignedParts(content, attrs, si["digest_algorithm"]["algorithm"].dotted,
                         si["signature_algorithm"]["algorithm"].dotted, si["signature"].native,
-                        _signed_attrs_to_verify(si), lambda: _find_signer(sd, si))
+                        _signed_attrs_to_verify(si), lambda: _find_signer(sd, si),
+                        None if isinstance(params, (core.Void, core.Null)) else params.dump())
 
 
 #: DER contents of the OIDs the fast parser recognises -> dotted form (anything else: the
@@ -385,6 +412,9 @@ def _parse_signed_data_fast(m: bytes) -> _SignedParts | None:
         if not digest_alg or not signature_alg:
             raise _Unusual
         digest_oid, signature_oid = _fast_oid(m, digest_alg[0]), _fast_oid(m, signature_alg[0])
+        signature_params = None  # absent or NULL, else its DER (RSA-PSS)
+        if len(signature_alg) > 1 and signature_alg[1][0] != 0x05:
+            signature_params = m[signature_alg[1][1]:signature_alg[1][3]]
         attrs: dict[str, list[bytes]] = {}
         for attr in _elements(m, si[3][2], si[3][3]):
             if attr[0] != 0x30:
@@ -404,7 +434,7 @@ def _parse_signed_data_fast(m: bytes) -> _SignedParts | None:
     except (_Unusual, ValueError, IndexError):
         return None
     return _SignedParts(content, attrs, digest_oid, signature_oid, m[si[5][2]:si[5][3]],
-                        der.tlv(0x31, m[si[3][2]:si[3][3]]), lambda: (signer, signer_der))
+                        der.tlv(0x31, m[si[3][2]:si[3][3]]), lambda: (signer, signer_der), signature_params)
 
 
 def _envelope_fast(content: bytes) -> Envelope | None:
@@ -480,7 +510,8 @@ def decode_pki_message(message_der: bytes,
             h.update(content)
             if not hmac.compare_digest(h.finalize(), expected or b""):
                 raise UnverifiableMessage("the SCEP message digest does not match its content")
-            _verify_raw(signer_cert, parts.signature_oid, parts.signature, digest, parts.signed_attrs)
+            _verify_raw(signer_cert, parts.signature_oid, parts.signature, digest, parts.signed_attrs,
+                        parts.signature_params)
         message_type_text = _printable(core.PrintableString.load(
             _attr(attrs, OID_MESSAGE_TYPE, "messageType")))
         transaction_id = _printable(core.PrintableString.load(
