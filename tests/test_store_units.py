@@ -241,3 +241,82 @@ async def test_sqlite_unit_statements_on_the_driver_store_and_read_as_sqlalchemy
     assert results[0] == results[1]
     assert dumps[0] == dumps[1]
     assert results[0][0] == [True, False, True, False, True, False, "not found", "Conflict"]
+
+
+async def test_postgresql_unit_statements_on_asyncpg_store_and_read_as_sqlalchemy_does(postgres_cluster, monkeypatch):
+    """On PostgreSQL the units' statements go straight to asyncpg (no Connection.execute),
+    unless something listens to the engine's statements: then SQLAlchemy runs them. Both store
+    the same rows and read the same records; a duplicate serial is still a Conflict, and the
+    statements run in the unit's transaction (a raising unit leaves nothing)."""
+    from sqlalchemy import event
+
+    from scepd.store import AuditRecord, sql
+
+    now = dt.datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=dt.timezone.utc)
+    executed: list[str] = []
+    real = sa.engine.Connection.execute
+
+    def spy(self, statement, *args, **kwargs):
+        executed.append(str(statement).split()[0])
+        return real(self, statement, *args, **kwargs)
+    monkeypatch.setattr(sa.engine.Connection, "execute", spy)
+
+    results, dumps = [], []
+    for traced in (False, True):
+        store = await SqlStore.open(postgres_cluster.create_database(f"scepd_units_{traced}".lower()))
+        listened = []
+        if traced:
+            event.listen(store.sync_engines()[0], "before_cursor_execute",
+                         lambda _c, _cur, statement, *_a: listened.append(statement))
+        try:
+            writes, reads = _unit_statements(store, now)
+            executed.clear()
+            outcome = [await writes(), await store.read(reads)]
+            unit_statements = list(executed)
+
+            def boom(conn):
+                sql.insert_audit(conn, AuditRecord(at=now, event="void", subject=None, serial=None, actor=None,
+                                                   details={}))
+                raise RuntimeError("void")
+            with pytest.raises(RuntimeError):
+                await store.write(boom)
+
+            def dump(conn):
+                return {t: [tuple(r) for r in conn.execute(sa.text(f"SELECT * FROM {t} ORDER BY 1"))]
+                        for t in ("certificates", "challenges", "audit", "pending_requests", "revocation_generation")}
+            dumps.append(await store.read(dump))
+        finally:
+            await store.close()
+        results.append(outcome)
+        if traced:
+            assert len(listened) >= 20  # the tracing tests see every statement
+        else:
+            # only this test's own inserts (the challenge, the pending request) went through it
+            assert [s for s in unit_statements if s not in ("SAVEPOINT", "RELEASE")] == ["INSERT", "INSERT"], \
+                unit_statements
+    assert results[0] == results[1]
+    assert dumps[0] == dumps[1]
+    assert not [row for row in dumps[0]["audit"] if "void" in row]
+    assert results[0][0] == [True, False, True, False, True, False, "not found", "Conflict"]
+
+
+async def test_postgresql_connections_killed_under_the_pool_cost_no_unit(postgres_cluster):
+    """Every pooled connection's backend is terminated (a database restart, a failover): the
+    next units are answered as if nothing happened, since each checkout pings (one round trip)
+    and replaces a dead connection."""
+    store = await SqlStore.open(postgres_cluster.create_database("scepd_units_killed"))
+    try:
+        ids = await asyncio.gather(*(store.write(_insert(f"{i:064x}")) for i in range(4)))
+        admin = await SqlStore.open(postgres_cluster.create_database("scepd_units_killer"))
+        try:
+            killed = await admin.read(lambda conn: conn.execute(sa.text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = 'scepd_units_killed'")).scalar_one())
+        finally:
+            await admin.close()
+        assert killed >= 1
+        counts = await asyncio.gather(*(store.read(_count) for _ in range(6)))
+        assert counts == [4] * 6
+        assert await store.write(_insert("f" * 64)) > max(ids)
+    finally:
+        await store.close()
