@@ -68,9 +68,7 @@ def null() -> bytes:
 
 def utc_time(t: dt.datetime) -> bytes:
     """UTCTime (YYMMDDHHMMSSZ) as asn1crypto's UTCTime encodes it, without building one (every
-    reply carries a signingTime): an aware time, years 1950-2049 only."""
-    if t.tzinfo is None:
-        raise ValueError("Must be timezone aware")
+    reply carries a signingTime): years 1950-2049 only; a naive time is local time, as before."""
     t = t.astimezone(dt.timezone.utc)
     if not 1950 <= t.year <= 2049:
         raise ValueError("Year of the UTCTime is not in range [1950, 2049], use GeneralizedTime instead")
