@@ -203,3 +203,62 @@ def test_the_fast_envelopeddata_reader_answers_as_the_tolerant_one(monkeypatch):
         assert fast == _envelope_outcome(envelope, recipients, False, monkeypatch)
         answers.add(fast[0])
     assert {"ok", "MalformedRequest", "NotForUs", "UnreadableEnvelope"} <= answers, answers
+
+
+def _reader_outcome(read, value: bytes) -> tuple:
+    try:
+        result = read(value)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError) as err:
+        return ("error", type(err).__name__)
+    return ("ok", result, getattr(result, "tzinfo", None))
+
+
+def _short_mutants(rnd, originals: list[bytes], count: int = 400) -> list[bytes]:
+    """helpers.mutants for values of a few octets: 1-3 edits, each a byte replaced, a byte cut
+    or a byte added, never leaving nothing to edit."""
+    out = []
+    for _ in range(count):
+        data = bytearray(rnd.choice(originals))
+        for _ in range(rnd.randint(1, 3)):
+            at = rnd.randrange(len(data) + 1)
+            edit = rnd.random()
+            if edit < 0.6 and at < len(data):
+                data[at] = rnd.choice((rnd.randrange(256), 0x04, 0x13, 0x17, 0x18, 0x24, 0x80, 0x81))
+            elif edit < 0.8 and len(data) > 1:
+                del data[min(at, len(data) - 1)]
+            else:
+                data[at:at] = bytes([rnd.randrange(256)])
+        out.append(bytes(data))
+    return out
+
+
+def test_the_direct_attribute_readers_answer_as_asn1crypto():
+    """decode_pki_message reads messageDigest, messageType, transactionID, senderNonce and
+    signingTime without asn1crypto when they are plain DER: on every signed attribute value of
+    the captures and ours, and 400 mutants of each kind, each reader answers exactly what
+    asn1crypto answers (it hands anything unusual to it)."""
+    from asn1crypto import cms, core
+
+    key = rsa_key(0)
+    messages = [p.read_bytes() for p in sorted(VECTORS.glob("*.der"))]
+    messages += [pkcs_req(self_signed(key, "CA"), key, make_csr(key, "a", "x"),
+                          signing_time=dt.datetime(2049, 12, 31, 23, 59, 59, tzinfo=dt.timezone.utc))[0],
+                 pkcs_req(self_signed(key, "CA"), key, make_csr(key, "b", "x"),
+                          signing_time=dt.datetime(2026, 2, 28, 1, 2, 3, tzinfo=dt.timezone.utc))[0]]
+    readers = {  # the attributes each reader reads -> (direct reader, asn1crypto's reading)
+        (wire.OID_MESSAGE_DIGEST, wire.OID_SENDER_NONCE, wire.OID_RECIPIENT_NONCE):
+            (wire._octets, lambda v: core.OctetString.load(v).native),
+        (wire.OID_MESSAGE_TYPE, wire.OID_TRANSACTION_ID):
+            (wire._printable_value, lambda v: wire._printable(core.PrintableString.load(v))),
+        (wire.OID_SIGNING_TIME,): (wire._signing_time, lambda v: cms.Time.load(v).native),
+    }
+    rnd = random.Random(8894)
+    direct_reads = 0
+    for oids, (direct, tolerant) in readers.items():
+        values = [v for m in messages for oid in oids for v in wire._parse_signed_data(m).attrs.get(oid, [])]
+        assert len(values) >= 20, (oids, len(values))
+        for value in values + _short_mutants(rnd, values):  # bounded: 400 mutants per reader
+            answer = _reader_outcome(direct, value)
+            assert answer == _reader_outcome(tolerant, value), value
+            direct_reads += answer[0] == "ok" and bool(value) and wire._contents(value, value[0]) is not None
+    assert direct_reads >= 60, direct_reads  # the plain DER values were read directly

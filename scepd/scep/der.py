@@ -49,11 +49,17 @@ def octet_string(b: bytes) -> bytes:
 
 
 def printable(s: str) -> bytes:
-    return core.PrintableString(s).dump()
+    """PrintableString, encoded as asn1crypto encodes one (latin-1 octets, not checked
+    against the PrintableString alphabet), without building one."""
+    if not isinstance(s, str):
+        raise TypeError(f"PrintableString value must be a unicode string, not {type(s).__name__}")
+    return tlv(0x13, s.encode("latin1"))
 
 
 def utf8(s: str) -> bytes:
-    return core.UTF8String(s).dump()
+    if not isinstance(s, str):
+        raise TypeError(f"UTF8String value must be a unicode string, not {type(s).__name__}")
+    return tlv(0x0C, s.encode("utf-8"))
 
 
 def null() -> bytes:
@@ -61,7 +67,12 @@ def null() -> bytes:
 
 
 def utc_time(t: dt.datetime) -> bytes:
-    return core.UTCTime(t.astimezone(dt.timezone.utc).replace(microsecond=0)).dump()
+    """UTCTime (YYMMDDHHMMSSZ) as asn1crypto's UTCTime encodes it, without building one (every
+    reply carries a signingTime): years 1950-2049 only; a naive time is local time, as before."""
+    t = t.astimezone(dt.timezone.utc)
+    if not 1950 <= t.year <= 2049:
+        raise ValueError("Year of the UTCTime is not in range [1950, 2049], use GeneralizedTime instead")
+    return b"\x17\x0d" + t.strftime("%y%m%d%H%M%SZ").encode("ascii")
 
 
 def algorithm(dotted: str, params: bytes | None = None) -> bytes:

@@ -193,6 +193,43 @@ def _printable(value: core.Asn1Value) -> str:
     return native
 
 
+def _contents(value: bytes, tag: int) -> bytes | None:
+    """The contents of `value` when it is one definite-length element with primitive `tag` (the
+    DER every client sends), read without asn1crypto; None for anything else, which asn1crypto
+    then reads (so an unusual encoding gets exactly its answer)."""
+    try:
+        found, start, end = der._header(value, 0)
+    except ValueError:
+        return None
+    return value[start:end] if found == tag and end == len(value) else None
+
+
+def _octets(value: bytes):
+    """An OCTET STRING attribute value's octets (asn1crypto's .native for anything unusual)."""
+    fast = _contents(value, 0x04)
+    return fast if fast is not None else core.OctetString.load(value).native
+
+
+def _printable_value(value: bytes) -> str:
+    """A PrintableString attribute value as _printable reads it."""
+    fast = _contents(value, 0x13)
+    return fast.decode("latin1") if fast is not None else _printable(core.PrintableString.load(value))
+
+
+def _signing_time(value: bytes) -> dt.datetime:
+    """A signingTime value: the UTCTime YYMMDDHHMMSSZ of every client read directly, anything
+    else by asn1crypto (cms.Time)."""
+    fast = _contents(value, 0x17)
+    if fast is not None and len(fast) == 13 and fast[12:] == b"Z" and fast[:12].isdigit():
+        yy = int(fast[0:2])
+        try:
+            return dt.datetime(yy + (2000 if yy < 50 else 1900), int(fast[2:4]), int(fast[4:6]),
+                               int(fast[6:8]), int(fast[8:10]), int(fast[10:12]), tzinfo=dt.timezone.utc)
+        except ValueError:
+            pass
+    return cms.Time.load(value).native
+
+
 def _attr(attrs: dict[str, list], oid: str, what: str) -> core.Asn1Value:
     values = attrs.get(oid)
     if not values:
@@ -505,22 +542,20 @@ def decode_pki_message(message_der: bytes,
                 refused = err
         if refused is None:
             # messageDigest binds the content to the signed attributes
-            expected = core.OctetString.load(_attr(attrs, OID_MESSAGE_DIGEST, "messageDigest")).native
+            expected = _octets(_attr(attrs, OID_MESSAGE_DIGEST, "messageDigest"))
             h = hashes.Hash(DIGESTS[digest][1]())
             h.update(content)
             if not hmac.compare_digest(h.finalize(), expected or b""):
                 raise UnverifiableMessage("the SCEP message digest does not match its content")
             _verify_raw(signer_cert, parts.signature_oid, parts.signature, digest, parts.signed_attrs,
                         parts.signature_params)
-        message_type_text = _printable(core.PrintableString.load(
-            _attr(attrs, OID_MESSAGE_TYPE, "messageType")))
-        transaction_id = _printable(core.PrintableString.load(
-            _attr(attrs, OID_TRANSACTION_ID, "transactionID")))
-        nonce = core.OctetString.load(_attr(attrs, OID_SENDER_NONCE, "senderNonce")).native
+        message_type_text = _printable_value(_attr(attrs, OID_MESSAGE_TYPE, "messageType"))
+        transaction_id = _printable_value(_attr(attrs, OID_TRANSACTION_ID, "transactionID"))
+        nonce = _octets(_attr(attrs, OID_SENDER_NONCE, "senderNonce"))
         signing_time = None
         if attrs.get(OID_SIGNING_TIME):
             try:
-                signing_time = cms.Time.load(attrs[OID_SIGNING_TIME][0]).native
+                signing_time = _signing_time(attrs[OID_SIGNING_TIME][0])
             except (ValueError, TypeError):
                 signing_time = None
         envelope = None
