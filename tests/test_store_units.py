@@ -241,3 +241,59 @@ async def test_sqlite_unit_statements_on_the_driver_store_and_read_as_sqlalchemy
     assert results[0] == results[1]
     assert dumps[0] == dumps[1]
     assert results[0][0] == [True, False, True, False, True, False, "not found", "Conflict"]
+
+
+async def test_sqlite_units_finished_together_wake_the_loop_once(tmp_path):
+    """Issue 13: units the store threads finish while the event loop is busy are handed back
+    with one loop wake-up (call_soon_threadsafe) for all of them, not one each (before: one
+    self-pipe write and read, and a future chained across threads, per unit); every caller
+    still gets its own result or error, and a unit whose caller was cancelled before it
+    started never runs."""
+    store = await SqlStore.open(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
+    try:
+        await store.read(_count)  # the store threads are up
+        loop = asyncio.get_running_loop()
+        n, ran, lock, all_ran = 12, [], threading.Lock(), threading.Event()
+
+        def unit(i):
+            def run(conn):
+                with lock:
+                    ran.append(i)
+                    if len(ran) == n:
+                        all_ran.set()
+                if i == 3:
+                    raise ValueError("three")
+                return i
+            return run
+        wakeups = []
+        real = loop.call_soon_threadsafe
+
+        def counting(*args, **kwargs):
+            wakeups.append(1)
+            return real(*args, **kwargs)
+        loop.call_soon_threadsafe = counting
+        try:
+            tasks = [asyncio.ensure_future(store.read(unit(i))) for i in range(n - 1)] + \
+                [asyncio.ensure_future(store.write(unit(n - 1)))]
+            await asyncio.sleep(0)  # every task handed its unit to the store threads
+            assert all_ran.wait(10)  # the loop blocked meanwhile: all finish before it looks
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            del loop.call_soon_threadsafe
+        assert [r for i, r in enumerate(results) if i != 3] == [i for i in range(n) if i != 3]
+        assert isinstance(results[3], ValueError)
+        assert len(wakeups) <= 2, len(wakeups)  # one per store lane (readers, writer) at most
+
+        blocker, release = threading.Event(), threading.Event()
+        first = asyncio.ensure_future(store.write(lambda conn: (blocker.set(), release.wait(10))))
+        await asyncio.sleep(0)
+        assert blocker.wait(10)  # the writer is busy: the next write waits in its queue
+        skipped = asyncio.ensure_future(store.write(lambda conn: ran.append("cancelled")))
+        await asyncio.sleep(0)
+        skipped.cancel()
+        release.set()
+        await first
+        assert await store.write(lambda conn: "after") == "after"
+        assert "cancelled" not in ran and skipped.cancelled()
+    finally:
+        await store.close()
