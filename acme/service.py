@@ -268,6 +268,16 @@ class AcmeService:
         auth.account = account
         return account, data
 
+    def _remember_key(self, tp: str, key) -> None:
+        """newAccount: the request's jwk (limits checked, signature verified, `tp` its own
+        thumbprint) is the account's key: cached as `_account_key` would cache it, so the
+        account's first kid request verifies in its unit too (newOrder: one unit, not two)."""
+        if tp in self._keys:
+            return
+        if len(self._keys) >= KEY_CACHE_SIZE:
+            self._keys.pop(next(iter(self._keys)))
+        self._keys[tp] = key
+
     def _account_key(self, account: dict):
         """The parsed (and limit-checked) key of an account row, cached by its RFC 7638
         thumbprint: a key rollover changes the row's thumbprint, so the cache can never hand out
@@ -326,6 +336,7 @@ class AcmeService:
         payload = req.payload_json()
         tp = auth.thumbprint
         if existing is not None:
+            self._remember_key(tp, auth.key)
             return existing, False
         if payload.get("onlyReturnExisting"):
             raise AccountDoesNotExist("no account exists for this key")
@@ -361,6 +372,7 @@ class AcmeService:
                                                                   acme_store._naive_values(account)))
             except sa_exc.IntegrityError:
                 return await self._race_winner(tp), False
+        self._remember_key(tp, auth.key)  # the account's next request verifies in its unit
         await self._audit("acme.account.created", {"account": account["id"]})
         return account, True
 

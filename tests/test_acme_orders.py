@@ -501,6 +501,22 @@ async def test_new_order_is_one_unit(lab):
         "INSERT INTO acme_used_nonces"], seen
 
 
+async def test_first_order_after_new_account_is_one_unit(lab):
+    """Issue 13: newAccount caches the account key (its jwk, verified there), so the account's
+    first newOrder in this process verifies in its one unit too (before: the key was cached
+    only by the first kid request, which then took two units)."""
+    from .test_acme_jws import sql_trace
+
+    other = Acme(lab.client, rsa_key(5))
+    await other.register()
+    seen = sql_trace(lab.services.store)
+    resp, order = await new_order(other, [{"type": "dns", "value": "first.example.test"}])
+    assert resp.status == 201 and order["status"] == "pending", order
+    assert [s.split()[0] for s in seen if s.startswith("BEGIN")] == ["BEGIN"], seen
+    assert seen[0] == "BEGIN IMMEDIATE" and "acme_used_nonces" in seen[1], seen
+    assert sum(s.startswith("INSERT INTO acme_orders") for s in seen) == 1, seen
+
+
 async def test_finalize_checks_the_csr_in_the_reads_thread_hop(lab, monkeypatch):
     """Issue 13: finalize decodes and verifies the CSR in its read unit's own thread hop, before
     the unit (SqlStore.read's `prepare`), not in a worker thread hop of its own; a bad CSR is

@@ -320,3 +320,75 @@ async def test_postgresql_connections_killed_under_the_pool_cost_no_unit(postgre
         assert await store.write(_insert("f" * 64)) > max(ids)
     finally:
         await store.close()
+
+
+async def test_sqlite_units_finished_together_wake_the_loop_once(tmp_path, monkeypatch):
+    """Issue 13: units the store threads finish while the event loop is busy are handed back
+    with one loop wake-up (call_soon_threadsafe) for all of them, not one each (before: one
+    self-pipe write and read, and a future chained across threads, per unit); every caller
+    still gets its own result or error, and a unit whose caller was cancelled before it
+    started never runs."""
+    from scepd.store.sql import _SqliteUnits
+
+    monkeypatch.setattr(_SqliteUnits, "READERS", 1)  # each lane one thread: its units in order
+    store = await SqlStore.open(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}")
+    try:
+        await store.read(_count)
+        await store.write(_count)  # both store threads are up
+        loop = asyncio.get_running_loop()
+        n, ran = 12, []
+
+        def unit(i):
+            def run(conn):
+                ran.append(i)
+                if i == 3:
+                    raise ValueError("three")
+                return i
+            return run
+        started = [threading.Event(), threading.Event()]
+        release = threading.Event()
+
+        def marker(k):  # queued after the counted units: once it runs, they are all handed back
+            def run(conn):
+                started[k].set()
+                release.wait(10)
+            return run
+        wakeups = []
+        real = loop.call_soon_threadsafe
+
+        def counting(*args, **kwargs):
+            wakeups.append(1)
+            return real(*args, **kwargs)
+        loop.call_soon_threadsafe = counting
+        try:
+            tasks = [asyncio.ensure_future(store.read(unit(i))) for i in range(n - 2)] + \
+                [asyncio.ensure_future(store.write(unit(i))) for i in (n - 2, n - 1)]
+            markers = [asyncio.ensure_future(store.read(marker(0))), asyncio.ensure_future(store.write(marker(1)))]
+            await asyncio.sleep(0)  # every task handed its unit to the store threads
+            # the loop blocks meanwhile: every counted unit finishes and is handed back before it looks
+            assert started[0].wait(10) and started[1].wait(10)
+            handed_back = len(wakeups)
+            release.set()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*markers)
+        finally:
+            release.set()
+            del loop.call_soon_threadsafe
+        assert sorted(ran) == list(range(n))
+        assert [r for i, r in enumerate(results) if i != 3] == [i for i in range(n) if i != 3]
+        assert isinstance(results[3], ValueError)
+        assert handed_back <= 2, handed_back  # one per store thread (reader, writer), not one per unit
+
+        blocker, go = threading.Event(), threading.Event()
+        first = asyncio.ensure_future(store.write(lambda conn: (blocker.set(), go.wait(10))))
+        await asyncio.sleep(0)
+        assert blocker.wait(10)  # the writer is busy: the next write waits in its queue
+        skipped = asyncio.ensure_future(store.write(lambda conn: ran.append("cancelled")))
+        await asyncio.sleep(0)
+        skipped.cancel()
+        go.set()
+        await first
+        assert await store.write(lambda conn: "after") == "after"
+        assert "cancelled" not in ran and skipped.cancelled()
+    finally:
+        await store.close()
