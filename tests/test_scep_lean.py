@@ -76,8 +76,10 @@ async def test_a_renewal_is_one_read_unit_and_one_write_unit(client, units):
 
 @pytest.fixture
 async def hops(monkeypatch):
-    """The event loop's hand-offs to threads (asyncio.to_thread and the store's units both go
-    through loop.run_in_executor): each costs the loop a submit, a wake-up and a callback."""
+    """The event loop's hand-offs to threads (asyncio.to_thread through loop.run_in_executor,
+    the store's SQLite units through its own store threads, _Lane.run): each costs the loop a
+    submit, a wake-up and a callback."""
+    from scepd.store import sql
     loop = asyncio.get_running_loop()
     calls: list[str] = []
     real = loop.run_in_executor
@@ -86,6 +88,12 @@ async def hops(monkeypatch):
         calls.append(getattr(func, "__qualname__", repr(func)))
         return real(executor, func, *args)
     monkeypatch.setattr(loop, "run_in_executor", spy)
+    real_lane = sql._Lane.run
+
+    def lane_spy(self, func, *args):
+        calls.append(f"{self._name}:{getattr(func, '__qualname__', repr(func))}")
+        return real_lane(self, func, *args)
+    monkeypatch.setattr(sql._Lane, "run", lane_spy)
     return calls
 
 
