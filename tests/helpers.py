@@ -88,3 +88,17 @@ def mutants(rnd, originals: list[bytes], count: int = 400) -> list[bytes]:
                 del data[at:at + rnd.randint(1, 8)]
         out.append(bytes(data))
     return out
+
+
+def statements_through_sqlalchemy(monkeypatch) -> list[str]:
+    """The first word of every statement run through SQLAlchemy's Connection.execute from now
+    on (the store's driver paths skip it), in order; the list grows as they run."""
+    import sqlalchemy as sa
+    executed: list[str] = []
+    real = sa.engine.Connection.execute
+
+    def spy(self, statement, *args, **kwargs):
+        executed.append(str(statement).split()[0])
+        return real(self, statement, *args, **kwargs)
+    monkeypatch.setattr(sa.engine.Connection, "execute", spy)
+    return executed

@@ -18,6 +18,7 @@ from acme.store import challenges, orders
 from scepd.http.app import create_https_app
 
 from .acme_responders import DnsServer, free_port, tls_alpn_certificate
+from . import helpers
 from .helpers import make_csr, rsa_key
 from .test_acme_ari import path_of, responder, thumb  # noqa: F401  (fixture)
 from .test_acme_jws import P, Acme, b64, problem_type
@@ -461,16 +462,8 @@ async def test_order_round_unit_statements_run_on_sqlites_driver(lab, monkeypatc
     store's do (scepd.store.sql.execute): none goes through SQLAlchemy's Connection.execute
     (before: every one of them, about 30 µs each). A statement tracer still sees all of them
     (test_order_round_runs_in_few_units_and_validation_commits_once)."""
-    import sqlalchemy as sa
-
     await issue_http01(lab, ["warm.example.test"])  # nonce key, account key cache, CA chain
-    executed: list[str] = []
-    real = sa.engine.Connection.execute
-
-    def spy(self, statement, *args, **kwargs):
-        executed.append(str(statement).split()[0])
-        return real(self, statement, *args, **kwargs)
-    monkeypatch.setattr(sa.engine.Connection, "execute", spy)
+    executed = helpers.statements_through_sqlalchemy(monkeypatch)
     order, cert = await issue_http01(lab, ["driver.example.test", "two.example.test"])
     assert order["certificate"].endswith(format(cert.serial_number, "x"))
     assert executed == [], executed

@@ -12,6 +12,8 @@ from sqlalchemy.exc import IntegrityError
 from scepd.store import SqlStore
 from scepd.store.sql import challenges
 
+from . import helpers
+
 import datetime as dt
 
 NOW = dt.datetime(2026, 1, 1, 12, 0)
@@ -204,13 +206,7 @@ async def test_sqlite_unit_statements_on_the_driver_store_and_read_as_sqlalchemy
     from sqlalchemy import event
 
     now = dt.datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=dt.timezone.utc)
-    executed: list[str] = []
-    real = sa.engine.Connection.execute
-
-    def spy(self, statement, *args, **kwargs):
-        executed.append(str(statement).split()[0])
-        return real(self, statement, *args, **kwargs)
-    monkeypatch.setattr(sa.engine.Connection, "execute", spy)
+    executed = helpers.statements_through_sqlalchemy(monkeypatch)
 
     results, dumps = [], []
     for traced in (False, True):
@@ -253,13 +249,7 @@ async def test_postgresql_unit_statements_on_asyncpg_store_and_read_as_sqlalchem
     from scepd.store import AuditRecord, sql
 
     now = dt.datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=dt.timezone.utc)
-    executed: list[str] = []
-    real = sa.engine.Connection.execute
-
-    def spy(self, statement, *args, **kwargs):
-        executed.append(str(statement).split()[0])
-        return real(self, statement, *args, **kwargs)
-    monkeypatch.setattr(sa.engine.Connection, "execute", spy)
+    executed = helpers.statements_through_sqlalchemy(monkeypatch)
 
     results, dumps = [], []
     for traced in (False, True):

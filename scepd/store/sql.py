@@ -423,26 +423,40 @@ def execute(conn: sa.Connection, stmt, params: dict | list[dict] | None = None):
         if adapted is not None:
             return _execute_pg(conn, adapted, stmt, params)
         return conn.execute(stmt, params)
-    many = isinstance(params, list)
-    if many and not params:
+    call = _driver_call(_DRIVER_STATEMENTS, conn, stmt, params)
+    if call is None:
         return _DriverResult([], 0)
-    params = params or {}
-    first = params[0] if many else params
-    keys = tuple(first) if stmt.is_insert else None
-    prepared = _DRIVER_STATEMENTS.get((stmt, keys))
-    if prepared is None:
-        prepared = _DRIVER_STATEMENTS[(stmt, keys)] = _DriverStatement(stmt, conn.dialect, keys)
-    args = [_driver_args(prepared, p) for p in params] if many else _driver_args(prepared, params)
+    prepared, args, many = call
     try:
         cursor = unit[1].executemany(prepared.sql, args) if many else unit[1].execute(prepared.sql, args)
     except sqlite3.IntegrityError as err:
         raise IntegrityError(prepared.sql, args, err) from None
     if prepared.columns is None:
         return _DriverResult([], cursor.rowcount)
-    columns = prepared.columns
-    rows = [_DriverRow({name: value if process is None or value is None else process(value)
-                        for (name, process), value in zip(columns, row)}) for row in cursor.fetchall()]
-    return _DriverResult(rows, cursor.rowcount)
+    return _DriverResult(_driver_rows(prepared, cursor.fetchall()), cursor.rowcount)
+
+
+def _driver_call(cache: dict, conn: sa.Connection, stmt, params) -> tuple | None:
+    """(the statement compiled for conn's dialect, cached in `cache`; its driver arguments; whether
+    it is an executemany), or None for an executemany of no rows."""
+    many = isinstance(params, list)
+    if many and not params:
+        return None
+    params = params or {}
+    first = params[0] if many else params
+    keys = tuple(first) if stmt.is_insert else None
+    prepared = cache.get((stmt, keys))
+    if prepared is None:
+        prepared = cache[(stmt, keys)] = _DriverStatement(stmt, conn.dialect, keys)
+    args = [_driver_args(prepared, p) for p in params] if many else _driver_args(prepared, params)
+    return prepared, args, many
+
+
+def _driver_rows(prepared: _DriverStatement, rows) -> list[_DriverRow]:
+    """The driver's result rows (tuples or asyncpg Records, in the SELECT's column order) as
+    records read them, through the columns' result processors."""
+    return [_DriverRow({name: value if process is None or value is None else process(value)
+                        for (name, process), value in zip(prepared.columns, row)}) for row in rows]
 
 
 _execute = execute
@@ -459,16 +473,10 @@ def _execute_pg(conn: sa.Connection, adapted, stmt, params):
     with asyncpg's own prepared-statement cache, in the unit's transaction (started here the way
     SQLAlchemy's adapter starts it, if no statement did yet). SQLAlchemy's execution path costs
     about 140 µs a statement on the event loop, this about 40."""
-    many = isinstance(params, list)
-    if many and not params:
+    call = _driver_call(_PG_STATEMENTS, conn, stmt, params)
+    if call is None:
         return _DriverResult([], 0)
-    params = params or {}
-    first = params[0] if many else params
-    keys = tuple(first) if stmt.is_insert else None
-    prepared = _PG_STATEMENTS.get((stmt, keys))
-    if prepared is None:
-        prepared = _PG_STATEMENTS[(stmt, keys)] = _DriverStatement(stmt, conn.dialect, keys)
-    args = [_driver_args(prepared, p) for p in params] if many else _driver_args(prepared, params)
+    prepared, args, many = call
     if adapted._transaction is None:  # the adapter begins lazily, at a unit's first statement
         await_only(adapted._start_transaction())
     raw = adapted._connection
@@ -482,9 +490,7 @@ def _execute_pg(conn: sa.Connection, adapted, stmt, params):
         records = await_only(raw.fetch(prepared.sql, *args))
     except asyncpg_exceptions.IntegrityConstraintViolationError as err:
         raise IntegrityError(prepared.sql, args, err) from None
-    columns = prepared.columns
-    rows = [_DriverRow({name: value if process is None or value is None else process(value)
-                        for (name, process), value in zip(columns, record.values())}) for record in records]
+    rows = _driver_rows(prepared, records)  # a Record iterates over its values
     return _DriverResult(rows, len(rows))
 
 
