@@ -198,6 +198,25 @@ def _unit_statements(store: SqlStore, now: dt.datetime):
     return writes, reads
 
 
+_TABLES = ("certificates", "challenges", "audit", "pending_requests", "revocation_generation")
+
+
+def _assert_statement_path(traced: bool, listened: list, unit_statements: list[str]) -> None:
+    if traced:
+        assert len(listened) >= 20  # the tracing tests see every statement
+    else:
+        # only the test's own inserts (the challenge, the pending request) went through SQLAlchemy
+        assert [s for s in unit_statements if s not in ("SAVEPOINT", "RELEASE")] == ["INSERT", "INSERT"], \
+            unit_statements
+
+
+def _assert_same_both_ways(results: list, dumps: list) -> None:
+    """The driver path and SQLAlchemy's answered and stored the same."""
+    assert results[0] == results[1]
+    assert dumps[0] == dumps[1]
+    assert results[0][0] == [True, False, True, False, True, False, "not found", "Conflict"]
+
+
 async def test_sqlite_unit_statements_on_the_driver_store_and_read_as_sqlalchemy_does(tmp_path, monkeypatch):
     """The store threads run the unit statements straight on the stdlib driver (no
     Connection.execute at all), unless something listens to the engine's statements: then
@@ -226,17 +245,10 @@ async def test_sqlite_unit_statements_on_the_driver_store_and_read_as_sqlalchemy
         results.append(outcome)
         db = sqlite3.connect(path)
         dumps.append({t: db.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall()
-                      for t in ("certificates", "challenges", "audit", "pending_requests", "revocation_generation")})
+                      for t in _TABLES})
         db.close()
-        if traced:
-            assert len(listened) >= 20  # the tracing tests see every statement
-        else:
-            # only this test's own inserts (the challenge, the pending request) went through it
-            assert [s for s in unit_statements if s not in ("SAVEPOINT", "RELEASE")] == ["INSERT", "INSERT"], \
-                unit_statements
-    assert results[0] == results[1]
-    assert dumps[0] == dumps[1]
-    assert results[0][0] == [True, False, True, False, True, False, "not found", "Conflict"]
+        _assert_statement_path(traced, listened, unit_statements)
+    _assert_same_both_ways(results, dumps)
 
 
 async def test_postgresql_unit_statements_on_asyncpg_store_and_read_as_sqlalchemy_does(postgres_cluster, monkeypatch):
@@ -273,21 +285,14 @@ async def test_postgresql_unit_statements_on_asyncpg_store_and_read_as_sqlalchem
 
             def dump(conn):
                 return {t: [tuple(r) for r in conn.execute(sa.text(f"SELECT * FROM {t} ORDER BY 1"))]
-                        for t in ("certificates", "challenges", "audit", "pending_requests", "revocation_generation")}
+                        for t in _TABLES}
             dumps.append(await store.read(dump))
         finally:
             await store.close()
         results.append(outcome)
-        if traced:
-            assert len(listened) >= 20  # the tracing tests see every statement
-        else:
-            # only this test's own inserts (the challenge, the pending request) went through it
-            assert [s for s in unit_statements if s not in ("SAVEPOINT", "RELEASE")] == ["INSERT", "INSERT"], \
-                unit_statements
-    assert results[0] == results[1]
-    assert dumps[0] == dumps[1]
+        _assert_statement_path(traced, listened, unit_statements)
+    _assert_same_both_ways(results, dumps)
     assert not [row for row in dumps[0]["audit"] if "void" in row]
-    assert results[0][0] == [True, False, True, False, True, False, "not found", "Conflict"]
 
 
 async def test_postgresql_connections_killed_under_the_pool_cost_no_unit(postgres_cluster):
