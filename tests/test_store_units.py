@@ -387,3 +387,24 @@ async def test_sqlite_units_finished_together_wake_the_loop_once(tmp_path, monke
         assert "cancelled" not in ran and skipped.cancelled()
     finally:
         await store.close()
+
+
+async def test_a_postgresql_read_unit_reads_one_snapshot_and_writes_nothing(postgres_cluster):
+    """A read unit's statements see one snapshot, as on SQLite: a row committed by another
+    connection between two of its statements is not seen by the second. And it is read-only."""
+    from sqlalchemy.util import await_only
+
+    store = await SqlStore.open(postgres_cluster.create_database("scepd_units_snapshot"))
+    try:
+        await store.write(_insert("a" * 64))
+
+        def unit(conn):
+            before = _count(conn)
+            await_only(store.write(_insert("b" * 64)))  # another connection commits meanwhile
+            return before, _count(conn)
+        assert await store.read(unit) == (1, 1)
+        assert await store.read(_count) == 2
+        with pytest.raises(sa.exc.DBAPIError, match="read-only"):
+            await store.read(_insert("c" * 64))
+    finally:
+        await store.close()

@@ -851,6 +851,10 @@ class SqlStore:
         if prepare is not None:
             fn = functools.partial(_with_prepared, fn, await asyncio.to_thread(prepare))
         async with self.engine.connect() as conn:
+            # one snapshot for the whole unit (READ COMMITTED would take one a statement); a
+            # read-only REPEATABLE READ transaction never fails to serialize, and costs no round
+            # trip more: the adapter names both in the BEGIN it sends anyway
+            conn = await conn.execution_options(isolation_level="REPEATABLE READ", postgresql_readonly=True)
             return await conn.run_sync(_pg_driver_unit(fn))
 
     async def write(self, fn: Callable[..., T], prepare: Callable[[], object] | None = None,
