@@ -201,6 +201,15 @@ def _unit_statements(store: SqlStore, now: dt.datetime):
 _TABLES = ("certificates", "challenges", "audit", "pending_requests", "revocation_generation")
 
 
+def _trace(engine) -> list[str]:
+    """Every statement SQLAlchemy sends on `engine` from now on (a listener: the driver paths
+    step aside while one is attached)."""
+    from sqlalchemy import event
+    listened: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda _c, _cur, statement, *_a: listened.append(statement))
+    return listened
+
+
 def _assert_statement_path(traced: bool, listened: list, unit_statements: list[str]) -> None:
     if traced:
         assert len(listened) >= 20  # the tracing tests see every statement
@@ -222,7 +231,6 @@ async def test_sqlite_unit_statements_on_the_driver_store_and_read_as_sqlalchemy
     Connection.execute at all), unless something listens to the engine's statements: then
     SQLAlchemy runs them. Both store the same rows, byte for byte, and read the same records."""
     import sqlite3
-    from sqlalchemy import event
 
     now = dt.datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=dt.timezone.utc)
     executed = helpers.statements_through_sqlalchemy(monkeypatch)
@@ -231,10 +239,7 @@ async def test_sqlite_unit_statements_on_the_driver_store_and_read_as_sqlalchemy
     for traced in (False, True):
         path = tmp_path / f"{traced}.db"
         store = await SqlStore.open(f"sqlite+aiosqlite:///{path}")
-        listened = []
-        if traced:
-            event.listen(store.sync_engines()[-1], "before_cursor_execute",
-                         lambda _c, _cur, statement, *_a: listened.append(statement))
+        listened = _trace(store.sync_engines()[-1]) if traced else []
         try:
             writes, reads = _unit_statements(store, now)
             executed.clear()
@@ -256,8 +261,6 @@ async def test_postgresql_unit_statements_on_asyncpg_store_and_read_as_sqlalchem
     unless something listens to the engine's statements: then SQLAlchemy runs them. Both store
     the same rows and read the same records; a duplicate serial is still a Conflict, and the
     statements run in the unit's transaction (a raising unit leaves nothing)."""
-    from sqlalchemy import event
-
     from scepd.store import AuditRecord, sql
 
     now = dt.datetime(2026, 1, 1, 12, 0, 0, 123456, tzinfo=dt.timezone.utc)
@@ -266,10 +269,7 @@ async def test_postgresql_unit_statements_on_asyncpg_store_and_read_as_sqlalchem
     results, dumps = [], []
     for traced in (False, True):
         store = await SqlStore.open(postgres_cluster.create_database(f"scepd_units_{traced}".lower()))
-        listened = []
-        if traced:
-            event.listen(store.sync_engines()[0], "before_cursor_execute",
-                         lambda _c, _cur, statement, *_a: listened.append(statement))
+        listened = _trace(store.sync_engines()[0]) if traced else []
         try:
             writes, reads = _unit_statements(store, now)
             executed.clear()

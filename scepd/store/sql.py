@@ -670,6 +670,10 @@ class _Lane:
         self._returns: _Returns | None = None
         self._closed = False
 
+    def _ensure_started(self) -> None:
+        if len(self._threads) < self._count or self._closed:
+            self._start()
+
     def _start(self) -> None:
         with self._start_lock:
             if self._closed:
@@ -684,15 +688,13 @@ class _Lane:
         returns = self._returns
         if returns is None or returns.loop is not loop:
             returns = self._returns = _Returns(loop)
-        if len(self._threads) < self._count or self._closed:
-            self._start()
+        self._ensure_started()
         fut = loop.create_future()
         self._queue.put((returns, fut, fn, args))
         return fut
 
     def submit(self, fn, *args) -> concurrent.futures.Future:
-        if len(self._threads) < self._count or self._closed:
-            self._start()
+        self._ensure_started()
         fut: concurrent.futures.Future = concurrent.futures.Future()
         self._queue.put((None, fut, fn, args))
         return fut
