@@ -274,6 +274,8 @@ def serve(state_dir, http, https, mtls, admin, demo_challenge, workers, verbose)
         cfg.server.workers = workers
     try:
         _check_listeners(cfg)
+        from .http.eventloop import loop_factory
+        loop_factory(cfg.server.event_loop)  # uvloop missing: one line now, not one a worker
     except ConfigError as exc:
         _fail(str(exc))
     count = cfg.server.workers or os.cpu_count() or 1
@@ -281,7 +283,8 @@ def serve(state_dir, http, https, mtls, admin, demo_challenge, workers, verbose)
     if count > 1:
         _serve_workers(cfg, demo_challenge, count, reloader)
         return
-    reason = _serve_error(lambda: asyncio.run(_serve(cfg, demo_challenge, reloader)))
+    from .http import eventloop
+    reason = _serve_error(lambda: eventloop.run(_serve(cfg, demo_challenge, reloader), cfg.server.event_loop))
     if reason:
         _fail(reason)
 
@@ -294,7 +297,7 @@ def _check_listeners(cfg: config_mod.Config) -> None:
 
 #: (section, key) a reload does not change: the bound sockets, the process count, the database
 _FIXED_ON_RELOAD = (("server", "http"), ("server", "https"), ("server", "mtls"), ("server", "admin"),
-                    ("server", "workers"), ("database", "url"))
+                    ("server", "workers"), ("server", "event_loop"), ("database", "url"))
 
 
 class _Reloader:
@@ -462,6 +465,8 @@ async def _start_generation(cfg: config_mod.Config, socks: dict, primary: bool) 
     except OSError as exc:
         raise _DatabaseUnreachable(str(exc)) from None
     services.primary = primary
+    from .http.eventloop import running_loop_name
+    logging.getLogger("scepd").info("serving on the %s event loop", running_loop_name())
     gen = _Generation(services)
     try:
         log_access = cfg.server.access_log
@@ -623,9 +628,10 @@ def _worker_process(cfg: config_mod.Config, socks: dict, metrics_dir: str, index
                     report) -> int:
     """The body of a forked worker; its exit code."""
     from .ops.metrics import share_across_processes
+    from .http import eventloop
     share_across_processes(metrics_dir)
     try:
-        reason = _serve_error(lambda: asyncio.run(_worker(cfg, socks, primary, report)))
+        reason = _serve_error(lambda: eventloop.run(_worker(cfg, socks, primary, report), cfg.server.event_loop))
     except Exception as exc:  # the log has the traceback; the parent prints one line
         logging.getLogger("scepd.workers").exception("worker %d failed", index)
         reason = f"worker {index} failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

@@ -37,6 +37,9 @@ class ServerConfig:
     access_log: bool = True
     #: worker processes of `scepd serve` (0 = one per CPU core; 1 = a single process, no fork)
     workers: int = 0
+    #: the serving processes' event loop: uvloop (libuv, the default) or asyncio (the standard
+    #: library's); a restart applies a change
+    event_loop: str = "uvloop"
     #: host:port of the private admin listener (admin API, TLS); empty = the admin API is on `https`
     admin: str = ""
     #: /metrics on the admin listener only (instead of the plain-HTTP listener); needs `admin`
@@ -319,6 +322,8 @@ def load(state_dir: Path, environ: dict[str, str] | None = None) -> Config:
         raise ConfigError(f"[server] log_level must be one of {', '.join(LOG_LEVELS)}, got {cfg.server.log_level!r}")
     if cfg.server.workers < 0:
         raise ConfigError(f"[server] workers must be 0 (one per CPU core) or more, got {cfg.server.workers}")
+    if cfg.server.event_loop not in ("uvloop", "asyncio"):
+        raise ConfigError(f"[server] event_loop must be uvloop or asyncio, got {cfg.server.event_loop!r}")
     if not 2048 <= cfg.policy.max_rsa_bits <= 8192:
         raise ConfigError(f"[policy] max_rsa_bits must lie between 2048 and 8192, "
                           f"got {cfg.policy.max_rsa_bits}")
@@ -370,6 +375,8 @@ log_format = "text"
 access_log = true
 # worker processes of `scepd serve`; 0 = one per CPU core, 1 = a single process
 workers = 0
+# the serving processes' event loop: "uvloop" (libuv; faster) or "asyncio" (the standard library's)
+event_loop = "uvloop"
 # private admin listener (admin API over TLS), e.g. "127.0.0.1:8445"; empty = the admin API is
 # served on the HTTPS listener
 admin = ""

@@ -36,10 +36,11 @@ def chunked(pieces: list[bytes]) -> list[bytes]:
 
 
 async def exchange(server, method: str, target: str, headers: dict[str, str],
-                   pieces: list[bytes]) -> tuple[int, dict[str, str], bytes]:
+                   pieces: list[bytes], tls=None) -> tuple[int, dict[str, str], bytes]:
     """Send the head, then each piece after a pause, while reading the answer (the server may
-    answer before everything is sent: 413). Connection: close, so the answer ends at EOF."""
-    reader, writer = await asyncio.open_connection(server.host, server.port)
+    answer before everything is sent: 413). Connection: close, so the answer ends at EOF.
+    `server`: anything with .host and .port; `tls`: an SSLContext for an HTTPS listener."""
+    reader, writer = await asyncio.open_connection(server.host, server.port, ssl=tls)
     writer.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     head = [f"{method} {target} HTTP/1.1", f"Host: {server.host}:{server.port}", "Connection: close"]
     head += [f"{k}: {v}" for k, v in headers.items()]
