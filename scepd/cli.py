@@ -37,6 +37,8 @@ def _setup_logging(cfg: config_mod.Config, verbose: bool = False) -> None:
     handler.addFilter(ContextFilter())  # request id and transaction id on every record
     handler.setFormatter(JsonFormatter() if cfg.server.log_format == "json" else TextFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    # no formatter here prints a record's thread or process: do not look them up for every line
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 

@@ -19,6 +19,11 @@ async def read_stream(stream, limit: int, timeout: float = BODY_TIMEOUT) -> byte
     """Everything up to EOF from an aiohttp StreamReader (request.content or response.content).
     PayloadTooLarge as soon as more than `limit` bytes arrived, MalformedRequest when the end
     does not come within `timeout` seconds."""
+    if stream.is_eof():  # the whole body came with the head (a small POST, mostly): take what is
+        body = stream.read_nowait(limit + 1)  # buffered, with no deadline to arm and no wait;
+        if len(body) > limit:  # fewer than limit + 1 bytes means the buffer is empty now
+            raise PayloadTooLarge(f"request body over {limit} bytes")
+        return body
     body = bytearray()
     try:
         async with asyncio.timeout(timeout):

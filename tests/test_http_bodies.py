@@ -214,3 +214,30 @@ async def test_http01_answer_in_segments_validates():
     finally:
         responder.close()
         await responder.wait_closed()
+
+
+# --- a body that came whole with the head ------------------------------------------------------
+
+def _arrived(*pieces: bytes):
+    from unittest import mock
+    from aiohttp.streams import StreamReader
+    stream = StreamReader(mock.Mock(_reading_paused=False), 2 ** 16, loop=asyncio.get_running_loop())
+    for piece in pieces:
+        stream.feed_data(piece)
+    stream.feed_eof()
+    return stream
+
+
+async def test_a_body_already_received_is_taken_whole_with_no_deadline_armed(monkeypatch):
+    """The common case (a small POST in the head's segment): read from the buffer at once; the
+    cap holds on that path too."""
+    from scepd import http_body
+    from scepd.errors import PayloadTooLarge
+
+    def no_deadline(*_args):
+        raise AssertionError("a deadline was armed for a body that had already arrived")
+    monkeypatch.setattr(http_body.asyncio, "timeout", no_deadline)
+    assert await http_body.read_stream(_arrived(b"a" * 700, b"b" * 300), 1000) == b"a" * 700 + b"b" * 300
+    assert await http_body.read_stream(_arrived(), 1000) == b""
+    with pytest.raises(PayloadTooLarge):
+        await http_body.read_stream(_arrived(b"a" * 700, b"b" * 301), 1000)
