@@ -247,6 +247,10 @@ class Config:
         return Path(url.split(":///", 1)[1])
 
 
+#: the values of [server] event_loop (scepd/http/eventloop.py runs them)
+EVENT_LOOPS = ("uvloop", "asyncio")
+
+
 class ConfigError(ValueError):
     pass
 
@@ -322,8 +326,8 @@ def load(state_dir: Path, environ: dict[str, str] | None = None) -> Config:
         raise ConfigError(f"[server] log_level must be one of {', '.join(LOG_LEVELS)}, got {cfg.server.log_level!r}")
     if cfg.server.workers < 0:
         raise ConfigError(f"[server] workers must be 0 (one per CPU core) or more, got {cfg.server.workers}")
-    if cfg.server.event_loop not in ("uvloop", "asyncio"):
-        raise ConfigError(f"[server] event_loop must be uvloop or asyncio, got {cfg.server.event_loop!r}")
+    if cfg.server.event_loop not in EVENT_LOOPS:
+        raise ConfigError(f"[server] event_loop must be {' or '.join(EVENT_LOOPS)}, got {cfg.server.event_loop!r}")
     if not 2048 <= cfg.policy.max_rsa_bits <= 8192:
         raise ConfigError(f"[policy] max_rsa_bits must lie between 2048 and 8192, "
                           f"got {cfg.policy.max_rsa_bits}")

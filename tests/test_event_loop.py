@@ -33,7 +33,7 @@ from .test_workers import _ca_cert, _free_port, serve, stop
 def test_loop_factory_names_the_loop():
     assert eventloop.loop_factory("asyncio") is None
     assert eventloop.loop_factory("uvloop") is uvloop.new_event_loop
-    with pytest.raises(ConfigError, match="event_loop must be one of uvloop, asyncio"):
+    with pytest.raises(ConfigError, match="event_loop must be uvloop or asyncio"):
         eventloop.loop_factory("trio")
 
 

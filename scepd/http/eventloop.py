@@ -14,14 +14,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Callable, Coroutine
 
-from ..config import ConfigError
-
-CHOICES = ("uvloop", "asyncio")
+from ..config import EVENT_LOOPS, ConfigError
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The factory of the loop `choice` names (None: asyncio's default); ConfigError when it
-    is not one of CHOICES or uvloop cannot be imported."""
+    is not one of EVENT_LOOPS or uvloop cannot be imported."""
     if choice == "asyncio":
         return None
     if choice == "uvloop":
@@ -31,7 +29,7 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
             raise ConfigError("[server] event_loop = uvloop, but uvloop is not installed: "
                               "pip install uvloop, or set event_loop = asyncio") from None
         return uvloop.new_event_loop
-    raise ConfigError(f"[server] event_loop must be one of {', '.join(CHOICES)}, got {choice!r}")
+    raise ConfigError(f"[server] event_loop must be {' or '.join(EVENT_LOOPS)}, got {choice!r}")
 
 
 def run(main: Coroutine[Any, Any, Any], choice: str) -> Any:
