@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 
 from . import __version__, config as config_mod
 from .ca import pki
+from .http import eventloop
 from .http.assembly import frontends, open_store
 from .cli_support import STATE_DIR, CliHost, fail, load_config, serial_argument, with_services, with_store
 from .clock import SystemClock
@@ -276,8 +277,7 @@ def serve(state_dir, http, https, mtls, admin, demo_challenge, workers, verbose)
         cfg.server.workers = workers
     try:
         _check_listeners(cfg)
-        from .http.eventloop import loop_factory
-        loop_factory(cfg.server.event_loop)  # uvloop missing: one line now, not one a worker
+        eventloop.loop_factory(cfg.server.event_loop)  # uvloop missing: one line now, not one a worker
     except ConfigError as exc:
         _fail(str(exc))
     count = cfg.server.workers or os.cpu_count() or 1
@@ -285,7 +285,6 @@ def serve(state_dir, http, https, mtls, admin, demo_challenge, workers, verbose)
     if count > 1:
         _serve_workers(cfg, demo_challenge, count, reloader)
         return
-    from .http import eventloop
     reason = _serve_error(lambda: eventloop.run(_serve(cfg, demo_challenge, reloader), cfg.server.event_loop))
     if reason:
         _fail(reason)
@@ -467,8 +466,7 @@ async def _start_generation(cfg: config_mod.Config, socks: dict, primary: bool) 
     except OSError as exc:
         raise _DatabaseUnreachable(str(exc)) from None
     services.primary = primary
-    from .http.eventloop import running_loop_name
-    logging.getLogger("scepd").info("serving on the %s event loop", running_loop_name())
+    logging.getLogger("scepd").info("serving on the %s event loop", eventloop.running_loop_name())
     gen = _Generation(services)
     try:
         log_access = cfg.server.access_log
@@ -630,7 +628,6 @@ def _worker_process(cfg: config_mod.Config, socks: dict, metrics_dir: str, index
                     report) -> int:
     """The body of a forked worker; its exit code."""
     from .ops.metrics import share_across_processes
-    from .http import eventloop
     share_across_processes(metrics_dir)
     try:
         reason = _serve_error(lambda: eventloop.run(_worker(cfg, socks, primary, report), cfg.server.event_loop))
