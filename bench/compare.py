@@ -1,6 +1,6 @@
 """Side by side: scepd against micromdm's scepserver (SCEP) and pebble (ACME), same load, same run.
 
-    .venv/bin/python bench/compare.py [--quick] [--scep-requests 200] [--acme-orders 60]
+    .venv/bin/python bench/compare.py [--quick] [--scep-requests 200] [--acme-orders 60] [--rounds 1]
                                       [--max-seconds 60] [--json FILE] [--database sqlite|postgresql]
 
 The whole run happens in a private network namespace with only loopback up (`unshare --net`, as
@@ -23,6 +23,12 @@ the namespace on 127.0.0.1, durable as a production one (fsync and synchronous_c
 SQLite's synchronous=FULL in the default run); PostgreSQL's CPU (every backend) is counted in
 scepd's and also shown alone ("db ms").
 
+Side by side in time too: the three servers start first and stay up; each setting then runs
+against scepd and its reference one right after the other (which one goes first alternates
+with the round), so a machine whose speed drifts -- other guests taking the CPU ("steal", shown
+a setting) -- moves both figures of a pair alike. --rounds N repeats every setting N times and
+ends with the median of each ratio.
+
 Server CPU per request is the utime+stime delta (/proc/PID/stat, the process and its children)
 over each setting; the load generator runs in this process, on the same cores. Every setting is
 bounded in count and in time; failures are counted and printed, never dropped.
@@ -32,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import contextlib
 import dataclasses
 import datetime as dt
 import ipaddress
@@ -41,6 +48,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import ssl
 import subprocess
 import sys
@@ -59,7 +67,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent.acme_client import AcmeClient  # noqa: E402
 from agent.protocol import Identity  # noqa: E402
 from bench.common import (ScepRequest, SharedResponder, build_requests, check_cert_rep,  # noqa: E402
-                          recipient_of, start_scepd, tree_cpu)
+                          recipient_of, tree_cpu)
+from bench.common import start_scepd as start_scepd_process  # noqa: E402
 from scepd.scep import wire  # noqa: E402
 from tests.helpers import self_signed  # noqa: E402
 
@@ -144,6 +153,8 @@ class Row:
     cpu: float = 0.0
     db_cpu: float = 0.0  # of `cpu`: the database server's (PostgreSQL), 0 with SQLite (in-process)
     http01_answered: int | None = None
+    round: int = 1
+    steal: float = 0.0  # share of the machine's CPU time other guests took during the setting
     errors: list[str] = dataclasses.field(default_factory=list)
 
     @property
@@ -159,6 +170,30 @@ class Row:
     @property
     def db_ms_per_req(self) -> float:
         return self.db_cpu * 1000 / self.sent if self.sent else 0.0
+
+    @property
+    def correct_per_s(self) -> float:
+        """Successes a second that did not repeat a serial number already issued."""
+        return (self.ok - self.duplicate_serials) / self.elapsed if self.elapsed else 0.0
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(all CPU ticks, steal ticks) of the machine so far (/proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields[:8]), fields[7] if len(fields) > 7 else 0
+
+
+class Steal:
+    """The share of the machine's CPU time the hypervisor gave other guests, over a block."""
+
+    def __enter__(self) -> "Steal":
+        self._t0, self._s0 = machine_ticks()
+        self.share = 0.0
+        return self
+
+    def __exit__(self, *exc) -> None:
+        t1, s1 = machine_ticks()
+        self.share = (s1 - self._s0) / (t1 - self._t0) if t1 > self._t0 else 0.0
 
 
 def cpu_now(pids: list[int]) -> tuple[float, float]:
@@ -215,10 +250,11 @@ async def scep_setting(name: str, url: str, pids: list[int], ca_certs: list[x509
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=60)) as session:
         cpu0, db0 = cpu_now(pids)
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker(session) for _ in range(clients)))
+        with Steal() as steal:
+            await asyncio.gather(*(worker(session) for _ in range(clients)))
         row.elapsed = time.perf_counter() - t0
         cpu1, db1 = cpu_now(pids)
-        row.cpu, row.db_cpu = cpu1 - cpu0, db1 - db0
+        row.cpu, row.db_cpu, row.steal = cpu1 - cpu0, db1 - db0, steal.share
     serials = []
     for req, status, body in replies:  # verified after the clock stopped
         row.sent += 1
@@ -234,18 +270,6 @@ async def scep_setting(name: str, url: str, pids: list[int], ca_certs: list[x509
     return row
 
 
-async def run_scep(name: str, url: str, pids: list[int], keys, signers, counts: dict[int, int],
-                   max_seconds: float) -> list[Row]:
-    ca_certs = await get_ca_certs(url)
-    recipient = recipient_of(ca_certs)
-    rows = []
-    for clients, count in counts.items():
-        reqs = await asyncio.to_thread(build_requests, recipient, keys, signers, count,
-                                       f"{name}-c{clients}", CHALLENGE)
-        rows.append(await scep_setting(name, url, pids, ca_certs, reqs, clients, max_seconds))
-    return rows
-
-
 # --- ACME ----------------------------------------------------------------------------------------
 
 async def poll_sleep(seconds: float) -> None:
@@ -254,7 +278,7 @@ async def poll_sleep(seconds: float) -> None:
 
 async def acme_setting(name: str, directory: str, anchor: x509.Certificate, tls: ssl.SSLContext,
                        responder: CountingResponder, pids: list[int], keys, count: int, clients: int,
-                       max_seconds: float) -> Row:
+                       max_seconds: float, tag: str = "") -> Row:
     row = Row("ACME", clients, name)
     accounts = []
     for _ in range(clients):  # one ES256 account per concurrent client, made before the clock starts
@@ -271,7 +295,7 @@ async def acme_setting(name: str, directory: str, anchor: x509.Certificate, tls:
             i = todo.pop()
             row.sent += 1
             try:  # the client checks the chain to `anchor` and the key of the leaf
-                dns = f"o{i}-c{clients}.{name}.example.test"  # in CN and SAN: pebble wants the SAN
+                dns = f"o{i}-c{clients}{tag}.{name}.example.test"  # in CN and SAN: pebble wants the SAN
                 got = await client.enroll(keys[i % len(keys)], Identity(dns, (f"DNS:{dns}",)), "")
                 issued.append(got.cert)
                 row.ok += 1
@@ -282,28 +306,32 @@ async def acme_setting(name: str, directory: str, anchor: x509.Certificate, tls:
     answered0 = responder.answered
     cpu0, db0 = cpu_now(pids)
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker(c) for c in accounts))
+    with Steal() as steal:
+        await asyncio.gather(*(worker(c) for c in accounts))
     row.elapsed = time.perf_counter() - t0
     cpu1, db1 = cpu_now(pids)
-    row.cpu, row.db_cpu = cpu1 - cpu0, db1 - db0
+    row.cpu, row.db_cpu, row.steal = cpu1 - cpu0, db1 - db0, steal.share
     row.http01_answered = responder.answered - answered0
     row.duplicate_serials = count_duplicates([(c.issuer.public_bytes(), c.serial_number) for c in issued])
     return row
 
 
-async def run_acme(name: str, directory: str, anchor, tls, http01_port: int, pids: list[int], keys,
-                   counts: dict[int, int], max_seconds: float) -> list[Row]:
-    rows = []
-    async with CountingResponder("127.0.0.1", http01_port) as responder:
-        for clients, count in counts.items():
-            rows.append(await acme_setting(name, directory, anchor, tls, responder, pids, keys, count,
-                                           clients, max_seconds))
-    return rows
-
-
 # --- servers -------------------------------------------------------------------------------------
 
-async def bench_scepd(work: Path, args, keys, signers, acme_keys) -> list[Row]:
+@dataclass
+class Server:
+    """A server started for the run, with what the load needs to reach it."""
+    name: str
+    pids: list[int]
+    scep_url: str | None = None
+    ca_certs: list[x509.Certificate] | None = None  # GetCACert's
+    acme_directory: str | None = None
+    anchor: x509.Certificate | None = None  # the ACME chain's root
+    tls: ssl.SSLContext | None = None
+    http01_port: int | None = None  # where it validates http-01 (our responder listens there)
+
+
+async def start_scepd(work: Path, args) -> Server:
     http, https, http01 = free_port(), free_port(), free_port()
     env = {**os.environ, "SCEPD_SERVER_HTTP": f"127.0.0.1:{http}", "SCEPD_SERVER_HTTPS": f"127.0.0.1:{https}",
            "SCEPD_SCEP_STATIC_CHALLENGE": CHALLENGE, "SCEPD_LIMITS_ENABLED": "0",
@@ -316,19 +344,19 @@ async def bench_scepd(work: Path, args, keys, signers, acme_keys) -> list[Row]:
         CLUSTERS.append(cluster)
         env["SCEPD_DATABASE_URL"] = cluster.create_database("scepd_bench")
         DB_PIDS[:] = [int((cluster.data / "postmaster.pid").read_text().split()[0])]
-    proc = start_scepd(state, env, workers=args.workers)
+    proc = start_scepd_process(state, env, workers=args.workers)
     PROCS.append(proc)
     url = f"http://127.0.0.1:{http}/scep"
     await wait_http(url + "?operation=GetCACert")
-    rows = await run_scep("scepd", url, [proc.pid], keys, signers, args.scep_counts, args.max_seconds)
     root = x509.load_pem_x509_certificate((state / "ca" / "root.pem").read_bytes())
     tls = ssl.create_default_context(cadata=root.public_bytes(serialization.Encoding.PEM).decode())
-    rows += await run_acme("scepd", f"https://127.0.0.1:{https}/acme/directory", root, tls, http01,
-                           [proc.pid], acme_keys, args.acme_counts, args.max_seconds)
-    return rows
+    directory = f"https://127.0.0.1:{https}/acme/directory"
+    await wait_http(directory, tls)
+    return Server("scepd", [proc.pid], scep_url=url, ca_certs=await get_ca_certs(url), acme_directory=directory,
+                  anchor=root, tls=tls, http01_port=http01)
 
 
-async def bench_scepserver(work: Path, args, keys, signers) -> list[Row]:
+async def start_scepserver(work: Path) -> Server:
     depot = work / "depot"
     out = subprocess.run(["scepserver", "ca", "-init", "-depot", str(depot), "-keySize", "2048"],
                          capture_output=True, text=True, timeout=120, cwd=work)
@@ -339,7 +367,7 @@ async def bench_scepserver(work: Path, args, keys, signers) -> list[Row]:
                   "-allowrenew", "0"], log=work / "scepserver.log")
     url = f"http://127.0.0.1:{port}/scep"
     await wait_http(url + "?operation=GetCACert")
-    return await run_scep("micromdm", url, [proc.pid], keys, signers, args.scep_counts, args.max_seconds)
+    return Server("micromdm", [proc.pid], scep_url=url, ca_certs=await get_ca_certs(url))
 
 
 def tls_pair(work: Path) -> tuple[Path, Path, Path]:
@@ -367,7 +395,7 @@ def tls_pair(work: Path) -> tuple[Path, Path, Path]:
     return paths
 
 
-async def bench_pebble(work: Path, args, acme_keys) -> list[Row]:
+async def start_pebble(work: Path) -> Server:
     ca_pem, cert_pem, key_pem = tls_pair(work)
     port, mgmt, http01, tlsalpn, dns, dns_mgmt = (free_port() for _ in range(6))
     config = {"pebble": {"listenAddress": f"127.0.0.1:{port}", "managementListenAddress": f"127.0.0.1:{mgmt}",
@@ -384,8 +412,44 @@ async def bench_pebble(work: Path, args, acme_keys) -> list[Row]:
     await wait_http(f"https://127.0.0.1:{port}/dir", tls)
     root = x509.load_pem_x509_certificate(await wait_http(f"https://127.0.0.1:{mgmt}/roots/0", tls))
     # pebble's CPU only: the mock DNS server stands in for the resolver scepd is told to skip
-    return await run_acme("pebble", f"https://127.0.0.1:{port}/dir", root, tls, http01, [proc.pid],
-                          acme_keys, args.acme_counts, args.max_seconds)
+    return Server("pebble", [proc.pid], acme_directory=f"https://127.0.0.1:{port}/dir", anchor=root, tls=tls,
+                  http01_port=http01)
+
+
+async def run_settings(servers: dict[str, Server], args, keys, signers, acme_keys) -> list[Row]:
+    """Every setting, each against scepd and its reference one right after the other (the first
+    of the pair alternating with the round), --rounds times."""
+    rows: list[Row] = []
+    async with contextlib.AsyncExitStack() as stack:
+        responders = {}
+        for srv in servers.values():
+            if srv.http01_port is not None:
+                responders[srv.name] = await stack.enter_async_context(
+                    CountingResponder("127.0.0.1", srv.http01_port))
+        for rnd in range(1, args.rounds + 1):
+            for clients, count in args.scep_counts.items():
+                for srv in pair(servers, "micromdm", rnd):
+                    print(f"round {rnd}: SCEP, {clients} clients, {srv.name} ...", flush=True)
+                    reqs = await asyncio.to_thread(build_requests, recipient_of(srv.ca_certs), keys, signers, count,
+                                                   f"{srv.name}-r{rnd}-c{clients}", CHALLENGE)
+                    row = await scep_setting(srv.name, srv.scep_url, srv.pids, srv.ca_certs, reqs, clients,
+                                             args.max_seconds)
+                    row.round = rnd
+                    rows.append(row)
+            for clients, count in args.acme_counts.items():
+                for srv in pair(servers, "pebble", rnd):
+                    print(f"round {rnd}: ACME, {clients} clients, {srv.name} ...", flush=True)
+                    row = await acme_setting(srv.name, srv.acme_directory, srv.anchor, srv.tls,
+                                             responders[srv.name], srv.pids, acme_keys, count, clients,
+                                             args.max_seconds, tag=f"r{rnd}")
+                    row.round = rnd
+                    rows.append(row)
+    return rows
+
+
+def pair(servers: dict[str, Server], reference: str, rnd: int) -> list[Server]:
+    both = [servers["scepd"], servers[reference]]
+    return both if rnd % 2 else both[::-1]
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -395,21 +459,53 @@ REFERENCE = {"SCEP": "micromdm", "ACME": "pebble"}
 
 def table(rows: list[Row]) -> str:
     db = any(r.db_cpu for r in rows)
+    rounds = max(r.round for r in rows) > 1
     head = (f"{'protocol':8} {'clients':>7} {'server':9} {'sent':>5} {'ok':>5} {'fail':>5} {'dupser':>6} "
-            f"{'secs':>7} {'ok/s':>8} {'cpu ms/req':>10} {'x ok/s':>7} {'x cpu':>6}" + (f" {'db ms':>6}" if db else ""))
+            f"{'secs':>7} {'ok/s':>8} {'cpu ms/req':>10} {'x ok/s':>7} {'x cpu':>6} {'x correct':>9} {'steal':>6}"
+            + (f" {'round':>5}" if rounds else "") + (f" {'db ms':>6}" if db else ""))
     lines = [head, "-" * len(head)]
-    by_key = {(r.protocol, r.clients, r.server): r for r in rows}
     for r in rows:
-        ref = by_key.get((r.protocol, r.clients, REFERENCE[r.protocol]))
-        ratio_ops = ratio_cpu = ""
-        if r.server == "scepd" and ref is not None and ref.ok_per_s and ref.cpu_ms_per_req:
+        ref = reference_of(r, rows)
+        ratio_ops = ratio_cpu = ratio_correct = ""
+        if ref is not None and ref.ok_per_s and ref.cpu_ms_per_req:
             ratio_ops = f"{r.ok_per_s / ref.ok_per_s:.2f}"
             ratio_cpu = f"{r.cpu_ms_per_req / ref.cpu_ms_per_req:.1f}"
+            if ref.correct_per_s:
+                ratio_correct = f"{r.ok_per_s / ref.correct_per_s:.2f}"
         lines.append(f"{r.protocol:8} {r.clients:>7} {r.server:9} {r.sent:>5} {r.ok:>5} {r.failures:>5} "
                      f"{r.duplicate_serials:>6} {r.elapsed:>7.2f} {r.ok_per_s:>8.1f} {r.cpu_ms_per_req:>10.1f} "
-                     f"{ratio_ops:>7} {ratio_cpu:>6}"
+                     f"{ratio_ops:>7} {ratio_cpu:>6} {ratio_correct:>9} {r.steal * 100:>5.0f}%"
+                     + (f" {r.round:>5}" if rounds else "")
                      + (f" {r.db_ms_per_req:>6.1f}" if db and r.server == "scepd" else ""))
     return "\n".join(lines)
+
+
+def reference_of(r: Row, rows: list[Row]) -> Row | None:
+    """For a scepd row, the reference server's row of the same setting and round."""
+    if r.server != "scepd":
+        return None
+    return next((x for x in rows if (x.protocol, x.clients, x.round, x.server) ==
+                 (r.protocol, r.clients, r.round, REFERENCE[r.protocol])), None)
+
+
+def medians(rows: list[Row]) -> str:
+    """Per setting over the rounds: the median of each ratio and of each server's CPU ms."""
+    out = ["medians over the rounds: scepd ÷ reference ok/s (correct), CPU ms/req scepd / reference, steal"]
+    settings = sorted({(r.protocol, r.clients) for r in rows}, key=lambda k: ({"SCEP": 0, "ACME": 1}[k[0]], k[1]))
+    for protocol, clients in settings:
+        pairs = [(r, ref) for r in rows if (r.protocol, r.clients, r.server) == (protocol, clients, "scepd")
+                 and (ref := reference_of(r, rows)) is not None and ref.ok_per_s and ref.correct_per_s]
+        if not pairs:
+            continue
+        med = statistics.median
+        ops = [r.ok_per_s / ref.ok_per_s for r, ref in pairs]
+        correct = [r.ok_per_s / ref.correct_per_s for r, ref in pairs]
+        out.append(f"{protocol} {clients:>2} clients: x ok/s {med(ops):.2f} (rounds {', '.join(f'{v:.2f}' for v in ops)})"
+                   f"{f', x correct {med(correct):.2f}' if protocol == 'SCEP' else ''}; "
+                   f"CPU ms {med([r.cpu_ms_per_req for r, _ in pairs]):.1f} / "
+                   f"{med([ref.cpu_ms_per_req for _, ref in pairs]):.1f}; "
+                   f"steal {med([r.steal for r, _ in pairs] + [ref.steal for _, ref in pairs]) * 100:.0f}%")
+    return "\n".join(out)
 
 
 async def inner(args) -> int:
@@ -433,37 +529,37 @@ async def inner(args) -> int:
     signers = [self_signed(k) for k in keys]
     acme_keys = [rsa.generate_private_key(public_exponent=65537, key_size=2048)
                  for _ in range(min(max(args.acme_counts.values()), 64))]
-    rows: list[Row] = []
     try:
-        for label, job in (("scepd", lambda: bench_scepd(work, args, keys, signers, acme_keys)),
-                           ("micromdm scepserver", lambda: bench_scepserver(work, args, keys, signers)),
-                           ("pebble", lambda: bench_pebble(work, args, acme_keys))):
-            print(f"running {label} ...", flush=True)
-            try:
-                rows += await job()
-            finally:
-                stop_all()
+        print("starting scepd, micromdm scepserver and pebble ...", flush=True)
+        servers = {srv.name: srv for srv in (await start_scepd(work, args), await start_scepserver(work),
+                                             await start_pebble(work))}
+        rows = await run_settings(servers, args, keys, signers, acme_keys)
     finally:
         stop_all()
         shutil.rmtree(work, ignore_errors=True)
     order = {"SCEP": 0, "ACME": 1}
-    rows.sort(key=lambda r: (order[r.protocol], r.clients, r.server != "scepd"))
+    rows.sort(key=lambda r: (r.round, order[r.protocol], r.clients, r.server != "scepd"))
     print()
     print(table(rows))
+    if args.rounds > 1:
+        print()
+        print(medians(rows))
     print("ok/s: verified successes a second; cpu ms/req: server CPU (user+sys, with children) per request sent; "
           "dupser: serial numbers issued twice; x ok/s = scepd ok/s / reference ok/s (higher is better); "
-          "x cpu = scepd cpu ms/req / reference (lower is better); references: micromdm scepserver for SCEP, "
-          "pebble for ACME")
+          "x cpu = scepd cpu ms/req / reference (lower is better); x correct = scepd ok/s / the reference's "
+          "successes a second whose serial was not issued before; steal: the machine's CPU time other guests "
+          "took meanwhile; references: micromdm scepserver for SCEP, pebble for ACME")
+    def label(r: Row) -> str:
+        return (f"round {r.round}: " if args.rounds > 1 else "") + f"{r.protocol} {r.clients} {r.server}"
     for r in rows:
         if r.http01_answered is not None:
-            print(f"{r.protocol} {r.clients} {r.server}: {r.http01_answered} http-01 validation requests answered "
-                  f"for {r.ok} certificates")
+            print(f"{label(r)}: {r.http01_answered} http-01 validation requests answered for {r.ok} certificates")
     for r in rows:
         if r.errors:
-            print(f"{r.protocol} {r.clients} {r.server}: {r.failures} failures, e.g. {sorted(set(r.errors))[:3]}")
+            print(f"{label(r)}: {r.failures} failures, e.g. {sorted(set(r.errors))[:3]}")
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"loadavg": loadavg, "scepd_workers": args.workers, "database": args.database,
+            {"loadavg": loadavg, "scepd_workers": args.workers, "database": args.database, "rounds": args.rounds,
              "rows": [{**{k: v for k, v in r.__dict__.items() if k != "errors"},
                                            "errors": r.errors[:10], "ok_per_s": r.ok_per_s,
                                            "cpu_ms_per_req": r.cpu_ms_per_req,
@@ -494,6 +590,8 @@ def main() -> int:
     ap.add_argument("--scep-requests", type=int, default=200, help="PKCSReq per setting")
     ap.add_argument("--acme-orders", type=int, default=60, help="orders per setting")
     ap.add_argument("--max-seconds", type=float, default=120, help="time bound of each setting")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every setting this many times (pairs interleaved) and print the median ratios")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument("--workers", type=int, default=None,
                     help="scepd serve --workers N (default: the server's, one per core)")
@@ -502,6 +600,8 @@ def main() -> int:
     args = ap.parse_args()
     if os.environ.get(INNER) != "1":
         return outer(sys.argv[1:])
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     if args.quick:
         args.scep_requests, args.acme_orders, args.max_seconds = 6, 4, min(args.max_seconds, 20)
     args.scep_counts = {1: args.scep_requests, 8: args.scep_requests, 32: args.scep_requests}

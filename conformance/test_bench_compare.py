@@ -60,3 +60,43 @@ def test_compare_quick_runs_all_three_servers(tmp_path, database):
     # the reference servers issued too (their failures are counted, not asserted away)
     assert all(r["ok"] > 0 for r in rows if r["server"] == "pebble")
     assert any(r["ok"] > 0 for r in rows if r["server"] == "micromdm")
+
+
+def test_compare_rounds_interleave_each_pair_and_print_medians(tmp_path):
+    """--rounds 2: every setting runs against scepd and its reference back to back (the first of
+    the pair alternating with the round), each row says its round and the machine's steal, and
+    the run ends with the median ratios."""
+    for binary in ("scepserver", "pebble", "pebble-challtestsrv", "unshare", "ip"):
+        require(binary)
+    if os.geteuid() != 0:
+        if os.environ.get("SCEPD_REQUIRE_CLIENTS") == "1":
+            pytest.fail("bench/compare.py needs root for its network namespace")
+        pytest.skip("bench/compare.py needs root for its network namespace")
+    out_json = tmp_path / "rows.json"
+    out = subprocess.run([sys.executable, str(REPO / "bench" / "compare.py"), "--quick", "--rounds", "2",
+                          "--json", str(out_json)], capture_output=True, text=True, timeout=170, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(out_json.read_text())
+    assert result["rounds"] == 2
+    rows = result["rows"]
+    expected = {("SCEP", c, s) for c in (1, 8, 32) for s in ("scepd", "micromdm")} | \
+               {("ACME", c, s) for c in (1, 16) for s in ("scepd", "pebble")}
+    for rnd in (1, 2):
+        assert {(r["protocol"], r["clients"], r["server"]) for r in rows if r["round"] == rnd} == expected
+    assert all(0.0 <= r["steal"] <= 1.0 for r in rows), rows
+    assert all(r["failures"] == 0 and r["ok"] == r["sent"] for r in rows if r["server"] == "scepd"), rows
+    # the order the settings ran in: each pair back to back, the first of it alternating
+    ran = [line.split(": ", 1)[1].rstrip(" .") for line in out.stdout.splitlines()
+           if line.startswith("round ") and line.endswith(" ...")]
+    ran_rounds = [int(line.split()[1].rstrip(":")) for line in out.stdout.splitlines()
+                  if line.startswith("round ") and line.endswith(" ...")]
+    assert len(ran) == 2 * len(expected), out.stdout
+    for i in range(0, len(ran), 2):
+        first, second = ran[i].split(", "), ran[i + 1].split(", ")
+        assert first[:2] == second[:2], ran  # the same protocol and client count
+        assert ran_rounds[i] == ran_rounds[i + 1]
+        assert "scepd" in (first[2], second[2]) and first[2] != second[2], ran
+        assert (first[2] == "scepd") == (ran_rounds[i] % 2 == 1), ran
+    medians = out.stdout.split("medians over the rounds", 1)[1]
+    for protocol, clients in (("SCEP", 1), ("SCEP", 8), ("SCEP", 32), ("ACME", 1), ("ACME", 16)):
+        assert f"{protocol} {clients:>2} clients: x ok/s " in medians, medians
