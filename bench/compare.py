@@ -329,6 +329,7 @@ class Server:
     anchor: x509.Certificate | None = None  # the ACME chain's root
     tls: ssl.SSLContext | None = None
     http01_port: int | None = None  # where it validates http-01 (our responder listens there)
+    log: Path | None = None
 
 
 async def start_scepd(work: Path, args) -> Server:
@@ -367,7 +368,8 @@ async def start_scepserver(work: Path) -> Server:
                   "-allowrenew", "0"], log=work / "scepserver.log")
     url = f"http://127.0.0.1:{port}/scep"
     await wait_http(url + "?operation=GetCACert")
-    return Server("micromdm", [proc.pid], scep_url=url, ca_certs=await get_ca_certs(url))
+    return Server("micromdm", [proc.pid], scep_url=url, ca_certs=await get_ca_certs(url),
+                  log=work / "scepserver.log")
 
 
 def tls_pair(work: Path) -> tuple[Path, Path, Path]:
@@ -413,7 +415,7 @@ async def start_pebble(work: Path) -> Server:
     root = x509.load_pem_x509_certificate(await wait_http(f"https://127.0.0.1:{mgmt}/roots/0", tls))
     # pebble's CPU only: the mock DNS server stands in for the resolver scepd is told to skip
     return Server("pebble", [proc.pid], acme_directory=f"https://127.0.0.1:{port}/dir", anchor=root, tls=tls,
-                  http01_port=http01)
+                  http01_port=http01, log=work / "pebble.log")
 
 
 async def run_settings(servers: dict[str, Server], args, keys, signers, acme_keys) -> list[Row]:
@@ -439,9 +441,17 @@ async def run_settings(servers: dict[str, Server], args, keys, signers, acme_key
             for clients, count in args.acme_counts.items():
                 for srv in pair(servers, "pebble", rnd):
                     print(f"round {rnd}: ACME, {clients} clients, {srv.name} ...", flush=True)
-                    row = await acme_setting(srv.name, srv.acme_directory, srv.anchor, srv.tls,
-                                             responders[srv.name], srv.pids, acme_keys, count, clients,
-                                             args.max_seconds, tag=f"r{rnd}")
+                    try:
+                        row = await acme_setting(srv.name, srv.acme_directory, srv.anchor, srv.tls,
+                                                 responders[srv.name], srv.pids, acme_keys, count, clients,
+                                                 args.max_seconds, tag=f"r{rnd}")
+                    except Exception as exc:  # noqa: BLE001 - the setting failed before its clock: say so, go on
+                        row = Row("ACME", clients, srv.name, sent=count, failures=count,
+                                  errors=[f"before the clock: {exc!r}"[:300]])
+                        if srv.log is not None and srv.log.exists():
+                            tail = srv.log.read_text(errors="replace").splitlines()[-15:]
+                            print(f"{srv.name} failed a setting ({exc!r}); its log ends:", *tail, sep="\n  ",
+                                  flush=True)
                     row.round = rnd
                     rows.append(row)
     return rows
