@@ -23,7 +23,7 @@ the namespace on 127.0.0.1, durable as a production one (fsync and synchronous_c
 SQLite's synchronous=FULL in the default run); PostgreSQL's CPU (every backend) is counted in
 scepd's and also shown alone ("db ms").
 
-Side by side in time too: the three servers start first and stay up; each setting then runs
+Side by side in time too: each round starts the three servers afresh; each setting then runs
 against scepd and its reference one right after the other (which one goes first alternates
 with the round), so a machine whose speed drifts -- other guests taking the CPU ("steal", shown
 a setting) -- moves both figures of a pair alike. --rounds N repeats every setting N times and
@@ -418,9 +418,26 @@ async def start_pebble(work: Path) -> Server:
                   http01_port=http01, log=work / "pebble.log")
 
 
-async def run_settings(servers: dict[str, Server], args, keys, signers, acme_keys) -> list[Row]:
+async def run_settings(work: Path, args, keys, signers, acme_keys) -> list[Row]:
     """Every setting, each against scepd and its reference one right after the other (the first
-    of the pair alternating with the round), --rounds times."""
+    of the pair alternating with the round), --rounds times; each round on servers started
+    afresh (in-memory pebble once hung in a third round of the same servers), so no round
+    inherits another's state."""
+    rows: list[Row] = []
+    for rnd in range(1, args.rounds + 1):
+        place = work / f"round{rnd}"
+        place.mkdir()
+        print(f"round {rnd}: starting scepd, micromdm scepserver and pebble ...", flush=True)
+        try:
+            servers = {srv.name: srv for srv in (await start_scepd(place, args), await start_scepserver(place),
+                                                 await start_pebble(place))}
+            rows += await run_round(rnd, servers, args, keys, signers, acme_keys)
+        finally:
+            stop_all()
+    return rows
+
+
+async def run_round(rnd: int, servers: dict[str, Server], args, keys, signers, acme_keys) -> list[Row]:
     rows: list[Row] = []
     async with contextlib.AsyncExitStack() as stack:
         responders = {}
@@ -428,32 +445,31 @@ async def run_settings(servers: dict[str, Server], args, keys, signers, acme_key
             if srv.http01_port is not None:
                 responders[srv.name] = await stack.enter_async_context(
                     CountingResponder("127.0.0.1", srv.http01_port))
-        for rnd in range(1, args.rounds + 1):
-            for clients, count in args.scep_counts.items():
-                for srv in pair(servers, "micromdm", rnd):
-                    print(f"round {rnd}: SCEP, {clients} clients, {srv.name} ...", flush=True)
-                    reqs = await asyncio.to_thread(build_requests, recipient_of(srv.ca_certs), keys, signers, count,
-                                                   f"{srv.name}-r{rnd}-c{clients}", CHALLENGE)
-                    row = await scep_setting(srv.name, srv.scep_url, srv.pids, srv.ca_certs, reqs, clients,
-                                             args.max_seconds)
-                    row.round = rnd
-                    rows.append(row)
-            for clients, count in args.acme_counts.items():
-                for srv in pair(servers, "pebble", rnd):
-                    print(f"round {rnd}: ACME, {clients} clients, {srv.name} ...", flush=True)
-                    try:
-                        row = await acme_setting(srv.name, srv.acme_directory, srv.anchor, srv.tls,
-                                                 responders[srv.name], srv.pids, acme_keys, count, clients,
-                                                 args.max_seconds, tag=f"r{rnd}")
-                    except Exception as exc:  # noqa: BLE001 - the setting failed before its clock: say so, go on
-                        row = Row("ACME", clients, srv.name, sent=count, failures=count,
-                                  errors=[f"before the clock: {exc!r}"[:300]])
-                        if srv.log is not None and srv.log.exists():
-                            tail = srv.log.read_text(errors="replace").splitlines()[-15:]
-                            print(f"{srv.name} failed a setting ({exc!r}); its log ends:", *tail, sep="\n  ",
-                                  flush=True)
-                    row.round = rnd
-                    rows.append(row)
+        for clients, count in args.scep_counts.items():
+            for srv in pair(servers, "micromdm", rnd):
+                print(f"round {rnd}: SCEP, {clients} clients, {srv.name} ...", flush=True)
+                reqs = await asyncio.to_thread(build_requests, recipient_of(srv.ca_certs), keys, signers, count,
+                                               f"{srv.name}-r{rnd}-c{clients}", CHALLENGE)
+                row = await scep_setting(srv.name, srv.scep_url, srv.pids, srv.ca_certs, reqs, clients,
+                                         args.max_seconds)
+                row.round = rnd
+                rows.append(row)
+        for clients, count in args.acme_counts.items():
+            for srv in pair(servers, "pebble", rnd):
+                print(f"round {rnd}: ACME, {clients} clients, {srv.name} ...", flush=True)
+                try:
+                    row = await acme_setting(srv.name, srv.acme_directory, srv.anchor, srv.tls,
+                                             responders[srv.name], srv.pids, acme_keys, count, clients,
+                                             args.max_seconds, tag=f"r{rnd}")
+                except Exception as exc:  # noqa: BLE001 - the setting failed before its clock: say so, go on
+                    row = Row("ACME", clients, srv.name, sent=count, failures=count,
+                              errors=[f"before the clock: {exc!r}"[:300]])
+                    if srv.log is not None and srv.log.exists():
+                        tail = srv.log.read_text(errors="replace").splitlines()[-15:]
+                        print(f"{srv.name} failed a setting ({exc!r}); its log ends:", *tail, sep="\n  ",
+                              flush=True)
+                row.round = rnd
+                rows.append(row)
     return rows
 
 
@@ -540,10 +556,7 @@ async def inner(args) -> int:
     acme_keys = [rsa.generate_private_key(public_exponent=65537, key_size=2048)
                  for _ in range(min(max(args.acme_counts.values()), 64))]
     try:
-        print("starting scepd, micromdm scepserver and pebble ...", flush=True)
-        servers = {srv.name: srv for srv in (await start_scepd(work, args), await start_scepserver(work),
-                                             await start_pebble(work))}
-        rows = await run_settings(servers, args, keys, signers, acme_keys)
+        rows = await run_settings(work, args, keys, signers, acme_keys)
     finally:
         stop_all()
         shutil.rmtree(work, ignore_errors=True)

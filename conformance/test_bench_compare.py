@@ -63,9 +63,9 @@ def test_compare_quick_runs_all_three_servers(tmp_path, database):
 
 
 def test_compare_rounds_interleave_each_pair_and_print_medians(tmp_path):
-    """--rounds 2: every setting runs against scepd and its reference back to back (the first of
-    the pair alternating with the round), each row says its round and the machine's steal, and
-    the run ends with the median ratios."""
+    """--rounds 2: each round on servers started afresh; every setting runs against scepd and
+    its reference back to back (the first of the pair alternating with the round), each row says
+    its round and the machine's steal, and the run ends with the median ratios."""
     for binary in ("scepserver", "pebble", "pebble-challtestsrv", "unshare", "ip"):
         require(binary)
     if os.geteuid() != 0:
@@ -86,10 +86,12 @@ def test_compare_rounds_interleave_each_pair_and_print_medians(tmp_path):
     assert all(0.0 <= r["steal"] <= 1.0 for r in rows), rows
     assert all(r["failures"] == 0 and r["ok"] == r["sent"] for r in rows if r["server"] == "scepd"), rows
     # the order the settings ran in: each pair back to back, the first of it alternating
-    ran = [line.split(": ", 1)[1].rstrip(" .") for line in out.stdout.splitlines()
-           if line.startswith("round ") and line.endswith(" ...")]
-    ran_rounds = [int(line.split()[1].rstrip(":")) for line in out.stdout.splitlines()
-                  if line.startswith("round ") and line.endswith(" ...")]
+    progress = [line for line in out.stdout.splitlines() if line.startswith("round ") and line.endswith(" ...")]
+    assert [line for line in progress if "starting" in line] == [
+        f"round {n}: starting scepd, micromdm scepserver and pebble ..." for n in (1, 2)]  # afresh each round
+    progress = [line for line in progress if "starting" not in line]
+    ran = [line.split(": ", 1)[1].rstrip(" .") for line in progress]
+    ran_rounds = [int(line.split()[1].rstrip(":")) for line in progress]
     assert len(ran) == 2 * len(expected), out.stdout
     for i in range(0, len(ran), 2):
         first, second = ran[i].split(", "), ran[i + 1].split(", ")
