@@ -16,27 +16,32 @@ from conformance.conftest import require
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
-def test_compare_quick_runs_all_three_servers(tmp_path, database):
+def run_compare_quick(tmp_path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`bench/compare.py --quick --json FILE ARGS` with its prerequisites (the reference servers,
+    root for the network namespace); it must succeed. Returns the run and its JSON."""
     for binary in ("scepserver", "pebble", "pebble-challtestsrv", "unshare", "ip"):
         require(binary)
-    if database == "postgresql":
-        from tests import pg
-        if not pg.available():
-            if os.environ.get("SCEPD_REQUIRE_CLIENTS") == "1":
-                pytest.fail("PostgreSQL (Debian postgresql) is not installed")
-            pytest.skip("PostgreSQL (Debian postgresql) is not installed")
     if os.geteuid() != 0:
         if os.environ.get("SCEPD_REQUIRE_CLIENTS") == "1":
             pytest.fail("bench/compare.py needs root for its network namespace")
         pytest.skip("bench/compare.py needs root for its network namespace")
     out_json = tmp_path / "rows.json"
     out = subprocess.run([sys.executable, str(REPO / "bench" / "compare.py"), "--quick", "--json", str(out_json),
-                          "--database", database],
-                         capture_output=True, text=True, timeout=170, cwd=REPO)
+                          *args], capture_output=True, text=True, timeout=170, cwd=REPO)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out, json.loads(out_json.read_text())
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_compare_quick_runs_all_three_servers(tmp_path, database):
+    if database == "postgresql":
+        from tests import pg
+        if not pg.available():
+            if os.environ.get("SCEPD_REQUIRE_CLIENTS") == "1":
+                pytest.fail("PostgreSQL (Debian postgresql) is not installed")
+            pytest.skip("PostgreSQL (Debian postgresql) is not installed")
+    out, result = run_compare_quick(tmp_path, "--database", database)
     assert "network namespace interfaces: lo\n" in out.stdout
-    result = json.loads(out_json.read_text())
     assert result["database"] == database
     rows = result["rows"]
     settings = {(r["protocol"], r["clients"], r["server"]) for r in rows}
@@ -66,17 +71,7 @@ def test_compare_rounds_interleave_each_pair_and_print_medians(tmp_path):
     """--rounds 2: each round on servers started afresh; every setting runs against scepd and
     its reference back to back (the first of the pair alternating with the round), each row says
     its round and the machine's steal, and the run ends with the median ratios."""
-    for binary in ("scepserver", "pebble", "pebble-challtestsrv", "unshare", "ip"):
-        require(binary)
-    if os.geteuid() != 0:
-        if os.environ.get("SCEPD_REQUIRE_CLIENTS") == "1":
-            pytest.fail("bench/compare.py needs root for its network namespace")
-        pytest.skip("bench/compare.py needs root for its network namespace")
-    out_json = tmp_path / "rows.json"
-    out = subprocess.run([sys.executable, str(REPO / "bench" / "compare.py"), "--quick", "--rounds", "2",
-                          "--json", str(out_json)], capture_output=True, text=True, timeout=170, cwd=REPO)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    result = json.loads(out_json.read_text())
+    out, result = run_compare_quick(tmp_path, "--rounds", "2")
     assert result["rounds"] == 2
     rows = result["rows"]
     expected = {("SCEP", c, s) for c in (1, 8, 32) for s in ("scepd", "micromdm")} | \
